@@ -1,0 +1,1124 @@
+//! Job specifications: the validated [`JobSpec`], its TOML form (errors name the field and the
+//! line), and the one-line form of `tessera job submit --shards .. --gpus .. -- CMD`.
+//!
+//! Every way a spec enters Tessera (TOML file, one-line flags, the gRPC API, a replayed Raft
+//! entry) ends in [`JobSpec::validate`], so the bounds below hold for every job in the state.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+/// Upper bounds on every size a spec can carry. They keep one hostile or mistaken spec from
+/// exhausting the servers' memory or the Raft log.
+pub mod limits {
+    /// Shards (nodes) in one job.
+    pub const MAX_SHARDS: u32 = 4096;
+    /// GPUs per shard; also the most GPUs one node may have.
+    pub const MAX_GPUS_PER_SHARD: u32 = 64;
+    /// Length of the job name.
+    pub const MAX_NAME_LEN: usize = 128;
+    /// Length of a tenant name.
+    pub const MAX_TENANT_LEN: usize = 64;
+    /// Arguments in the command.
+    pub const MAX_COMMAND_ARGS: usize = 1024;
+    /// Total bytes of the command (all arguments together).
+    pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+    /// Environment variables.
+    pub const MAX_ENV_VARS: usize = 256;
+    /// Total bytes of the environment (names and values together).
+    pub const MAX_ENV_BYTES: usize = 64 * 1024;
+    /// Label selectors, regions or clouds in a placement.
+    pub const MAX_LIST_ITEMS: usize = 64;
+    /// Length of a label key or value, a region name or a GPU model.
+    pub const MAX_SHORT_STRING: usize = 128;
+    /// Length of the checkpoint directory URI.
+    pub const MAX_URI_LEN: usize = 4096;
+    /// Highest priority; priorities run from 0 to this.
+    pub const MAX_PRIORITY: u16 = 1000;
+    /// Longest declared runtime: 365 days, in seconds.
+    pub const MAX_RUNTIME_SECS: u64 = 365 * 24 * 3600;
+    /// Most attempts the retry policy may allow.
+    pub const MAX_ATTEMPTS: u32 = 100;
+    /// Longest retry backoff: one day, in seconds.
+    pub const MAX_BACKOFF_SECS: u64 = 24 * 3600;
+    /// Most CPU a shard may ask for, in millicores (4096 cores).
+    pub const MAX_CPU_MILLIS: u64 = 4096 * 1000;
+    /// Most memory a shard may ask for, in MiB (64 TiB).
+    pub const MAX_MEMORY_MIB: u64 = 64 * 1024 * 1024;
+    /// Most GPU memory a shard may ask for per GPU, in MiB (1 TiB).
+    pub const MAX_GPU_MEMORY_MIB: u64 = 1024 * 1024;
+    /// Exit codes listed as never retried.
+    pub const MAX_EXIT_CODES: usize = 64;
+}
+
+/// Named priority levels. Any integer from 0 to [`limits::MAX_PRIORITY`] is also accepted.
+pub const PRIORITY_NAMES: [(&str, u16); 4] = [("low", 250), ("normal", 500), ("high", 750), ("critical", 1000)];
+
+/// The default priority, "normal".
+pub const DEFAULT_PRIORITY: u16 = 500;
+
+/// Tenant used when a spec names none.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// A cloud a node runs in, or `none` for hosts outside any cloud (a lab rack, a laptop).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cloud {
+    /// Amazon Web Services.
+    Aws,
+    /// Microsoft Azure.
+    Azure,
+    /// Not in a cloud.
+    None,
+}
+
+impl Cloud {
+    /// The lowercase name used in specs, flags and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cloud::Aws => "aws",
+            Cloud::Azure => "azure",
+            Cloud::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for Cloud {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Cloud {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "aws" => Ok(Cloud::Aws),
+            "azure" => Ok(Cloud::Azure),
+            "none" => Ok(Cloud::None),
+            other => Err(format!("unknown cloud '{other}' (expected aws, azure or none)")),
+        }
+    }
+}
+
+/// How a job treats spot (preemptible) capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpotPolicy {
+    /// On-demand nodes only; never spot.
+    Avoid,
+    /// Spot or on-demand, whichever fits better (and costs less).
+    #[default]
+    Allow,
+    /// Spot nodes first; on-demand only when no spot capacity fits.
+    Prefer,
+    /// Spot nodes only.
+    Require,
+}
+
+impl SpotPolicy {
+    /// The lowercase name used in specs and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpotPolicy::Avoid => "avoid",
+            SpotPolicy::Allow => "allow",
+            SpotPolicy::Prefer => "prefer",
+            SpotPolicy::Require => "require",
+        }
+    }
+}
+
+impl std::str::FromStr for SpotPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "avoid" => Ok(SpotPolicy::Avoid),
+            "allow" => Ok(SpotPolicy::Allow),
+            "prefer" => Ok(SpotPolicy::Prefer),
+            "require" => Ok(SpotPolicy::Require),
+            other => Err(format!("unknown spot policy '{other}' (expected avoid, allow, prefer or require)")),
+        }
+    }
+}
+
+/// What one shard needs from the node it runs on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Resources {
+    /// GPUs per shard (1 to [`limits::MAX_GPUS_PER_SHARD`]); all on the same node.
+    pub gpus: u32,
+    /// GPU model the shard needs, matched against the node's model name by whole words,
+    /// ignoring case: "H100" matches "NVIDIA H100 80GB HBM3". None: any model.
+    pub gpu_model: Option<String>,
+    /// Least memory each GPU must have, in MiB. 0: no minimum.
+    pub min_gpu_memory_mib: u64,
+    /// CPU the shard needs, in millicores. 0: no CPU reservation.
+    pub cpu_millis: u64,
+    /// Host memory the shard needs, in MiB. 0: no memory reservation.
+    pub memory_mib: u64,
+}
+
+/// Where a job may run.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct Placement {
+    /// Clouds the job may use; empty: any cloud.
+    pub clouds: Vec<Cloud>,
+    /// Regions the job may use; empty: any region.
+    pub regions: Vec<String>,
+    /// Node labels the job requires (every key with exactly this value).
+    pub labels: BTreeMap<String, String>,
+    /// How spot capacity is treated.
+    pub spot: SpotPolicy,
+    /// May one job's shards sit in several regions of one cloud? Default no.
+    pub span_regions: bool,
+    /// May one job's shards sit in several clouds? Default no. Implies span_regions.
+    pub span_clouds: bool,
+}
+
+/// What happens when a shard fails.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Attempts the job may make in all, counting failures of its own code only (lost nodes,
+    /// preemption and drains do not count). 1: never retry.
+    pub max_attempts: u32,
+    /// Seconds to wait before placing a failed gang again.
+    pub backoff_secs: u64,
+    /// Exit codes that mean "do not retry": the job fails at once.
+    pub never_retry_exit_codes: Vec<i32>,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { max_attempts: 3, backoff_secs: 10, never_retry_exit_codes: Vec::new() }
+    }
+}
+
+/// How the agent stops a shard: the checkpoint signal, a grace period, SIGTERM, a second grace
+/// period, then SIGKILL for the whole process group.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct StopPolicy {
+    /// Signal that asks the shard to checkpoint now, like "SIGUSR1"; "none" skips it.
+    pub signal: String,
+    /// Seconds between the checkpoint signal and SIGTERM.
+    pub checkpoint_grace_secs: u64,
+    /// Seconds between SIGTERM and SIGKILL.
+    pub term_grace_secs: u64,
+}
+
+impl Default for StopPolicy {
+    fn default() -> Self {
+        StopPolicy { signal: "SIGUSR1".into(), checkpoint_grace_secs: 60, term_grace_secs: 30 }
+    }
+}
+
+/// Signals a spec may name as its checkpoint signal.
+pub const CHECKPOINT_SIGNALS: [&str; 6] = ["SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGTERM", "none"];
+
+/// A validated job specification.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// Human-readable name; `[A-Za-z0-9._-]`, 1 to 128 characters.
+    pub name: String,
+    /// Tenant the job's GPU-hours are charged to (fair share and quotas).
+    pub tenant: String,
+    /// The command each shard runs, as argv.
+    pub command: Vec<String>,
+    /// Extra environment variables for every shard.
+    pub env: BTreeMap<String, String>,
+    /// Number of shards (nodes); all placed at once or not at all.
+    pub shards: u32,
+    /// Per-shard resources.
+    pub resources: Resources,
+    /// Placement constraints.
+    pub placement: Placement,
+    /// 0 (lowest) to 1000 (highest).
+    pub priority: u16,
+    /// Declared maximum runtime in seconds, if any; lets the job backfill.
+    pub max_runtime_secs: Option<u64>,
+    /// Where the job writes checkpoints (a path or URI), passed as `TESSERA_CHECKPOINT_DIR`.
+    pub checkpoint_dir: Option<String>,
+    /// Retry policy.
+    pub retry: RetryPolicy,
+    /// How shards are stopped (preemption, drain, spot notice, cancel).
+    pub stop: StopPolicy,
+}
+
+/// One problem with a spec: which field, what is wrong, and where in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Dotted path of the field, like `resources.gpus`, or a flag like `--gpus`.
+    pub field: String,
+    /// What is wrong and what would be right.
+    pub message: String,
+    /// 1-based line and column in the TOML source, when the spec came from a file.
+    pub location: Option<(usize, usize)>,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some((line, column)) = self.location {
+            write!(f, "line {line}, column {column}: ")?;
+        }
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// A spec that could not be accepted: every problem found, in source order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct SpecError {
+    /// The problems, at least one.
+    pub errors: Vec<FieldError>,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.errors.len();
+        write!(f, "invalid job spec ({n} {}):", if n == 1 { "problem" } else { "problems" })?;
+        for e in &self.errors {
+            write!(f, "\n  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl SpecError {
+    fn one(field: &str, message: impl Into<String>) -> Self {
+        SpecError { errors: vec![FieldError { field: field.into(), message: message.into(), location: None }] }
+    }
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+fn check_short(errs: &mut Vec<FieldError>, field: &str, value: &str) {
+    if value.is_empty() {
+        push(errs, field, "must not be empty");
+    } else if value.len() > limits::MAX_SHORT_STRING {
+        push(errs, field, format!("is {} bytes; at most {} allowed", value.len(), limits::MAX_SHORT_STRING));
+    } else if value.chars().any(|c| c.is_control()) {
+        push(errs, field, "must not contain control characters");
+    }
+}
+
+fn push(errs: &mut Vec<FieldError>, field: &str, message: impl Into<String>) {
+    errs.push(FieldError { field: field.into(), message: message.into(), location: None });
+}
+
+impl JobSpec {
+    /// A spec with defaults for everything but the command, shard count and GPUs per shard.
+    pub fn new(command: Vec<String>, shards: u32, gpus: u32) -> JobSpec {
+        JobSpec {
+            name: default_name(&command),
+            tenant: DEFAULT_TENANT.into(),
+            command,
+            env: BTreeMap::new(),
+            shards,
+            resources: Resources { gpus, gpu_model: None, min_gpu_memory_mib: 0, cpu_millis: 0, memory_mib: 0 },
+            placement: Placement::default(),
+            priority: DEFAULT_PRIORITY,
+            max_runtime_secs: None,
+            checkpoint_dir: None,
+            retry: RetryPolicy::default(),
+            stop: StopPolicy::default(),
+        }
+    }
+
+    /// GPUs the whole job holds when all its shards run.
+    pub fn total_gpus(&self) -> u64 {
+        u64::from(self.shards) * u64::from(self.resources.gpus)
+    }
+
+    /// Check every bound and rule. Field paths are those of the TOML form.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let mut e = Vec::new();
+        if self.name.is_empty() || self.name.len() > limits::MAX_NAME_LEN {
+            push(&mut e, "name", format!("must be 1 to {} characters", limits::MAX_NAME_LEN));
+        } else if !self.name.chars().all(is_name_char) {
+            push(&mut e, "name", "may contain only letters, digits, '.', '_' and '-'");
+        }
+        if self.tenant.is_empty() || self.tenant.len() > limits::MAX_TENANT_LEN {
+            push(&mut e, "tenant", format!("must be 1 to {} characters", limits::MAX_TENANT_LEN));
+        } else if !self.tenant.chars().all(is_name_char) {
+            push(&mut e, "tenant", "may contain only letters, digits, '.', '_' and '-'");
+        }
+        if self.command.is_empty() || self.command[0].is_empty() {
+            push(&mut e, "command", "must name a program to run");
+        } else if self.command.len() > limits::MAX_COMMAND_ARGS {
+            push(
+                &mut e,
+                "command",
+                format!("has {} arguments; at most {} allowed", self.command.len(), limits::MAX_COMMAND_ARGS),
+            );
+        } else if self.command.iter().map(String::len).sum::<usize>() > limits::MAX_COMMAND_BYTES {
+            push(&mut e, "command", format!("is longer than {} bytes", limits::MAX_COMMAND_BYTES));
+        } else if self.command.iter().any(|a| a.contains('\0')) {
+            push(&mut e, "command", "must not contain NUL bytes");
+        }
+        if self.env.len() > limits::MAX_ENV_VARS {
+            push(&mut e, "env", format!("has {} variables; at most {} allowed", self.env.len(), limits::MAX_ENV_VARS));
+        } else if self.env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() > limits::MAX_ENV_BYTES {
+            push(&mut e, "env", format!("is larger than {} bytes", limits::MAX_ENV_BYTES));
+        }
+        for (k, v) in &self.env {
+            let field = format!("env.{k}");
+            if k.is_empty()
+                || k.starts_with(|c: char| c.is_ascii_digit())
+                || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                push(&mut e, &field, "a variable name must match [A-Za-z_][A-Za-z0-9_]*");
+            } else if k.starts_with("TESSERA_") {
+                push(&mut e, &field, "names starting with TESSERA_ are set by Tessera itself");
+            } else if v.contains('\0') {
+                push(&mut e, &field, "must not contain NUL bytes");
+            }
+        }
+        if self.shards == 0 || self.shards > limits::MAX_SHARDS {
+            push(&mut e, "shards", format!("must be between 1 and {} (got {})", limits::MAX_SHARDS, self.shards));
+        }
+        let r = &self.resources;
+        if r.gpus == 0 || r.gpus > limits::MAX_GPUS_PER_SHARD {
+            push(
+                &mut e,
+                "resources.gpus",
+                format!("must be between 1 and {} (got {})", limits::MAX_GPUS_PER_SHARD, r.gpus),
+            );
+        }
+        if let Some(m) = &r.gpu_model {
+            check_short(&mut e, "resources.gpu_model", m);
+            if model_tokens(m).is_empty() {
+                push(&mut e, "resources.gpu_model", "must contain a letter or digit");
+            }
+        }
+        if r.min_gpu_memory_mib > limits::MAX_GPU_MEMORY_MIB {
+            push(&mut e, "resources.min_gpu_memory_gib", "is larger than 1024 GiB");
+        }
+        if r.cpu_millis > limits::MAX_CPU_MILLIS {
+            push(&mut e, "resources.cpu", "is more than 4096 cores");
+        }
+        if r.memory_mib > limits::MAX_MEMORY_MIB {
+            push(&mut e, "resources.memory_gib", "is more than 65536 GiB");
+        }
+        let p = &self.placement;
+        if p.clouds.len() > limits::MAX_LIST_ITEMS {
+            push(&mut e, "placement.clouds", "lists too many clouds");
+        }
+        if p.regions.len() > limits::MAX_LIST_ITEMS {
+            push(&mut e, "placement.regions", format!("lists more than {} regions", limits::MAX_LIST_ITEMS));
+        }
+        for (i, region) in p.regions.iter().enumerate() {
+            check_short(&mut e, &format!("placement.regions[{i}]"), region);
+        }
+        if p.labels.len() > limits::MAX_LIST_ITEMS {
+            push(&mut e, "placement.labels", format!("has more than {} labels", limits::MAX_LIST_ITEMS));
+        }
+        for (k, v) in &p.labels {
+            check_short(&mut e, &format!("placement.labels.{k}"), k);
+            if v.len() > limits::MAX_SHORT_STRING {
+                push(&mut e, &format!("placement.labels.{k}"), "value is too long");
+            }
+        }
+        if self.priority > limits::MAX_PRIORITY {
+            push(&mut e, "priority", format!("must be between 0 and {} (got {})", limits::MAX_PRIORITY, self.priority));
+        }
+        if let Some(rt) = self.max_runtime_secs
+            && (rt == 0 || rt > limits::MAX_RUNTIME_SECS)
+        {
+            push(&mut e, "max_runtime", "must be between 1 second and 365 days");
+        }
+        if let Some(dir) = &self.checkpoint_dir
+            && (dir.is_empty() || dir.len() > limits::MAX_URI_LEN || dir.contains('\0'))
+        {
+            push(&mut e, "checkpoint_dir", format!("must be 1 to {} bytes without NUL", limits::MAX_URI_LEN));
+        }
+        let rp = &self.retry;
+        if rp.max_attempts == 0 || rp.max_attempts > limits::MAX_ATTEMPTS {
+            push(
+                &mut e,
+                "retry.max_attempts",
+                format!("must be between 1 and {} (got {})", limits::MAX_ATTEMPTS, rp.max_attempts),
+            );
+        }
+        if rp.backoff_secs > limits::MAX_BACKOFF_SECS {
+            push(&mut e, "retry.backoff", "must be at most one day");
+        }
+        if rp.never_retry_exit_codes.len() > limits::MAX_EXIT_CODES {
+            push(&mut e, "retry.never_retry_exit_codes", format!("lists more than {} codes", limits::MAX_EXIT_CODES));
+        }
+        let st = &self.stop;
+        if !CHECKPOINT_SIGNALS.contains(&st.signal.as_str()) {
+            push(&mut e, "stop.signal", format!("'{}' is not one of {}", st.signal, CHECKPOINT_SIGNALS.join(", ")));
+        }
+        if st.checkpoint_grace_secs > 3600 {
+            push(&mut e, "stop.checkpoint_grace", "must be at most one hour");
+        }
+        if st.term_grace_secs > 3600 {
+            push(&mut e, "stop.term_grace", "must be at most one hour");
+        }
+        if e.is_empty() { Ok(()) } else { Err(SpecError { errors: e }) }
+    }
+
+    /// Does a GPU with this model name and memory satisfy the spec?
+    pub fn gpu_matches(&self, model: &str, memory_mib: u64) -> bool {
+        memory_mib >= self.resources.min_gpu_memory_mib
+            && self.resources.gpu_model.as_deref().is_none_or(|want| model_matches(want, model))
+    }
+}
+
+/// A job name derived from the program: `python train.py` gives "train.py"; otherwise the
+/// program's file name.
+fn default_name(command: &[String]) -> String {
+    let pick = match command {
+        [prog, script, ..] if is_interpreter(prog) && !script.starts_with('-') => script,
+        [prog, ..] => prog,
+        [] => return "job".into(),
+    };
+    let base = pick.rsplit('/').next().unwrap_or(pick);
+    let cleaned: String = base.chars().filter(|c| is_name_char(*c)).take(limits::MAX_NAME_LEN).collect();
+    if cleaned.is_empty() { "job".into() } else { cleaned }
+}
+
+fn is_interpreter(prog: &str) -> bool {
+    let base = prog.rsplit('/').next().unwrap_or(prog);
+    base.starts_with("python") || matches!(base, "bash" | "sh" | "torchrun" | "node" | "ruby" | "perl")
+}
+
+/// Split a GPU model name into upper-case alphanumeric words.
+fn model_tokens(s: &str) -> Vec<String> {
+    s.split(|c: char| !c.is_ascii_alphanumeric()).filter(|t| !t.is_empty()).map(|t| t.to_ascii_uppercase()).collect()
+}
+
+/// Whole-word, case-insensitive match of a wanted model ("H100", "A100 80GB") in a GPU's
+/// model name ("NVIDIA H100 80GB HBM3").
+pub fn model_matches(want: &str, have: &str) -> bool {
+    let want = model_tokens(want);
+    let have = model_tokens(have);
+    !want.is_empty() && have.windows(want.len()).any(|w| w == want.as_slice())
+}
+
+/// Parse a priority: a name (low, normal, high, critical) or an integer 0..=1000.
+pub fn parse_priority(s: &str) -> Result<u16, String> {
+    let t = s.trim().to_ascii_lowercase();
+    if let Some((_, v)) = PRIORITY_NAMES.iter().find(|(n, _)| *n == t) {
+        return Ok(*v);
+    }
+    match t.parse::<u64>() {
+        Ok(v) if v <= u64::from(limits::MAX_PRIORITY) => Ok(v as u16),
+        _ => Err(format!(
+            "'{s}' is not a priority: use low, normal, high, critical or a number from 0 to {}",
+            limits::MAX_PRIORITY
+        )),
+    }
+}
+
+/// Parse a duration: an integer number of seconds, or a string like "90s", "15m", "2h",
+/// "1h30m" or "7d".
+pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let bad = || format!("'{s}' is not a duration: use seconds or a form like 90s, 15m, 2h, 1h30m, 7d");
+    if t.is_empty() {
+        return Err(bad());
+    }
+    if let Ok(v) = t.parse::<u64>() {
+        return Ok(v);
+    }
+    let mut total: u64 = 0;
+    let mut num = String::new();
+    for c in t.chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86400,
+            _ => return Err(bad()),
+        };
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        num.clear();
+        total = n.checked_mul(unit).and_then(|x| total.checked_add(x)).ok_or_else(bad)?;
+    }
+    if !num.is_empty() {
+        return Err(bad());
+    }
+    Ok(total)
+}
+
+// ---------------------------------------------------------------------------------------------
+// TOML form
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    name: Option<Spanned<String>>,
+    tenant: Option<Spanned<String>>,
+    command: Option<Spanned<Vec<String>>>,
+    shards: Option<Spanned<i64>>,
+    priority: Option<Spanned<toml::Value>>,
+    max_runtime: Option<Spanned<toml::Value>>,
+    checkpoint_dir: Option<Spanned<String>>,
+    env: Option<Spanned<BTreeMap<String, String>>>,
+    resources: Option<Spanned<RawResources>>,
+    placement: Option<Spanned<RawPlacement>>,
+    retry: Option<Spanned<RawRetry>>,
+    stop: Option<Spanned<RawStop>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStop {
+    signal: Option<Spanned<String>>,
+    checkpoint_grace: Option<Spanned<toml::Value>>,
+    term_grace: Option<Spanned<toml::Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResources {
+    gpus: Option<Spanned<i64>>,
+    gpu_model: Option<Spanned<String>>,
+    min_gpu_memory_gib: Option<Spanned<i64>>,
+    cpu: Option<Spanned<f64>>,
+    memory_gib: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlacement {
+    clouds: Option<Spanned<Vec<Spanned<String>>>>,
+    regions: Option<Spanned<Vec<String>>>,
+    labels: Option<Spanned<BTreeMap<String, String>>>,
+    spot: Option<Spanned<String>>,
+    span_regions: Option<Spanned<bool>>,
+    span_clouds: Option<Spanned<bool>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    max_attempts: Option<Spanned<i64>>,
+    backoff: Option<Spanned<toml::Value>>,
+    never_retry_exit_codes: Option<Spanned<Vec<i64>>>,
+}
+
+/// Maps byte offsets in the source to 1-based (line, column).
+struct LineIndex<'a> {
+    src: &'a str,
+}
+
+impl LineIndex<'_> {
+    fn locate(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.src.len());
+        let before = &self.src.as_bytes()[..offset];
+        let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+        let line_start = before.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
+        let column = self.src[line_start..offset].chars().count() + 1;
+        (line, column)
+    }
+}
+
+/// Collects conversion errors and remembers where each field was, so that validation errors
+/// found later can be pointed at the right line too.
+struct Collector<'a> {
+    lines: LineIndex<'a>,
+    spans: BTreeMap<String, Range<usize>>,
+    errors: Vec<FieldError>,
+}
+
+impl Collector<'_> {
+    fn at(&mut self, field: &str, span: Range<usize>) {
+        self.spans.insert(field.to_string(), span);
+    }
+    fn err(&mut self, field: &str, span: Range<usize>, message: impl Into<String>) {
+        let location = Some(self.lines.locate(span.start));
+        self.errors.push(FieldError { field: field.into(), message: message.into(), location });
+    }
+    /// Location of a field, or of its closest recorded parent (`env.X` falls back to `env`).
+    fn locate(&self, field: &str) -> Option<(usize, usize)> {
+        let mut f = field;
+        loop {
+            if let Some(span) = self.spans.get(f) {
+                return Some(self.lines.locate(span.start));
+            }
+            let cut = f.rfind(['.', '['])?;
+            f = &f[..cut];
+        }
+    }
+    fn int<T: TryFrom<i64>>(&mut self, field: &str, v: &Spanned<i64>, what: &str) -> Option<T> {
+        self.at(field, v.span());
+        match T::try_from(*v.get_ref()) {
+            Ok(x) => Some(x),
+            Err(_) => {
+                self.err(field, v.span(), format!("{} is out of range: {what}", v.get_ref()));
+                None
+            }
+        }
+    }
+    fn duration(&mut self, field: &str, v: &Spanned<toml::Value>) -> Option<u64> {
+        self.at(field, v.span());
+        let parsed = match v.get_ref() {
+            toml::Value::Integer(i) if *i >= 0 => Ok(*i as u64),
+            toml::Value::String(s) => parse_duration_secs(s),
+            other => Err(format!("expected seconds or a string like \"2h\", found {}", other.type_str())),
+        };
+        parsed.map_err(|m| self.err(field, v.span(), m)).ok()
+    }
+}
+
+/// Parse a TOML job spec. Every error names the field and its line.
+///
+/// ```toml
+/// name = "llama-sft"
+/// command = ["python", "train.py"]
+/// shards = 4
+/// [resources]
+/// gpus = 8
+/// gpu_model = "H100"
+/// ```
+pub fn parse_toml(src: &str) -> Result<JobSpec, SpecError> {
+    let lines = LineIndex { src };
+    let raw: RawSpec = match toml::from_str(src) {
+        Ok(raw) => raw,
+        Err(err) => {
+            let location = err.span().map(|s| lines.locate(s.start));
+            let message = err.message().trim().to_string();
+            // toml reports the offending key inside the message; the field is the message.
+            return Err(SpecError { errors: vec![FieldError { field: "spec".into(), message, location }] });
+        }
+    };
+    let mut c = Collector { lines, spans: BTreeMap::new(), errors: Vec::new() };
+
+    let command = match &raw.command {
+        Some(cmd) => {
+            c.at("command", cmd.span());
+            cmd.get_ref().clone()
+        }
+        None => {
+            c.errors.push(FieldError {
+                field: "command".into(),
+                message: "is required: the program each shard runs, like [\"python\", \"train.py\"]".into(),
+                location: None,
+            });
+            Vec::new()
+        }
+    };
+    let shards = raw.shards.as_ref().and_then(|v| c.int::<u32>("shards", v, "use 1 to 4096")).unwrap_or(1);
+    let mut spec = JobSpec::new(command, shards, 1);
+
+    if let Some(v) = &raw.name {
+        c.at("name", v.span());
+        spec.name = v.get_ref().clone();
+    }
+    if let Some(v) = &raw.tenant {
+        c.at("tenant", v.span());
+        spec.tenant = v.get_ref().clone();
+    }
+    if let Some(v) = &raw.priority {
+        c.at("priority", v.span());
+        let parsed = match v.get_ref() {
+            toml::Value::Integer(i) => parse_priority(&i.to_string()),
+            toml::Value::String(s) => parse_priority(s),
+            other => Err(format!("expected a name or a number, found {}", other.type_str())),
+        };
+        match parsed {
+            Ok(p) => spec.priority = p,
+            Err(m) => c.err("priority", v.span(), m),
+        }
+    }
+    if let Some(v) = &raw.max_runtime {
+        spec.max_runtime_secs = c.duration("max_runtime", v);
+    }
+    if let Some(v) = &raw.checkpoint_dir {
+        c.at("checkpoint_dir", v.span());
+        spec.checkpoint_dir = Some(v.get_ref().clone());
+    }
+    if let Some(v) = &raw.env {
+        c.at("env", v.span());
+        spec.env = v.get_ref().clone();
+    }
+    if let Some(res) = &raw.resources {
+        c.at("resources", res.span());
+        let r = res.get_ref();
+        if let Some(v) = &r.gpus {
+            spec.resources.gpus = c.int("resources.gpus", v, "use 1 to 64").unwrap_or(0);
+        }
+        if let Some(v) = &r.gpu_model {
+            c.at("resources.gpu_model", v.span());
+            spec.resources.gpu_model = Some(v.get_ref().clone());
+        }
+        if let Some(v) = &r.min_gpu_memory_gib {
+            let gib: Option<u64> = c.int("resources.min_gpu_memory_gib", v, "use 0 to 1024");
+            spec.resources.min_gpu_memory_mib = gib.map_or(0, |g| g.saturating_mul(1024));
+        }
+        if let Some(v) = &r.cpu {
+            c.at("resources.cpu", v.span());
+            let cores = *v.get_ref();
+            if cores.is_finite() && (0.0..=4096.0).contains(&cores) {
+                spec.resources.cpu_millis = (cores * 1000.0).round() as u64;
+            } else {
+                c.err("resources.cpu", v.span(), format!("{cores} is not a number of cores from 0 to 4096"));
+            }
+        }
+        if let Some(v) = &r.memory_gib {
+            let gib: Option<u64> = c.int("resources.memory_gib", v, "use 0 to 65536");
+            spec.resources.memory_mib = gib.map_or(0, |g| g.saturating_mul(1024));
+        }
+    }
+    if let Some(pl) = &raw.placement {
+        c.at("placement", pl.span());
+        let p = pl.get_ref();
+        if let Some(list) = &p.clouds {
+            c.at("placement.clouds", list.span());
+            for (i, cloud) in list.get_ref().iter().enumerate() {
+                match cloud.get_ref().parse::<Cloud>() {
+                    Ok(cl) if !spec.placement.clouds.contains(&cl) => spec.placement.clouds.push(cl),
+                    Ok(_) => {}
+                    Err(m) => c.err(&format!("placement.clouds[{i}]"), cloud.span(), m),
+                }
+            }
+        }
+        if let Some(v) = &p.regions {
+            c.at("placement.regions", v.span());
+            spec.placement.regions = v.get_ref().clone();
+        }
+        if let Some(v) = &p.labels {
+            c.at("placement.labels", v.span());
+            spec.placement.labels = v.get_ref().clone();
+        }
+        if let Some(v) = &p.spot {
+            match v.get_ref().parse::<SpotPolicy>() {
+                Ok(s) => spec.placement.spot = s,
+                Err(m) => c.err("placement.spot", v.span(), m),
+            }
+        }
+        if let Some(v) = &p.span_regions {
+            spec.placement.span_regions = *v.get_ref();
+        }
+        if let Some(v) = &p.span_clouds {
+            spec.placement.span_clouds = *v.get_ref();
+        }
+    }
+    if let Some(rt) = &raw.retry {
+        c.at("retry", rt.span());
+        let r = rt.get_ref();
+        if let Some(v) = &r.max_attempts {
+            spec.retry.max_attempts = c.int("retry.max_attempts", v, "use 1 to 100").unwrap_or(0);
+        }
+        if let Some(v) = &r.backoff {
+            spec.retry.backoff_secs = c.duration("retry.backoff", v).unwrap_or(0);
+        }
+        if let Some(v) = &r.never_retry_exit_codes {
+            c.at("retry.never_retry_exit_codes", v.span());
+            let mut codes = Vec::new();
+            for code in v.get_ref() {
+                match i32::try_from(*code) {
+                    Ok(x) => codes.push(x),
+                    Err(_) => c.err("retry.never_retry_exit_codes", v.span(), format!("{code} is not an exit code")),
+                }
+            }
+            spec.retry.never_retry_exit_codes = codes;
+        }
+    }
+
+    if let Some(st) = &raw.stop {
+        c.at("stop", st.span());
+        let r = st.get_ref();
+        if let Some(v) = &r.signal {
+            c.at("stop.signal", v.span());
+            let sig = v.get_ref().trim().to_ascii_uppercase();
+            spec.stop.signal = if sig == "NONE" {
+                "none".into()
+            } else if sig.starts_with("SIG") {
+                sig
+            } else {
+                format!("SIG{sig}")
+            };
+        }
+        if let Some(v) = &r.checkpoint_grace {
+            spec.stop.checkpoint_grace_secs = c.duration("stop.checkpoint_grace", v).unwrap_or(0);
+        }
+        if let Some(v) = &r.term_grace {
+            spec.stop.term_grace_secs = c.duration("stop.term_grace", v).unwrap_or(0);
+        }
+    }
+
+    if let Err(invalid) = spec.validate() {
+        for mut fe in invalid.errors {
+            // A field whose conversion already failed has its error; do not report it twice.
+            if c.errors.iter().any(|e| e.field == fe.field) {
+                continue;
+            }
+            fe.location = c.locate(&fe.field);
+            c.errors.push(fe);
+        }
+    }
+    if c.errors.is_empty() {
+        Ok(spec)
+    } else {
+        c.errors.sort_by_key(|e| e.location.unwrap_or((usize::MAX, 0)));
+        Err(SpecError { errors: c.errors })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One-line form
+// ---------------------------------------------------------------------------------------------
+
+/// The one-line form: `tessera job submit --shards 2 --gpus 8 --gpu-model H100 --cloud aws,azure
+/// --priority high --name NAME -- CMD ARGS...`. Errors name the flag.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OneLine {
+    /// `--shards`, default 1.
+    pub shards: Option<u32>,
+    /// `--gpus` per shard, default 1.
+    pub gpus: Option<u32>,
+    /// `--gpu-model`.
+    pub gpu_model: Option<String>,
+    /// `--cloud`, comma-separated.
+    pub clouds: Option<String>,
+    /// `--priority`, a name or a number.
+    pub priority: Option<String>,
+    /// `--name`.
+    pub name: Option<String>,
+    /// `--tenant`.
+    pub tenant: Option<String>,
+    /// The command after `--`.
+    pub command: Vec<String>,
+}
+
+impl OneLine {
+    /// Build and validate the spec this line describes.
+    pub fn to_spec(&self) -> Result<JobSpec, SpecError> {
+        let mut spec = JobSpec::new(self.command.clone(), self.shards.unwrap_or(1), self.gpus.unwrap_or(1));
+        let mut errors = Vec::new();
+        if let Some(m) = &self.gpu_model {
+            spec.resources.gpu_model = Some(m.clone());
+        }
+        if let Some(list) = &self.clouds {
+            for part in list.split(',').filter(|p| !p.trim().is_empty()) {
+                match part.parse::<Cloud>() {
+                    Ok(c) if !spec.placement.clouds.contains(&c) => spec.placement.clouds.push(c),
+                    Ok(_) => {}
+                    Err(m) => push(&mut errors, "--cloud", m),
+                }
+            }
+        }
+        if let Some(p) = &self.priority {
+            match parse_priority(p) {
+                Ok(p) => spec.priority = p,
+                Err(m) => push(&mut errors, "--priority", m),
+            }
+        }
+        if let Some(n) = &self.name {
+            spec.name = n.clone();
+        }
+        if let Some(t) = &self.tenant {
+            spec.tenant = t.clone();
+        }
+        if let Err(invalid) = spec.validate() {
+            for mut fe in invalid.errors {
+                fe.field = match fe.field.as_str() {
+                    "shards" => "--shards".into(),
+                    "resources.gpus" => "--gpus".into(),
+                    "resources.gpu_model" => "--gpu-model".into(),
+                    "name" => "--name".into(),
+                    "tenant" => "--tenant".into(),
+                    "priority" => "--priority".into(),
+                    "command" => "command (after --)".into(),
+                    other => other.to_string(),
+                };
+                errors.push(fe);
+            }
+        }
+        if errors.is_empty() { Ok(spec) } else { Err(SpecError { errors }) }
+    }
+}
+
+/// Error for a spec that fails validation inside the state machine (a replayed or forwarded
+/// command whose spec never passed through a parser).
+pub(crate) fn invalid_spec(field: &str, message: &str) -> SpecError {
+    SpecError::one(field, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "llama-sft"
+tenant = "nlp"
+command = ["python", "train.py", "--lr", "3e-4"]
+shards = 4
+priority = "high"
+max_runtime = "2h30m"
+checkpoint_dir = "s3://ckpt/llama"
+
+[env]
+NCCL_DEBUG = "INFO"
+
+[resources]
+gpus = 8
+gpu_model = "H100"
+min_gpu_memory_gib = 80
+cpu = 96
+memory_gib = 1024
+
+[placement]
+clouds = ["aws", "azure"]
+regions = ["us-east-1", "eastus"]
+labels = { fabric = "efa" }
+spot = "prefer"
+
+[retry]
+max_attempts = 5
+backoff = "30s"
+never_retry_exit_codes = [2]
+
+[stop]
+signal = "usr2"
+checkpoint_grace = "2m"
+term_grace = 10
+"#;
+
+    #[test]
+    fn parses_a_full_spec() {
+        let s = parse_toml(GOOD).unwrap();
+        assert_eq!(s.name, "llama-sft");
+        assert_eq!(s.tenant, "nlp");
+        assert_eq!(s.shards, 4);
+        assert_eq!(s.priority, 750);
+        assert_eq!(s.max_runtime_secs, Some(9000));
+        assert_eq!(s.resources.gpus, 8);
+        assert_eq!(s.resources.min_gpu_memory_mib, 80 * 1024);
+        assert_eq!(s.resources.cpu_millis, 96_000);
+        assert_eq!(s.placement.clouds, vec![Cloud::Aws, Cloud::Azure]);
+        assert_eq!(s.placement.spot, SpotPolicy::Prefer);
+        assert_eq!(s.retry.backoff_secs, 30);
+        assert_eq!(s.retry.never_retry_exit_codes, vec![2]);
+        assert_eq!(s.total_gpus(), 32);
+        assert_eq!(s.stop, StopPolicy { signal: "SIGUSR2".into(), checkpoint_grace_secs: 120, term_grace_secs: 10 });
+    }
+
+    #[test]
+    fn validation_errors_name_field_and_line() {
+        let src = "command = [\"x\"]\nshards = 2\n\n[resources]\ngpus = 0\n";
+        let err = parse_toml(src).unwrap_err();
+        assert_eq!(err.errors.len(), 1, "{err}");
+        let e = &err.errors[0];
+        assert_eq!(e.field, "resources.gpus");
+        assert_eq!(e.location.map(|l| l.0), Some(5));
+        assert!(err.to_string().contains("line 5"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_types_point_at_their_line() {
+        let err = parse_toml("command = [\"x\"]\n[resources]\ngpu = 8\n").unwrap_err();
+        assert_eq!(err.errors[0].location.map(|l| l.0), Some(3), "{err}");
+        assert!(err.to_string().contains("gpu"), "{err}");
+        let err = parse_toml("command = [\"x\"]\nshards = \"four\"\n").unwrap_err();
+        assert_eq!(err.errors[0].location.map(|l| l.0), Some(2), "{err}");
+    }
+
+    #[test]
+    fn several_errors_are_all_reported_in_line_order() {
+        let src = "command = [\"x\"]\npriority = \"urgentest\"\n[placement]\nclouds = [\"gcp\"]\nspot = \"sometimes\"\n[env]\nTESSERA_RANK = \"1\"\n";
+        let err = parse_toml(src).unwrap_err();
+        let fields: Vec<_> = err.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["priority", "placement.clouds[0]", "placement.spot", "env.TESSERA_RANK"], "{err}");
+        assert_eq!(err.errors[3].location.map(|l| l.0), Some(6), "env errors point at the [env] table");
+    }
+
+    #[test]
+    fn missing_command_is_reported() {
+        let err = parse_toml("shards = 1\n").unwrap_err();
+        assert_eq!(err.errors[0].field, "command");
+    }
+
+    #[test]
+    fn bounds_are_enforced() {
+        let mut s = JobSpec::new(vec!["x".into()], 1, 1);
+        s.command = vec!["a".repeat(1000); 100];
+        assert!(s.validate().is_err());
+        let mut s = JobSpec::new(vec!["x".into()], limits::MAX_SHARDS + 1, 1);
+        assert!(s.validate().is_err());
+        s.shards = limits::MAX_SHARDS;
+        assert!(s.validate().is_ok());
+        s.name = "bad name".into();
+        assert_eq!(s.validate().unwrap_err().errors[0].field, "name");
+        let mut s = JobSpec::new(vec!["x".into()], 1, 1);
+        for i in 0..=limits::MAX_ENV_VARS {
+            s.env.insert(format!("V{i}"), "1".into());
+        }
+        assert_eq!(s.validate().unwrap_err().errors[0].field, "env");
+    }
+
+    #[test]
+    fn one_line_maps_to_the_same_spec() {
+        let line = OneLine {
+            shards: Some(4),
+            gpus: Some(8),
+            gpu_model: Some("H100".into()),
+            clouds: Some("aws,azure".into()),
+            priority: Some("high".into()),
+            name: Some("llama-sft".into()),
+            tenant: Some("nlp".into()),
+            command: ["python", "train.py", "--lr", "3e-4"].map(String::from).to_vec(),
+        };
+        let from_line = line.to_spec().unwrap();
+        let mut from_toml = parse_toml(GOOD).unwrap();
+        // Fields the one-line form does not carry:
+        from_toml.env.clear();
+        from_toml.max_runtime_secs = None;
+        from_toml.checkpoint_dir = None;
+        from_toml.resources.min_gpu_memory_mib = 0;
+        from_toml.resources.cpu_millis = 0;
+        from_toml.resources.memory_mib = 0;
+        from_toml.placement.regions.clear();
+        from_toml.placement.labels.clear();
+        from_toml.placement.spot = SpotPolicy::Allow;
+        from_toml.retry = RetryPolicy::default();
+        from_toml.stop = StopPolicy::default();
+        assert_eq!(from_line, from_toml);
+    }
+
+    #[test]
+    fn one_line_errors_name_the_flag() {
+        let line =
+            OneLine { gpus: Some(0), priority: Some("soon".into()), command: vec!["x".into()], ..Default::default() };
+        let err = line.to_spec().unwrap_err();
+        let fields: Vec<_> = err.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["--priority", "--gpus"]);
+        let err = OneLine::default().to_spec().unwrap_err();
+        assert!(err.errors[0].field.starts_with("command"));
+    }
+
+    #[test]
+    fn names_and_models() {
+        assert_eq!(default_name(&["python3".into(), "/x/train.py".into()]), "train.py");
+        assert_eq!(default_name(&["/usr/bin/sleep".into(), "1".into()]), "sleep");
+        assert!(model_matches("H100", "NVIDIA H100 80GB HBM3"));
+        assert!(model_matches("h100 80gb", "NVIDIA H100 80GB HBM3"));
+        assert!(!model_matches("H10", "NVIDIA H100 80GB HBM3"));
+        assert!(!model_matches("A100", "NVIDIA H100 80GB HBM3"));
+        assert!(model_matches("A100", "A100-SXM4-80GB"));
+    }
+
+    #[test]
+    fn durations_and_priorities() {
+        assert_eq!(parse_duration_secs("90"), Ok(90));
+        assert_eq!(parse_duration_secs("1h30m"), Ok(5400));
+        assert_eq!(parse_duration_secs("7d"), Ok(604800));
+        assert!(parse_duration_secs("1x").is_err());
+        assert!(parse_duration_secs("h").is_err());
+        assert!(parse_duration_secs("5m3").is_err());
+        assert!(parse_duration_secs("99999999999999999999d").is_err());
+        assert_eq!(parse_priority("critical"), Ok(1000));
+        assert_eq!(parse_priority("42"), Ok(42));
+        assert!(parse_priority("1001").is_err());
+    }
+}

@@ -1,0 +1,1055 @@
+//! The replicated state machine: [`State::apply`] takes a [`Command`] and the leader's time and
+//! returns events or a rejection. Every server applies the same log to the same result.
+//!
+//! Rules kept here (checked after every apply in debug builds, and on every restore):
+//! - a GPU is held by at most one live attempt, and a live attempt holds exactly its GPUs;
+//! - a job never has a pending shard beside a live one unless some shard is stopping
+//!   (gangs are placed whole);
+//! - down nodes hold nothing; terminal jobs hold nothing;
+//! - derived counters (CPU, memory, tenant GPUs) equal what the attempts say.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::{ApplyContext, ApplyResult, Command, Event, ExitStatus, Rejection, spec_rejection};
+use crate::model::{
+    Attempt, AttemptId, Checkpoint, DrainReason, Gpu, GpuHealth, Job, JobId, JobState, Node, NodeId, NodeInfo,
+    NodeState, Shard, ShardState, StopReason, Tenant, Timestamp,
+};
+use crate::planner::{GangPlacement, Plan, Preemption, node_admits, span_ok};
+use crate::spec::limits;
+
+/// Snapshot encoding this build writes.
+pub const SNAPSHOT_VERSION: u32 = 1;
+
+/// Default fair-share half-life: 7 days, as Slurm's PriorityDecayHalfLife.
+pub const DEFAULT_HALF_LIFE_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// Scheduler settings that are part of the replicated state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SchedulerConfig {
+    /// Half-life of tenants' GPU-hour usage, in milliseconds.
+    pub fair_share_half_life_ms: u64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig { fair_share_half_life_ms: DEFAULT_HALF_LIFE_MS }
+    }
+}
+
+/// Where a live attempt is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttemptRef {
+    /// Job.
+    pub job: JobId,
+    /// Shard index.
+    pub shard: u32,
+}
+
+/// The whole cluster state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    applied_index: u64,
+    next_job: u64,
+    next_node: u64,
+    next_attempt: u64,
+    jobs: BTreeMap<JobId, Job>,
+    nodes: BTreeMap<NodeId, Node>,
+    tenants: BTreeMap<String, Tenant>,
+    config: SchedulerConfig,
+    // Derived indexes, rebuilt on restore.
+    #[serde(skip)]
+    node_names: BTreeMap<String, NodeId>,
+    #[serde(skip)]
+    live: BTreeMap<AttemptId, AttemptRef>,
+    #[serde(skip)]
+    pending: BTreeSet<JobId>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State::new()
+    }
+}
+
+/// A snapshot could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// Written by a newer release.
+    #[error("snapshot version {0} is newer than this build understands ({SNAPSHOT_VERSION})")]
+    UnknownVersion(u32),
+    /// Not a snapshot.
+    #[error("malformed snapshot: {0}")]
+    Malformed(String),
+    /// It decodes but breaks an invariant: refuse it rather than serve a corrupt state.
+    #[error("snapshot breaks an invariant: {0}")]
+    Inconsistent(String),
+}
+
+#[derive(Serialize)]
+struct SnapshotOut<'a> {
+    v: u32,
+    state: &'a State,
+}
+
+#[derive(Deserialize)]
+struct SnapshotIn {
+    v: u32,
+    state: serde_json::Value,
+}
+
+fn reject_if(cond: bool, msg: impl FnOnce() -> String) -> Result<(), Rejection> {
+    if cond { Err(Rejection::FailedPrecondition(msg())) } else { Ok(()) }
+}
+
+fn valid_name(s: &str, max: usize) -> bool {
+    !s.is_empty() && s.len() <= max && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+fn bounded(field: &'static str, s: &str, max: usize) -> Result<(), Rejection> {
+    if s.len() > max || s.chars().any(char::is_control) {
+        return Err(Rejection::InvalidArgument {
+            field,
+            message: format!("must be at most {max} bytes, no control characters"),
+        });
+    }
+    Ok(())
+}
+
+impl State {
+    /// An empty cluster.
+    pub fn new() -> State {
+        State {
+            applied_index: 0,
+            next_job: 1,
+            next_node: 1,
+            next_attempt: 1,
+            jobs: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            tenants: BTreeMap::new(),
+            config: SchedulerConfig::default(),
+            node_names: BTreeMap::new(),
+            live: BTreeMap::new(),
+            pending: BTreeSet::new(),
+        }
+    }
+
+    // ----- reads -------------------------------------------------------------------------
+
+    /// Log index of the last applied command.
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+    /// All jobs, by id.
+    pub fn jobs(&self) -> &BTreeMap<JobId, Job> {
+        &self.jobs
+    }
+    /// One job.
+    pub fn job(&self, id: JobId) -> Option<&Job> {
+        self.jobs.get(&id)
+    }
+    /// All nodes, by id.
+    pub fn nodes(&self) -> &BTreeMap<NodeId, Node> {
+        &self.nodes
+    }
+    /// One node.
+    pub fn node(&self, id: NodeId) -> Option<&Node> {
+        self.nodes.get(&id)
+    }
+    /// A node by its host name.
+    pub fn node_by_name(&self, name: &str) -> Option<&Node> {
+        self.node_names.get(name).and_then(|id| self.nodes.get(id))
+    }
+    /// Tenants, by name.
+    pub fn tenants(&self) -> &BTreeMap<String, Tenant> {
+        &self.tenants
+    }
+    /// Scheduler settings.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+    /// Jobs with at least one pending shard.
+    pub fn pending_jobs(&self) -> &BTreeSet<JobId> {
+        &self.pending
+    }
+    /// Live attempts (assigned, running or stopping) and where they are.
+    pub fn live_attempts(&self) -> &BTreeMap<AttemptId, AttemptRef> {
+        &self.live
+    }
+    /// The job and shard of a live attempt.
+    pub fn attempt(&self, id: AttemptId) -> Option<(&Job, &Shard)> {
+        let r = self.live.get(&id)?;
+        let job = self.jobs.get(&r.job)?;
+        Some((job, job.shards.get(r.shard as usize)?))
+    }
+
+    // ----- snapshot ----------------------------------------------------------------------
+
+    /// Serialise the whole state (derived indexes are rebuilt on restore).
+    pub fn snapshot(&self) -> Vec<u8> {
+        serde_json::to_vec(&SnapshotOut { v: SNAPSHOT_VERSION, state: self }).unwrap_or_default()
+    }
+
+    /// Restore a snapshot, rebuild the indexes and check every invariant.
+    pub fn restore(bytes: &[u8]) -> Result<State, SnapshotError> {
+        let snap: SnapshotIn = serde_json::from_slice(bytes).map_err(|e| SnapshotError::Malformed(e.to_string()))?;
+        if snap.v == 0 || snap.v > SNAPSHOT_VERSION {
+            return Err(SnapshotError::UnknownVersion(snap.v));
+        }
+        let mut state: State =
+            serde_json::from_value(snap.state).map_err(|e| SnapshotError::Malformed(e.to_string()))?;
+        state.rebuild_indexes()?;
+        state.check_invariants().map_err(SnapshotError::Inconsistent)?;
+        Ok(state)
+    }
+
+    /// A stable 64-bit digest of the state (FNV-1a over the snapshot encoding). Two servers
+    /// that applied the same log have the same hash.
+    pub fn hash(&self) -> u64 {
+        self.snapshot().iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    }
+
+    fn rebuild_indexes(&mut self) -> Result<(), SnapshotError> {
+        self.node_names = self.nodes.values().map(|n| (n.info.name.clone(), n.id)).collect();
+        self.live.clear();
+        self.pending.clear();
+        for t in self.tenants.values_mut() {
+            t.gpus_in_use = 0;
+        }
+        for job in self.jobs.values() {
+            for shard in &job.shards {
+                if shard.state == ShardState::Pending {
+                    self.pending.insert(job.id);
+                }
+                if shard.state.is_live() {
+                    let a = shard.attempt.as_ref().ok_or_else(|| {
+                        SnapshotError::Inconsistent(format!(
+                            "{} shard {} is live without an attempt",
+                            job.id, shard.index
+                        ))
+                    })?;
+                    self.live.insert(a.id, AttemptRef { job: job.id, shard: shard.index });
+                    let tenant = self.tenants.get_mut(&job.spec.tenant).ok_or_else(|| {
+                        SnapshotError::Inconsistent(format!("{} names unknown tenant {}", job.id, job.spec.tenant))
+                    })?;
+                    tenant.gpus_in_use += u64::from(job.spec.resources.gpus);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ----- apply -------------------------------------------------------------------------
+
+    /// Apply one command. A rejected command changes nothing but the applied index.
+    pub fn apply(&mut self, cmd: Command, ctx: ApplyContext) -> ApplyResult {
+        self.applied_index = ctx.index;
+        let now = ctx.now;
+        let mut ev = Vec::new();
+        match cmd {
+            Command::SubmitJob { spec } => self.submit(spec, now, &mut ev)?,
+            Command::CancelJob { job, reason } => self.cancel(job, reason, now, &mut ev)?,
+            Command::RegisterNode { info } => self.register(info, now, &mut ev)?,
+            Command::MarkNodeDown { node, reason } => self.node_down(node, &reason, now, &mut ev)?,
+            Command::DrainNode { node, reason, deadline } => self.drain(node, reason, deadline, &mut ev)?,
+            Command::UndrainNode { node } => self.undrain(node, &mut ev)?,
+            Command::SetGpuHealth { node, gpu, healthy, reason } => {
+                self.gpu_health(node, gpu, healthy, reason, now, &mut ev)?
+            }
+            Command::ApplyPlan { plan } => self.apply_plan(plan, now, &mut ev)?,
+            Command::ShardStarted { attempt } => self.started(attempt, now, &mut ev)?,
+            Command::ShardExited { attempt, exit, node_fault, message } => {
+                self.exited(attempt, exit, node_fault, message, now, &mut ev)?
+            }
+            Command::RecordCheckpoint { attempt, step, uri } => self.checkpoint(attempt, step, uri, now, &mut ev)?,
+            Command::SetTenant { name, weight, gpu_quota } => self.set_tenant(name, weight, gpu_quota, now, &mut ev)?,
+            Command::SetFairShareHalfLife { half_life_ms } => {
+                if half_life_ms < 60_000 {
+                    return Err(Rejection::InvalidArgument {
+                        field: "half_life_ms",
+                        message: "must be at least one minute".into(),
+                    });
+                }
+                let old = self.config.fair_share_half_life_ms;
+                for t in self.tenants.values_mut() {
+                    t.accrue(now, old);
+                }
+                self.config.fair_share_half_life_ms = half_life_ms;
+            }
+        }
+        #[cfg(debug_assertions)]
+        if let Err(broken) = self.check_invariants() {
+            panic!("invariant broken after applying index {}: {broken}", ctx.index);
+        }
+        Ok(ev)
+    }
+
+    fn submit(&mut self, spec: crate::spec::JobSpec, now: Timestamp, ev: &mut Vec<Event>) -> Result<(), Rejection> {
+        spec.validate()?;
+        let id = JobId(self.next_job);
+        self.next_job += 1;
+        if !self.tenants.contains_key(&spec.tenant) {
+            self.tenants.insert(spec.tenant.clone(), Tenant::new(&spec.tenant, now));
+        }
+        let shards = (0..spec.shards)
+            .map(|index| Shard {
+                index,
+                state: ShardState::Pending,
+                attempt: None,
+                attempts: 0,
+                restarts: 0,
+                checkpoint: None,
+                not_before: now,
+            })
+            .collect();
+        let job = Job {
+            id,
+            spec,
+            state: JobState::Pending,
+            shards,
+            submitted_at: now,
+            started_at: None,
+            finished_at: None,
+            failures: 0,
+            cancel_requested: false,
+            message: None,
+        };
+        self.jobs.insert(id, job);
+        self.pending.insert(id);
+        ev.push(Event::JobSubmitted { job: id });
+        Ok(())
+    }
+
+    fn job_mut(&mut self, id: JobId) -> Result<&mut Job, Rejection> {
+        self.jobs.get_mut(&id).ok_or(Rejection::UnknownJob(id))
+    }
+
+    fn cancel(
+        &mut self,
+        id: JobId,
+        reason: Option<String>,
+        now: Timestamp,
+        ev: &mut Vec<Event>,
+    ) -> Result<(), Rejection> {
+        if let Some(r) = &reason {
+            bounded("reason", r, 1024)?;
+        }
+        let job = self.job_mut(id)?;
+        if job.state.is_terminal() {
+            return Err(Rejection::JobFinished { job: id, state: job.state });
+        }
+        job.cancel_requested = true;
+        job.message = Some(reason.unwrap_or_else(|| "cancelled".into()));
+        for i in 0..job.shards.len() as u32 {
+            self.end_or_stop(id, i, StopReason::Cancelled, ev);
+        }
+        self.refresh_job(id, now, ev);
+        Ok(())
+    }
+
+    /// Pending shards end cancelled; live shards are asked to stop for `reason`.
+    fn end_or_stop(&mut self, id: JobId, shard: u32, reason: StopReason, ev: &mut Vec<Event>) {
+        let Some(job) = self.jobs.get_mut(&id) else { return };
+        let Some(s) = job.shards.get_mut(shard as usize) else { return };
+        if s.state == ShardState::Pending {
+            s.state = ShardState::Cancelled;
+            ev.push(Event::ShardStateChanged { job: id, shard, state: s.state });
+        } else {
+            self.stop_shard(id, shard, reason, ev);
+        }
+    }
+
+    /// Ask a live shard to stop. A stop that ends the shard for good replaces one that would
+    /// requeue it; otherwise the first reason stands.
+    fn stop_shard(&mut self, id: JobId, shard: u32, reason: StopReason, ev: &mut Vec<Event>) {
+        let Some(job) = self.jobs.get_mut(&id) else { return };
+        let Some(s) = job.shards.get_mut(shard as usize) else { return };
+        let replace = match s.state {
+            ShardState::Assigned | ShardState::Running => true,
+            ShardState::Stopping(old) => old.requeues() && !reason.requeues(),
+            _ => false,
+        };
+        if !replace {
+            return;
+        }
+        let was_stopping = matches!(s.state, ShardState::Stopping(_));
+        s.state = ShardState::Stopping(reason);
+        if let Some(a) = &s.attempt
+            && !was_stopping
+        {
+            ev.push(Event::StopRequested { job: id, shard, attempt: a.id, node: a.node, reason });
+        }
+        ev.push(Event::ShardStateChanged { job: id, shard, state: s.state });
+    }
+
+    /// A rank of a gang is lost or failed: the other live ranks restart from the checkpoint.
+    fn restart_gang(&mut self, id: JobId, except: u32, ev: &mut Vec<Event>) {
+        let Some(job) = self.jobs.get(&id) else { return };
+        let others: Vec<u32> = job
+            .shards
+            .iter()
+            .filter(|s| s.index != except && matches!(s.state, ShardState::Assigned | ShardState::Running))
+            .map(|s| s.index)
+            .collect();
+        for i in others {
+            self.stop_shard(id, i, StopReason::GangRestart, ev);
+        }
+    }
+
+    /// Free what a live attempt holds. The shard's state is left to the caller.
+    fn release(&mut self, id: JobId, shard: u32, now: Timestamp) {
+        let Some(job) = self.jobs.get(&id) else { return };
+        let Some(a) = job.shards.get(shard as usize).and_then(|s| s.attempt.as_ref()) else { return };
+        if self.live.remove(&a.id).is_none() {
+            return;
+        }
+        let (cpu, mem, gpus) = (job.spec.resources.cpu_millis, job.spec.resources.memory_mib, job.spec.resources.gpus);
+        if let Some(node) = self.nodes.get_mut(&a.node) {
+            for g in &a.gpus {
+                if let Some(gpu) = node.gpus.get_mut(*g as usize)
+                    && gpu.holder == Some(a.id)
+                {
+                    gpu.holder = None;
+                }
+            }
+            node.cpu_used = node.cpu_used.saturating_sub(cpu);
+            node.memory_used = node.memory_used.saturating_sub(mem);
+        }
+        let half_life = self.config.fair_share_half_life_ms;
+        if let Some(t) = self.tenants.get_mut(&job.spec.tenant) {
+            t.accrue(now, half_life);
+            t.gpus_in_use = t.gpus_in_use.saturating_sub(u64::from(gpus));
+        }
+    }
+
+    fn set_shard(&mut self, id: JobId, shard: u32, state: ShardState, not_before: Timestamp, ev: &mut Vec<Event>) {
+        if let Some(s) = self.jobs.get_mut(&id).and_then(|j| j.shards.get_mut(shard as usize)) {
+            if state == ShardState::Pending && s.attempts > 0 {
+                s.restarts += 1;
+            }
+            s.state = state;
+            s.not_before = not_before;
+            ev.push(Event::ShardStateChanged { job: id, shard, state });
+        }
+    }
+
+    /// An attempt is gone without an exit report (node lost or changed): requeue the shard
+    /// unless it was being stopped for good, and restart the rest of its gang.
+    fn lose_attempt(&mut self, id: JobId, shard: u32, now: Timestamp, ev: &mut Vec<Event>) {
+        let Some(state) = self.jobs.get(&id).and_then(|j| j.shards.get(shard as usize)).map(|s| s.state) else {
+            return;
+        };
+        self.release(id, shard, now);
+        match state {
+            ShardState::Stopping(r) if !r.requeues() => self.set_shard(id, shard, ShardState::Cancelled, now, ev),
+            _ => self.set_shard(id, shard, ShardState::Pending, now, ev),
+        }
+        self.restart_gang(id, shard, ev);
+        self.refresh_job(id, now, ev);
+    }
+
+    /// Recompute a job's state and its membership of the pending set.
+    fn refresh_job(&mut self, id: JobId, now: Timestamp, ev: &mut Vec<Event>) {
+        let Some(job) = self.jobs.get_mut(&id) else { return };
+        let live = job.shards.iter().any(|s| s.state.is_live());
+        let pending = job.shards.iter().any(|s| s.state == ShardState::Pending);
+        let new = if live {
+            JobState::Running
+        } else if job.cancel_requested {
+            JobState::Cancelled
+        } else if job.shards.iter().any(|s| s.state == ShardState::Failed) {
+            JobState::Failed
+        } else if job.shards.iter().all(|s| s.state == ShardState::Succeeded) {
+            JobState::Succeeded
+        } else {
+            JobState::Pending
+        };
+        if new.is_terminal() {
+            // Nothing of a finished job waits for placement.
+            for s in job.shards.iter_mut().filter(|s| s.state == ShardState::Pending) {
+                s.state = ShardState::Cancelled;
+                ev.push(Event::ShardStateChanged { job: id, shard: s.index, state: s.state });
+            }
+            job.finished_at.get_or_insert(now);
+        }
+        if pending && !new.is_terminal() {
+            self.pending.insert(id);
+        } else {
+            self.pending.remove(&id);
+        }
+        if new != job.state {
+            job.state = new;
+            ev.push(Event::JobStateChanged { job: id, state: new });
+        }
+    }
+
+    fn register(&mut self, info: NodeInfo, now: Timestamp, ev: &mut Vec<Event>) -> Result<(), Rejection> {
+        if !valid_name(&info.name, 253) {
+            return Err(Rejection::InvalidArgument {
+                field: "name",
+                message: "must be 1 to 253 characters of letters, digits, '.', '_' and '-'".into(),
+            });
+        }
+        bounded("region", &info.region, limits::MAX_SHORT_STRING)?;
+        bounded("zone", &info.zone, limits::MAX_SHORT_STRING)?;
+        bounded("instance_type", &info.instance_type, limits::MAX_SHORT_STRING)?;
+        bounded("agent_version", &info.agent_version, limits::MAX_SHORT_STRING)?;
+        if info.gpus.len() > limits::MAX_GPUS_PER_SHARD as usize {
+            return Err(Rejection::InvalidArgument {
+                field: "gpus",
+                message: format!("{} GPUs reported; at most {} per node", info.gpus.len(), limits::MAX_GPUS_PER_SHARD),
+            });
+        }
+        for g in &info.gpus {
+            bounded("gpus.uuid", &g.uuid, limits::MAX_SHORT_STRING)?;
+            bounded("gpus.model", &g.model, limits::MAX_SHORT_STRING)?;
+        }
+        if info.labels.len() > limits::MAX_LIST_ITEMS {
+            return Err(Rejection::InvalidArgument {
+                field: "labels",
+                message: format!("at most {} labels", limits::MAX_LIST_ITEMS),
+            });
+        }
+        for (k, v) in &info.labels {
+            bounded("labels", k, limits::MAX_SHORT_STRING)?;
+            bounded("labels", v, limits::MAX_SHORT_STRING)?;
+        }
+
+        let existing = self.node_names.get(&info.name).copied();
+        let Some(id) = existing else {
+            let id = NodeId(self.next_node);
+            self.next_node += 1;
+            let gpus = info
+                .gpus
+                .iter()
+                .enumerate()
+                .map(|(i, g)| Gpu {
+                    index: i as u32,
+                    uuid: g.uuid.clone(),
+                    model: g.model.clone(),
+                    memory_mib: g.memory_mib,
+                    health: GpuHealth::Healthy,
+                    holder: None,
+                })
+                .collect();
+            self.node_names.insert(info.name.clone(), id);
+            self.nodes.insert(
+                id,
+                Node { id, info, gpus, state: NodeState::Ready, cpu_used: 0, memory_used: 0, registered_at: now },
+            );
+            ev.push(Event::NodeRegistered { node: id, new: true });
+            return Ok(());
+        };
+
+        // The same host again. If its GPUs changed under live attempts, those attempts are lost.
+        let node = &self.nodes[&id];
+        let same_gpus = node.info.gpus == info.gpus;
+        let same_capacity = info.cpu_millis >= node.cpu_used && info.memory_mib >= node.memory_used;
+        if !same_gpus || !same_capacity {
+            let lost: Vec<AttemptRef> = self.attempts_on(id);
+            for r in lost {
+                self.lose_attempt(r.job, r.shard, now, ev);
+            }
+        }
+        let node = self.nodes.get_mut(&id).expect("node id from the name index");
+        if !same_gpus {
+            let old: BTreeMap<String, GpuHealth> =
+                node.gpus.iter().map(|g| (g.uuid.clone(), g.health.clone())).collect();
+            node.gpus = info
+                .gpus
+                .iter()
+                .enumerate()
+                .map(|(i, g)| Gpu {
+                    index: i as u32,
+                    uuid: g.uuid.clone(),
+                    model: g.model.clone(),
+                    memory_mib: g.memory_mib,
+                    // An unhealthy GPU stays unhealthy across agent restarts until cleared.
+                    health: old.get(&g.uuid).cloned().unwrap_or(GpuHealth::Healthy),
+                    holder: None,
+                })
+                .collect();
+        }
+        node.info = info;
+        ev.push(Event::NodeRegistered { node: id, new: false });
+        if let NodeState::Down { .. } = node.state {
+            node.state = NodeState::Ready;
+            ev.push(Event::NodeStateChanged { node: id, state: node.state });
+        }
+        Ok(())
+    }
+
+    fn attempts_on(&self, node: NodeId) -> Vec<AttemptRef> {
+        let Some(n) = self.nodes.get(&node) else { return Vec::new() };
+        let held: BTreeSet<AttemptId> = n.gpus.iter().filter_map(|g| g.holder).collect();
+        held.into_iter().filter_map(|a| self.live.get(&a).copied()).collect()
+    }
+
+    fn node_down(&mut self, id: NodeId, reason: &str, now: Timestamp, ev: &mut Vec<Event>) -> Result<(), Rejection> {
+        bounded("reason", reason, 1024)?;
+        let node = self.nodes.get(&id).ok_or(Rejection::UnknownNode(id))?;
+        if let NodeState::Down { .. } = node.state {
+            return Ok(());
+        }
+        for r in self.attempts_on(id) {
+            self.lose_attempt(r.job, r.shard, now, ev);
+        }
+        let node = self.nodes.get_mut(&id).expect("checked above");
+        node.state = NodeState::Down { since: now };
+        ev.push(Event::NodeStateChanged { node: id, state: node.state });
+        Ok(())
+    }
+
+    fn drain(
+        &mut self,
+        id: NodeId,
+        reason: DrainReason,
+        deadline: Option<Timestamp>,
+        ev: &mut Vec<Event>,
+    ) -> Result<(), Rejection> {
+        let node = self.nodes.get_mut(&id).ok_or(Rejection::UnknownNode(id))?;
+        reject_if(matches!(node.state, NodeState::Down { .. }), || format!("{id} is down; nothing to drain"))?;
+        node.state = NodeState::Draining { reason, deadline };
+        ev.push(Event::NodeStateChanged { node: id, state: node.state });
+        let stop = match reason {
+            DrainReason::Operator => StopReason::Drain,
+            DrainReason::SpotInterruption => StopReason::SpotInterruption,
+        };
+        for r in self.attempts_on(id) {
+            let job = &self.jobs[&r.job];
+            let shard = &job.shards[r.shard as usize];
+            // A shard that declared a runtime ending before the deadline may finish.
+            let finishes_in_time = match (deadline, job.spec.max_runtime_secs, &shard.attempt) {
+                (Some(d), Some(rt), Some(a)) => a.assigned_at.plus_secs(rt) <= d,
+                _ => false,
+            };
+            if !finishes_in_time {
+                self.stop_shard(r.job, r.shard, stop, ev);
+                self.restart_gang(r.job, r.shard, ev);
+            }
+        }
+        Ok(())
+    }
+
+    fn undrain(&mut self, id: NodeId, ev: &mut Vec<Event>) -> Result<(), Rejection> {
+        let node = self.nodes.get_mut(&id).ok_or(Rejection::UnknownNode(id))?;
+        reject_if(!matches!(node.state, NodeState::Draining { .. }), || format!("{id} is not draining"))?;
+        node.state = NodeState::Ready;
+        ev.push(Event::NodeStateChanged { node: id, state: node.state });
+        Ok(())
+    }
+
+    fn gpu_health(
+        &mut self,
+        id: NodeId,
+        gpu: u32,
+        healthy: bool,
+        reason: String,
+        now: Timestamp,
+        ev: &mut Vec<Event>,
+    ) -> Result<(), Rejection> {
+        bounded("reason", &reason, 1024)?;
+        let node = self.nodes.get_mut(&id).ok_or(Rejection::UnknownNode(id))?;
+        let g = node.gpus.get_mut(gpu as usize).ok_or(Rejection::UnknownGpu { node: id, gpu })?;
+        if g.healthy() == healthy {
+            return Ok(());
+        }
+        g.health = if healthy { GpuHealth::Healthy } else { GpuHealth::Unhealthy { reason, since: now } };
+        let holder = g.holder;
+        ev.push(Event::GpuHealthChanged { node: id, gpu, healthy });
+        if !healthy && let Some(r) = holder.and_then(|a| self.live.get(&a).copied()) {
+            self.stop_shard(r.job, r.shard, StopReason::GpuFault, ev);
+            self.restart_gang(r.job, r.shard, ev);
+        }
+        Ok(())
+    }
+
+    fn live_ref(&self, attempt: AttemptId) -> Result<AttemptRef, Rejection> {
+        self.live.get(&attempt).copied().ok_or(Rejection::StaleAttempt(attempt))
+    }
+
+    fn started(&mut self, attempt: AttemptId, now: Timestamp, ev: &mut Vec<Event>) -> Result<(), Rejection> {
+        let r = self.live_ref(attempt)?;
+        let s = &mut self.job_mut(r.job)?.shards[r.shard as usize];
+        if let Some(a) = s.attempt.as_mut() {
+            a.started_at.get_or_insert(now);
+        }
+        if s.state == ShardState::Assigned {
+            s.state = ShardState::Running;
+            ev.push(Event::ShardStateChanged { job: r.job, shard: r.shard, state: s.state });
+        }
+        Ok(())
+    }
+
+    fn exited(
+        &mut self,
+        attempt: AttemptId,
+        exit: ExitStatus,
+        node_fault: bool,
+        message: Option<String>,
+        now: Timestamp,
+        ev: &mut Vec<Event>,
+    ) -> Result<(), Rejection> {
+        if let Some(m) = &message {
+            bounded("message", m, 4096)?;
+        }
+        let r = self.live_ref(attempt)?;
+        let (id, i) = (r.job, r.shard);
+        let job = &self.jobs[&id];
+        let was = job.shards[i as usize].state;
+        let retry = job.spec.retry.clone();
+        self.release(id, i, now);
+        if exit.success() {
+            self.set_shard(id, i, ShardState::Succeeded, now, ev);
+        } else {
+            match was {
+                ShardState::Stopping(reason) if reason.requeues() => {
+                    self.set_shard(id, i, ShardState::Pending, now, ev);
+                    self.restart_gang(id, i, ev);
+                }
+                ShardState::Stopping(_) => self.set_shard(id, i, ShardState::Cancelled, now, ev),
+                _ if node_fault => {
+                    self.set_shard(id, i, ShardState::Pending, now, ev);
+                    self.restart_gang(id, i, ev);
+                }
+                _ => {
+                    let job = self.jobs.get_mut(&id).expect("live attempt's job exists");
+                    job.failures += 1;
+                    let never = exit.code.is_some_and(|c| retry.never_retry_exit_codes.contains(&c));
+                    if never || job.failures >= retry.max_attempts {
+                        let why = match (exit.code, exit.signal) {
+                            (Some(c), _) if never => format!("shard {i} exited with {c}, which is never retried"),
+                            (Some(c), _) => format!("shard {i} exited with {c}; {} attempts used", job.failures),
+                            (_, Some(s)) => format!("shard {i} killed by signal {s}; {} attempts used", job.failures),
+                            _ => format!("shard {i} failed; {} attempts used", job.failures),
+                        };
+                        job.message = Some(message.map_or(why.clone(), |m| format!("{why}: {m}")));
+                        self.set_shard(id, i, ShardState::Failed, now, ev);
+                        let n = self.jobs[&id].shards.len() as u32;
+                        for j in (0..n).filter(|j| *j != i) {
+                            self.end_or_stop(id, j, StopReason::JobFailed, ev);
+                        }
+                    } else {
+                        self.set_shard(id, i, ShardState::Pending, now.plus_secs(retry.backoff_secs), ev);
+                        self.restart_gang(id, i, ev);
+                    }
+                }
+            }
+        }
+        self.refresh_job(id, now, ev);
+        Ok(())
+    }
+
+    fn checkpoint(
+        &mut self,
+        attempt: AttemptId,
+        step: u64,
+        uri: String,
+        now: Timestamp,
+        ev: &mut Vec<Event>,
+    ) -> Result<(), Rejection> {
+        if uri.is_empty() || uri.len() > limits::MAX_URI_LEN || uri.contains('\0') {
+            return Err(Rejection::InvalidArgument {
+                field: "uri",
+                message: format!("must be 1 to {} bytes without NUL", limits::MAX_URI_LEN),
+            });
+        }
+        let r = self.live_ref(attempt)?;
+        let s = &mut self.job_mut(r.job)?.shards[r.shard as usize];
+        if s.checkpoint.as_ref().is_some_and(|c| c.step > step) {
+            // An older checkpoint than the one recorded: keep the newer one.
+            return Ok(());
+        }
+        s.checkpoint = Some(Checkpoint { step, uri, at: now });
+        ev.push(Event::CheckpointRecorded { job: r.job, shard: r.shard, step });
+        Ok(())
+    }
+
+    fn set_tenant(
+        &mut self,
+        name: String,
+        weight: u32,
+        quota: Option<u64>,
+        now: Timestamp,
+        ev: &mut Vec<Event>,
+    ) -> Result<(), Rejection> {
+        if !valid_name(&name, limits::MAX_TENANT_LEN) {
+            return Err(spec_rejection("tenant", "must be 1 to 64 characters of letters, digits, '.', '_' and '-'"));
+        }
+        if !(1..=10_000).contains(&weight) {
+            return Err(Rejection::InvalidArgument {
+                field: "weight",
+                message: format!("must be 1 to 10000 (got {weight})"),
+            });
+        }
+        let half_life = self.config.fair_share_half_life_ms;
+        let t = self.tenants.entry(name.clone()).or_insert_with(|| Tenant::new(&name, now));
+        t.accrue(now, half_life);
+        t.weight = weight;
+        t.gpu_quota = quota;
+        ev.push(Event::TenantUpdated { name });
+        Ok(())
+    }
+
+    // ----- plans -------------------------------------------------------------------------
+
+    fn apply_plan(&mut self, plan: Plan, now: Timestamp, ev: &mut Vec<Event>) -> Result<(), Rejection> {
+        for gang in plan.placements {
+            let job = gang.job;
+            match self.check_gang(&gang, now) {
+                Ok(()) => {
+                    for p in gang.shards {
+                        self.assign(job, p.shard, p.node, p.gpus, now, ev);
+                    }
+                    self.refresh_job(job, now, ev);
+                }
+                Err(reason) => ev.push(Event::PlacementRejected { job, reason }),
+            }
+        }
+        for pre in plan.preemptions {
+            match self.check_preemption(&pre) {
+                Ok(()) => {
+                    for victim in pre.victims {
+                        let n = self.jobs[&victim].shards.len() as u32;
+                        for i in 0..n {
+                            self.stop_shard(victim, i, StopReason::Preempted { by: pre.job }, ev);
+                        }
+                    }
+                }
+                Err(reason) => ev.push(Event::PlacementRejected { job: pre.job, reason }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-check a planned gang against the current state (the plan may have gone stale).
+    fn check_gang(&self, gang: &GangPlacement, now: Timestamp) -> Result<(), String> {
+        let job = self.jobs.get(&gang.job).ok_or("job no longer exists")?;
+        if job.state.is_terminal() || job.cancel_requested {
+            return Err("job has finished or is being cancelled".into());
+        }
+        if job.shards.iter().any(|s| s.state.is_live()) {
+            return Err("job still has live shards".into());
+        }
+        let pending: BTreeSet<u32> =
+            job.shards.iter().filter(|s| s.state == ShardState::Pending).map(|s| s.index).collect();
+        let planned: BTreeSet<u32> = gang.shards.iter().map(|p| p.shard).collect();
+        if planned.len() != gang.shards.len() || planned != pending || pending.is_empty() {
+            return Err("plan does not place exactly the pending shards".into());
+        }
+        if job.shards.iter().any(|s| s.state == ShardState::Pending && s.not_before > now) {
+            return Err("shard is still in its retry backoff".into());
+        }
+        let spec = &job.spec;
+        let mut taken: BTreeMap<NodeId, (u64, u64, BTreeSet<u32>)> = BTreeMap::new();
+        let mut nodes = Vec::new();
+        for p in &gang.shards {
+            let node = self.nodes.get(&p.node).ok_or_else(|| format!("{} no longer exists", p.node))?;
+            if !node.schedulable() {
+                return Err(format!("{} is not ready", p.node));
+            }
+            if !node_admits(spec, node) {
+                return Err(format!("{} does not meet the job's constraints", p.node));
+            }
+            if p.gpus.len() != spec.resources.gpus as usize {
+                return Err(format!(
+                    "shard {} planned with {} GPUs, needs {}",
+                    p.shard,
+                    p.gpus.len(),
+                    spec.resources.gpus
+                ));
+            }
+            let t = taken.entry(p.node).or_default();
+            for g in &p.gpus {
+                let gpu = node.gpus.get(*g as usize).ok_or_else(|| format!("{} has no GPU {g}", p.node))?;
+                if gpu.holder.is_some()
+                    || !gpu.healthy()
+                    || !spec.gpu_matches(&gpu.model, gpu.memory_mib)
+                    || !t.2.insert(*g)
+                {
+                    return Err(format!("GPU {g} of {} is not available", p.node));
+                }
+            }
+            t.0 += spec.resources.cpu_millis;
+            t.1 += spec.resources.memory_mib;
+            if (spec.resources.cpu_millis > 0 && node.cpu_used + t.0 > node.info.cpu_millis)
+                || (spec.resources.memory_mib > 0 && node.memory_used + t.1 > node.info.memory_mib)
+            {
+                return Err(format!("{} lacks CPU or memory", p.node));
+            }
+            nodes.push(node);
+        }
+        if !span_ok(spec, nodes.iter().map(|n| &n.info)) {
+            return Err("placement spans clouds or regions the job does not allow".into());
+        }
+        if let Some(t) = self.tenants.get(&spec.tenant)
+            && let Some(q) = t.gpu_quota
+            && t.gpus_in_use + spec.total_gpus() > q
+        {
+            return Err(format!("tenant {} would exceed its quota of {q} GPUs", spec.tenant));
+        }
+        Ok(())
+    }
+
+    fn check_preemption(&self, pre: &Preemption) -> Result<(), String> {
+        let job = self.jobs.get(&pre.job).ok_or("job no longer exists")?;
+        if !self.pending.contains(&pre.job) || job.cancel_requested {
+            return Err("job no longer waits for placement".into());
+        }
+        if pre.victims.is_empty() {
+            return Err("preemption without victims".into());
+        }
+        for v in &pre.victims {
+            let victim = self.jobs.get(v).ok_or_else(|| format!("victim {v} no longer exists"))?;
+            if victim.spec.priority >= job.spec.priority {
+                return Err(format!("victim {v} does not have a lower priority"));
+            }
+            if !victim.shards.iter().any(|s| matches!(s.state, ShardState::Assigned | ShardState::Running)) {
+                return Err(format!("victim {v} is no longer running"));
+            }
+        }
+        Ok(())
+    }
+
+    fn assign(&mut self, id: JobId, shard: u32, node_id: NodeId, gpus: Vec<u32>, now: Timestamp, ev: &mut Vec<Event>) {
+        let attempt = AttemptId(self.next_attempt);
+        self.next_attempt += 1;
+        let half_life = self.config.fair_share_half_life_ms;
+        let Some(job) = self.jobs.get_mut(&id) else { return };
+        let res = job.spec.resources.clone();
+        let s = &mut job.shards[shard as usize];
+        s.attempts += 1;
+        let number = s.attempts;
+        s.state = ShardState::Assigned;
+        s.attempt = Some(Attempt {
+            id: attempt,
+            number,
+            node: node_id,
+            gpus: gpus.clone(),
+            assigned_at: now,
+            started_at: None,
+        });
+        job.started_at.get_or_insert(now);
+        let resume_from = job.resume_point(shard).map(|c| c.uri.clone());
+        if let Some(t) = self.tenants.get_mut(&job.spec.tenant) {
+            t.accrue(now, half_life);
+            t.gpus_in_use += u64::from(res.gpus);
+        }
+        if let Some(node) = self.nodes.get_mut(&node_id) {
+            for g in &gpus {
+                node.gpus[*g as usize].holder = Some(attempt);
+            }
+            node.cpu_used += res.cpu_millis;
+            node.memory_used += res.memory_mib;
+        }
+        self.live.insert(attempt, AttemptRef { job: id, shard });
+        ev.push(Event::ShardAssigned { job: id, shard, attempt, number, node: node_id, gpus, resume_from });
+    }
+
+    // ----- invariants --------------------------------------------------------------------
+
+    /// Check every invariant; the first broken one is described.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut held = 0usize;
+        for node in self.nodes.values() {
+            let mut cpu = 0;
+            let mut mem = 0;
+            let mut seen = BTreeSet::new();
+            for gpu in &node.gpus {
+                let Some(a) = gpu.holder else { continue };
+                held += 1;
+                let r = self.live.get(&a).ok_or_else(|| format!("{} GPU {} held by dead {a}", node.id, gpu.index))?;
+                let job = &self.jobs[&r.job];
+                let shard = &job.shards[r.shard as usize];
+                let att = shard
+                    .attempt
+                    .as_ref()
+                    .filter(|x| x.id == a)
+                    .ok_or_else(|| format!("{a} is not its shard's attempt"))?;
+                if att.node != node.id || !att.gpus.contains(&gpu.index) {
+                    return Err(format!("{} GPU {} held by {a}, which does not list it", node.id, gpu.index));
+                }
+                if !gpu.healthy() && !matches!(shard.state, ShardState::Stopping(_)) {
+                    return Err(format!("unhealthy GPU {} of {} runs {a}, which is not stopping", gpu.index, node.id));
+                }
+                if seen.insert(a) {
+                    cpu += job.spec.resources.cpu_millis;
+                    mem += job.spec.resources.memory_mib;
+                }
+            }
+            if matches!(node.state, NodeState::Down { .. }) && !seen.is_empty() {
+                return Err(format!("{} is down but holds attempts", node.id));
+            }
+            if cpu != node.cpu_used || mem != node.memory_used {
+                return Err(format!(
+                    "{} CPU/memory counters {}/{} differ from attempts {cpu}/{mem}",
+                    node.id, node.cpu_used, node.memory_used
+                ));
+            }
+            if self.node_names.get(&node.info.name) != Some(&node.id) || node.id.0 >= self.next_node {
+                return Err(format!("{} missing from the name index or beyond the id counter", node.id));
+            }
+        }
+        let mut live_gpus = 0usize;
+        let mut tenant_gpus: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut live_count = 0usize;
+        for job in self.jobs.values() {
+            if job.id.0 >= self.next_job {
+                return Err(format!("{} is beyond the id counter", job.id));
+            }
+            let live = job.shards.iter().filter(|s| s.state.is_live()).count();
+            let pending = job.shards.iter().any(|s| s.state == ShardState::Pending);
+            let stopping = job.shards.iter().any(|s| matches!(s.state, ShardState::Stopping(_)));
+            if pending && live > 0 && !stopping {
+                return Err(format!("{} has pending and running shards at once: gang not whole", job.id));
+            }
+            if job.state.is_terminal() && (live > 0 || pending) {
+                return Err(format!("{} is {:?} but still has live or pending shards", job.id, job.state));
+            }
+            if (pending && !job.state.is_terminal()) != self.pending.contains(&job.id) {
+                return Err(format!("{} pending index is wrong", job.id));
+            }
+            for s in job.shards.iter().filter(|s| s.state.is_live()) {
+                let a =
+                    s.attempt.as_ref().ok_or_else(|| format!("{} shard {} live without attempt", job.id, s.index))?;
+                if self.live.get(&a.id) != Some(&AttemptRef { job: job.id, shard: s.index })
+                    || a.id.0 >= self.next_attempt
+                {
+                    return Err(format!("{} is missing from the live index", a.id));
+                }
+                if a.gpus.len() != job.spec.resources.gpus as usize {
+                    return Err(format!("{} holds {} GPUs, spec says {}", a.id, a.gpus.len(), job.spec.resources.gpus));
+                }
+                let node = self.nodes.get(&a.node).ok_or_else(|| format!("{} on unknown {}", a.id, a.node))?;
+                for g in &a.gpus {
+                    if node.gpus.get(*g as usize).and_then(|x| x.holder) != Some(a.id) {
+                        return Err(format!("{} lists GPU {g} of {} but does not hold it", a.id, a.node));
+                    }
+                }
+                live_gpus += a.gpus.len();
+                live_count += 1;
+                *tenant_gpus.entry(job.spec.tenant.as_str()).or_default() += u64::from(job.spec.resources.gpus);
+            }
+        }
+        if live_gpus != held {
+            return Err(format!("live attempts list {live_gpus} GPUs but nodes show {held} held"));
+        }
+        if live_count != self.live.len() {
+            return Err(format!("live index has {} attempts, shards show {live_count}", self.live.len()));
+        }
+        for t in self.tenants.values() {
+            let want = tenant_gpus.get(t.name.as_str()).copied().unwrap_or(0);
+            if t.gpus_in_use != want {
+                return Err(format!("tenant {} counts {} GPUs in use, attempts show {want}", t.name, t.gpus_in_use));
+            }
+        }
+        for job in self.jobs.values() {
+            if !self.tenants.contains_key(&job.spec.tenant) {
+                return Err(format!("{} names unknown tenant {}", job.id, job.spec.tenant));
+            }
+        }
+        Ok(())
+    }
+}
