@@ -1,0 +1,3 @@
+//! Tessera's integration tests: one test binary, one module per area.
+
+mod cli;
