@@ -50,6 +50,10 @@ pub enum Command {
     SubmitJob {
         /// The spec; validated again on apply.
         spec: JobSpec,
+        /// Client-chosen key making retries safe: a second submission with the same tenant and
+        /// key returns the first job instead of creating another. At most 128 bytes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idempotency_key: Option<String>,
     },
     /// Cancel a job: pending shards end at once, live ones are asked to stop.
     CancelJob {
@@ -215,6 +219,8 @@ pub enum Event {
     JobSubmitted {
         /// Its id.
         job: JobId,
+        /// True when the idempotency key matched an earlier submission: no new job.
+        deduplicated: bool,
     },
     /// A job changed state.
     JobStateChanged {
@@ -366,7 +372,7 @@ mod tests {
 
     #[test]
     fn commands_round_trip_through_the_envelope() {
-        let cmd = Command::SubmitJob { spec: JobSpec::new(vec!["true".into()], 2, 4) };
+        let cmd = Command::SubmitJob { spec: JobSpec::new(vec!["true".into()], 2, 4), idempotency_key: None };
         let bytes = cmd.encode();
         assert_eq!(Command::decode(&bytes).unwrap(), cmd);
         let text = String::from_utf8(bytes).unwrap();

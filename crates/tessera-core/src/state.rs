@@ -20,6 +20,29 @@ use crate::model::{
 use crate::planner::{GangPlacement, Plan, Preemption, node_admits, span_ok};
 use crate::spec::limits;
 
+/// Longest idempotency key accepted, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// JSON maps need string keys: store a map with tuple keys as a list of pairs.
+mod pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(m: &BTreeMap<K, V>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(m.iter())
+    }
+
+    pub fn deserialize<'de, K, V, D>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
+}
+
 /// Snapshot encoding this build writes.
 pub const SNAPSHOT_VERSION: u32 = 1;
 
@@ -59,6 +82,9 @@ pub struct State {
     nodes: BTreeMap<NodeId, Node>,
     tenants: BTreeMap<String, Tenant>,
     config: SchedulerConfig,
+    /// (tenant, idempotency key) of submissions that carried one, and the job they created.
+    #[serde(with = "pairs")]
+    idempotency: BTreeMap<(String, String), JobId>,
     // Derived indexes, rebuilt on restore.
     #[serde(skip)]
     node_names: BTreeMap<String, NodeId>,
@@ -130,6 +156,7 @@ impl State {
             nodes: BTreeMap::new(),
             tenants: BTreeMap::new(),
             config: SchedulerConfig::default(),
+            idempotency: BTreeMap::new(),
             node_names: BTreeMap::new(),
             live: BTreeMap::new(),
             pending: BTreeSet::new(),
@@ -249,7 +276,7 @@ impl State {
         let now = ctx.now;
         let mut ev = Vec::new();
         match cmd {
-            Command::SubmitJob { spec } => self.submit(spec, now, &mut ev)?,
+            Command::SubmitJob { spec, idempotency_key } => self.submit(spec, idempotency_key, now, &mut ev)?,
             Command::CancelJob { job, reason } => self.cancel(job, reason, now, &mut ev)?,
             Command::RegisterNode { info } => self.register(info, now, &mut ev)?,
             Command::MarkNodeDown { node, reason } => self.node_down(node, &reason, now, &mut ev)?,
@@ -286,9 +313,30 @@ impl State {
         Ok(ev)
     }
 
-    fn submit(&mut self, spec: crate::spec::JobSpec, now: Timestamp, ev: &mut Vec<Event>) -> Result<(), Rejection> {
+    fn submit(
+        &mut self,
+        spec: crate::spec::JobSpec,
+        key: Option<String>,
+        now: Timestamp,
+        ev: &mut Vec<Event>,
+    ) -> Result<(), Rejection> {
         spec.validate()?;
+        if let Some(k) = &key {
+            if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY {
+                return Err(Rejection::InvalidArgument {
+                    field: "idempotency_key",
+                    message: format!("must be 1 to {MAX_IDEMPOTENCY_KEY} bytes"),
+                });
+            }
+            if let Some(job) = self.idempotency.get(&(spec.tenant.clone(), k.clone())) {
+                ev.push(Event::JobSubmitted { job: *job, deduplicated: true });
+                return Ok(());
+            }
+        }
         let id = JobId(self.next_job);
+        if let Some(k) = key {
+            self.idempotency.insert((spec.tenant.clone(), k), id);
+        }
         self.next_job += 1;
         if !self.tenants.contains_key(&spec.tenant) {
             self.tenants.insert(spec.tenant.clone(), Tenant::new(&spec.tenant, now));
@@ -318,7 +366,7 @@ impl State {
         };
         self.jobs.insert(id, job);
         self.pending.insert(id);
-        ev.push(Event::JobSubmitted { job: id });
+        ev.push(Event::JobSubmitted { job: id, deduplicated: false });
         Ok(())
     }
 
@@ -1043,6 +1091,11 @@ impl State {
             let want = tenant_gpus.get(t.name.as_str()).copied().unwrap_or(0);
             if t.gpus_in_use != want {
                 return Err(format!("tenant {} counts {} GPUs in use, attempts show {want}", t.name, t.gpus_in_use));
+            }
+        }
+        for ((tenant, _), job) in &self.idempotency {
+            if self.jobs.get(job).is_none_or(|j| j.spec.tenant != *tenant) {
+                return Err(format!("idempotency key of tenant {tenant} points at {job}, not one of its jobs"));
             }
         }
         for job in self.jobs.values() {

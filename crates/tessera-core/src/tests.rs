@@ -101,8 +101,8 @@ impl Sim {
         panic!("no NodeRegistered event");
     }
     fn submit(&mut self, spec: JobSpec) -> JobId {
-        match self.apply(Command::SubmitJob { spec }).unwrap()[..] {
-            [Event::JobSubmitted { job }] => job,
+        match self.apply(Command::SubmitJob { spec, idempotency_key: None }).unwrap()[..] {
+            [Event::JobSubmitted { job, .. }] => job,
             ref other => panic!("unexpected events {other:?}"),
         }
     }
@@ -144,9 +144,30 @@ fn submit_validates_the_spec_and_assigns_ids_in_order() {
     let mut sim = Sim::new();
     assert_eq!(sim.submit(spec(1, 1)), JobId(1));
     assert_eq!(sim.submit(spec(1, 1)), JobId(2));
-    let err = sim.apply(Command::SubmitJob { spec: spec(0, 1) }).unwrap_err();
+    let err = sim.apply(Command::SubmitJob { spec: spec(0, 1), idempotency_key: None }).unwrap_err();
     assert!(matches!(&err, Rejection::InvalidSpec(e) if e.errors[0].field == "shards"), "{err}");
     assert_eq!(sim.state.jobs().len(), 2, "a rejected submission changes nothing");
+}
+
+#[test]
+fn idempotency_keys_make_retried_submissions_safe() {
+    let mut sim = Sim::new();
+    let submit = |sim: &mut Sim, tenant: &str, key: &str| {
+        let mut s = spec(1, 1);
+        s.tenant = tenant.into();
+        sim.apply(Command::SubmitJob { spec: s, idempotency_key: Some(key.into()) }).unwrap()
+    };
+    assert_eq!(submit(&mut sim, "a", "k1"), vec![Event::JobSubmitted { job: JobId(1), deduplicated: false }]);
+    assert_eq!(submit(&mut sim, "a", "k1"), vec![Event::JobSubmitted { job: JobId(1), deduplicated: true }]);
+    assert_eq!(submit(&mut sim, "b", "k1"), vec![Event::JobSubmitted { job: JobId(2), deduplicated: false }]);
+    assert_eq!(sim.state.jobs().len(), 2);
+    let long = "x".repeat(200);
+    assert!(matches!(
+        sim.apply(Command::SubmitJob { spec: spec(1, 1), idempotency_key: Some(long) }),
+        Err(Rejection::InvalidArgument { field: "idempotency_key", .. })
+    ));
+    let restored = State::restore(&sim.state.snapshot()).unwrap();
+    assert_eq!(restored, sim.state, "keys survive a snapshot");
 }
 
 #[test]
@@ -924,7 +945,7 @@ fn concretise(state: &State, op: &Op, now: Timestamp) -> Option<Command> {
                 _ => None,
             };
             s.retry.max_attempts = 2;
-            Command::SubmitJob { spec: s }
+            Command::SubmitJob { spec: s, idempotency_key: (tenant == 0).then(|| format!("k{shards}{gpus}")) }
         }
         Op::Plan => Command::ApplyPlan { plan: plan(state, now, &PlanLimits::default()).plan },
         Op::Start { pick } => Command::ShardStarted { attempt: pick_live(state, pick)? },

@@ -1017,7 +1017,7 @@ mod tests {
         wire.resources = Some(v1::Resources { gpus: 4, cpu_millis: 8_000, memory_mib: 1024, ..Default::default() });
         wire.placement = Some(v1::Placement { spot: v1::SpotPolicy::Require as i32, ..Default::default() });
         let spec = spec_from_proto(wire).unwrap();
-        apply(&mut state, Command::SubmitJob { spec }, 2_000);
+        apply(&mut state, Command::SubmitJob { spec, idempotency_key: None }, 2_000);
         let (job_id, node_id) = (JobId(1), NodeId(1));
 
         let pending = job_to_proto(state.job(job_id).unwrap(), &state);
