@@ -1,0 +1,102 @@
+//! Durable storage of the Raft log, hard state, conf state and snapshots.
+//!
+//! [`LogStore`] extends raft-rs's read-only `Storage` with the writes the driver performs.
+//! Writes may be buffered; [`LogStore::flush`] is the durability point. The driver calls it
+//! once per `Ready`, before it sends messages that acknowledge the entries or applies them.
+//!
+//! Two stores: [`sled_store::SledStore`] for servers, [`mem::MemStore`] for tests. Both follow
+//! the rules below (one conformance suite runs against both). Their `raft::Storage` reads
+//! follow raft-rs's `MemStorage`: the log holds `first_index()..=last_index()`, and
+//! `first_index() - 1` is the latest snapshot's index (0 without one), whose term `term()`
+//! still answers; below it `term`/`entries` fail with `StorageError::Compacted`, past
+//! `last_index()` with `StorageError::Unavailable` (where `MemStorage` panics on an `entries`
+//! range past the end, these stores return `Unavailable`); `entries` honours `max_size` like
+//! `raft::util::limit_size` (at least one entry); `snapshot()` returns the latest snapshot, or
+//! `SnapshotTemporarilyUnavailable` when there is none or it is older than the requested index.
+//! An engine failure in a read reaches raft-rs as `StorageError::Other(StoreError)`.
+
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+
+/// A storage failure. The server stops rather than continue on a store it cannot trust.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The underlying engine failed (IO, corruption).
+    #[error("storage engine: {0}")]
+    Engine(String),
+    /// Stored bytes did not decode.
+    #[error("corrupt record {what}: {detail}")]
+    Corrupt {
+        /// Which record.
+        what: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// A write did not fit the log (a gap, or below the snapshot).
+    #[error("invalid write: {0}")]
+    Invalid(String),
+}
+
+/// The writes the Raft driver makes, on top of raft-rs's reads.
+pub trait LogStore: raft::Storage + Send + 'static {
+    /// Append entries. Entries already stored at or after the first new index are replaced,
+    /// and the stored ones past the last new index removed (a new leader overwrote an
+    /// uncommitted suffix). The entries must have consecutive indexes starting in
+    /// `first_index()..=last_index() + 1`, and terms that never decrease (from the stored entry
+    /// before them on); anything else is [`StoreError::Invalid`] and changes nothing. An empty
+    /// slice does nothing. Atomic: after a crash the store holds all of it or none.
+    fn append(&mut self, entries: &[Entry]) -> Result<(), StoreError>;
+    /// Store the hard state (term, vote, commit).
+    fn set_hard_state(&mut self, hs: &HardState) -> Result<(), StoreError>;
+    /// Store the conf state (voters, learners) after a membership change is applied.
+    fn set_conf_state(&mut self, cs: &ConfState) -> Result<(), StoreError>;
+    /// Install a snapshot received from the leader: the whole log is dropped (later entries
+    /// too: raft-rs hands over a snapshot only when the log does not hold its index and term,
+    /// and expects an empty log after it), the snapshot (data included) becomes the latest,
+    /// its conf state becomes current, and the hard state gets `commit = index` and `term =
+    /// max(term, snapshot term)`. A snapshot not newer than the stored one is
+    /// [`StoreError::Invalid`]. Atomic.
+    fn apply_snapshot(&mut self, snap: &Snapshot) -> Result<(), StoreError>;
+    /// Keep a snapshot of the local state machine taken at `index` (which must be applied and
+    /// in the log), then drop the entries up to it (log compaction). The snapshot's term is
+    /// the log's term at `index`. [`StoreError::Invalid`] when `index` is 0, past
+    /// `last_index()`, past the stored hard state's commit (store the commit index first), or
+    /// below the latest snapshot's index (the same index replaces the data). Atomic.
+    fn save_snapshot(&mut self, data: Vec<u8>, index: u64, conf: &ConfState) -> Result<(), StoreError>;
+    /// The latest snapshot stored (installed or saved), if any. Stores keep it in memory,
+    /// since this cannot fail.
+    fn latest_snapshot(&self) -> Option<Snapshot>;
+    /// Make every write so far durable (fsync). The only durability point: a crash loses
+    /// what was written after the last flush (each write whole or not at all), never before.
+    fn flush(&mut self) -> Result<(), StoreError>;
+}
+
+/// Log index and term of the snapshot every member of a new cluster starts from. It carries
+/// the founding voters, and no entry exists at or below it, so a server that joins later must
+/// catch up through a snapshot and so learns the membership (raft-rs keeps membership only in
+/// snapshots and conf-change entries; TiKV bootstraps the same way).
+pub const INITIAL_INDEX: u64 = 1;
+
+/// The snapshot a new cluster's stores start from: index and term [`INITIAL_INDEX`], the
+/// founding voters, and empty data (the state machine's initial state).
+pub fn initial_snapshot(voters: &[u64]) -> Snapshot {
+    let mut snap = Snapshot::default();
+    let meta = snap.mut_metadata();
+    meta.index = INITIAL_INDEX;
+    meta.term = INITIAL_INDEX;
+    meta.mut_conf_state().voters = voters.to_vec();
+    snap
+}
+
+/// Prepare the store of a founding member of a new cluster: an empty store gets the initial
+/// snapshot (made durable); a store that holds anything (a restart) is left alone.
+pub fn bootstrap_cluster<S: LogStore>(store: &mut S, voters: &[u64]) -> Result<(), StoreError> {
+    let empty = store.last_index().unwrap_or(0) == 0 && store.latest_snapshot().is_none();
+    if empty && !voters.is_empty() {
+        store.apply_snapshot(&initial_snapshot(voters))?;
+        store.flush()?;
+    }
+    Ok(())
+}
+
+pub mod mem;
+pub mod sled_store;

@@ -1,0 +1,822 @@
+//! The durable [`LogStore`] of a scheduler server, over sled 0.34.
+//!
+//! Layout, in one sled database per server:
+//! - tree `raft_entries`: key = the entry's index as 8 big-endian bytes (so key order is index
+//!   order), value = the `Entry` in raft-rs's protobuf encoding. It holds exactly the indexes
+//!   `snapshot_index + 1 ..= last_index`, with no gap.
+//! - tree `raft_meta`: `hard_state`, `conf_state` (protobuf), `snapshot_meta` (a
+//!   `SnapshotMetadata`: index, term, conf state) with `snapshot_data` (the state machine's
+//!   bytes), and `format` (a version byte).
+//!
+//! Each write is atomic when sled recovers after a crash: `append` is one sled batch (the new
+//! entries and the removal of the overwritten suffix together), `save_snapshot` and
+//! `apply_snapshot` one transaction over both trees. sled recovers a prefix of the writes, so
+//! after a crash the store holds everything up to the last `flush` and possibly some later
+//! writes, each whole.
+//!
+//! Durability: [`LogStore::flush`] is the only fsync this store asks for; sled's periodic
+//! background flush is turned off. (sled also flushes when the database is dropped.)
+//!
+//! Reads: the first and last index, the term of every entry (as runs of equal terms), the hard
+//! state, the conf state and the latest snapshot are kept in memory; `entries` reads the tree.
+//! Opening the store reads and checks the whole log once: anything that does not decode, or a
+//! gap, is a [`StoreError::Corrupt`] naming the record, never a panic.
+
+use std::fmt;
+use std::path::Path;
+
+use protobuf::Message;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, Storage};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+use super::mem::{
+    SizeBudget, check_append, check_apply_snapshot, check_entries_range, check_save_snapshot, check_term_range,
+    new_snapshot, raft_err, snapshot_for_request, snapshot_index_term,
+};
+use super::{LogStore, StoreError};
+
+const ENTRIES_TREE: &str = "raft_entries";
+const META_TREE: &str = "raft_meta";
+const KEY_FORMAT: &str = "format";
+const KEY_HARD_STATE: &str = "hard_state";
+const KEY_CONF_STATE: &str = "conf_state";
+const KEY_SNAPSHOT_META: &str = "snapshot_meta";
+const KEY_SNAPSHOT_DATA: &str = "snapshot_data";
+/// The layout described in the module docs.
+const FORMAT: u8 = 1;
+
+/// The Raft log, hard state, conf state and latest snapshot of one server, in a sled database.
+pub struct SledStore {
+    db: sled::Db,
+    entries: sled::Tree,
+    meta: sled::Tree,
+    hard_state: HardState,
+    conf_state: ConfState,
+    snapshot: Option<Snapshot>,
+    last_index: u64,
+    terms: TermRuns,
+}
+
+impl fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (snapshot_index, snapshot_term) = snapshot_index_term(self.snapshot.as_ref());
+        f.debug_struct("SledStore")
+            .field("snapshot_index", &snapshot_index)
+            .field("snapshot_term", &snapshot_term)
+            .field("last_index", &self.last_index)
+            .field("hard_state", &self.hard_state)
+            .field("conf_state", &self.conf_state)
+            .finish_non_exhaustive()
+    }
+}
+
+fn engine(e: impl fmt::Display) -> StoreError {
+    StoreError::Engine(e.to_string())
+}
+
+fn tx_err(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => engine(e),
+    }
+}
+
+fn key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn encode(what: &str, m: &impl Message) -> Result<Vec<u8>, StoreError> {
+    m.write_to_bytes().map_err(|e| StoreError::Invalid(format!("cannot encode {what}: {e}")))
+}
+
+fn decode<M: Message>(what: impl fmt::Display, bytes: &[u8]) -> Result<M, StoreError> {
+    M::parse_from_bytes(bytes).map_err(|e| StoreError::Corrupt { what: what.to_string(), detail: e.to_string() })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl SledStore {
+    /// Open the store in `dir`, creating an empty one (no configuration, empty log) if there is
+    /// none. A server that joins an existing cluster starts like this and learns the
+    /// configuration from the leader. Fails with [`StoreError::Corrupt`] if what is there does
+    /// not decode or the log has a gap, and with [`StoreError::Engine`] if sled cannot open it
+    /// (e.g. another process holds it).
+    pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
+        // sled releases its file lock from a background thread after the last handle drops, so
+        // a store reopened at once (a restart in the same process) may still find it held.
+        let mut attempts = 0;
+        let db = loop {
+            match sled::Config::new().path(dir).flush_every_ms(None).open() {
+                Ok(db) => break db,
+                Err(e) if attempts < 50 && e.to_string().contains("could not acquire lock") => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(engine(e)),
+            }
+        };
+        let entries = db.open_tree(ENTRIES_TREE).map_err(engine)?;
+        let meta = db.open_tree(META_TREE).map_err(engine)?;
+
+        match meta.get(KEY_FORMAT).map_err(engine)? {
+            None => {
+                meta.insert(KEY_FORMAT, &[FORMAT][..]).map_err(engine)?;
+            }
+            Some(v) if *v == [FORMAT] => {}
+            Some(v) => {
+                return Err(StoreError::Corrupt {
+                    what: format!("{META_TREE}/{KEY_FORMAT}"),
+                    detail: format!("unknown store format {}", hex(&v)),
+                });
+            }
+        }
+        let load = |k: &str| meta.get(k).map_err(engine);
+        let hard_state: HardState = match load(KEY_HARD_STATE)? {
+            Some(v) => decode(format!("{META_TREE}/{KEY_HARD_STATE}"), &v)?,
+            None => HardState::default(),
+        };
+        let conf_state: ConfState = match load(KEY_CONF_STATE)? {
+            Some(v) => decode(format!("{META_TREE}/{KEY_CONF_STATE}"), &v)?,
+            None => ConfState::default(),
+        };
+        let snapshot = match (load(KEY_SNAPSHOT_META)?, load(KEY_SNAPSHOT_DATA)?) {
+            (None, None) => None,
+            (Some(m), Some(data)) => {
+                let meta: SnapshotMetadata = decode(format!("{META_TREE}/{KEY_SNAPSHOT_META}"), &m)?;
+                let mut snap = Snapshot::default();
+                snap.set_metadata(meta);
+                snap.data = data.to_vec().into();
+                Some(snap)
+            }
+            (m, _) => {
+                return Err(StoreError::Corrupt {
+                    what: format!("{META_TREE}/{KEY_SNAPSHOT_META}"),
+                    detail: format!(
+                        "snapshot metadata {} without data {}",
+                        if m.is_some() { "present" } else { "missing" },
+                        if m.is_some() { "missing" } else { "present" },
+                    ),
+                });
+            }
+        };
+
+        let mut store = SledStore {
+            db,
+            entries,
+            meta,
+            hard_state,
+            conf_state,
+            snapshot,
+            last_index: 0,
+            terms: TermRuns::default(),
+        };
+        store.load_log()?;
+        tracing::debug!(
+            dir = %dir.display(),
+            first_index = store.first(),
+            last_index = store.last_index,
+            term = store.hard_state.term,
+            commit = store.hard_state.commit,
+            "raft log store opened"
+        );
+        Ok(store)
+    }
+
+    /// Open the store in `dir` and, if it is empty, give it `voters` as its conf state (made
+    /// durable before this returns); a store that already holds anything keeps its state. For
+    /// tests of the store: a founding member of a real cluster uses
+    /// [`crate::storage::bootstrap_cluster`], whose initial snapshot later members need.
+    /// With no voters this is [`SledStore::open`].
+    pub fn open_with_voters(dir: &Path, voters: &[u64]) -> Result<SledStore, StoreError> {
+        let mut store = SledStore::open(dir)?;
+        if store.is_empty() && !voters.is_empty() {
+            store.set_conf_state(&ConfState { voters: voters.to_vec(), ..Default::default() })?;
+            store.flush()?;
+            tracing::info!(dir = %dir.display(), ?voters, "new raft log store bootstrapped");
+        }
+        Ok(store)
+    }
+
+    /// Whether the store holds nothing: no hard state, no conf state, no entry, no snapshot.
+    pub fn is_empty(&self) -> bool {
+        self.hard_state == HardState::default()
+            && self.conf_state == ConfState::default()
+            && self.snapshot.is_none()
+            && self.last_index == 0
+    }
+
+    fn snapshot_index(&self) -> u64 {
+        snapshot_index_term(self.snapshot.as_ref()).0
+    }
+
+    fn first(&self) -> u64 {
+        self.snapshot_index() + 1
+    }
+
+    /// The term of `idx`, which must lie in `[first - 1, last]`.
+    fn term_in_range(&self, idx: u64) -> u64 {
+        let (snap_index, snap_term) = snapshot_index_term(self.snapshot.as_ref());
+        if idx == snap_index { snap_term } else { self.terms.term_of(idx) }
+    }
+
+    /// Read and check the whole log: keys and indexes agree, no gap, terms never decrease.
+    /// Entries at or below the snapshot's index (which an atomic compaction never leaves) are
+    /// removed.
+    fn load_log(&mut self) -> Result<(), StoreError> {
+        let (snap_index, snap_term) = snapshot_index_term(self.snapshot.as_ref());
+        let mut stale = Vec::new();
+        let mut last = snap_index;
+        let mut last_term = snap_term;
+        let mut terms = TermRuns::default();
+        for item in self.entries.iter() {
+            let (k, v) = item.map_err(engine)?;
+            let what = || format!("{ENTRIES_TREE}/{}", hex(&k));
+            let Ok(bytes) = <[u8; 8]>::try_from(k.as_ref()) else {
+                return Err(StoreError::Corrupt { what: what(), detail: "key is not 8 bytes".into() });
+            };
+            let index = u64::from_be_bytes(bytes);
+            if index <= snap_index {
+                stale.push(k);
+                continue;
+            }
+            let e: Entry = decode(what(), &v)?;
+            if e.index != index {
+                return Err(StoreError::Corrupt {
+                    what: what(),
+                    detail: format!("entry under key {index} has index {}", e.index),
+                });
+            }
+            if index != last + 1 {
+                return Err(StoreError::Corrupt {
+                    what: what(),
+                    detail: format!("gap in the log: entry {index} follows {last}"),
+                });
+            }
+            if e.term < last_term {
+                return Err(StoreError::Corrupt {
+                    what: what(),
+                    detail: format!("entry {index} has term {} below the previous {last_term}", e.term),
+                });
+            }
+            terms.push(index, e.term);
+            last = index;
+            last_term = e.term;
+        }
+        if !stale.is_empty() {
+            tracing::warn!(count = stale.len(), snap_index, "removing log entries left below the snapshot");
+            let mut batch = sled::Batch::default();
+            for k in stale {
+                batch.remove(k);
+            }
+            self.entries.apply_batch(batch).map_err(engine)?;
+        }
+        self.last_index = last;
+        self.terms = terms;
+        Ok(())
+    }
+
+    fn read_entries(&self, low: u64, high: u64, max_size: Option<u64>) -> Result<Vec<Entry>, StoreError> {
+        let mut budget = SizeBudget::new(max_size);
+        let mut out = Vec::with_capacity((high - low).min(1024) as usize);
+        let mut expect = low;
+        for item in self.entries.range(key(low)..key(high)) {
+            let (k, v) = item.map_err(engine)?;
+            let what = || format!("{ENTRIES_TREE}/{}", hex(&k));
+            let e: Entry = decode(what(), &v)?;
+            if e.index != expect {
+                return Err(StoreError::Corrupt {
+                    what: what(),
+                    detail: format!("expected entry {expect}, found {}", e.index),
+                });
+            }
+            if !budget.admit(&e) {
+                return Ok(out);
+            }
+            out.push(e);
+            expect += 1;
+        }
+        if expect != high {
+            return Err(StoreError::Corrupt {
+                what: format!("{ENTRIES_TREE}/{}", hex(&key(expect))),
+                detail: format!("entry {expect} missing from the log"),
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl Storage for SledStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState::new(self.hard_state.clone(), self.conf_state.clone()))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        check_entries_range(low, high, self.first(), self.last_index)?;
+        self.read_entries(low, high, max_size.into()).map_err(raft_err)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        check_term_range(idx, self.snapshot_index(), self.last_index)?;
+        Ok(self.term_in_range(idx))
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.first())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last_index)
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        snapshot_for_request(self.snapshot.as_ref(), request_index)
+    }
+}
+
+impl LogStore for SledStore {
+    fn append(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
+        let (Some(head), Some(tail)) = (entries.first(), entries.last()) else { return Ok(()) };
+        check_append(self.first(), self.last_index, |i| self.term_in_range(i), entries)?;
+        let mut batch = sled::Batch::default();
+        for i in tail.index + 1..=self.last_index {
+            batch.remove(&key(i)[..]);
+        }
+        for e in entries {
+            batch.insert(&key(e.index)[..], encode("entry", e)?);
+        }
+        self.entries.apply_batch(batch).map_err(engine)?;
+        self.terms.truncate_from(head.index);
+        for e in entries {
+            self.terms.push(e.index, e.term);
+        }
+        self.last_index = tail.index;
+        Ok(())
+    }
+
+    fn set_hard_state(&mut self, hs: &HardState) -> Result<(), StoreError> {
+        self.meta.insert(KEY_HARD_STATE, encode("hard state", hs)?).map_err(engine)?;
+        self.hard_state = hs.clone();
+        Ok(())
+    }
+
+    fn set_conf_state(&mut self, cs: &ConfState) -> Result<(), StoreError> {
+        self.meta.insert(KEY_CONF_STATE, encode("conf state", cs)?).map_err(engine)?;
+        self.conf_state = cs.clone();
+        Ok(())
+    }
+
+    fn apply_snapshot(&mut self, snap: &Snapshot) -> Result<(), StoreError> {
+        check_apply_snapshot(snap, self.snapshot_index())?;
+        let meta = snap.get_metadata();
+        let mut hs = self.hard_state.clone();
+        hs.term = hs.term.max(meta.term);
+        hs.commit = meta.index;
+        let cs = meta.get_conf_state().clone();
+        let meta_bytes = sled::IVec::from(encode("snapshot metadata", meta)?);
+        let data = sled::IVec::from(snap.get_data());
+        let hs_bytes = sled::IVec::from(encode("hard state", &hs)?);
+        let cs_bytes = sled::IVec::from(encode("conf state", &cs)?);
+        let (first, last) = (self.first(), self.last_index);
+        (&self.entries, &self.meta)
+            .transaction(|(te, tm)| {
+                for i in first..=last {
+                    te.remove(&key(i)[..])?;
+                }
+                tm.insert(KEY_SNAPSHOT_META, meta_bytes.clone())?;
+                tm.insert(KEY_SNAPSHOT_DATA, data.clone())?;
+                tm.insert(KEY_HARD_STATE, hs_bytes.clone())?;
+                tm.insert(KEY_CONF_STATE, cs_bytes.clone())?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(tx_err)?;
+        self.terms = TermRuns::default();
+        self.last_index = meta.index;
+        self.hard_state = hs;
+        self.conf_state = cs;
+        self.snapshot = Some(snap.clone());
+        Ok(())
+    }
+
+    fn save_snapshot(&mut self, data: Vec<u8>, index: u64, conf: &ConfState) -> Result<(), StoreError> {
+        let snap_index = self.snapshot_index();
+        check_save_snapshot(index, snap_index, self.last_index, self.hard_state.commit)?;
+        let snap = new_snapshot(data, index, self.term_in_range(index), conf);
+        let meta_bytes = sled::IVec::from(encode("snapshot metadata", snap.get_metadata())?);
+        let data = sled::IVec::from(snap.get_data());
+        (&self.entries, &self.meta)
+            .transaction(|(te, tm)| {
+                for i in snap_index + 1..=index {
+                    te.remove(&key(i)[..])?;
+                }
+                tm.insert(KEY_SNAPSHOT_META, meta_bytes.clone())?;
+                tm.insert(KEY_SNAPSHOT_DATA, data.clone())?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(tx_err)?;
+        self.terms.compact_to(index);
+        self.snapshot = Some(snap);
+        Ok(())
+    }
+
+    fn latest_snapshot(&self) -> Option<Snapshot> {
+        self.snapshot.clone()
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        self.db.flush().map_err(engine)?;
+        Ok(())
+    }
+}
+
+/// The terms of the entries in the log, as runs: `(first index of the run, term)`, by index.
+/// The last run extends to the last index. Callers keep the indexes they ask about in the log.
+#[derive(Debug, Default)]
+struct TermRuns {
+    runs: Vec<(u64, u64)>,
+}
+
+impl TermRuns {
+    /// The term of `idx` (an index in the log).
+    fn term_of(&self, idx: u64) -> u64 {
+        let i = self.runs.partition_point(|&(start, _)| start <= idx);
+        i.checked_sub(1).map_or(0, |i| self.runs[i].1)
+    }
+
+    /// Record entry `idx` (the next index) with `term`.
+    fn push(&mut self, idx: u64, term: u64) {
+        match self.runs.last() {
+            Some(&(_, t)) if t == term => {}
+            _ => self.runs.push((idx, term)),
+        }
+    }
+
+    /// Forget the entries from `idx` on.
+    fn truncate_from(&mut self, idx: u64) {
+        let keep = self.runs.partition_point(|&(start, _)| start < idx);
+        self.runs.truncate(keep);
+    }
+
+    /// Forget the entries up to `idx` included.
+    fn compact_to(&mut self, idx: u64) {
+        let i = self.runs.partition_point(|&(start, _)| start <= idx);
+        if i == 0 {
+            return;
+        }
+        self.runs.drain(..i - 1);
+        self.runs[0].0 = idx + 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use raft::eraftpb::{ConfState, Entry, HardState};
+    use raft::{GetEntriesContext, Storage};
+
+    use super::*;
+    use crate::storage::mem::conformance;
+
+    fn all(s: &SledStore) -> Vec<Entry> {
+        s.entries(s.first_index().unwrap(), s.last_index().unwrap() + 1, None, GetEntriesContext::empty(false)).unwrap()
+    }
+
+    #[test]
+    fn conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut n = 0;
+        conformance::run_all(|voters: &[u64]| {
+            n += 1;
+            SledStore::open_with_voters(&dir.path().join(n.to_string()), voters).unwrap()
+        });
+    }
+
+    #[test]
+    fn term_runs() {
+        let mut t = TermRuns::default();
+        for (i, term) in [(1, 1), (2, 1), (3, 2), (4, 2), (5, 2), (6, 5)] {
+            t.push(i, term);
+        }
+        assert_eq!(t.runs, vec![(1, 1), (3, 2), (6, 5)]);
+        assert_eq!([1, 2, 3, 5, 6].map(|i| t.term_of(i)), [1, 1, 2, 2, 5]);
+        t.compact_to(3);
+        assert_eq!(t.runs, vec![(4, 2), (6, 5)]);
+        t.compact_to(4);
+        assert_eq!(t.runs, vec![(5, 2), (6, 5)]);
+        t.truncate_from(6);
+        assert_eq!(t.runs, vec![(5, 2)]);
+        t.truncate_from(5);
+        assert!(t.runs.is_empty());
+    }
+
+    fn hs(term: u64, vote: u64, commit: u64) -> HardState {
+        HardState { term, vote, commit, ..Default::default() }
+    }
+
+    #[test]
+    fn reopen_keeps_what_was_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = conformance::entries(1..=20, 1);
+        log.extend(conformance::entries(21..=30, 2));
+        let cs = ConfState { voters: vec![1, 2, 3], learners: vec![7], ..Default::default() };
+        {
+            let mut s = SledStore::open_with_voters(dir.path(), &[1, 2, 3]).unwrap();
+            s.append(&log).unwrap();
+            s.set_hard_state(&hs(2, 3, 25)).unwrap();
+            s.set_conf_state(&cs).unwrap();
+            s.save_snapshot(b"state at 12".to_vec(), 12, &cs).unwrap();
+            s.flush().unwrap();
+        }
+        let snap = {
+            let s = SledStore::open_with_voters(dir.path(), &[9]).unwrap();
+            assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (13, 30));
+            assert_eq!(all(&s), log[12..].to_vec());
+            assert_eq!(s.term(12).unwrap(), 1);
+            assert_eq!(s.term(21).unwrap(), 2);
+            let st = s.initial_state().unwrap();
+            assert_eq!(st.hard_state, hs(2, 3, 25));
+            assert_eq!(st.conf_state, cs, "bootstrap keeps the stored conf state");
+            let snap = s.latest_snapshot().unwrap();
+            assert_eq!(snap.get_data(), b"state at 12");
+            assert_eq!((snap.get_metadata().index, snap.get_metadata().term), (12, 1));
+            assert_eq!(snap.get_metadata().get_conf_state(), &cs);
+            assert_eq!(s.snapshot(0, 2).unwrap(), snap);
+            snap
+        };
+        // An installed snapshot, then an overwritten suffix, survive too.
+        let leader = conformance::snapshot(40, 3, &[1, 2], b"leader state");
+        {
+            let mut s = SledStore::open(dir.path()).unwrap();
+            s.apply_snapshot(&leader).unwrap();
+            s.append(&conformance::entries(41..=45, 3)).unwrap();
+            s.append(&conformance::entries(43..=44, 4)).unwrap();
+            s.flush().unwrap();
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_ne!(s.latest_snapshot().unwrap(), snap);
+        assert_eq!(s.latest_snapshot().unwrap(), leader);
+        assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (41, 44));
+        let mut want = conformance::entries(41..=42, 3);
+        want.extend(conformance::entries(43..=44, 4));
+        assert_eq!(all(&s), want);
+        assert_eq!([40, 41, 43, 44].map(|i| s.term(i).unwrap()), [3, 3, 4, 4]);
+        let st = s.initial_state().unwrap();
+        assert_eq!(st.hard_state, hs(3, 3, 40));
+        assert_eq!(st.conf_state.voters, vec![1, 2]);
+    }
+
+    #[test]
+    fn open_empty_and_bootstrap() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(&dir.path().join("joiner")).unwrap();
+            assert!(s.is_empty());
+            assert!(!s.initial_state().unwrap().initialized());
+        }
+        {
+            let s = SledStore::open_with_voters(&dir.path().join("new"), &[1, 2, 3]).unwrap();
+            assert!(!s.is_empty());
+            assert_eq!(s.initial_state().unwrap().conf_state.voters, vec![1, 2, 3]);
+        }
+        let s = SledStore::open(&dir.path().join("new")).unwrap();
+        assert_eq!(s.initial_state().unwrap().conf_state.voters, vec![1, 2, 3]);
+    }
+
+    /// Write raw bytes into the store's trees, as a damaged disk would.
+    fn tamper(dir: &Path, tree: &str, k: &[u8], v: &[u8]) {
+        let db = sled::Config::new().path(dir).open().unwrap();
+        db.open_tree(tree).unwrap().insert(k, v).unwrap();
+        db.flush().unwrap();
+    }
+
+    fn corrupt_what(r: Result<SledStore, StoreError>) -> String {
+        match r {
+            Err(StoreError::Corrupt { what, .. }) => what,
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn damaged_records_are_errors_naming_the_key() {
+        let fresh = || {
+            let d = tempfile::tempdir().unwrap();
+            let mut s = SledStore::open_with_voters(d.path(), &[1]).unwrap();
+            s.append(&conformance::entries(1..=5, 1)).unwrap();
+            s.flush().unwrap();
+            d
+        };
+
+        let d = fresh();
+        tamper(d.path(), ENTRIES_TREE, &key(3), &[0xff, 0xff, 0xff]);
+        assert_eq!(corrupt_what(SledStore::open(d.path())), format!("{ENTRIES_TREE}/0000000000000003"));
+
+        let d = fresh();
+        tamper(d.path(), ENTRIES_TREE, &key(3), &conformance::entry(4, 1).write_to_bytes().unwrap());
+        assert_eq!(corrupt_what(SledStore::open(d.path())), format!("{ENTRIES_TREE}/0000000000000003"));
+
+        let d = fresh();
+        tamper(d.path(), ENTRIES_TREE, &key(7), &conformance::entry(7, 1).write_to_bytes().unwrap());
+        assert_eq!(corrupt_what(SledStore::open(d.path())), format!("{ENTRIES_TREE}/0000000000000007"));
+
+        let d = fresh();
+        tamper(d.path(), ENTRIES_TREE, b"abc", b"");
+        assert_eq!(corrupt_what(SledStore::open(d.path())), format!("{ENTRIES_TREE}/616263"));
+
+        let d = fresh();
+        tamper(d.path(), META_TREE, KEY_HARD_STATE.as_bytes(), &[0x0a]);
+        assert_eq!(corrupt_what(SledStore::open(d.path())), format!("{META_TREE}/{KEY_HARD_STATE}"));
+
+        let d = fresh();
+        tamper(d.path(), META_TREE, KEY_SNAPSHOT_DATA.as_bytes(), b"x");
+        assert_eq!(corrupt_what(SledStore::open(d.path())), format!("{META_TREE}/{KEY_SNAPSHOT_META}"));
+    }
+
+    #[test]
+    fn entries_left_below_the_snapshot_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let mut s = SledStore::open_with_voters(d.path(), &[1]).unwrap();
+            s.append(&conformance::entries(1..=5, 1)).unwrap();
+            s.set_hard_state(&hs(1, 1, 5)).unwrap();
+            s.save_snapshot(b"s".to_vec(), 3, &ConfState::default()).unwrap();
+            s.flush().unwrap();
+        }
+        tamper(d.path(), ENTRIES_TREE, &key(2), &conformance::entry(2, 1).write_to_bytes().unwrap());
+        let s = SledStore::open(d.path()).unwrap();
+        assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (4, 5));
+        assert_eq!(s.entries.get(key(2)).unwrap(), None);
+        assert_eq!(all(&s), conformance::entries(4..=5, 1));
+    }
+
+    // ---- kill -9 ----
+
+    const KILL9_DIR: &str = "TESSERA_RAFT_KILL9_DIR";
+
+    /// The payload of entry `index` at `term`: deterministic, so the parent can check it.
+    fn payload(index: u64, term: u64) -> Vec<u8> {
+        let len = (index * 7919 % 600) as usize;
+        let mut v = format!("{index}:{term}:").into_bytes();
+        v.extend((0..len).map(|i| (i as u64 ^ index) as u8));
+        v
+    }
+
+    fn snapshot_payload(index: u64) -> Vec<u8> {
+        format!("snapshot at {index}").into_bytes().repeat(50)
+    }
+
+    fn xorshift(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    /// How many entries below `last` the child's commit index lags; it overwrites at most the
+    /// last 2, so it never overwrites a committed entry and snapshots stay in the log.
+    const COMMIT_LAG: u64 = 4;
+
+    /// Run by [`kill9_loop`] in a child process, which it kills: append batches, sometimes
+    /// overwrite the tail with a new term or compact, flush, then print `acked <last_index>`.
+    #[test]
+    #[ignore = "child process of kill9_loop"]
+    fn kill9_child() {
+        let Some(dir) = std::env::var_os(KILL9_DIR) else { return };
+        let mut s = SledStore::open_with_voters(Path::new(&dir), &[1]).unwrap();
+        let mut term = s.initial_state().unwrap().hard_state.term.max(s.term(s.last_index().unwrap()).unwrap()).max(1);
+        let mut rng = u64::from(std::process::id()) | 1;
+        let started = Instant::now();
+        // Bounded, in case the parent died without killing it.
+        for round in 0u64.. {
+            if started.elapsed() > Duration::from_secs(20) {
+                return;
+            }
+            let last = s.last_index().unwrap();
+            let r = xorshift(&mut rng);
+            let (from, n) = if round % 5 == 4 && last >= s.first_index().unwrap() + 2 {
+                // A new leader rewrites the last entry or two.
+                term += 1;
+                (last - (r % 2), 2 + r % 8)
+            } else {
+                (last + 1, 1 + r % 40)
+            };
+            let batch: Vec<Entry> = (from..from + n)
+                .map(|i| Entry { index: i, term, data: payload(i, term).into(), ..Default::default() })
+                .collect();
+            s.append(&batch).unwrap();
+            let new_last = s.last_index().unwrap();
+            let commit = new_last.saturating_sub(COMMIT_LAG).max(s.initial_state().unwrap().hard_state.commit);
+            s.set_hard_state(&hs(term, 1, commit)).unwrap();
+            if round % 7 == 6 && commit > s.first_index().unwrap() {
+                let at = commit - r % 3;
+                let cs = s.initial_state().unwrap().conf_state;
+                s.save_snapshot(snapshot_payload(at), at, &cs).unwrap();
+            }
+            s.flush().unwrap();
+            println!("acked {new_last}");
+        }
+    }
+
+    /// Kills and waits for the child however the test ends.
+    struct KillOnDrop(Child);
+
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Check the store in `dir` after a kill: it opens, the log is contiguous with matching
+    /// payloads and non-decreasing terms, and everything acked is there.
+    fn check_after_kill(dir: &Path, acked: u64) -> u64 {
+        let s = SledStore::open(dir).unwrap_or_else(|e| panic!("store does not open after kill -9: {e}"));
+        let (first, last) = (s.first_index().unwrap(), s.last_index().unwrap());
+        assert!(last >= acked, "acked {acked} but the log ends at {last}");
+        let entries = all(&s);
+        assert_eq!(entries.len() as u64, last + 1 - first, "log is contiguous");
+        let mut prev_term = s.term(first - 1).unwrap();
+        for (e, i) in entries.iter().zip(first..) {
+            assert_eq!(e.index, i);
+            assert!(e.term >= prev_term, "term goes down at {i}");
+            assert_eq!(e.data.as_ref(), payload(i, e.term).as_slice(), "payload of {i}");
+            assert_eq!(s.term(i).unwrap(), e.term);
+            prev_term = e.term;
+        }
+        let hs = s.initial_state().unwrap().hard_state;
+        assert!(hs.commit <= last, "commit {} past the last index {last}", hs.commit);
+        assert!(hs.commit + COMMIT_LAG >= acked, "commit {} lost: acked {acked}", hs.commit);
+        if let Some(snap) = s.latest_snapshot() {
+            let index = snap.get_metadata().index;
+            assert_eq!(first, index + 1);
+            assert!(index <= hs.commit);
+            assert_eq!(snap.get_data(), snapshot_payload(index).as_slice());
+        } else {
+            assert_eq!(first, 1);
+        }
+        last
+    }
+
+    #[test]
+    fn kill9_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = std::env::current_exe().unwrap();
+        // module_path!() starts with the crate's name, test names do not.
+        let child_test = format!("{}::kill9_child", module_path!().split_once("::").unwrap().1);
+        let started = Instant::now();
+        let mut last = 0;
+        let mut total_acks = 0;
+        for round in 0..12u64 {
+            let mut child = KillOnDrop(
+                Command::new(&exe)
+                    .args(["--exact", &child_test, "--ignored", "--nocapture", "--test-threads=1"])
+                    .env(KILL9_DIR, dir.path())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::inherit())
+                    .spawn()
+                    .unwrap(),
+            );
+            let stdout = child.0.stdout.take().unwrap();
+            let reader = std::thread::spawn(move || {
+                let mut acked = None;
+                let mut lines = 0;
+                let mut r = BufReader::new(stdout);
+                let mut line = Vec::new();
+                // Only whole lines: a line cut by the kill is not an ack.
+                while r.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+                    if line.ends_with(b"\n")
+                        && let Some(n) =
+                            std::str::from_utf8(&line).ok().and_then(|l| l.trim_end().strip_prefix("acked "))
+                    {
+                        acked = Some(n.parse::<u64>().unwrap());
+                        lines += 1;
+                    }
+                    line.clear();
+                }
+                (acked, lines)
+            });
+            // Vary where the kill lands: early (maybe during open) to a few hundred ms in.
+            std::thread::sleep(Duration::from_millis(40 + round * 97 % 400));
+            assert!(child.0.try_wait().unwrap().is_none(), "child exited before the kill; see its output above");
+            drop(child);
+            let (acked, lines) = reader.join().unwrap();
+            total_acks += lines;
+            // No ack this round: what the last check saw must still be there.
+            let acked = acked.unwrap_or(last);
+            last = check_after_kill(dir.path(), acked);
+            eprintln!("kill9 round {round}: {lines} acks, last acked {acked}, log ends at {last}");
+        }
+        assert!(total_acks > 50, "the child acked only {total_acks} batches in all");
+        assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    }
+}
