@@ -35,3 +35,225 @@ pub fn tessera(args: &[&str]) -> Output {
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
+
+// ---------------------------------------------------------------------------------------------
+// Server processes
+// ---------------------------------------------------------------------------------------------
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use tessera_proto::v1;
+use tonic::transport::Channel;
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the server to take).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// One `tessera server` process; killed (SIGKILL) and reaped when dropped, even if a test
+/// fails.
+pub struct ServerProc {
+    /// Raft id.
+    pub id: u64,
+    /// gRPC address.
+    pub addr: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl ServerProc {
+    /// Start `tessera server` with these extra arguments.
+    pub fn start(id: u64, addr: &str, data_dir: &Path, extra: &[String]) -> ServerProc {
+        let mut args = vec![
+            "server".to_string(),
+            "--id".into(),
+            id.to_string(),
+            "--listen".into(),
+            addr.to_string(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+        ];
+        args.extend(extra.iter().cloned());
+        let mut p = ServerProc { id, addr: addr.to_string(), data_dir: data_dir.to_path_buf(), args, child: None };
+        p.restart();
+        p
+    }
+
+    /// Start it again (after a kill) with the same arguments and data directory.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "server {} is already running", self.id);
+        std::fs::create_dir_all(&self.data_dir).expect("create data dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.with_extension("log"))
+            .expect("open server log");
+        let child = Command::new(tessera_bin())
+            .args(&self.args)
+            .env("TESSERA_LOG", "info,raft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn tessera server");
+        self.child = Some(child);
+    }
+
+    /// kill -9, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Is the process running?
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The server's log so far (for failure messages).
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default();
+        let start = text.len().saturating_sub(3000);
+        text[text.floor_char_boundary(start)..].to_string()
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A cluster of server processes in a temporary directory.
+pub struct Cluster {
+    /// The servers, by id.
+    pub servers: BTreeMap<u64, ServerProc>,
+    /// Keeps the data directories alive.
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Start `n` servers forming a new cluster, with extra server arguments.
+    pub fn start(n: u64, extra: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let addrs: BTreeMap<u64, String> = (1..=n).map(|i| (i, format!("127.0.0.1:{}", free_port()))).collect();
+        let initial = addrs.iter().map(|(i, a)| format!("{i}={a}")).collect::<Vec<_>>().join(",");
+        let mut servers = BTreeMap::new();
+        for (id, addr) in &addrs {
+            let mut args = vec!["--initial-cluster".to_string(), initial.clone()];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            servers.insert(*id, ServerProc::start(*id, addr, &dir.path().join(format!("s{id}")), &args));
+        }
+        Cluster { servers, dir }
+    }
+
+    /// Addresses of the running servers.
+    pub fn running_addrs(&self) -> Vec<String> {
+        self.servers.values().filter(|s| s.running()).map(|s| s.addr.clone()).collect()
+    }
+
+    /// Logs of every server, for failure messages.
+    pub fn logs(&self) -> String {
+        self.servers.values().map(|s| format!("--- server {} ---\n{}\n", s.id, s.log_tail())).collect()
+    }
+}
+
+/// Connect to a server (lazily; calls fail fast while it is down).
+pub fn channel(addr: &str) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(15))
+        .connect_lazy()
+}
+
+/// The leader as the running servers see it (a majority must agree), within `timeout`.
+pub async fn wait_for_leader(addrs: &[String], timeout: Duration) -> Option<u64> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let mut votes: BTreeMap<u64, usize> = BTreeMap::new();
+        for a in addrs {
+            let mut c = v1::cluster_service_client::ClusterServiceClient::new(channel(a));
+            if let Ok(r) = c.status(v1::StatusRequest {}).await
+                && let Some(l) = r.into_inner().leader_id
+            {
+                *votes.entry(l).or_default() += 1;
+            }
+        }
+        if let Some((l, n)) = votes.iter().max_by_key(|(_, n)| **n)
+            && *n * 2 > addrs.len()
+        {
+            return Some(*l);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// A one-GPU job spec running `cmd`.
+pub fn spec(name: &str) -> v1::JobSpec {
+    v1::JobSpec {
+        name: name.into(),
+        command: vec!["python3".into(), "train.py".into()],
+        shards: 1,
+        resources: Some(v1::Resources { gpus: 1, ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// Submit with an idempotency key, trying each address in turn until `timeout`. Returns the
+/// job id once a server acknowledged it.
+pub async fn submit(addrs: &[String], key: &str, timeout: Duration) -> Option<u64> {
+    let deadline = Instant::now() + timeout;
+    let mut i = 0usize;
+    while Instant::now() < deadline {
+        let addr = &addrs[i % addrs.len()];
+        i += 1;
+        let mut c = v1::job_service_client::JobServiceClient::new(channel(addr));
+        let req = v1::SubmitJobRequest { spec: Some(spec(key)), idempotency_key: key.into() };
+        match c.submit_job(req).await {
+            Ok(r) => return Some(r.into_inner().job_id),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    None
+}
+
+/// Every job id a server holds (linearizable, or its own applied state when `stale`).
+pub async fn job_ids(addr: &str, stale: bool) -> Result<Vec<u64>, tonic::Status> {
+    let mut c = v1::job_service_client::JobServiceClient::new(channel(addr));
+    let mut ids = Vec::new();
+    let mut token = String::new();
+    loop {
+        let r = c
+            .list_jobs(v1::ListJobsRequest {
+                include_finished: true,
+                page_size: 1000,
+                page_token: token.clone(),
+                consistency: if stale { v1::ReadConsistency::Stale as i32 } else { 0 },
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        ids.extend(r.jobs.iter().map(|j| j.id));
+        if r.next_page_token.is_empty() {
+            return Ok(ids);
+        }
+        token = r.next_page_token;
+    }
+}
+
+/// A server's applied index (its own view).
+pub async fn applied_index(addr: &str) -> Option<u64> {
+    let mut c = v1::cluster_service_client::ClusterServiceClient::new(channel(addr));
+    let r = c.status(v1::StatusRequest {}).await.ok()?.into_inner();
+    r.members.iter().find(|m| m.id == r.responder_id).map(|m| m.applied_index)
+}

@@ -1,3 +1,4 @@
 //! Tessera's integration tests: one test binary, one module per area.
 
 mod cli;
+mod cluster;

@@ -83,10 +83,7 @@ mod tests {
                 ],
             ),
             ("tessera.v1.AgentService", vec![("Session", true, true)]),
-            (
-                "tessera.v1.RaftService",
-                vec![("Send", false, false), ("SendSnapshot", true, false), ("Forward", false, false)],
-            ),
+            ("tessera.v1.RaftService", vec![("Send", false, false)]),
         ]);
 
         let mut found: BTreeMap<String, BTreeSet<(String, bool, bool)>> = BTreeMap::new();

@@ -1,6 +1,6 @@
 //! The `tessera` binary: one executable for servers, agents, researchers and operators, like
-//! `nomad` or `consul`. Today it carries `spec check`; the server, agent, job, node and cluster
-//! subcommands arrive with their issues.
+//! `nomad` or `consul`. Today it carries `server` and `spec check`; the agent, job, node and
+//! cluster subcommands arrive with their issues.
 //!
 //! Exit codes scripts can rely on: 0 success, 1 an operation failed, 2 invalid input (a bad
 //! flag or an invalid spec).
@@ -20,9 +20,46 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run a scheduler server (one member of the Raft cluster).
+    Server(ServerArgs),
     /// Work with job spec files.
     #[command(subcommand)]
     Spec(SpecCommand),
+}
+
+/// Flags override the config file; the config file overrides defaults.
+#[derive(clap::Args, Debug)]
+struct ServerArgs {
+    /// TOML config file (fields as the flags, with initial_cluster as a table).
+    #[arg(long, env = "TESSERA_SERVER_CONFIG")]
+    config: Option<PathBuf>,
+    /// This server's Raft id (not 0, unique in the cluster).
+    #[arg(long)]
+    id: Option<u64>,
+    /// gRPC listen address, HOST:PORT.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Address others use to reach this server, when it differs from --listen.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Directory of the Raft log and snapshots; restart with the same one to resume.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Members of a new cluster: 1=HOST:PORT,2=HOST:PORT,3=HOST:PORT (this server included).
+    #[arg(long)]
+    initial_cluster: Option<String>,
+    /// Address of a running server of the cluster to join (for a server added later).
+    #[arg(long)]
+    join: Option<String>,
+    /// Prometheus metrics address, HOST:PORT.
+    #[arg(long)]
+    http: Option<std::net::SocketAddr>,
+    /// Raft tick in milliseconds.
+    #[arg(long)]
+    tick_ms: Option<u64>,
+    /// Snapshot and compact the log every this many entries.
+    #[arg(long)]
+    snapshot_every: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -57,7 +94,86 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Server(args) => server(args),
         Command::Spec(SpecCommand::Check { file, output }) => spec_check(&file, output),
+    }
+}
+
+fn server_config(a: ServerArgs) -> Result<tessera_server::ServerConfig, String> {
+    let mut cfg = match &a.config {
+        Some(path) => tessera_server::ServerConfig::from_file(path).map_err(|e| e.to_string())?,
+        None => {
+            let id = a.id.ok_or("--id is required (or a --config file)")?;
+            let listen = a.listen.ok_or("--listen is required (or a --config file)")?;
+            let dir = a.data_dir.clone().ok_or("--data-dir is required (or a --config file)")?;
+            tessera_server::ServerConfig::new(id, listen, dir)
+        }
+    };
+    if let Some(v) = a.id {
+        cfg.id = v;
+    }
+    if let Some(v) = a.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = a.data_dir {
+        cfg.data_dir = v;
+    }
+    if let Some(v) = a.advertise {
+        cfg.advertise = Some(v);
+    }
+    if let Some(v) = &a.initial_cluster {
+        cfg.initial_cluster = tessera_server::config::parse_initial_cluster(v).map_err(|e| format!("--{e}"))?;
+    }
+    if let Some(v) = a.join {
+        cfg.join = Some(v);
+    }
+    if let Some(v) = a.http {
+        cfg.http = Some(v);
+    }
+    if let Some(v) = a.tick_ms {
+        cfg.tick_ms = v;
+    }
+    if let Some(v) = a.snapshot_every {
+        cfg.snapshot_every = v;
+    }
+    cfg.validate().map_err(|e| e.to_string())?;
+    Ok(cfg)
+}
+
+fn server(args: ServerArgs) -> ExitCode {
+    let cfg = match server_config(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let result = runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+        };
+        tessera_server::run(cfg, listener, shutdown).await.map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
     }
 }
 

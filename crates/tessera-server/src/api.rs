@@ -1,0 +1,684 @@
+//! The gRPC services of a server. Any server answers any request: writes are proposed to
+//! Raft here (raft-rs forwards a follower's proposal to the leader) and answered once applied;
+//! reads are linearizable (ReadIndex) unless the request asks for a stale read.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tessera_core::command::{Command, Event};
+use tessera_core::model::{DrainReason, JobId, NodeId};
+use tessera_core::{State, Timestamp};
+use tessera_proto::convert::{job_state_from_proto, job_to_proto, node_to_proto, rejection_to_status, spec_from_proto};
+use tessera_proto::v1;
+use tessera_raft::eraftpb::ConfChangeType;
+use tessera_raft::node::ProposeError;
+use tokio::sync::{Notify, broadcast};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::raft_loop::RaftHandle;
+use crate::sm::{Applied, Outcome, encode_entry};
+use crate::transport::{MAX_RAFT_MESSAGE, Transport};
+
+/// How long a write may wait for its entry to apply, elections included.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The leader's clock, as stamped on commands.
+pub fn now() -> Timestamp {
+    Timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
+}
+
+/// State shared by every service of one server.
+pub struct Shared {
+    /// This server's id.
+    pub id: u64,
+    /// The Raft thread.
+    pub raft: RaftHandle,
+    /// Peers.
+    pub transport: Arc<Transport>,
+    /// Applied events.
+    pub events: broadcast::Sender<Arc<Applied>>,
+    /// Wakes the placement loop.
+    pub plan_now: Arc<Notify>,
+}
+
+fn unavailable(e: ProposeError) -> Status {
+    match e {
+        ProposeError::Invalid(m) => Status::failed_precondition(m),
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
+impl Shared {
+    /// Propose a command and wait for its outcome; retries while no leader is known.
+    pub async fn write(&self, cmd: &Command) -> Result<Vec<Event>, Status> {
+        let started = std::time::Instant::now();
+        let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+        let mut backoff = Duration::from_millis(20);
+        let result = loop {
+            match self.raft.propose(encode_entry(cmd, now())).await {
+                Err(ProposeError::NoLeader) if tokio::time::Instant::now() + backoff < deadline => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                other => break other,
+            }
+        };
+        metrics::histogram!("tessera_proposal_seconds", "kind" => cmd.kind()).record(started.elapsed().as_secs_f64());
+        match result.map_err(unavailable)? {
+            Outcome::Applied(events) => {
+                self.plan_now.notify_one();
+                Ok(events)
+            }
+            Outcome::Rejected(r) => Err(rejection_to_status(&r)),
+            Outcome::Undecodable(m) => Err(Status::internal(m)),
+        }
+    }
+
+    /// Read the state: linearizable by default, or this server's applied state.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        consistency: i32,
+        f: impl FnOnce(&State) -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        if consistency == v1::ReadConsistency::Stale as i32 {
+            return self
+                .raft
+                .local(move |n| f(&n.state_machine().state))
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()));
+        }
+        let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+        let f = Arc::new(std::sync::Mutex::new(Some(f)));
+        loop {
+            let g = f.clone();
+            let r = self.raft.read(move |sm| g.lock().ok().and_then(|mut g| g.take()).map(|f| f(&sm.state))).await;
+            match r {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => return Err(Status::internal("read ran twice")),
+                Err(ProposeError::Timeout | ProposeError::NoLeader) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+    }
+}
+
+fn job_id(id: u64) -> Result<JobId, Status> {
+    if id == 0 { Err(Status::invalid_argument("job_id: required (non-zero)")) } else { Ok(JobId(id)) }
+}
+
+fn find_node(state: &State, r: &Option<v1::NodeRef>) -> Result<NodeId, Status> {
+    let node = match r.as_ref().and_then(|r| r.node.as_ref()) {
+        Some(v1::node_ref::Node::Id(id)) => state.node(NodeId(*id)).map(|n| n.id),
+        Some(v1::node_ref::Node::Name(name)) => state.node_by_name(name).map(|n| n.id),
+        None => return Err(Status::invalid_argument("node: required (id or name)")),
+    };
+    node.ok_or_else(|| Status::not_found(format!("no node {r:?}")))
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// `JobService`.
+pub struct Jobs(pub Arc<Shared>);
+
+#[tonic::async_trait]
+impl v1::job_service_server::JobService for Jobs {
+    async fn submit_job(&self, req: Request<v1::SubmitJobRequest>) -> Result<Response<v1::SubmitJobResponse>, Status> {
+        let req = req.into_inner();
+        let spec = spec_from_proto(req.spec.ok_or_else(|| Status::invalid_argument("spec: required"))?)
+            .map_err(|e| tessera_proto::convert::spec_error_to_status(&e))?;
+        let key = (!req.idempotency_key.is_empty()).then_some(req.idempotency_key);
+        let events = self.0.write(&Command::SubmitJob { spec, idempotency_key: key }).await?;
+        let revision = self.0.raft.status().applied;
+        for e in events {
+            if let Event::JobSubmitted { job, deduplicated } = e {
+                return Ok(Response::new(v1::SubmitJobResponse { job_id: job.0, deduplicated, revision }));
+            }
+        }
+        Err(Status::internal("the submission applied without creating a job"))
+    }
+
+    async fn get_job(&self, req: Request<v1::GetJobRequest>) -> Result<Response<v1::GetJobResponse>, Status> {
+        let req = req.into_inner();
+        let id = job_id(req.job_id)?;
+        let job = self.0.read(req.consistency, move |s| s.job(id).map(|j| job_to_proto(j, s))).await?;
+        let job = job.ok_or_else(|| Status::not_found(format!("no job {id}")))?;
+        Ok(Response::new(v1::GetJobResponse { job: Some(job) }))
+    }
+
+    async fn list_jobs(&self, req: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
+        let req = req.into_inner();
+        let mut states = Vec::new();
+        for (i, s) in req.states.iter().enumerate() {
+            if let Some(s) = job_state_from_proto(*s, &format!("states[{i}]")).map_err(Status::from)? {
+                states.push(s);
+            }
+        }
+        let page_size = match req.page_size {
+            0 => 100,
+            n if n <= 1000 => n as usize,
+            n => return Err(Status::invalid_argument(format!("page_size: {n} is more than 1000"))),
+        };
+        let after: u64 = if req.page_token.is_empty() {
+            0
+        } else {
+            req.page_token.parse().map_err(|_| Status::invalid_argument("page_token: not a token from this server"))?
+        };
+        let (tenant, finished, shards) = (req.tenant, req.include_finished, req.include_shards);
+        let (jobs, next) = self
+            .0
+            .read(req.consistency, move |s| {
+                let mut out = Vec::new();
+                let mut next = String::new();
+                for job in s.jobs().range(JobId(after + 1)..).map(|(_, j)| j) {
+                    let wanted = if states.is_empty() {
+                        finished || !job.state.is_terminal()
+                    } else {
+                        states.contains(&job.state)
+                    };
+                    if !wanted || (!tenant.is_empty() && job.spec.tenant != tenant) {
+                        continue;
+                    }
+                    if out.len() == page_size {
+                        next = (job.id.0 - 1).to_string();
+                        break;
+                    }
+                    let mut p = job_to_proto(job, s);
+                    if !shards {
+                        p.shards.clear();
+                    }
+                    out.push(p);
+                }
+                (out, next)
+            })
+            .await?;
+        Ok(Response::new(v1::ListJobsResponse { jobs, next_page_token: next }))
+    }
+
+    async fn cancel_job(&self, req: Request<v1::CancelJobRequest>) -> Result<Response<v1::CancelJobResponse>, Status> {
+        let req = req.into_inner();
+        let id = job_id(req.job_id)?;
+        let reason = (!req.reason.is_empty()).then_some(req.reason);
+        match self.0.write(&Command::CancelJob { job: id, reason }).await {
+            Ok(_) => {}
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                let state = self.0.read(0, move |s| s.job(id).map(|j| j.state)).await?;
+                if let Some(state) = state.filter(|s| s.is_terminal()) {
+                    return Ok(Response::new(v1::CancelJobResponse {
+                        state: v1::JobState::from(state) as i32,
+                        already_finished: true,
+                    }));
+                }
+                return Err(s);
+            }
+            Err(s) => return Err(s),
+        }
+        let state = self
+            .0
+            .read(0, move |s| s.job(id).map(|j| j.state))
+            .await?
+            .ok_or_else(|| Status::not_found("job vanished"))?;
+        Ok(Response::new(v1::CancelJobResponse { state: v1::JobState::from(state) as i32, already_finished: false }))
+    }
+
+    type WatchJobStream = BoxStream<v1::WatchJobResponse>;
+
+    async fn watch_job(&self, req: Request<v1::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        let id = job_id(req.into_inner().job_id)?;
+        // Subscribe before the first read so nothing applied in between is missed.
+        let mut rx = self.0.events.subscribe();
+        let shared = self.0.clone();
+        let first = shared.read(0, move |s| s.job(id).map(|j| job_to_proto(j, s))).await?;
+        let first = first.ok_or_else(|| Status::not_found(format!("no job {id}")))?;
+        let (tx, out) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut done = first.state >= v1::JobState::Succeeded as i32;
+            if tx.send(Ok(v1::WatchJobResponse { job: Some(first), event: None })).await.is_err() || done {
+                return;
+            }
+            while !done {
+                match rx.recv().await {
+                    Ok(applied) => {
+                        if !applied.events.iter().any(|e| event_job(e) == Some(id)) {
+                            continue;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+                let Ok(Some(job)) = shared
+                    .read(v1::ReadConsistency::Stale as i32, move |s| s.job(id).map(|j| job_to_proto(j, s)))
+                    .await
+                else {
+                    return;
+                };
+                done = job.state >= v1::JobState::Succeeded as i32;
+                if tx.send(Ok(v1::WatchJobResponse { job: Some(job), event: None })).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+    }
+
+    type JobLogsStream = BoxStream<v1::JobLogsResponse>;
+
+    async fn job_logs(&self, _req: Request<v1::JobLogsRequest>) -> Result<Response<Self::JobLogsStream>, Status> {
+        Err(Status::unimplemented("job logs travel from the node agents, which this release does not have yet"))
+    }
+}
+
+fn event_job(e: &Event) -> Option<JobId> {
+    match e {
+        Event::JobSubmitted { job, .. }
+        | Event::JobStateChanged { job, .. }
+        | Event::ShardAssigned { job, .. }
+        | Event::StopRequested { job, .. }
+        | Event::ShardStateChanged { job, .. }
+        | Event::CheckpointRecorded { job, .. }
+        | Event::PlacementRejected { job, .. } => Some(*job),
+        _ => None,
+    }
+}
+
+/// `NodeService`.
+pub struct Nodes(pub Arc<Shared>);
+
+impl Nodes {
+    async fn node_write(
+        &self,
+        node: Option<v1::NodeRef>,
+        make: impl FnOnce(NodeId) -> Command,
+    ) -> Result<v1::Node, Status> {
+        let id = self.0.read(0, move |s| find_node(s, &node)).await??;
+        self.0.write(&make(id)).await?;
+        let node = self.0.read(0, move |s| s.node(id).map(|n| node_to_proto(n, s))).await?;
+        node.ok_or_else(|| Status::not_found(format!("{id} vanished")))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::node_service_server::NodeService for Nodes {
+    async fn list_nodes(&self, req: Request<v1::ListNodesRequest>) -> Result<Response<v1::ListNodesResponse>, Status> {
+        let req = req.into_inner();
+        let page_size = match req.page_size {
+            0 => 100,
+            n if n <= 1000 => n as usize,
+            n => return Err(Status::invalid_argument(format!("page_size: {n} is more than 1000"))),
+        };
+        let after: u64 = if req.page_token.is_empty() {
+            0
+        } else {
+            req.page_token.parse().map_err(|_| Status::invalid_argument("page_token: not a token from this server"))?
+        };
+        let cloud = tessera_proto::convert::cloud_from_proto(req.cloud, "cloud").map_err(Status::from)?;
+        let (region, labels, states) = (req.region, req.labels, req.states);
+        let (nodes, next) = self
+            .0
+            .read(req.consistency, move |s| {
+                let mut out = Vec::new();
+                let mut next = String::new();
+                for n in s.nodes().range(NodeId(after + 1)..).map(|(_, n)| n) {
+                    let p = node_to_proto(n, s);
+                    let keep = (states.is_empty() || states.contains(&p.state))
+                        && cloud.is_none_or(|c| c == n.info.cloud)
+                        && (region.is_empty() || region == n.info.region)
+                        && labels.iter().all(|(k, v)| n.info.labels.get(k) == Some(v));
+                    if !keep {
+                        continue;
+                    }
+                    if out.len() == page_size {
+                        next = (n.id.0 - 1).to_string();
+                        break;
+                    }
+                    out.push(p);
+                }
+                (out, next)
+            })
+            .await?;
+        Ok(Response::new(v1::ListNodesResponse { nodes, next_page_token: next }))
+    }
+
+    async fn get_node(&self, req: Request<v1::GetNodeRequest>) -> Result<Response<v1::GetNodeResponse>, Status> {
+        let req = req.into_inner();
+        let r = req.node;
+        let node = self
+            .0
+            .read(req.consistency, move |s| find_node(s, &r).map(|id| node_to_proto(&s.nodes()[&id], s)))
+            .await??;
+        Ok(Response::new(v1::GetNodeResponse { node: Some(node) }))
+    }
+
+    async fn drain_node(&self, req: Request<v1::DrainNodeRequest>) -> Result<Response<v1::DrainNodeResponse>, Status> {
+        let req = req.into_inner();
+        let deadline = req.deadline_seconds.map(|s| now().plus_secs(s));
+        let node = self
+            .node_write(req.node, |node| Command::DrainNode { node, reason: DrainReason::Operator, deadline })
+            .await?;
+        Ok(Response::new(v1::DrainNodeResponse { node: Some(node) }))
+    }
+
+    async fn undrain_node(
+        &self,
+        req: Request<v1::UndrainNodeRequest>,
+    ) -> Result<Response<v1::UndrainNodeResponse>, Status> {
+        let node = self.node_write(req.into_inner().node, |node| Command::UndrainNode { node }).await?;
+        Ok(Response::new(v1::UndrainNodeResponse { node: Some(node) }))
+    }
+
+    async fn clear_gpu_health(
+        &self,
+        req: Request<v1::ClearGpuHealthRequest>,
+    ) -> Result<Response<v1::ClearGpuHealthResponse>, Status> {
+        let req = req.into_inner();
+        let r = req.node.clone();
+        let (id, all) = self
+            .0
+            .read(0, move |s| {
+                find_node(s, &r).map(|id| (id, s.nodes()[&id].gpus.iter().map(|g| g.index).collect::<Vec<_>>()))
+            })
+            .await??;
+        let gpus = if req.gpu_indices.is_empty() { all } else { req.gpu_indices };
+        let reason = if req.reason.is_empty() { "cleared by an operator".to_string() } else { req.reason };
+        for gpu in gpus {
+            self.0.write(&Command::SetGpuHealth { node: id, gpu, healthy: true, reason: reason.clone() }).await?;
+        }
+        let node = self.0.read(0, move |s| s.node(id).map(|n| node_to_proto(n, s))).await?;
+        Ok(Response::new(v1::ClearGpuHealthResponse { node }))
+    }
+}
+
+/// `RaftService`: the transport between servers.
+pub struct RaftRpc(pub Arc<Shared>);
+
+#[tonic::async_trait]
+impl v1::raft_service_server::RaftService for RaftRpc {
+    async fn send(&self, req: Request<v1::RaftBatch>) -> Result<Response<v1::RaftAck>, Status> {
+        let b = req.into_inner();
+        if b.to_id != self.0.id {
+            return Err(Status::failed_precondition(format!("this is server {}, not {}", self.0.id, b.to_id)));
+        }
+        // Decode only what known members send (the protobuf 2 runtime is not for hostile input).
+        if !self.0.transport.is_peer(b.from_id) {
+            return Err(Status::permission_denied(format!("server {} is not a member of this cluster", b.from_id)));
+        }
+        let mut accepted = 0;
+        for bytes in &b.messages {
+            if bytes.len() > MAX_RAFT_MESSAGE {
+                return Err(Status::invalid_argument("raft message too large"));
+            }
+            let m = <tessera_raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(bytes)
+                .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))?;
+            if m.from != b.from_id || m.to != self.0.id {
+                return Err(Status::invalid_argument("raft message addressed inconsistently with its batch"));
+            }
+            self.0.raft.send(crate::raft_loop::Request::Step(m)).map_err(|e| Status::unavailable(e.to_string()))?;
+            accepted += 1;
+        }
+        Ok(Response::new(v1::RaftAck { server_id: self.0.id, accepted }))
+    }
+}
+
+/// `ClusterService`.
+pub struct Cluster(pub Arc<Shared>);
+
+fn role(r: tessera_raft::StateRole) -> v1::MemberRole {
+    match r {
+        tessera_raft::StateRole::Leader => v1::MemberRole::Leader,
+        tessera_raft::StateRole::Follower => v1::MemberRole::Follower,
+        tessera_raft::StateRole::Candidate => v1::MemberRole::Candidate,
+        tessera_raft::StateRole::PreCandidate => v1::MemberRole::PreCandidate,
+    }
+}
+
+impl Cluster {
+    async fn members(&self) -> Vec<v1::Member> {
+        let s = self.0.raft.status();
+        let mut peers = self.0.transport.peers();
+        let me = self
+            .0
+            .raft
+            .local(|n| n.state_machine().members.addresses.get(&n.status().id).cloned())
+            .await
+            .ok()
+            .flatten();
+        peers.insert(s.id, me.unwrap_or_default());
+        let leader = (s.leader != 0).then_some(s.leader);
+        let mut out = Vec::new();
+        for (id, kind) in s
+            .voters
+            .iter()
+            .map(|v| (*v, v1::MemberKind::Voter))
+            .chain(s.learners.iter().map(|l| (*l, v1::MemberKind::Learner)))
+        {
+            let mut m = v1::Member {
+                id,
+                address: peers.get(&id).cloned().unwrap_or_default(),
+                kind: kind as i32,
+                leader_id: leader,
+                version: env!("CARGO_PKG_VERSION").into(),
+                ..Default::default()
+            };
+            if id == s.id {
+                m.role = role(s.role) as i32;
+                m.term = s.term;
+                m.commit_index = s.commit;
+                m.applied_index = s.applied;
+                m.reachable = true;
+            } else if let Ok(Some(remote)) = remote_status(&m.address).await {
+                m.role = remote.role;
+                m.term = remote.term;
+                m.commit_index = remote.commit_index;
+                m.applied_index = remote.applied_index;
+                m.reachable = true;
+            }
+            if s.role == tessera_raft::StateRole::Leader {
+                m.match_index = self.0.raft.local(move |n| n.matched(id)).await.ok().flatten();
+            }
+            out.push(m);
+        }
+        out
+    }
+
+    async fn leader_client(
+        &self,
+    ) -> Result<v1::cluster_service_client::ClusterServiceClient<tonic::transport::Channel>, Status> {
+        let s = self.0.raft.status();
+        let addr = self
+            .0
+            .transport
+            .peers()
+            .get(&s.leader)
+            .cloned()
+            .ok_or_else(|| Status::unavailable("no leader is known; retry"))?;
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::internal(e.to_string()))?
+            .connect()
+            .await
+            .map_err(|e| Status::unavailable(format!("leader at {addr} unreachable: {e}")))?;
+        Ok(v1::cluster_service_client::ClusterServiceClient::new(ch))
+    }
+}
+
+/// Header asking a server to describe only itself (no fan-out).
+const LOCAL_ONLY: &str = "x-tessera-local-status";
+
+async fn remote_status(addr: &str) -> Result<Option<v1::Member>, Status> {
+    let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| Status::internal(e.to_string()))?
+        .connect_timeout(Duration::from_millis(300))
+        .timeout(Duration::from_millis(500));
+    let Ok(ch) = ep.connect().await else { return Ok(None) };
+    let mut req = Request::new(v1::StatusRequest {});
+    req.metadata_mut().insert(LOCAL_ONLY, tonic::metadata::MetadataValue::from_static("1"));
+    let r = v1::cluster_service_client::ClusterServiceClient::new(ch).status(req).await?;
+    let r = r.into_inner();
+    Ok(r.members.into_iter().find(|m| m.id == r.responder_id))
+}
+
+#[tonic::async_trait]
+impl v1::cluster_service_server::ClusterService for Cluster {
+    async fn status(&self, req: Request<v1::StatusRequest>) -> Result<Response<v1::StatusResponse>, Status> {
+        let s = self.0.raft.status();
+        let members = if req.metadata().contains_key(LOCAL_ONLY) {
+            vec![v1::Member {
+                id: s.id,
+                role: role(s.role) as i32,
+                term: s.term,
+                commit_index: s.commit,
+                applied_index: s.applied,
+                leader_id: (s.leader != 0).then_some(s.leader),
+                reachable: true,
+                ..Default::default()
+            }]
+        } else {
+            self.members().await
+        };
+        Ok(Response::new(v1::StatusResponse {
+            members,
+            leader_id: (s.leader != 0).then_some(s.leader),
+            responder_id: s.id,
+        }))
+    }
+
+    async fn add_server(&self, req: Request<v1::AddServerRequest>) -> Result<Response<v1::AddServerResponse>, Status> {
+        let r = req.into_inner();
+        if r.id == 0 || r.address.is_empty() {
+            return Err(Status::invalid_argument("id and address: required"));
+        }
+        let s = self.0.raft.status();
+        if s.role != tessera_raft::StateRole::Leader {
+            return self.leader_client().await?.add_server(r).await;
+        }
+        if !s.voters.contains(&r.id) && !s.learners.contains(&r.id) {
+            self.0.transport.set_peer(r.id, r.address.clone());
+            self.0
+                .raft
+                .conf_change(ConfChangeType::AddLearnerNode, r.id, r.address.clone())
+                .await
+                .map_err(unavailable)?;
+        }
+        if !r.learner && !self.0.raft.status().voters.contains(&r.id) {
+            // Promote once the learner has caught up with the leader's log.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            loop {
+                let id = r.id;
+                let (matched, last) = self
+                    .0
+                    .raft
+                    .local(move |n| (n.matched(id).unwrap_or(0), n.status().last_index))
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                if matched + 100 >= last {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return Err(Status::deadline_exceeded(format!(
+                        "server {id} did not catch up (at {matched} of {last})"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            self.0.raft.conf_change(ConfChangeType::AddNode, r.id, r.address.clone()).await.map_err(unavailable)?;
+        }
+        Ok(Response::new(v1::AddServerResponse { index: self.0.raft.status().applied, members: self.members().await }))
+    }
+
+    async fn remove_server(
+        &self,
+        req: Request<v1::RemoveServerRequest>,
+    ) -> Result<Response<v1::RemoveServerResponse>, Status> {
+        let r = req.into_inner();
+        let s = self.0.raft.status();
+        if !s.voters.contains(&r.id) && !s.learners.contains(&r.id) {
+            return Err(Status::not_found(format!("server {} is not a member", r.id)));
+        }
+        if s.voters == [r.id] {
+            return Err(Status::failed_precondition("cannot remove the last voter"));
+        }
+        if s.leader == r.id {
+            // Hand leadership to the most caught-up other voter first.
+            let target = s.voters.iter().copied().find(|v| *v != r.id).unwrap_or(0);
+            let id = r.id;
+            self.0
+                .raft
+                .local(move |n| n.transfer_leader(target))
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while self.0.raft.status().leader == id || self.0.raft.status().leader == 0 {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(Status::unavailable(format!("leadership did not move off server {id}; retry")));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        if self.0.raft.status().role != tessera_raft::StateRole::Leader {
+            return self.leader_client().await?.remove_server(r).await;
+        }
+        self.0.raft.conf_change(ConfChangeType::RemoveNode, r.id, String::new()).await.map_err(unavailable)?;
+        Ok(Response::new(v1::RemoveServerResponse {
+            index: self.0.raft.status().applied,
+            members: self.members().await,
+        }))
+    }
+
+    type SnapshotStream = BoxStream<v1::SnapshotResponse>;
+
+    async fn snapshot(&self, _req: Request<v1::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        let (data, index) = self.0.read(0, |s| (s.snapshot(), s.applied_index())).await?;
+        let header = v1::SnapshotHeader {
+            index,
+            term: self.0.raft.status().term,
+            size_bytes: data.len() as u64,
+            crc32: crc32(&data),
+            server_id: self.0.id,
+            created_unix_ms: now().0,
+            format_version: tessera_core::state::SNAPSHOT_VERSION,
+        };
+        let mut items = vec![Ok(v1::SnapshotResponse { chunk: Some(v1::snapshot_response::Chunk::Header(header)) })];
+        for c in data.chunks(1024 * 1024) {
+            items.push(Ok(v1::SnapshotResponse { chunk: Some(v1::snapshot_response::Chunk::Data(c.to_vec())) }));
+        }
+        Ok(Response::new(Box::pin(tokio_stream::iter(items))))
+    }
+}
+
+/// CRC-32 (IEEE 802.3), as the snapshot header promises.
+pub fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for b in data {
+        crc ^= u32::from(*b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// `AgentService`: arrives with the node agent.
+pub struct Agents(pub Arc<Shared>);
+
+#[tonic::async_trait]
+impl v1::agent_service_server::AgentService for Agents {
+    type SessionStream = BoxStream<v1::ServerMessage>;
+
+    async fn session(
+        &self,
+        _req: Request<tonic::Streaming<v1::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let _ = &self.0;
+        Err(Status::unimplemented("node agents are not supported by this release yet"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn crc32_matches_the_standard_check_value() {
+        assert_eq!(super::crc32(b"123456789"), 0xCBF4_3926);
+    }
+}

@@ -1,0 +1,243 @@
+//! The Tessera scheduler server (`tessera server`).
+//!
+//! One gRPC port serves the job, node, cluster and Raft services (the agent stream arrives with
+//! the agent), plus gRPC health and reflection; an optional HTTP port serves Prometheus
+//! metrics. The replicated state is `tessera_core::State`, driven by `tessera_raft` over sled.
+//! The leader runs the placement loop and proposes its plans through the log.
+//!
+//! [`run`] takes its listener and a shutdown future, so tests bind port 0.
+
+pub mod api;
+pub mod config;
+pub mod raft_loop;
+pub mod sm;
+pub mod transport;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tessera_core::command::Command;
+use tessera_core::planner::{PlanLimits, plan};
+use tessera_proto::v1;
+use tessera_raft::StateRole;
+use tessera_raft::logging::tracing_logger;
+use tessera_raft::node::{NodeConfig, RaftNode};
+use tessera_raft::storage::sled_store::SledStore;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, broadcast};
+
+pub use config::{ConfigError, ServerConfig};
+
+use crate::api::Shared;
+use crate::raft_loop::Request;
+use crate::sm::{Members, ServerSm};
+use crate::transport::{MAX_RAFT_MESSAGE, Transport};
+
+/// Why a server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A configuration problem.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The data directory could not be used.
+    #[error("data directory {dir}: {source}")]
+    Storage {
+        /// Where.
+        dir: String,
+        /// What.
+        source: tessera_raft::storage::StoreError,
+    },
+    /// Raft refused to start (for instance, a store that does not fit this server's id).
+    #[error("raft: {0}")]
+    Raft(String),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Grpc(String),
+    /// The metrics endpoint could not start.
+    #[error("metrics endpoint {addr}: {message}")]
+    Metrics {
+        /// Address.
+        addr: String,
+        /// What.
+        message: String,
+    },
+}
+
+/// Run a server until `shutdown` completes.
+pub async fn run(
+    cfg: ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    cfg.validate()?;
+    let dir = cfg.data_dir.join("raft");
+    let storage_err = |source| ServerError::Storage { dir: dir.display().to_string(), source };
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| storage_err(tessera_raft::storage::StoreError::Engine(e.to_string())))?;
+    let voters: Vec<u64> = cfg.initial_cluster.keys().copied().collect();
+    let mut store = SledStore::open(&dir).map_err(storage_err)?;
+    let fresh = store.is_empty();
+    tessera_raft::storage::bootstrap_cluster(&mut store, &voters).map_err(storage_err)?;
+
+    if let Some(addr) = cfg.http {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .map_err(|e| ServerError::Metrics { addr: addr.to_string(), message: e.to_string() })?;
+    }
+
+    let (events, _) = broadcast::channel(4096);
+    let mut members = Members { addresses: cfg.initial_cluster.clone() };
+    members.addresses.insert(cfg.id, cfg.advertise_addr());
+    let sm = ServerSm::new(members, events.clone());
+    let node_cfg = NodeConfig { snapshot_every: cfg.snapshot_every, ..NodeConfig::new(cfg.id) };
+    let node = RaftNode::new(node_cfg, store, sm, &tracing_logger()).map_err(|e| ServerError::Raft(e.to_string()))?;
+    let known = node.state_machine().members.addresses.clone();
+
+    let transport = Arc::new(Transport::new(cfg.id, tokio::runtime::Handle::current()));
+    let (raft, raft_tx, raft_thread) = raft_loop::spawn(node, transport.clone(), Duration::from_millis(cfg.tick_ms));
+    transport.set_raft(raft_tx.clone());
+    for (id, addr) in known.into_iter().chain(cfg.initial_cluster.clone()) {
+        transport.set_peer(id, addr);
+    }
+
+    let shared = Arc::new(Shared {
+        id: cfg.id,
+        raft: raft.clone(),
+        transport: transport.clone(),
+        events,
+        plan_now: Arc::new(Notify::new()),
+    });
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<v1::job_service_server::JobServiceServer<api::Jobs>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Grpc(e.to_string()))?;
+
+    let tasks = vec![
+        tokio::spawn(placement_loop(shared.clone(), Duration::from_millis(cfg.plan_interval_ms))),
+        tokio::spawn(metrics_loop(raft.clone())),
+    ];
+    if let (Some(join), true) = (cfg.join.clone(), fresh) {
+        tokio::spawn(join_cluster(shared.clone(), join, cfg.advertise_addr()));
+    }
+
+    tracing::info!(id = cfg.id, listen = %cfg.listen, data_dir = %cfg.data_dir.display(), "server started");
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(v1::job_service_server::JobServiceServer::new(api::Jobs(shared.clone())))
+        .add_service(v1::node_service_server::NodeServiceServer::new(api::Nodes(shared.clone())))
+        .add_service(v1::cluster_service_server::ClusterServiceServer::new(api::Cluster(shared.clone())))
+        .add_service(v1::agent_service_server::AgentServiceServer::new(api::Agents(shared.clone())))
+        .add_service(
+            v1::raft_service_server::RaftServiceServer::new(api::RaftRpc(shared.clone()))
+                .max_decoding_message_size(MAX_RAFT_MESSAGE)
+                .max_encoding_message_size(MAX_RAFT_MESSAGE),
+        )
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| ServerError::Grpc(e.to_string()));
+    for t in tasks {
+        t.abort();
+    }
+    let _ = raft_tx.send(Request::Shutdown);
+    let _ = tokio::task::spawn_blocking(move || raft_thread.join()).await;
+    tracing::info!(id = cfg.id, "server stopped");
+    result
+}
+
+/// The leader plans whenever something changed (or every `interval`) and proposes the plan.
+async fn placement_loop(shared: Arc<Shared>, interval: Duration) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shared.plan_now.notified() => {}
+        }
+        if shared.raft.status().role != StateRole::Leader {
+            continue;
+        }
+        let planned = shared
+            .raft
+            .local(|n| {
+                let state = &n.state_machine().state;
+                plan(state, api::now(), &PlanLimits::default()).plan
+            })
+            .await;
+        let Ok(p) = planned else { return };
+        if p.is_empty() {
+            continue;
+        }
+        let shards = p.shard_count();
+        match shared.write(&Command::ApplyPlan { plan: p }).await {
+            Ok(events) => {
+                let rejected =
+                    events.iter().filter(|e| matches!(e, tessera_core::Event::PlacementRejected { .. })).count();
+                metrics::counter!("tessera_shards_placed_total").increment(shards as u64);
+                if rejected > 0 {
+                    tracing::warn!(rejected, "plan placements went stale before they applied");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e.message(), "plan not applied"),
+        }
+    }
+}
+
+async fn metrics_loop(raft: raft_loop::RaftHandle) {
+    let mut status = raft.watch_status();
+    loop {
+        {
+            let s = status.borrow_and_update();
+            metrics::gauge!("tessera_raft_term").set(s.term as f64);
+            metrics::gauge!("tessera_raft_commit_index").set(s.commit as f64);
+            metrics::gauge!("tessera_raft_applied_index").set(s.applied as f64);
+            metrics::gauge!("tessera_raft_is_leader").set(if s.role == StateRole::Leader { 1.0 } else { 0.0 });
+            metrics::gauge!("tessera_raft_log_entries").set(s.last_index.saturating_sub(s.first_index) as f64);
+        }
+        if status.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A server started empty with `--join`: learn the members from a running server, then ask
+/// the cluster to add this server.
+async fn join_cluster(shared: Arc<Shared>, join: String, me: String) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match try_join(&shared, &join, &me).await {
+            Ok(()) => {
+                tracing::info!(%join, "joined the cluster");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(%join, error = %e, "joining the cluster failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn try_join(shared: &Shared, join: &str, me: &str) -> Result<(), String> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{join}"))
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut client = v1::cluster_service_client::ClusterServiceClient::new(ch);
+    let status = client.status(v1::StatusRequest {}).await.map_err(|e| e.message().to_string())?.into_inner();
+    for m in &status.members {
+        if m.id != shared.id && !m.address.is_empty() {
+            shared.transport.set_peer(m.id, m.address.clone());
+        }
+    }
+    client
+        .add_server(v1::AddServerRequest { id: shared.id, address: me.to_string(), learner: false })
+        .await
+        .map_err(|e| e.message().to_string())?;
+    Ok(())
+}
