@@ -9,16 +9,22 @@ use std::sync::OnceLock;
 pub fn tessera_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        // The test executable lives in target/<profile>/deps/; the binary in target/<profile>/.
+        // Test executables live in target/<profile>/deps/, other binaries (the load generator)
+        // in target/<profile>/: the server binary sits in target/<profile>/.
         let exe = std::env::current_exe().expect("test executable path");
-        let dir = exe.parent().and_then(|d| d.parent()).expect("target profile directory").to_path_buf();
-        let bin = dir.join(format!("tessera{}", std::env::consts::EXE_SUFFIX));
+        let name = format!("tessera{}", std::env::consts::EXE_SUFFIX);
+        let here = exe.parent().expect("executable directory").to_path_buf();
+        let dir =
+            if here.ends_with("deps") { here.parent().expect("target profile directory").to_path_buf() } else { here };
+        let bin = dir.join(name);
         if !bin.exists() {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "-p", "tessera", "--bin", "tessera"])
-                .status()
-                .expect("run cargo build");
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "-p", "tessera", "--bin", "tessera"]);
+            if dir.ends_with("release") {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("run cargo build");
             assert!(status.success(), "cargo build -p tessera failed");
         }
         bin

@@ -73,6 +73,17 @@ async fn leader_kill_then_restart_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loop_while_clients_submit_loses_no_acknowledged_job() {
+    kill_loop(20).await;
+}
+
+/// The long run of targets.md R1: `cargo test -p tessera-tests -- --ignored kill_9_loop_long`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: 100 kills, several minutes"]
+async fn kill_9_loop_long() {
+    kill_loop(100).await;
+}
+
+async fn kill_loop(kills: u64) {
     let mut c = Cluster::start(3, &[]);
     leader(&c).await;
     let addrs = c.running_addrs();
@@ -95,7 +106,6 @@ async fn kill_9_loop_while_clients_submit_loses_no_acknowledged_job() {
             acked
         }));
     }
-    let kills = 20;
     for k in 0..kills {
         tokio::time::sleep(Duration::from_millis(300 + (k % 4) * 150)).await;
         let victim = match k % 3 {

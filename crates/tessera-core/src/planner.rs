@@ -805,6 +805,34 @@ pub fn plan(state: &State, now: Timestamp, limits: &PlanLimits) -> PlanOutput {
         }
     }
 
+    // Jobs with running shards, lowest priority first: the possible victims.
+    let mut running: Vec<(u16, JobId)> = Vec::new();
+    let mut last = None;
+    for r in state.live_attempts().values() {
+        if last != Some(r.job)
+            && let Some(j) = state.job(r.job)
+        {
+            running.push((j.spec.priority, j.id));
+        }
+        last = Some(r.job);
+    }
+    running.sort();
+    running.dedup();
+
+    // Nothing can start when no GPU is free and no running job could be preempted by any
+    // waiting one: skip the queue walk (the common case of a full fleet under load). Wait
+    // reasons are then left out: they are advice, not state.
+    let free_gpus: u32 = view.nodes.iter().map(|n| n.free.count_ones()).sum();
+    if free_gpus == 0 {
+        let lowest_running = running.first().map(|(p, _)| *p);
+        let can_preempt = lowest_running.is_some_and(|low| {
+            state.pending_jobs().iter().filter_map(|id| state.job(*id)).any(|j| j.spec.priority > low)
+        });
+        if !can_preempt {
+            return out;
+        }
+    }
+
     // Queue: priority, then tenants by fair share, then job id.
     let mut levels: BTreeMap<Reverse<u16>, BTreeMap<&str, VecDeque<&Job>>> = BTreeMap::new();
     for id in state.pending_jobs() {
@@ -823,20 +851,6 @@ pub fn plan(state: &State, now: Timestamp, limits: &PlanLimits) -> PlanOutput {
             .or_default()
             .push_back(job);
     }
-
-    // Jobs with running shards, lowest priority first: the possible victims.
-    let mut running: Vec<(u16, JobId)> = Vec::new();
-    let mut last = None;
-    for r in state.live_attempts().values() {
-        if last != Some(r.job)
-            && let Some(j) = state.job(r.job)
-        {
-            running.push((j.spec.priority, j.id));
-        }
-        last = Some(r.job);
-    }
-    running.sort();
-    running.dedup();
 
     let mut planned_gpus: BTreeMap<&str, u64> = BTreeMap::new();
     let mut claimed: BTreeSet<JobId> = BTreeSet::new();

@@ -73,8 +73,8 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
-    /// Defaults for a server ticking every 100 ms: elections after 1-2 s, heartbeats every
-    /// 200 ms, requests time out after 10 s.
+    /// Defaults: elections after 10 to 20 ticks without a leader, heartbeats every 2 ticks,
+    /// requests time out after 200 ticks (10 s at a 50 ms tick).
     pub fn new(id: u64) -> NodeConfig {
         NodeConfig {
             id,
@@ -83,7 +83,7 @@ impl NodeConfig {
             snapshot_every: 10_000,
             max_size_per_msg: 1024 * 1024,
             max_inflight_msgs: 256,
-            request_timeout_ticks: 100,
+            request_timeout_ticks: 200,
         }
     }
 }
@@ -135,6 +135,8 @@ pub struct Status {
     pub voters: Vec<u64>,
     /// Learners.
     pub learners: Vec<u64>,
+    /// Proposals and reads waiting to apply on this server.
+    pub waiting: usize,
 }
 
 struct Pending<T> {
@@ -343,6 +345,7 @@ impl<S: LogStore, M: StateMachine> RaftNode<S, M> {
             last_index: r.raft_log.last_index(),
             voters,
             learners,
+            waiting: self.proposals.len() + self.reads.len() + self.ready_reads.len(),
         }
     }
 

@@ -164,6 +164,8 @@ async fn placement_loop(shared: Arc<Shared>, interval: Duration) {
             .raft
             .local(|n| {
                 let state = &n.state_machine().state;
+                metrics::gauge!("tessera_jobs_pending").set(state.pending_jobs().len() as f64);
+                metrics::gauge!("tessera_attempts_live").set(state.live_attempts().len() as f64);
                 plan(state, api::now(), &PlanLimits::default()).plan
             })
             .await;
@@ -196,6 +198,7 @@ async fn metrics_loop(raft: raft_loop::RaftHandle) {
             metrics::gauge!("tessera_raft_applied_index").set(s.applied as f64);
             metrics::gauge!("tessera_raft_is_leader").set(if s.role == StateRole::Leader { 1.0 } else { 0.0 });
             metrics::gauge!("tessera_raft_log_entries").set(s.last_index.saturating_sub(s.first_index) as f64);
+            metrics::gauge!("tessera_raft_waiting_requests").set(s.waiting as f64);
         }
         if status.changed().await.is_err() {
             return;
