@@ -17,7 +17,9 @@ pub fn tessera_bin() -> PathBuf {
         let dir =
             if here.ends_with("deps") { here.parent().expect("target profile directory").to_path_buf() } else { here };
         let bin = dir.join(name);
-        if !bin.exists() {
+        // Under cargo, always ask it to bring the binary up to date (a no-op when it is):
+        // `cargo test -p tessera-tests` alone does not rebuild another package's binary.
+        if !bin.exists() || std::env::var_os("CARGO").is_some() {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut cmd = Command::new(cargo);
             cmd.args(["build", "-p", "tessera", "--bin", "tessera"]);

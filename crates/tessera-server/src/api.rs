@@ -41,6 +41,8 @@ pub struct Shared {
     pub events: broadcast::Sender<Arc<Applied>>,
     /// Wakes the placement loop.
     pub plan_now: Arc<Notify>,
+    /// The agents' sessions and liveness (meaningful on the leader).
+    pub agents: crate::agents::AgentHub,
 }
 
 fn unavailable(e: ProposeError) -> Status {
@@ -659,7 +661,7 @@ pub fn crc32(data: &[u8]) -> u32 {
     !crc
 }
 
-/// `AgentService`: arrives with the node agent.
+/// `AgentService`: one bidirectional stream per agent, served by the leader.
 pub struct Agents(pub Arc<Shared>);
 
 #[tonic::async_trait]
@@ -668,10 +670,10 @@ impl v1::agent_service_server::AgentService for Agents {
 
     async fn session(
         &self,
-        _req: Request<tonic::Streaming<v1::AgentMessage>>,
+        req: Request<tonic::Streaming<v1::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let _ = &self.0;
-        Err(Status::unimplemented("node agents are not supported by this release yet"))
+        let rx = crate::agents::session(self.0.clone(), req.into_inner()).await?;
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }
 

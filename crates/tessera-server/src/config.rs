@@ -56,6 +56,27 @@ pub struct ServerConfig {
     /// How often the leader runs the placement loop when nothing triggers it, milliseconds.
     #[serde(default = "default_plan_interval_ms")]
     pub plan_interval_ms: u64,
+    /// Interval of agent heartbeats, milliseconds.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// Agents stop their shards when no message of theirs was acknowledged for this long,
+    /// milliseconds. Must be at least three heartbeats.
+    #[serde(default = "default_fence_ms")]
+    pub fence_ms: u64,
+    /// The leader marks a node down after hearing nothing from it for this long, milliseconds.
+    /// Must exceed `fence_ms`, so a cut-off agent has stopped its shards before they move.
+    #[serde(default = "default_node_down_ms")]
+    pub node_down_ms: u64,
+}
+
+fn default_heartbeat_ms() -> u64 {
+    1000
+}
+fn default_fence_ms() -> u64 {
+    3000
+}
+fn default_node_down_ms() -> u64 {
+    4000
 }
 
 fn default_tick_ms() -> u64 {
@@ -83,6 +104,19 @@ impl ServerConfig {
             tick_ms: default_tick_ms(),
             snapshot_every: default_snapshot_every(),
             plan_interval_ms: default_plan_interval_ms(),
+            heartbeat_ms: default_heartbeat_ms(),
+            fence_ms: default_fence_ms(),
+            node_down_ms: default_node_down_ms(),
+        }
+    }
+
+    /// The agent protocol's timing.
+    pub fn agent_timeouts(&self) -> crate::agents::AgentTimeouts {
+        crate::agents::AgentTimeouts {
+            heartbeat: std::time::Duration::from_millis(self.heartbeat_ms),
+            fence: std::time::Duration::from_millis(self.fence_ms),
+            node_down: std::time::Duration::from_millis(self.node_down_ms),
+            reconnect_grace: std::time::Duration::from_millis(self.heartbeat_ms),
         }
     }
 
@@ -117,6 +151,15 @@ impl ServerConfig {
         }
         if self.plan_interval_ms == 0 {
             return Err(err("plan_interval_ms", "must not be 0"));
+        }
+        if !(100..=60_000).contains(&self.heartbeat_ms) {
+            return Err(err("heartbeat_ms", "must be 100 to 60000"));
+        }
+        if self.fence_ms < 3 * self.heartbeat_ms {
+            return Err(err("fence_ms", "must be at least three heartbeat intervals"));
+        }
+        if self.node_down_ms <= self.fence_ms {
+            return Err(err("node_down_ms", "must be longer than fence_ms, or a cut-off shard could run twice"));
         }
         if !self.initial_cluster.is_empty() {
             if self.join.is_some() {

@@ -7,6 +7,7 @@
 //!
 //! [`run`] takes its listener and a shutdown future, so tests bind port 0.
 
+pub mod agents;
 pub mod api;
 pub mod config;
 pub mod raft_loop;
@@ -108,6 +109,7 @@ pub async fn run(
         transport: transport.clone(),
         events,
         plan_now: Arc::new(Notify::new()),
+        agents: agents::AgentHub::new(cfg.agent_timeouts()),
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -120,6 +122,7 @@ pub async fn run(
     let tasks = vec![
         tokio::spawn(placement_loop(shared.clone(), Duration::from_millis(cfg.plan_interval_ms))),
         tokio::spawn(metrics_loop(raft.clone())),
+        tokio::spawn(agents::liveness_loop(shared.clone())),
     ];
     if let (Some(join), true) = (cfg.join.clone(), fresh) {
         tokio::spawn(join_cluster(shared.clone(), join, cfg.advertise_addr()));

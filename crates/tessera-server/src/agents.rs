@@ -1,0 +1,563 @@
+//! The leader's side of the agent stream (`AgentService.Session`).
+//!
+//! - Liveness lives in memory on the leader, never in the log: each session refreshes its
+//!   node's last-seen time. A node whose stream closed and did not come back within the
+//!   reconnect grace, or that sent nothing for the node-down timeout, is proposed down. Only
+//!   that change of state enters the log. The node-down timeout is longer than the agents'
+//!   fence timeout, so a cut-off agent has stopped its shards before they are placed again.
+//! - What the agent reports (start, exit, checkpoint, GPU health, spot notice) becomes a
+//!   command, and the agent gets an `Ack` once it is applied (or refused, e.g. a stale attempt).
+//! - What the state machine decides for the node (assignments, stops, drains) is pushed to it
+//!   from the applied events.
+//! - On (re)connect the agent lists the attempts it runs. Those the state no longer has are
+//!   forgotten (the agent stops them); live ones it lost are reported lost; assigned ones it
+//!   never got are sent again.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tessera_core::command::{Command, Event, ExitStatus};
+use tessera_core::model::{AttemptId, DrainReason, JobId, NodeId, NodeInfo, NodeState, ShardState};
+use tessera_core::{State, Timestamp};
+use tessera_proto::v1;
+use tessera_proto::v1::agent_message::Payload as In;
+use tessera_proto::v1::server_message::Payload as Out;
+use tessera_raft::StateRole;
+use tokio::sync::{broadcast, mpsc};
+use tonic::Status;
+
+use crate::api::{Shared, now};
+
+/// Timing of the agent protocol.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentTimeouts {
+    /// How often agents send a heartbeat.
+    pub heartbeat: Duration,
+    /// How long an agent keeps shards running without an acknowledged message.
+    pub fence: Duration,
+    /// How long the leader waits without hearing from a node before it proposes it down
+    /// (longer than `fence`).
+    pub node_down: Duration,
+    /// How long a node whose stream closed has to reconnect before it is proposed down.
+    pub reconnect_grace: Duration,
+}
+
+impl Default for AgentTimeouts {
+    fn default() -> Self {
+        AgentTimeouts {
+            heartbeat: Duration::from_secs(1),
+            fence: Duration::from_secs(3),
+            node_down: Duration::from_secs(4),
+            reconnect_grace: Duration::from_secs(1),
+        }
+    }
+}
+
+struct Session {
+    generation: u64,
+    last_seen: Instant,
+    closed_at: Option<Instant>,
+}
+
+/// The leader's view of its agents.
+pub struct AgentHub {
+    timeouts: AgentTimeouts,
+    sessions: Mutex<BTreeMap<NodeId, Session>>,
+    /// Where each node's agent can be reached (MASTER_ADDR of the jobs it leads).
+    addresses: Mutex<BTreeMap<NodeId, String>>,
+    generation: std::sync::atomic::AtomicU64,
+    leader_since: Mutex<Option<Instant>>,
+}
+
+impl AgentHub {
+    /// A hub with these timeouts.
+    pub fn new(timeouts: AgentTimeouts) -> AgentHub {
+        AgentHub {
+            timeouts,
+            sessions: Mutex::new(BTreeMap::new()),
+            addresses: Mutex::new(BTreeMap::new()),
+            generation: std::sync::atomic::AtomicU64::new(1),
+            leader_since: Mutex::new(None),
+        }
+    }
+
+    fn open(&self, node: NodeId, address: String) -> u64 {
+        let generation = self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut s) = self.sessions.lock() {
+            s.insert(node, Session { generation, last_seen: Instant::now(), closed_at: None });
+        }
+        if !address.is_empty()
+            && let Ok(mut a) = self.addresses.lock()
+        {
+            a.insert(node, address);
+        }
+        generation
+    }
+
+    fn seen(&self, node: NodeId, generation: u64) {
+        if let Ok(mut s) = self.sessions.lock()
+            && let Some(sess) = s.get_mut(&node).filter(|s| s.generation == generation)
+        {
+            sess.last_seen = Instant::now();
+        }
+    }
+
+    fn closed(&self, node: NodeId, generation: u64) {
+        if let Ok(mut s) = self.sessions.lock()
+            && let Some(sess) = s.get_mut(&node).filter(|s| s.generation == generation)
+        {
+            sess.closed_at = Some(Instant::now());
+        }
+    }
+
+    fn current(&self, node: NodeId, generation: u64) -> bool {
+        self.sessions.lock().map(|s| s.get(&node).is_some_and(|x| x.generation == generation)).unwrap_or(false)
+    }
+
+    fn address(&self, node: NodeId) -> Option<String> {
+        self.addresses.lock().ok().and_then(|a| a.get(&node).cloned())
+    }
+
+    /// Nodes to propose down now, given the nodes the state holds as not down.
+    fn overdue(&self, up: &[NodeId]) -> Vec<(NodeId, String)> {
+        let now = Instant::now();
+        let since = self.leader_since.lock().ok().and_then(|l| *l).unwrap_or(now);
+        let Ok(sessions) = self.sessions.lock() else { return Vec::new() };
+        let t = self.timeouts;
+        let mut out = Vec::new();
+        for id in up {
+            match sessions.get(id) {
+                Some(s) if s.closed_at.is_some_and(|c| now.duration_since(c) >= t.reconnect_grace) => {
+                    out.push((*id, "its agent's stream closed and did not come back".to_string()))
+                }
+                Some(s) if now.duration_since(s.last_seen) >= t.node_down => out.push((
+                    *id,
+                    format!("no word from its agent for {} ms", now.duration_since(s.last_seen).as_millis()),
+                )),
+                None if now.duration_since(since) >= t.node_down => {
+                    out.push((*id, "its agent did not connect to the new leader".to_string()))
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// Watches liveness on the leader and proposes overdue nodes down.
+pub async fn liveness_loop(shared: Arc<Shared>) {
+    let mut was_leader = false;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let leader = shared.raft.status().role == StateRole::Leader;
+        if leader != was_leader {
+            // A new leader knows nothing of the agents yet: they reconnect, and it counts from
+            // the moment it took office.
+            if let Ok(mut l) = shared.agents.leader_since.lock() {
+                *l = leader.then(Instant::now);
+            }
+            if let Ok(mut s) = shared.agents.sessions.lock() {
+                s.clear();
+            }
+            was_leader = leader;
+        }
+        if !leader {
+            continue;
+        }
+        let Ok(up) = shared
+            .raft
+            .local(|n| {
+                n.state_machine()
+                    .state
+                    .nodes()
+                    .values()
+                    .filter(|n| !matches!(n.state, NodeState::Down { .. }))
+                    .map(|n| n.id)
+                    .collect::<Vec<_>>()
+            })
+            .await
+        else {
+            return;
+        };
+        for (node, reason) in shared.agents.overdue(&up) {
+            tracing::warn!(%node, %reason, "marking node down");
+            metrics::counter!("tessera_nodes_marked_down_total").increment(1);
+            if shared.write(&Command::MarkNodeDown { node, reason }).await.is_ok()
+                && let Ok(mut s) = shared.agents.sessions.lock()
+            {
+                s.remove(&node);
+            }
+        }
+    }
+}
+
+fn stop_reason(r: tessera_core::model::StopReason) -> v1::StopReason {
+    v1::StopReason::from(r)
+}
+
+/// Build the assignment message for a live attempt.
+fn assign_message(state: &State, hub: &AgentHub, job: JobId, shard: u32) -> Option<v1::ServerMessage> {
+    let j = state.job(job)?;
+    let s = j.shards.get(shard as usize)?;
+    let a = s.attempt.as_ref()?;
+    let spec = &j.spec;
+    let master_node = j.shards.first().and_then(|s0| s0.attempt.as_ref()).map(|a0| a0.node)?;
+    let master_addr = hub
+        .address(master_node)
+        .map(|a| a.rsplit_once(':').map_or(a.clone(), |(h, _)| h.to_string()))
+        .or_else(|| state.node(master_node).map(|n| n.info.name.clone()))
+        .unwrap_or_default();
+    Some(v1::ServerMessage {
+        payload: Some(Out::AssignShard(v1::AssignShard {
+            job_id: job.0,
+            shard_index: shard,
+            attempt_id: a.id.0,
+            attempt: a.number,
+            gpus: a.gpus.clone(),
+            command: spec.command.clone(),
+            env: spec.env.clone().into_iter().collect(),
+            launch: Some(v1::LaunchEnv {
+                master_addr,
+                // One rendezvous port per job on its master node, away from the usual 29500.
+                master_port: 20_000 + (job.0 % 20_000) as u32,
+                world_size: spec.shards,
+                rank: shard,
+                node_rank: shard,
+                nnodes: spec.shards,
+                local_rank: 0,
+                num_shards: spec.shards,
+            }),
+            checkpoint_dir: spec.checkpoint_dir.clone().unwrap_or_default(),
+            resume_from: j.resume_point(shard).map(|c| c.uri.clone()),
+            checkpoint_signal: spec.stop.signal.clone(),
+            checkpoint_grace_ms: spec.stop.checkpoint_grace_secs * 1000,
+            term_grace_ms: spec.stop.term_grace_secs * 1000,
+            job_name: spec.name.clone(),
+            tenant: spec.tenant.clone(),
+        })),
+    })
+}
+
+fn stop_message(
+    state: &State,
+    job: JobId,
+    attempt: AttemptId,
+    reason: tessera_core::model::StopReason,
+) -> v1::ServerMessage {
+    let stop = state.job(job).map(|j| j.spec.stop.clone()).unwrap_or_default();
+    v1::ServerMessage {
+        payload: Some(Out::StopShard(v1::StopShard {
+            attempt_id: attempt.0,
+            reason: stop_reason(reason) as i32,
+            checkpoint_grace_ms: stop.checkpoint_grace_secs * 1000,
+            term_grace_ms: stop.term_grace_secs * 1000,
+            message: format!("{reason:?}"),
+        })),
+    }
+}
+
+/// What a (re)connecting agent must be told, from the state and the attempts it runs.
+struct Reconcile {
+    forget: Vec<u64>,
+    lost: Vec<AttemptId>,
+    resend: Vec<(JobId, u32)>,
+    stop: Vec<(JobId, AttemptId, tessera_core::model::StopReason)>,
+    drain: Option<v1::Drain>,
+}
+
+fn reconcile(state: &State, node: NodeId, running: &BTreeSet<u64>) -> Reconcile {
+    let mut r = Reconcile { forget: Vec::new(), lost: Vec::new(), resend: Vec::new(), stop: Vec::new(), drain: None };
+    let mut live_here = BTreeSet::new();
+    for (id, at) in state.live_attempts() {
+        let Some((job, shard)) = state.attempt(*id) else { continue };
+        let Some(a) = shard.attempt.as_ref().filter(|a| a.node == node) else { continue };
+        live_here.insert(id.0);
+        match (running.contains(&id.0), shard.state) {
+            (true, ShardState::Stopping(reason)) => r.stop.push((job.id, a.id, reason)),
+            (true, _) => {}
+            (false, ShardState::Assigned) => r.resend.push((at.job, at.shard)),
+            (false, _) => r.lost.push(*id),
+        }
+    }
+    r.forget = running.iter().copied().filter(|a| !live_here.contains(a)).collect();
+    if let Some(n) = state.node(node)
+        && let NodeState::Draining { reason, deadline } = n.state
+    {
+        r.drain = Some(v1::Drain {
+            draining: true,
+            deadline_unix_ms: deadline.map(|d| d.0),
+            reason: v1::DrainReason::from(reason) as i32,
+        });
+    }
+    r
+}
+
+fn ack(seq: u64, result: Result<(), Status>) -> v1::ServerMessage {
+    let (rejected, reason) = match result {
+        Ok(()) => (false, String::new()),
+        Err(s) => (true, s.message().to_string()),
+    };
+    v1::ServerMessage { payload: Some(Out::Ack(v1::Ack { seq, rejected, reason })) }
+}
+
+fn not_leader(shared: &Shared) -> v1::ServerMessage {
+    let s = shared.raft.status();
+    let address = shared.transport.peers().get(&s.leader).cloned().unwrap_or_default();
+    v1::ServerMessage {
+        payload: Some(Out::NotLeader(v1::NotLeader {
+            leader: Some(v1::LeaderHint { leader_id: (s.leader != 0).then_some(s.leader), leader_address: address }),
+        })),
+    }
+}
+
+/// Run one agent session; returns the stream of messages to the agent.
+pub async fn session(
+    shared: Arc<Shared>,
+    mut inbound: tonic::Streaming<v1::AgentMessage>,
+) -> Result<mpsc::Receiver<Result<v1::ServerMessage, Status>>, Status> {
+    let (tx, rx) = mpsc::channel(1024);
+    if shared.raft.status().role != StateRole::Leader {
+        let _ = tx.send(Ok(not_leader(&shared))).await;
+        return Ok(rx);
+    }
+    let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("the stream ended before Register"))?;
+    let Some(In::Register(reg)) = first.payload else {
+        return Err(Status::invalid_argument("payload: the first message of a session must be Register"));
+    };
+    let info = NodeInfo::try_from(&reg).map_err(Status::from)?;
+    let name = info.name.clone();
+    shared.write(&Command::RegisterNode { info }).await?;
+    let node = shared
+        .read(0, move |s| s.node_by_name(&name).map(|n| n.id))
+        .await?
+        .ok_or_else(|| Status::internal("the node registered but is not in the state"))?;
+    // Subscribe before reconciling so nothing applied in between is missed (the agent drops
+    // duplicate assignments by attempt id).
+    let events = shared.events.subscribe();
+    let running: BTreeSet<u64> = reg.running_attempts.iter().map(|a| a.attempt_id).collect();
+    let generation = shared.agents.open(node, reg.advertise_addr.clone());
+    let hub = shared.clone();
+    let (first_msgs, lost) = shared
+        .read(0, move |s| {
+            let r = reconcile(s, node, &running);
+            let mut msgs = Vec::new();
+            if !r.forget.is_empty() {
+                msgs.push(v1::ServerMessage {
+                    payload: Some(Out::ForgetAttempts(v1::ForgetAttempts {
+                        attempt_ids: r.forget.clone(),
+                        reason: "the scheduler no longer runs these attempts here".into(),
+                    })),
+                });
+            }
+            for (job, attempt, reason) in &r.stop {
+                msgs.push(stop_message(s, *job, *attempt, *reason));
+            }
+            for (job, shard) in &r.resend {
+                msgs.extend(assign_message(s, &hub.agents, *job, *shard));
+            }
+            if let Some(d) = r.drain {
+                msgs.push(v1::ServerMessage { payload: Some(Out::Drain(d)) });
+            }
+            let sent: BTreeSet<(JobId, u32)> = r.resend.iter().copied().collect();
+            ((msgs, sent), r.lost)
+        })
+        .await?;
+    let (msgs, sent) = first_msgs;
+    let status = shared.raft.status();
+    let t = shared.agents.timeouts;
+    let registered = v1::ServerMessage {
+        payload: Some(Out::Registered(v1::Registered {
+            node_id: node.0,
+            heartbeat_interval_ms: t.heartbeat.as_millis() as u64,
+            fence_timeout_ms: t.fence.as_millis() as u64,
+            leader_id: status.id,
+            term: status.term,
+            server_time_unix_ms: now().0,
+        })),
+    };
+    let _ = tx.send(Ok(registered)).await;
+    for m in msgs {
+        let _ = tx.send(Ok(m)).await;
+    }
+    // Attempts the state thinks run here but the agent does not have: lost with the node.
+    for attempt in lost {
+        let cmd = Command::ShardExited {
+            attempt,
+            exit: ExitStatus { code: None, signal: None },
+            node_fault: true,
+            message: Some("the agent no longer had this attempt when it reconnected".into()),
+        };
+        let _ = shared.write(&cmd).await;
+    }
+    tracing::info!(%node, generation, "agent session open");
+    tokio::spawn(push_events(shared.clone(), node, generation, events, tx.clone(), sent));
+    tokio::spawn(read_reports(shared, node, generation, inbound, tx));
+    Ok(rx)
+}
+
+/// Push what the state machine decided for `node` to its agent.
+async fn push_events(
+    shared: Arc<Shared>,
+    node: NodeId,
+    generation: u64,
+    mut events: broadcast::Receiver<Arc<crate::sm::Applied>>,
+    tx: mpsc::Sender<Result<v1::ServerMessage, Status>>,
+    mut sent: BTreeSet<(JobId, u32)>,
+) {
+    loop {
+        let applied = match events.recv().await {
+            Ok(a) => a,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                // Too far behind: end the session; the agent reconnects and is reconciled.
+                tracing::warn!(%node, missed = n, "agent session fell behind; closing it");
+                let _ = tx.send(Err(Status::unavailable("session fell behind; reconnect"))).await;
+                return;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if !shared.agents.current(node, generation) || tx.is_closed() {
+            return;
+        }
+        let mine: Vec<Event> = applied
+            .events
+            .iter()
+            .filter(|e| match e {
+                Event::ShardAssigned { node: n, .. } | Event::StopRequested { node: n, .. } => *n == node,
+                Event::NodeStateChanged { node: n, .. } | Event::GpuHealthChanged { node: n, .. } => *n == node,
+                _ => false,
+            })
+            .cloned()
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let hub = shared.clone();
+        let already = sent.clone();
+        let Ok(msgs) = shared
+            .raft
+            .local(move |n| {
+                let s = &n.state_machine().state;
+                let mut out = Vec::new();
+                for e in mine {
+                    match e {
+                        Event::ShardAssigned { job, shard, .. } if !already.contains(&(job, shard)) => {
+                            out.extend(assign_message(s, &hub.agents, job, shard).map(|m| (Some((job, shard)), m)));
+                        }
+                        Event::StopRequested { job, attempt, reason, .. } => {
+                            out.push((None, stop_message(s, job, attempt, reason)))
+                        }
+                        Event::NodeStateChanged { state, .. } => {
+                            let drain = match state {
+                                NodeState::Draining { reason, deadline } => v1::Drain {
+                                    draining: true,
+                                    deadline_unix_ms: deadline.map(|d| d.0),
+                                    reason: v1::DrainReason::from(reason) as i32,
+                                },
+                                NodeState::Ready => v1::Drain {
+                                    draining: false,
+                                    deadline_unix_ms: None,
+                                    reason: v1::DrainReason::from(DrainReason::Operator) as i32,
+                                },
+                                NodeState::Down { .. } => continue,
+                            };
+                            out.push((None, v1::ServerMessage { payload: Some(Out::Drain(drain)) }));
+                        }
+                        Event::GpuHealthChanged { gpu, healthy: true, .. } => out.push((
+                            None,
+                            v1::ServerMessage {
+                                payload: Some(Out::GpuHealthCleared(v1::GpuHealthCleared { gpu_indices: vec![gpu] })),
+                            },
+                        )),
+                        _ => {}
+                    }
+                }
+                out
+            })
+            .await
+        else {
+            return;
+        };
+        for (key, m) in msgs {
+            if let Some(k) = key {
+                sent.insert(k);
+            }
+            if tx.send(Ok(m)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Turn the agent's reports into commands, acknowledging each once applied.
+async fn read_reports(
+    shared: Arc<Shared>,
+    node: NodeId,
+    generation: u64,
+    mut inbound: tonic::Streaming<v1::AgentMessage>,
+    tx: mpsc::Sender<Result<v1::ServerMessage, Status>>,
+) {
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) | Err(_) => break,
+        };
+        if !shared.agents.current(node, generation) {
+            break;
+        }
+        shared.agents.seen(node, generation);
+        if shared.raft.status().role != StateRole::Leader {
+            let _ = tx.send(Ok(not_leader(&shared))).await;
+            break;
+        }
+        let seq = msg.seq;
+        let cmd = match msg.payload {
+            Some(In::Heartbeat(_)) | None => {
+                let _ = tx.send(Ok(ack(seq, Ok(())))).await;
+                continue;
+            }
+            Some(In::Register(_)) => {
+                let _ = tx.send(Ok(ack(seq, Err(Status::invalid_argument("already registered on this stream"))))).await;
+                continue;
+            }
+            Some(In::LogChunk(_)) => {
+                let _ = tx
+                    .send(Ok(ack(seq, Err(Status::unimplemented("logs are not collected by this release yet")))))
+                    .await;
+                continue;
+            }
+            Some(In::ShardStarted(s)) => Command::ShardStarted { attempt: AttemptId(s.attempt_id) },
+            Some(In::ShardExited(e)) => Command::ShardExited {
+                attempt: AttemptId(e.attempt_id),
+                exit: match e.termination {
+                    Some(v1::shard_exited::Termination::ExitCode(c)) => ExitStatus { code: Some(c), signal: None },
+                    Some(v1::shard_exited::Termination::Signal(s)) => ExitStatus { code: None, signal: Some(s) },
+                    None => ExitStatus { code: None, signal: None },
+                },
+                node_fault: e.node_fault,
+                message: (!e.message.is_empty()).then_some(e.message),
+            },
+            Some(In::CheckpointReport(c)) => {
+                Command::RecordCheckpoint { attempt: AttemptId(c.attempt_id), step: c.step, uri: c.uri }
+            }
+            Some(In::GpuHealthReport(g)) => {
+                Command::SetGpuHealth { node, gpu: g.gpu_index, healthy: g.healthy, reason: g.reason }
+            }
+            Some(In::SpotNotice(n)) => Command::DrainNode {
+                node,
+                reason: DrainReason::SpotInterruption,
+                deadline: (n.deadline_unix_ms > 0).then_some(Timestamp(n.deadline_unix_ms)),
+            },
+        };
+        let result = shared.write(&cmd).await.map(|_| ());
+        if result.as_ref().is_err_and(|s| s.code() == tonic::Code::Unavailable) {
+            let _ = tx.send(Err(Status::unavailable("the cluster lost its leader; reconnect"))).await;
+            break;
+        }
+        if tx.send(Ok(ack(seq, result))).await.is_err() {
+            break;
+        }
+    }
+    shared.agents.closed(node, generation);
+    tracing::info!(%node, generation, "agent session closed");
+}
