@@ -265,3 +265,92 @@ pub async fn applied_index(addr: &str) -> Option<u64> {
     let r = c.status(v1::StatusRequest {}).await.ok()?.into_inner();
     r.members.iter().find(|m| m.id == r.responder_id).map(|m| m.applied_index)
 }
+
+/// One `tessera agent` process with simulated GPUs; killed (SIGKILL) and reaped when dropped.
+pub struct AgentProc {
+    /// Node name.
+    pub name: String,
+    /// Working directory of its attempts.
+    pub work_dir: PathBuf,
+    /// Metrics address.
+    pub http: String,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl AgentProc {
+    /// Start an agent named `name` with `gpus` (like "8xH100-80GB") against `servers`.
+    pub fn start(name: &str, servers: &[String], gpus: &str, dir: &Path, extra: &[&str]) -> AgentProc {
+        let work_dir = dir.join(format!("agent-{name}"));
+        let http = format!("127.0.0.1:{}", free_port());
+        let mut args = vec![
+            "agent".to_string(),
+            "--name".into(),
+            name.into(),
+            "--advertise".into(),
+            "127.0.0.1".into(),
+            "--servers".into(),
+            servers.join(","),
+            "--simulate-gpus".into(),
+            gpus.into(),
+            "--work-dir".into(),
+            work_dir.display().to_string(),
+            "--http".into(),
+            http.clone(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut a = AgentProc { name: name.into(), work_dir, http, args, child: None };
+        a.restart();
+        a
+    }
+
+    /// Start it again with the same arguments.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "agent {} is already running", self.name);
+        std::fs::create_dir_all(&self.work_dir).expect("create agent dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.work_dir.with_extension("log"))
+            .expect("open agent log");
+        let child = Command::new(tessera_bin())
+            .args(&self.args)
+            .env("TESSERA_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn tessera agent");
+        self.child = Some(child);
+    }
+
+    /// kill -9 the agent (its shards' process groups are left to their fate, like a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGSTOP / SIGCONT: cut it off without closing its connections.
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").args([format!("-{sig}"), c.id().to_string()]).status();
+        }
+    }
+
+    /// The agent's log so far.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.work_dir.with_extension("log")).unwrap_or_default();
+        let start = text.len().saturating_sub(3000);
+        text[text.floor_char_boundary(start)..].to_string()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        // A stopped process cannot die until continued.
+        self.signal("CONT");
+        self.kill();
+    }
+}

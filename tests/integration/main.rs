@@ -1,5 +1,6 @@
 //! Tessera's integration tests: one test binary, one module per area.
 
+mod agent_e2e;
 mod agents;
 mod cli;
 mod cluster;

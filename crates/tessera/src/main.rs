@@ -22,9 +22,57 @@ struct Cli {
 enum Command {
     /// Run a scheduler server (one member of the Raft cluster).
     Server(ServerArgs),
+    /// Run the node agent on a GPU host.
+    Agent(AgentArgs),
     /// Work with job spec files.
     #[command(subcommand)]
     Spec(SpecCommand),
+}
+
+#[derive(clap::Args, Debug)]
+struct AgentArgs {
+    /// Scheduler servers, comma-separated HOST:PORT; tried in turn, leader hints followed.
+    #[arg(long, env = "TESSERA_SERVER", value_delimiter = ',', required = true)]
+    servers: Vec<String>,
+    /// This host's name, unique in the fleet (default: the hostname).
+    #[arg(long)]
+    name: Option<String>,
+    /// Address other hosts reach this one at, for MASTER_ADDR (default: the name).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Simulate GPUs instead of using NVML, like 8xH100-80GB or 4xA100-40GB,4xA100-80GB.
+    #[arg(long)]
+    simulate_gpus: Option<String>,
+    /// Where shard attempts get their working directories.
+    #[arg(long, default_value = "/var/lib/tessera/agent")]
+    work_dir: PathBuf,
+    /// Prometheus metrics address, HOST:PORT.
+    #[arg(long)]
+    http: Option<std::net::SocketAddr>,
+    /// Cloud: none (default), aws or azure.
+    #[arg(long, default_value = "none")]
+    cloud: String,
+    /// Region (for --cloud none).
+    #[arg(long, default_value = "local")]
+    region: String,
+    /// Zone (for --cloud none).
+    #[arg(long, default_value = "local-a")]
+    zone: String,
+    /// Instance type (for --cloud none).
+    #[arg(long, default_value = "unknown")]
+    instance_type: String,
+    /// Spot capacity (for --cloud none).
+    #[arg(long)]
+    spot: bool,
+    /// Price per GPU-hour in dollars (for --cloud none).
+    #[arg(long, default_value_t = 0.0)]
+    price: f64,
+    /// Node label KEY=VALUE, repeatable.
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// Cap per log stream of one attempt, MiB.
+    #[arg(long, default_value_t = 256)]
+    log_cap_mib: u64,
 }
 
 /// Flags override the config file; the config file overrides defaults.
@@ -95,6 +143,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Server(args) => server(args),
+        Command::Agent(args) => agent(args),
         Command::Spec(SpecCommand::Check { file, output }) => spec_check(&file, output),
     }
 }
@@ -140,6 +189,82 @@ fn server_config(a: ServerArgs) -> Result<tessera_server::ServerConfig, String> 
     Ok(cfg)
 }
 
+fn agent(a: AgentArgs) -> ExitCode {
+    let cloud = match a.cloud.as_str() {
+        "none" => tessera_proto::v1::Cloud::None,
+        "aws" | "azure" => {
+            eprintln!(
+                "error: --cloud {}: cloud metadata discovery is not in this release yet; use --cloud none",
+                a.cloud
+            );
+            return ExitCode::from(EXIT_INVALID);
+        }
+        other => {
+            eprintln!("error: --cloud: '{other}' is not none, aws or azure");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let mut labels = std::collections::BTreeMap::new();
+    for l in &a.labels {
+        match l.split_once('=') {
+            Some((k, v)) if !k.is_empty() => {
+                labels.insert(k.to_string(), v.to_string());
+            }
+            _ => {
+                eprintln!("error: --label: '{l}' is not KEY=VALUE");
+                return ExitCode::from(EXIT_INVALID);
+            }
+        }
+    }
+    if !(a.price.is_finite() && a.price >= 0.0) {
+        eprintln!("error: --price: must be a non-negative number of dollars");
+        return ExitCode::from(EXIT_INVALID);
+    }
+    let name = a.name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into())
+    });
+    let cfg = tessera_agent::agent::AgentConfig {
+        advertise: a.advertise.clone().unwrap_or_else(|| name.clone()),
+        name,
+        servers: a.servers,
+        cloud,
+        region: a.region,
+        zone: a.zone,
+        instance_type: a.instance_type,
+        spot: a.spot,
+        price_micros: (a.price * 1_000_000.0).round() as u64,
+        labels,
+        work_dir: a.work_dir,
+        log_cap_bytes: a.log_cap_mib.saturating_mul(1024 * 1024),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let result = runtime.block_on(tessera_agent::run(cfg, a.simulate_gpus, a.http, shutdown_signal()));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
 fn server(args: ServerArgs) -> ExitCode {
     let cfg = match server_config(args) {
         Ok(c) => c,
@@ -159,14 +284,7 @@ fn server(args: ServerArgs) -> ExitCode {
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
-        let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-            }
-        };
-        tessera_server::run(cfg, listener, shutdown).await.map_err(|e| e.to_string())
+        tessera_server::run(cfg, listener, shutdown_signal()).await.map_err(|e| e.to_string())
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,549 @@
+//! The agent's main loop: one stream to the leader, reconnecting with backoff and following
+//! leader hints; shards keep running through short outages, and are stopped when no message
+//! has been acknowledged for the fence timeout (self-fencing), so a cut-off shard never runs
+//! twice. Reports (starts, exits, checkpoints, GPU health) are kept until acknowledged and sent
+//! again after a reconnect.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tessera_proto::v1;
+use tessera_proto::v1::agent_message::Payload as In;
+use tessera_proto::v1::server_message::Payload as Out;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::gpu::{GpuEventKind, GpuSource};
+use crate::shard::{ExitInfo, LaunchSpec, Shard};
+
+/// What the agent says about its host, and where the servers are.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Host name, unique in the fleet.
+    pub name: String,
+    /// Scheduler servers, tried in turn.
+    pub servers: Vec<String>,
+    /// Address other hosts reach this one at (MASTER_ADDR of the jobs it leads).
+    pub advertise: String,
+    /// Cloud, region, zone, instance type, spot, price per GPU-hour in micro-dollars.
+    pub cloud: v1::Cloud,
+    /// Region.
+    pub region: String,
+    /// Zone.
+    pub zone: String,
+    /// Instance type.
+    pub instance_type: String,
+    /// Spot capacity.
+    pub spot: bool,
+    /// Price per GPU-hour, micro-dollars.
+    pub price_micros: u64,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Where attempts get their working directories.
+    pub work_dir: PathBuf,
+    /// Cap per log stream of an attempt, bytes.
+    pub log_cap_bytes: u64,
+}
+
+struct Running {
+    shard: Arc<Shard>,
+    job_id: u64,
+    shard_index: u32,
+    gpus: Vec<u32>,
+    last_checkpoint_step: Option<u64>,
+}
+
+/// The agent's state across sessions.
+pub struct Agent {
+    cfg: AgentConfig,
+    gpus: Box<dyn GpuSource>,
+    running: BTreeMap<u64, Running>,
+    /// Reports not yet acknowledged, in order, by sequence number.
+    outbox: VecDeque<(u64, In)>,
+    seq: u64,
+    exit_tx: mpsc::UnboundedSender<(u64, ExitInfo)>,
+    exit_rx: mpsc::UnboundedReceiver<(u64, ExitInfo)>,
+    /// What the metrics endpoint shows.
+    pub metrics: Arc<AgentMetrics>,
+}
+
+/// What the agent's metrics endpoint serves: GPU metrics under dcgm-exporter's names, and the
+/// agent's own counters.
+#[derive(Debug, Default)]
+pub struct AgentMetrics {
+    /// Prometheus text of the latest GPU samples.
+    pub gpus: std::sync::Mutex<String>,
+    /// Attempts running on this node.
+    pub shards_running: AtomicU64,
+    /// Sessions opened after the first.
+    pub reconnects: AtomicU64,
+    /// Times the agent stopped its shards because no leader answered for the fence timeout.
+    pub fenced: AtomicU64,
+    /// Malformed progress lines of the running attempts.
+    pub progress_lines_rejected: AtomicU64,
+}
+
+impl AgentMetrics {
+    /// The whole exposition.
+    pub fn render(&self) -> String {
+        let mut out = self.gpus.lock().map(|g| g.clone()).unwrap_or_default();
+        let mut one = |name: &str, kind: &str, help: &str, v: u64| {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+        };
+        one(
+            "tessera_agent_shards_running",
+            "gauge",
+            "Shard attempts running on this node.",
+            self.shards_running.load(Ordering::Relaxed),
+        );
+        one(
+            "tessera_agent_reconnects_total",
+            "counter",
+            "Sessions opened after the first.",
+            self.reconnects.load(Ordering::Relaxed),
+        );
+        one(
+            "tessera_agent_fenced_total",
+            "counter",
+            "Times the agent stopped its shards for lack of a leader.",
+            self.fenced.load(Ordering::Relaxed),
+        );
+        one(
+            "tessera_agent_progress_lines_rejected",
+            "gauge",
+            "Malformed progress lines of the running attempts.",
+            self.progress_lines_rejected.load(Ordering::Relaxed),
+        );
+        out
+    }
+}
+
+fn registration(cfg: &AgentConfig, gpus: &dyn GpuSource, running: &BTreeMap<u64, Running>) -> v1::Register {
+    v1::Register {
+        name: cfg.name.clone(),
+        cloud: cfg.cloud as i32,
+        region: cfg.region.clone(),
+        zone: cfg.zone.clone(),
+        instance_type: cfg.instance_type.clone(),
+        spot: cfg.spot,
+        price_per_gpu_hour_micros: cfg.price_micros,
+        cpu_millis: std::thread::available_parallelism().map(|n| n.get() as u64 * 1000).unwrap_or(1000),
+        memory_mib: 0,
+        gpus: gpus
+            .inventory()
+            .iter()
+            .map(|g| v1::GpuInfo {
+                index: g.index,
+                uuid: g.uuid.clone(),
+                model: g.model.clone(),
+                memory_mib: g.memory_mib,
+            })
+            .collect(),
+        labels: cfg.labels.clone().into_iter().collect(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        simulated: gpus.simulated(),
+        running_attempts: running
+            .iter()
+            .map(|(id, r)| v1::RunningAttempt {
+                attempt_id: *id,
+                job_id: r.job_id,
+                shard_index: r.shard_index,
+                pid: r.shard.pid(),
+                started_unix_ms: 0,
+            })
+            .collect(),
+        advertise_addr: cfg.advertise.clone(),
+        ..Default::default()
+    }
+}
+
+enum SessionEnd {
+    /// Try this address next.
+    Redirect(String),
+    /// Try the next server.
+    Lost,
+    /// Shutting down.
+    Shutdown,
+}
+
+impl Agent {
+    /// An agent over these GPUs.
+    pub fn new(cfg: AgentConfig, gpus: Box<dyn GpuSource>) -> Agent {
+        let (exit_tx, exit_rx) = mpsc::unbounded_channel();
+        Agent {
+            cfg,
+            gpus,
+            running: BTreeMap::new(),
+            outbox: VecDeque::new(),
+            seq: 0,
+            exit_tx,
+            exit_rx,
+            metrics: Arc::new(AgentMetrics::default()),
+        }
+    }
+
+    fn queue(&mut self, p: In) {
+        self.seq += 1;
+        self.outbox.push_back((self.seq, p));
+    }
+
+    /// Run until `shutdown` fires; then stop every shard.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut next = 0usize;
+        let mut redirect: Option<String> = None;
+        let mut backoff = Duration::from_millis(100);
+        let mut last_ack = Instant::now();
+        let mut fence = Duration::from_secs(3);
+        let mut first = true;
+        loop {
+            let addr = redirect.take().unwrap_or_else(|| {
+                let a = self.cfg.servers[next % self.cfg.servers.len()].clone();
+                next += 1;
+                a
+            });
+            let end = tokio::select! {
+                _ = &mut shutdown => SessionEnd::Shutdown,
+                end = self.session(&addr, &mut last_ack, &mut fence, first) => end,
+            };
+            match end {
+                SessionEnd::Shutdown => break,
+                SessionEnd::Redirect(a) => {
+                    redirect = Some(a);
+                    backoff = Duration::from_millis(100);
+                }
+                SessionEnd::Lost => {
+                    // Between sessions: collect exits and fence if cut off for too long.
+                    let until = Instant::now() + backoff;
+                    while Instant::now() < until {
+                        self.collect_exits();
+                        self.fence_if_overdue(last_ack, fence).await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+            first = false;
+        }
+        tracing::info!("agent stopping: stopping every shard");
+        let shards: Vec<Arc<Shard>> = self.running.values().map(|r| r.shard.clone()).collect();
+        for s in shards {
+            s.stop().await;
+        }
+    }
+
+    fn collect_exits(&mut self) {
+        while let Ok((attempt, exit)) = self.exit_rx.try_recv() {
+            self.exited(attempt, exit);
+        }
+    }
+
+    fn exited(&mut self, attempt: u64, exit: ExitInfo) {
+        if let Some(r) = self.running.remove(&attempt) {
+            for g in &r.gpus {
+                self.gpus.set_busy(*g, false);
+            }
+            // Checkpoints written before the exit go first: after it the attempt is not live.
+            for (step, uri) in r.shard.new_checkpoints() {
+                if r.last_checkpoint_step.is_none_or(|s| step >= s) {
+                    self.queue(In::CheckpointReport(v1::CheckpointReport {
+                        attempt_id: attempt,
+                        step,
+                        uri,
+                        ..Default::default()
+                    }));
+                }
+            }
+            let termination = match (exit.code, exit.signal) {
+                (Some(c), _) => Some(v1::shard_exited::Termination::ExitCode(c)),
+                (None, Some(s)) => Some(v1::shard_exited::Termination::Signal(s)),
+                _ => None,
+            };
+            self.queue(In::ShardExited(v1::ShardExited { attempt_id: attempt, termination, ..Default::default() }));
+        }
+    }
+
+    async fn fence_if_overdue(&mut self, last_ack: Instant, fence: Duration) {
+        if self.running.is_empty() || last_ack.elapsed() < fence {
+            return;
+        }
+        tracing::warn!(running = self.running.len(), "no leader reachable for the fence timeout: stopping every shard");
+        self.metrics.fenced.fetch_add(1, Ordering::Relaxed);
+        let shards: Vec<Arc<Shard>> = self.running.values().map(|r| r.shard.clone()).collect();
+        // The ladder asks for a checkpoint first; the exits are reported once reconnected.
+        for s in shards {
+            tokio::spawn(async move { s.stop().await });
+        }
+    }
+
+    async fn session(&mut self, addr: &str, last_ack: &mut Instant, fence: &mut Duration, first: bool) -> SessionEnd {
+        let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
+            Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "bad server address");
+                return SessionEnd::Lost;
+            }
+        };
+        let Ok(channel) = endpoint.connect().await else { return SessionEnd::Lost };
+        let (tx, out) = mpsc::channel::<v1::AgentMessage>(1024);
+        self.seq += 1;
+        let reg = registration(&self.cfg, self.gpus.as_ref(), &self.running);
+        let _ = tx.send(v1::AgentMessage { seq: self.seq, payload: Some(In::Register(reg)) }).await;
+        let mut client = v1::agent_service_client::AgentServiceClient::new(channel);
+        let Ok(resp) = client.session(ReceiverStream::new(out)).await else { return SessionEnd::Lost };
+        let mut inbound = resp.into_inner();
+        let heartbeat = match inbound.message().await {
+            Ok(Some(v1::ServerMessage { payload: Some(Out::Registered(r)) })) => {
+                *fence = Duration::from_millis(r.fence_timeout_ms.max(1000));
+                *last_ack = Instant::now();
+                tracing::info!(%addr, node = r.node_id, leader = r.leader_id, "registered");
+                Duration::from_millis(r.heartbeat_interval_ms.max(100))
+            }
+            Ok(Some(v1::ServerMessage { payload: Some(Out::NotLeader(n)) })) => {
+                return match n.leader.map(|l| l.leader_address).filter(|a| !a.is_empty()) {
+                    Some(a) => SessionEnd::Redirect(a),
+                    None => SessionEnd::Lost,
+                };
+            }
+            _ => return SessionEnd::Lost,
+        };
+        if !first {
+            self.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        // Reports that were never acknowledged go again.
+        for (seq, p) in self.outbox.iter() {
+            let _ = tx.send(v1::AgentMessage { seq: *seq, payload: Some(p.clone()) }).await;
+        }
+        let mut sent_up_to = self.seq;
+        let mut tick = tokio::time::interval(heartbeat);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    self.collect_exits();
+                    self.watch_progress_and_gpus();
+                    // Send what was queued since.
+                    for (seq, p) in self.outbox.iter().filter(|(s, _)| *s > sent_up_to) {
+                        let _ = tx.send(v1::AgentMessage { seq: *seq, payload: Some(p.clone()) }).await;
+                    }
+                    sent_up_to = self.seq;
+                    self.seq += 1;
+                    let hb = self.heartbeat();
+                    if tx.send(v1::AgentMessage { seq: self.seq, payload: Some(In::Heartbeat(hb)) }).await.is_err() {
+                        return SessionEnd::Lost;
+                    }
+                    sent_up_to = sent_up_to.max(self.seq);
+                    self.fence_if_overdue(*last_ack, *fence).await;
+                }
+                msg = inbound.message() => {
+                    let m = match msg {
+                        Ok(Some(m)) => m,
+                        _ => return SessionEnd::Lost,
+                    };
+                    match m.payload {
+                        Some(Out::Ack(a)) => {
+                            *last_ack = Instant::now();
+                            if a.rejected {
+                                tracing::debug!(seq = a.seq, reason = %a.reason, "report refused");
+                            }
+                            self.outbox.retain(|(s, _)| *s != a.seq);
+                        }
+                        Some(Out::AssignShard(a)) => self.assign(a),
+                        Some(Out::StopShard(s)) => {
+                            if let Some(r) = self.running.get(&s.attempt_id) {
+                                let shard = r.shard.clone();
+                                tokio::spawn(async move { shard.stop().await });
+                            }
+                        }
+                        Some(Out::ForgetAttempts(f)) => {
+                            for id in f.attempt_ids {
+                                if let Some(r) = self.running.remove(&id) {
+                                    for g in &r.gpus {
+                                        self.gpus.set_busy(*g, false);
+                                    }
+                                    let shard = r.shard.clone();
+                                    tokio::spawn(async move { shard.stop().await });
+                                }
+                            }
+                        }
+                        Some(Out::Drain(d)) => tracing::info!(draining = d.draining, "drain state changed"),
+                        Some(Out::NotLeader(n)) => {
+                            return match n.leader.map(|l| l.leader_address).filter(|a| !a.is_empty()) {
+                                Some(a) => SessionEnd::Redirect(a),
+                                None => SessionEnd::Lost,
+                            };
+                        }
+                        Some(Out::GpuHealthCleared(_)) | Some(Out::Registered(_)) | None => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn assign(&mut self, a: v1::AssignShard) {
+        if self.running.contains_key(&a.attempt_id) {
+            return;
+        }
+        let launch = a.launch.unwrap_or_default();
+        let spec = LaunchSpec {
+            job_id: a.job_id,
+            shard_index: a.shard_index,
+            num_shards: launch.num_shards,
+            attempt_id: a.attempt_id,
+            attempt: a.attempt,
+            command: a.command,
+            env: a.env.into_iter().collect(),
+            gpus: a.gpus.clone(),
+            master_addr: launch.master_addr,
+            master_port: u16::try_from(launch.master_port).unwrap_or(29_500),
+            world_size: launch.world_size,
+            rank: launch.rank,
+            node_rank: launch.node_rank,
+            nnodes: launch.nnodes,
+            local_rank: launch.local_rank,
+            checkpoint_dir: (!a.checkpoint_dir.is_empty()).then_some(a.checkpoint_dir),
+            resume_from: a.resume_from,
+            checkpoint_signal: a.checkpoint_signal,
+            checkpoint_grace: Duration::from_millis(a.checkpoint_grace_ms),
+            term_grace: Duration::from_millis(a.term_grace_ms),
+            work_root: self.cfg.work_dir.clone(),
+            log_cap_bytes: self.cfg.log_cap_bytes,
+        };
+        match Shard::spawn(spec) {
+            Ok(shard) => {
+                let shard = Arc::new(shard);
+                for g in &a.gpus {
+                    self.gpus.set_busy(*g, true);
+                }
+                let exits = self.exit_tx.clone();
+                let waiter = shard.clone();
+                let attempt = a.attempt_id;
+                tokio::spawn(async move {
+                    let exit = waiter.wait().await;
+                    let _ = exits.send((attempt, exit));
+                });
+                self.queue(In::ShardStarted(v1::ShardStarted {
+                    attempt_id: a.attempt_id,
+                    pid: shard.pid(),
+                    ..Default::default()
+                }));
+                self.running.insert(
+                    a.attempt_id,
+                    Running {
+                        shard,
+                        job_id: a.job_id,
+                        shard_index: a.shard_index,
+                        gpus: a.gpus,
+                        last_checkpoint_step: None,
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::warn!(attempt = a.attempt_id, error = %e, "shard could not start");
+                self.queue(In::ShardExited(v1::ShardExited {
+                    attempt_id: a.attempt_id,
+                    termination: Some(v1::shard_exited::Termination::ExitCode(127)),
+                    message: e.to_string(),
+                    ..Default::default()
+                }));
+            }
+        }
+    }
+
+    fn watch_progress_and_gpus(&mut self) {
+        let mut reports = Vec::new();
+        for (id, r) in self.running.iter_mut() {
+            for (step, uri) in r.shard.new_checkpoints() {
+                if r.last_checkpoint_step.is_none_or(|s| step >= s) {
+                    r.last_checkpoint_step = Some(step);
+                    reports.push(In::CheckpointReport(v1::CheckpointReport {
+                        attempt_id: *id,
+                        step,
+                        uri,
+                        ..Default::default()
+                    }));
+                }
+            }
+        }
+        for e in self.gpus.take_events() {
+            let (reason, xid) = match e.kind {
+                GpuEventKind::Xid(x) => (format!("XID {x}"), u32::try_from(x).ok()),
+                GpuEventKind::EccUncorrectable => ("uncorrectable ECC error".to_string(), None),
+            };
+            reports.push(In::GpuHealthReport(v1::GpuHealthReport { gpu_index: e.index, healthy: false, reason, xid }));
+        }
+        for r in reports {
+            self.queue(r);
+        }
+    }
+
+    /// Publish the latest GPU samples and the agent's own figures for the metrics endpoint.
+    fn export(&self, samples: &[crate::gpu::GpuSample]) {
+        let malformed: u64 = self.running.values().map(|r| r.shard.progress().malformed_lines).sum();
+        let m = &self.metrics;
+        if let Ok(mut g) = m.gpus.lock() {
+            *g = crate::gpu::prometheus(samples, &self.cfg.name, self.gpus.simulated());
+        }
+        m.shards_running.store(self.running.len() as u64, Ordering::Relaxed);
+        m.progress_lines_rejected.store(malformed, Ordering::Relaxed);
+    }
+
+    fn heartbeat(&mut self) -> v1::Heartbeat {
+        // NVML calls block for milliseconds: keep them off the async workers' hot path.
+        let samples = tokio::task::block_in_place(|| self.gpus.sample());
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        self.export(&samples);
+        v1::Heartbeat {
+            sent_unix_ms: now_ms,
+            gpus: samples
+                .iter()
+                .map(|s| v1::GpuTelemetry {
+                    gpu_index: s.index,
+                    sample_unix_ms: now_ms,
+                    utilization_percent: Some(s.gpu_util_pct),
+                    memory_used_mib: Some(s.mem_used_mib),
+                    memory_total_mib: Some(s.mem_total_mib),
+                    temperature_c: i32::try_from(s.temperature_c).ok(),
+                    power_w: Some(s.power_w),
+                    power_limit_w: Some(s.power_limit_w),
+                    sm_clock_mhz: Some(s.sm_clock_mhz),
+                    ecc_corrected_volatile: Some(s.ecc_corrected),
+                    ecc_uncorrected_volatile: Some(s.ecc_uncorrected),
+                    retired_pages: match s.memory_repair {
+                        Some(crate::gpu::MemoryRepair::RetiredPages { .. }) => s.retired_pages,
+                        _ => None,
+                    },
+                    remapped_rows: match s.memory_repair {
+                        Some(crate::gpu::MemoryRepair::RemappedRows { .. }) => s.retired_pages,
+                        _ => None,
+                    },
+                    xid_errors: s.last_xid.and_then(|x| u32::try_from(x).ok()).into_iter().collect(),
+                })
+                .collect(),
+            progress: self
+                .running
+                .iter()
+                .map(|(id, r)| {
+                    let p = r.shard.progress();
+                    v1::AttemptProgress {
+                        attempt_id: *id,
+                        step: p.step,
+                        total_steps: p.total_steps,
+                        metrics: p.metrics.into_iter().collect(),
+                        malformed_lines: p.malformed_lines,
+                        updated_unix_ms: p
+                            .updated_at
+                            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                            .map_or(0, |d| d.as_millis() as u64),
+                    }
+                })
+                .collect(),
+            running_attempt_ids: self.running.keys().copied().collect(),
+        }
+    }
+}

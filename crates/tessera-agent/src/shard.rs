@@ -1,0 +1,534 @@
+//! Shards: one process group per attempt of one shard of a job.
+//!
+//! [`Shard::spawn`] makes the attempt's working directory
+//! `<work_root>/job-<id>/shard-<index>/attempt-<attempt_id>/`, starts the command in a process
+//! group of its own with the launch environment ([`launch_env`]), copies its stdout and stderr
+//! into `stdout.log` / `stderr.log` there up to a cap, and tails `progress.jsonl` (the progress
+//! protocol, see [`progress`]). [`Shard::stop`] runs the stop ladder: checkpoint signal, grace,
+//! SIGTERM, grace, SIGKILL to the whole group. Whenever the group's leader exits, the rest of the
+//! group is SIGKILLed, so nothing of an attempt outlives it (short of a process that left the
+//! group with `setsid`).
+
+mod logs;
+pub mod progress;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument;
+
+pub use logs::LogStats;
+pub use progress::{CheckpointReport, Progress, ProgressParser};
+
+/// Variables of the agent's own environment a shard inherits (when the agent has them). Anything
+/// else of the agent's (credentials, for one) is not passed on; the job's own env comes on top.
+pub const INHERITED_ENV: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "TZ", "TMPDIR"];
+
+/// `PATH` for a shard when the agent has none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The launch variables; they override the job's env of the same name. `TESSERA_RESUME_FROM` is
+/// set only when the attempt resumes, and removed from the job's env otherwise.
+pub const LAUNCH_VARS: &[&str] = &[
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "WORLD_SIZE",
+    "RANK",
+    "NODE_RANK",
+    "NNODES",
+    "LOCAL_RANK",
+    "CUDA_VISIBLE_DEVICES",
+    "TESSERA_JOB_ID",
+    "TESSERA_SHARD_INDEX",
+    "TESSERA_NUM_SHARDS",
+    "TESSERA_ATTEMPT",
+    "TESSERA_CHECKPOINT_DIR",
+    "TESSERA_RESUME_FROM",
+    "TESSERA_PROGRESS_FILE",
+];
+
+/// How long, after the group's leader exits, the agent waits for the log copiers and the last
+/// read of the progress file before reporting the exit.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Everything the agent needs to start one attempt of one shard.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaunchSpec {
+    pub job_id: u64,
+    pub shard_index: u32,
+    pub num_shards: u32,
+    /// Unique id of this attempt (names the working directory).
+    pub attempt_id: u64,
+    /// Attempt number of this shard, 0 for the first (`TESSERA_ATTEMPT`).
+    pub attempt: u32,
+    /// Program and arguments; the program is looked up in the shard's `PATH`.
+    pub command: Vec<String>,
+    /// The job's environment.
+    pub env: BTreeMap<String, String>,
+    /// Assigned GPU indices, exactly what `CUDA_VISIBLE_DEVICES` says.
+    pub gpus: Vec<u32>,
+    pub master_addr: String,
+    pub master_port: u16,
+    pub world_size: u32,
+    pub rank: u32,
+    pub node_rank: u32,
+    pub nnodes: u32,
+    pub local_rank: u32,
+    /// The job's checkpoint directory or URI; `<workdir>/checkpoints` when `None`.
+    pub checkpoint_dir: Option<String>,
+    /// Checkpoint URI to resume from.
+    pub resume_from: Option<String>,
+    /// Signal asking for a checkpoint now, like "SIGUSR1" (or "USR1"), or "none".
+    pub checkpoint_signal: String,
+    pub checkpoint_grace: Duration,
+    pub term_grace: Duration,
+    pub work_root: PathBuf,
+    /// Cap on each of `stdout.log` and `stderr.log`.
+    pub log_cap_bytes: u64,
+}
+
+impl LaunchSpec {
+    /// `<work_root>/job-<id>/shard-<index>/attempt-<attempt_id>`.
+    pub fn workdir(&self) -> PathBuf {
+        self.work_root
+            .join(format!("job-{}", self.job_id))
+            .join(format!("shard-{}", self.shard_index))
+            .join(format!("attempt-{}", self.attempt_id))
+    }
+}
+
+/// How the group's leader ended: `code` when it exited, `signal` when a signal killed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExitInfo {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl ExitInfo {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    fn from_status(status: std::process::ExitStatus) -> Self {
+        Self { code: status.code(), signal: status.signal() }
+    }
+}
+
+impl std::fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (Some(code), _) => write!(f, "exit code {code}"),
+            (None, Some(sig)) => match Signal::try_from(sig) {
+                Ok(s) => write!(f, "killed by {}", s.as_str()),
+                Err(_) => write!(f, "killed by signal {sig}"),
+            },
+            (None, None) => write!(f, "unknown exit"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error("invalid launch spec: {0}")]
+    InvalidSpec(String),
+    #[error("cannot prepare the working directory {}: {source}", path.display())]
+    Workdir { path: PathBuf, source: std::io::Error },
+    #[error("cannot start `{program}`: {source}")]
+    Spawn { program: String, source: std::io::Error },
+}
+
+/// A running (or finished) attempt. Dropping it SIGKILLs the group if the leader is still running.
+#[derive(Debug)]
+pub struct Shard {
+    spec: LaunchSpec,
+    workdir: PathBuf,
+    pid: Pid,
+    checkpoint_signal: Option<Signal>,
+    /// Set as soon as the leader is reaped.
+    leader: watch::Receiver<Option<ExitInfo>>,
+    /// Set once the leader is reaped, the group killed, logs flushed and progress read to the end.
+    exit: watch::Receiver<Option<ExitInfo>>,
+    progress: watch::Receiver<Progress>,
+    checkpoints: Mutex<Option<mpsc::UnboundedReceiver<CheckpointReport>>>,
+    stop_started: AtomicBool,
+    span: tracing::Span,
+}
+
+/// Parses "SIGUSR1", "USR1", "sigusr1" ...; `None` for "none".
+pub fn parse_checkpoint_signal(name: &str) -> Result<Option<Signal>, ShardError> {
+    let upper = name.trim().to_ascii_uppercase();
+    if upper == "NONE" {
+        return Ok(None);
+    }
+    let full = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+    match Signal::from_str(&full) {
+        Ok(Signal::SIGKILL | Signal::SIGSTOP) => Err(ShardError::InvalidSpec(format!(
+            "checkpoint_signal: {name} cannot be caught; use e.g. SIGUSR1 or none"
+        ))),
+        Ok(sig) => Ok(Some(sig)),
+        Err(_) => Err(ShardError::InvalidSpec(format!("checkpoint_signal: unknown signal {name:?}"))),
+    }
+}
+
+/// The complete environment of a shard: the inherited part of the agent's environment
+/// (`INHERITED_ENV`, taken from `agent_env`), then the job's env, then the launch variables.
+pub fn launch_env(
+    spec: &LaunchSpec,
+    workdir: &Path,
+    agent_env: impl IntoIterator<Item = (String, String)>,
+) -> BTreeMap<String, String> {
+    let mut env: BTreeMap<String, String> =
+        agent_env.into_iter().filter(|(k, _)| INHERITED_ENV.contains(&k.as_str())).collect();
+    env.entry("PATH".to_string()).or_insert_with(|| DEFAULT_PATH.to_string());
+    env.extend(
+        spec.env.iter().filter(|(k, _)| !LAUNCH_VARS.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())),
+    );
+    let gpus: Vec<String> = spec.gpus.iter().map(u32::to_string).collect();
+    let checkpoint_dir =
+        spec.checkpoint_dir.clone().unwrap_or_else(|| workdir.join("checkpoints").to_string_lossy().into_owned());
+    let vars = [
+        ("MASTER_ADDR", spec.master_addr.clone()),
+        ("MASTER_PORT", spec.master_port.to_string()),
+        ("WORLD_SIZE", spec.world_size.to_string()),
+        ("RANK", spec.rank.to_string()),
+        ("NODE_RANK", spec.node_rank.to_string()),
+        ("NNODES", spec.nnodes.to_string()),
+        ("LOCAL_RANK", spec.local_rank.to_string()),
+        ("CUDA_VISIBLE_DEVICES", gpus.join(",")),
+        ("TESSERA_JOB_ID", spec.job_id.to_string()),
+        ("TESSERA_SHARD_INDEX", spec.shard_index.to_string()),
+        ("TESSERA_NUM_SHARDS", spec.num_shards.to_string()),
+        ("TESSERA_ATTEMPT", spec.attempt.to_string()),
+        ("TESSERA_CHECKPOINT_DIR", checkpoint_dir),
+        ("TESSERA_PROGRESS_FILE", workdir.join("progress.jsonl").to_string_lossy().into_owned()),
+    ];
+    env.extend(vars.into_iter().map(|(k, v)| (k.to_string(), v)));
+    if let Some(resume) = &spec.resume_from {
+        env.insert("TESSERA_RESUME_FROM".to_string(), resume.clone());
+    }
+    env
+}
+
+fn validate(spec: &LaunchSpec) -> Result<Option<Signal>, ShardError> {
+    let invalid = |m: String| Err(ShardError::InvalidSpec(m));
+    match spec.command.first() {
+        None => return invalid("command is empty".into()),
+        Some(p) if p.is_empty() => return invalid("command: the program is an empty string".into()),
+        Some(_) => {}
+    }
+    if spec.command.iter().any(|a| a.contains('\0')) {
+        return invalid("command: an argument contains a NUL byte".into());
+    }
+    for (k, v) in &spec.env {
+        if k.is_empty() || k.contains(['=', '\0']) {
+            return invalid(format!("env: invalid variable name {k:?}"));
+        }
+        if v.contains('\0') {
+            return invalid(format!("env: the value of {k} contains a NUL byte"));
+        }
+    }
+    for (field, value) in
+        [("master_addr", &spec.master_addr), ("checkpoint_dir", &spec.checkpoint_dir.clone().unwrap_or_default())]
+    {
+        if value.contains('\0') {
+            return invalid(format!("{field} contains a NUL byte"));
+        }
+    }
+    if spec.resume_from.as_deref().is_some_and(|r| r.contains('\0')) {
+        return invalid("resume_from contains a NUL byte".into());
+    }
+    if spec.work_root.to_str().is_none() {
+        return invalid(format!("work_root is not valid UTF-8: {}", spec.work_root.display()));
+    }
+    parse_checkpoint_signal(&spec.checkpoint_signal)
+}
+
+impl Shard {
+    /// Starts the attempt. Must be called inside a tokio runtime.
+    pub fn spawn(spec: LaunchSpec) -> Result<Shard, ShardError> {
+        let checkpoint_signal = validate(&spec)?;
+        let span =
+            tracing::info_span!("shard", job_id = spec.job_id, shard = spec.shard_index, attempt_id = spec.attempt_id);
+        let rel = spec.workdir();
+        let workdir = std::path::absolute(&rel).map_err(|source| ShardError::Workdir { path: rel.clone(), source })?;
+        let wd_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ShardError::Workdir { path, source }
+        };
+        std::fs::create_dir_all(&workdir).map_err(wd_err(&workdir))?;
+        if spec.checkpoint_dir.is_none() {
+            let dir = workdir.join("checkpoints");
+            std::fs::create_dir_all(&dir).map_err(wd_err(&dir))?;
+        }
+        let progress_path = workdir.join("progress.jsonl");
+        std::fs::File::create(&progress_path).map_err(wd_err(&progress_path))?;
+        let stdout_path = workdir.join("stdout.log");
+        let stdout_file = std::fs::File::create(&stdout_path).map_err(wd_err(&stdout_path))?;
+        let stderr_path = workdir.join("stderr.log");
+        let stderr_file = std::fs::File::create(&stderr_path).map_err(wd_err(&stderr_path))?;
+
+        let env = launch_env(
+            &spec,
+            &workdir,
+            std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+        );
+        let program = spec.command[0].clone();
+        let mut cmd = tokio::process::Command::new(&program);
+        cmd.args(&spec.command[1..])
+            .current_dir(&workdir)
+            .env_clear()
+            .envs(&env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = cmd.spawn().map_err(|source| ShardError::Spawn { program: program.clone(), source })?;
+        let Some(raw_pid) = child.id() else {
+            // Cannot happen for a child nobody has waited on yet.
+            return Err(ShardError::Spawn { program, source: std::io::Error::other("no pid after spawn") });
+        };
+        let pid = Pid::from_raw(raw_pid as i32);
+        span.in_scope(|| tracing::info!(pid = raw_pid, workdir = %workdir.display(), ?program, "shard started"));
+
+        let mut copiers = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            copiers.push(tokio::spawn(
+                logs::copy_capped(out, stdout_file, stdout_path, "stdout", spec.log_cap_bytes).instrument(span.clone()),
+            ));
+        }
+        if let Some(err) = child.stderr.take() {
+            copiers.push(tokio::spawn(
+                logs::copy_capped(err, stderr_file, stderr_path, "stderr", spec.log_cap_bytes).instrument(span.clone()),
+            ));
+        }
+
+        let (progress_tx, progress_rx) = watch::channel(Progress::default());
+        let (ckpt_tx, ckpt_rx) = mpsc::unbounded_channel();
+        let (finish_tx, finish_rx) = oneshot::channel();
+        let tailer =
+            tokio::spawn(progress::tail(progress_path, progress_tx, ckpt_tx, finish_rx).instrument(span.clone()));
+
+        let (leader_tx, leader_rx) = watch::channel(None);
+        let (exit_tx, exit_rx) = watch::channel(None);
+        tokio::spawn(
+            async move {
+                let info = match child.wait().await {
+                    Ok(status) => ExitInfo::from_status(status),
+                    Err(e) => {
+                        tracing::error!(error = %e, "waiting for the shard failed");
+                        ExitInfo::default()
+                    }
+                };
+                leader_tx.send_replace(Some(info));
+                // Whatever is left of the group goes with its leader.
+                signal_group(pid, Signal::SIGKILL);
+                let finish = async {
+                    for c in copiers {
+                        let _ = c.await;
+                    }
+                    let _ = finish_tx.send(());
+                    let _ = tailer.await;
+                };
+                if tokio::time::timeout(FINISH_TIMEOUT, finish).await.is_err() {
+                    tracing::warn!("shard output still open after its group was killed; reporting the exit anyway");
+                }
+                tracing::info!(%info, "shard exited");
+                exit_tx.send_replace(Some(info));
+            }
+            .instrument(span.clone()),
+        );
+
+        Ok(Shard {
+            spec,
+            workdir,
+            pid,
+            checkpoint_signal,
+            leader: leader_rx,
+            exit: exit_rx,
+            progress: progress_rx,
+            checkpoints: Mutex::new(Some(ckpt_rx)),
+            stop_started: AtomicBool::new(false),
+            span,
+        })
+    }
+
+    pub fn spec(&self) -> &LaunchSpec {
+        &self.spec
+    }
+
+    /// The attempt's working directory (absolute).
+    pub fn workdir(&self) -> &Path {
+        &self.workdir
+    }
+
+    /// Pid of the group's leader, which is also the process group id.
+    pub fn pid(&self) -> u32 {
+        self.pid.as_raw() as u32
+    }
+
+    pub fn stdout_path(&self) -> PathBuf {
+        self.workdir.join("stdout.log")
+    }
+
+    pub fn stderr_path(&self) -> PathBuf {
+        self.workdir.join("stderr.log")
+    }
+
+    pub fn progress_path(&self) -> PathBuf {
+        self.workdir.join("progress.jsonl")
+    }
+
+    /// The latest progress.
+    pub fn progress(&self) -> Progress {
+        self.progress.borrow().clone()
+    }
+
+    /// Changes of progress, for `changed()` in a select.
+    pub fn progress_watch(&self) -> watch::Receiver<Progress> {
+        self.progress.clone()
+    }
+
+    /// The stream of new checkpoints, each once, in order; it closes after the shard exited and its
+    /// progress file was read to the end. `Some` only on the first call; afterwards (or instead)
+    /// use [`Self::new_checkpoints`], which then returns nothing.
+    pub fn take_checkpoints(&self) -> Option<mpsc::UnboundedReceiver<CheckpointReport>> {
+        self.checkpoints.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// The checkpoints reported since the last call, as (step, uri), each once, in order, without
+    /// waiting. Empty once [`Self::take_checkpoints`] took the stream.
+    pub fn new_checkpoints(&self) -> Vec<(u64, String)> {
+        let mut guard = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        if let Some(rx) = guard.as_mut() {
+            while let Ok(r) = rx.try_recv() {
+                out.push((r.step, r.uri));
+            }
+        }
+        out
+    }
+
+    /// `Some` once the shard has exited (and logs and progress are complete).
+    pub fn try_exit(&self) -> Option<ExitInfo> {
+        *self.exit.borrow()
+    }
+
+    /// Watch of the exit, for a select: `None` while running.
+    pub fn exit_watch(&self) -> watch::Receiver<Option<ExitInfo>> {
+        self.exit.clone()
+    }
+
+    /// Waits for the shard to exit. By then no process of its group is left, its logs are
+    /// flushed and its progress file is read to the end.
+    pub async fn wait(&self) -> ExitInfo {
+        wait_set(self.exit.clone()).await
+    }
+
+    /// Sends the checkpoint signal to the group (a spot notice). False when the signal is "none"
+    /// or the shard has exited.
+    pub fn checkpoint_now(&self) -> bool {
+        let Some(sig) = self.checkpoint_signal else { return false };
+        if self.leader.borrow().is_some() {
+            return false;
+        }
+        self.span.in_scope(|| tracing::info!(signal = sig.as_str(), "asking the shard for a checkpoint"));
+        signal_group(self.pid, sig)
+    }
+
+    /// Starts the stop ladder unless it has started already, without waiting. It runs in a task
+    /// of its own, so it goes on even if the caller stops caring.
+    pub fn request_stop(&self) {
+        if self.stop_started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let ladder = Ladder {
+            pid: self.pid,
+            checkpoint_signal: self.checkpoint_signal,
+            checkpoint_grace: self.spec.checkpoint_grace,
+            term_grace: self.spec.term_grace,
+            leader: self.leader.clone(),
+        };
+        tokio::spawn(ladder.run().instrument(self.span.clone()));
+    }
+
+    /// Stops the shard: checkpoint signal (unless "none"), up to `checkpoint_grace`, SIGTERM, up
+    /// to `term_grace`, SIGKILL, each to the whole group. Runs the ladder once however often it
+    /// is called; every call returns the exit.
+    pub async fn stop(&self) -> ExitInfo {
+        self.request_stop();
+        self.wait().await
+    }
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        if self.leader.borrow().is_none() {
+            self.span.in_scope(|| tracing::warn!("shard dropped while running; killing its group"));
+            signal_group(self.pid, Signal::SIGKILL);
+        }
+    }
+}
+
+async fn wait_set(mut rx: watch::Receiver<Option<ExitInfo>>) -> ExitInfo {
+    let found = rx.wait_for(Option::is_some).await.ok().and_then(|v| *v);
+    // Without a value the supervisor is gone (runtime shutting down): report what is known.
+    found.or_else(|| *rx.borrow()).unwrap_or_default()
+}
+
+/// Signals the process group; false when it no longer exists.
+fn signal_group(pgid: Pid, sig: Signal) -> bool {
+    match killpg(pgid, sig) {
+        Ok(()) => true,
+        Err(Errno::ESRCH) => false,
+        Err(e) => {
+            tracing::warn!(signal = sig.as_str(), error = %e, "signalling the shard's group failed");
+            false
+        }
+    }
+}
+
+struct Ladder {
+    pid: Pid,
+    checkpoint_signal: Option<Signal>,
+    checkpoint_grace: Duration,
+    term_grace: Duration,
+    leader: watch::Receiver<Option<ExitInfo>>,
+}
+
+impl Ladder {
+    async fn run(self) {
+        let rungs = [(self.checkpoint_signal, self.checkpoint_grace), (Some(Signal::SIGTERM), self.term_grace)];
+        for (sig, grace) in rungs {
+            let Some(sig) = sig else { continue };
+            if self.exited() {
+                return;
+            }
+            tracing::info!(signal = sig.as_str(), grace_ms = grace.as_millis() as u64, "stopping shard");
+            signal_group(self.pid, sig);
+            if tokio::time::timeout(grace, wait_set(self.leader.clone())).await.is_ok() {
+                return;
+            }
+        }
+        if !self.exited() {
+            tracing::warn!("shard still running after its graces; SIGKILL");
+            signal_group(self.pid, Signal::SIGKILL);
+        }
+    }
+
+    fn exited(&self) -> bool {
+        self.leader.borrow().is_some()
+    }
+}

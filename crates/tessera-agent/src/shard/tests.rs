@@ -1,0 +1,501 @@
+//! Shards with real processes. Every test holds its `Shard` until the end; if an assertion fails
+//! first, dropping the `Shard` SIGKILLs its group.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::kill;
+use nix::unistd::Pid;
+
+use super::*;
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn spec(root: &Path, command: &[&str]) -> LaunchSpec {
+    LaunchSpec {
+        job_id: 42,
+        shard_index: 1,
+        num_shards: 4,
+        attempt_id: 9001,
+        attempt: 2,
+        command: command.iter().map(|s| s.to_string()).collect(),
+        env: BTreeMap::new(),
+        gpus: vec![3, 1, 7],
+        master_addr: "10.0.0.5".into(),
+        master_port: 29500,
+        world_size: 16,
+        rank: 5,
+        node_rank: 1,
+        nnodes: 2,
+        local_rank: 3,
+        checkpoint_dir: None,
+        resume_from: None,
+        checkpoint_signal: "SIGUSR1".into(),
+        checkpoint_grace: Duration::from_millis(300),
+        term_grace: Duration::from_millis(300),
+        work_root: root.to_path_buf(),
+        log_cap_bytes: 1 << 20,
+    }
+}
+
+fn sh(root: &Path, script: &str) -> LaunchSpec {
+    spec(root, &["sh", "-c", script])
+}
+
+async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(TEST_TIMEOUT, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out: {what}"),
+    }
+}
+
+/// Waits until `path` holds a complete line; returns its content trimmed.
+async fn read_when_written(path: &Path) -> String {
+    within(&format!("waiting for {}", path.display()), async {
+        loop {
+            if let Ok(s) = std::fs::read_to_string(path)
+                && s.ends_with('\n')
+            {
+                return s.trim().to_string();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+/// Alive means signalable and not a zombie (a container's init may not reap orphans).
+fn alive(pid: i32) -> bool {
+    if kill(Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+async fn assert_dies(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(pid) {
+        if Instant::now() > deadline {
+            // Do not leave it behind even though the test fails.
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            panic!("process {pid} survived its shard");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn read_env_dump(path: &Path) -> BTreeMap<String, String> {
+    let raw = std::fs::read(path).expect("env dump");
+    raw.split(|&b| b == 0)
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let e = String::from_utf8(e.to_vec()).expect("utf-8 env");
+            let (k, v) = e.split_once('=').expect("NAME=value");
+            (k.to_string(), v.to_string())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn env_is_exactly_the_launch_environment() {
+    let root = tempfile::tempdir().unwrap();
+    let mut s = spec(root.path(), &["env", "-0"]);
+    s.env = BTreeMap::from([
+        ("FOO".to_string(), "bar baz".to_string()),
+        ("MULTI".to_string(), "line1\nline2".to_string()),
+        ("RANK".to_string(), "999".to_string()),
+        ("CUDA_VISIBLE_DEVICES".to_string(), "0,1,2,3,4,5,6,7".to_string()),
+        ("TESSERA_RESUME_FROM".to_string(), "stale".to_string()),
+    ]);
+    let shard = Shard::spawn(s).unwrap();
+    let exit = within("env", shard.wait()).await;
+    assert_eq!(exit, ExitInfo { code: Some(0), signal: None });
+    let env = read_env_dump(&shard.stdout_path());
+    let wd = shard.workdir().to_path_buf();
+    assert_eq!(wd, root.path().join("job-42").join("shard-1").join("attempt-9001"));
+
+    let expected_launch = [
+        ("MASTER_ADDR", "10.0.0.5".to_string()),
+        ("MASTER_PORT", "29500".to_string()),
+        ("WORLD_SIZE", "16".to_string()),
+        ("RANK", "5".to_string()),
+        ("NODE_RANK", "1".to_string()),
+        ("NNODES", "2".to_string()),
+        ("LOCAL_RANK", "3".to_string()),
+        ("CUDA_VISIBLE_DEVICES", "3,1,7".to_string()),
+        ("TESSERA_JOB_ID", "42".to_string()),
+        ("TESSERA_SHARD_INDEX", "1".to_string()),
+        ("TESSERA_NUM_SHARDS", "4".to_string()),
+        ("TESSERA_ATTEMPT", "2".to_string()),
+        ("TESSERA_CHECKPOINT_DIR", wd.join("checkpoints").to_str().unwrap().to_string()),
+        ("TESSERA_PROGRESS_FILE", wd.join("progress.jsonl").to_str().unwrap().to_string()),
+    ];
+    for (k, v) in &expected_launch {
+        assert_eq!(env.get(*k), Some(v), "{k}");
+    }
+    assert_eq!(env.get("FOO").map(String::as_str), Some("bar baz"));
+    assert_eq!(env.get("MULTI").map(String::as_str), Some("line1\nline2"));
+    assert!(!env.contains_key("TESSERA_RESUME_FROM"), "a stale TESSERA_RESUME_FROM from the job env leaked");
+    assert!(wd.join("checkpoints").is_dir());
+    assert_eq!(std::fs::metadata(wd.join("progress.jsonl")).unwrap().len(), 0);
+
+    // Nothing else: the inherited allow-list (as the agent has it), the job's env, the launch vars.
+    let mut keys: BTreeSet<String> = expected_launch.iter().map(|(k, _)| k.to_string()).collect();
+    keys.extend(["FOO", "MULTI"].map(String::from));
+    keys.insert("PATH".into());
+    for k in INHERITED_ENV {
+        if std::env::var(k).is_ok() {
+            keys.insert(k.to_string());
+        }
+    }
+    assert_eq!(env.keys().cloned().collect::<BTreeSet<_>>(), keys);
+    for k in INHERITED_ENV {
+        if let Ok(v) = std::env::var(k) {
+            assert_eq!(env.get(*k), Some(&v), "{k}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn env_without_gpus_with_resume_and_checkpoint_dir() {
+    let root = tempfile::tempdir().unwrap();
+    let mut s = spec(root.path(), &["env", "-0"]);
+    s.gpus = vec![];
+    s.resume_from = Some("s3://bucket/job-42/step-100".into());
+    s.checkpoint_dir = Some("s3://bucket/job-42".into());
+    let shard = Shard::spawn(s).unwrap();
+    assert!(within("env", shard.wait()).await.success());
+    let env = read_env_dump(&shard.stdout_path());
+    assert_eq!(env.get("CUDA_VISIBLE_DEVICES").map(String::as_str), Some(""));
+    assert_eq!(env.get("TESSERA_RESUME_FROM").map(String::as_str), Some("s3://bucket/job-42/step-100"));
+    assert_eq!(env.get("TESSERA_CHECKPOINT_DIR").map(String::as_str), Some("s3://bucket/job-42"));
+    assert!(!shard.workdir().join("checkpoints").exists());
+}
+
+#[tokio::test]
+async fn exit_code_signal_and_working_directory() {
+    let root = tempfile::tempdir().unwrap();
+    let shard = Shard::spawn(sh(root.path(), "pwd > cwd.txt; echo to-err >&2; exit 7")).unwrap();
+    assert_eq!(within("exit 7", shard.wait()).await, ExitInfo { code: Some(7), signal: None });
+    let cwd = std::fs::read_to_string(shard.workdir().join("cwd.txt")).unwrap();
+    assert_eq!(Path::new(cwd.trim()), shard.workdir());
+    assert_eq!(std::fs::read_to_string(shard.stderr_path()).unwrap(), "to-err\n");
+    // Stopping a finished shard changes nothing.
+    assert_eq!(within("stop after exit", shard.stop()).await.code, Some(7));
+
+    let shard = Shard::spawn(sh(root.path(), "kill -9 $$")).unwrap();
+    let exit = within("kill -9", shard.wait()).await;
+    assert_eq!(exit, ExitInfo { code: None, signal: Some(9) });
+    assert_eq!(exit.to_string(), "killed by SIGKILL");
+}
+
+#[tokio::test]
+async fn bad_specs_are_errors() {
+    let root = tempfile::tempdir().unwrap();
+    let err = Shard::spawn(spec(root.path(), &["tessera-no-such-program-xyz", "--flag"])).unwrap_err();
+    assert!(matches!(&err, ShardError::Spawn { program, .. } if program == "tessera-no-such-program-xyz"));
+    assert!(err.to_string().contains("tessera-no-such-program-xyz"), "{err}");
+
+    assert!(matches!(Shard::spawn(spec(root.path(), &[])), Err(ShardError::InvalidSpec(_))));
+    let mut s = spec(root.path(), &["true"]);
+    s.checkpoint_signal = "SIGNOPE".into();
+    assert!(matches!(Shard::spawn(s), Err(ShardError::InvalidSpec(m)) if m.contains("checkpoint_signal")));
+    let mut s = spec(root.path(), &["true"]);
+    s.env.insert("A=B".into(), "x".into());
+    assert!(matches!(Shard::spawn(s), Err(ShardError::InvalidSpec(m)) if m.contains("env")));
+
+    assert_eq!(parse_checkpoint_signal("none").unwrap(), None);
+    assert_eq!(parse_checkpoint_signal("usr2").unwrap(), Some(Signal::SIGUSR2));
+    assert_eq!(parse_checkpoint_signal("SIGUSR1").unwrap(), Some(Signal::SIGUSR1));
+    assert!(parse_checkpoint_signal("SIGKILL").is_err());
+}
+
+#[tokio::test]
+async fn logs_are_capped_and_the_pipe_keeps_draining() {
+    let root = tempfile::tempdir().unwrap();
+    let mut s =
+        sh(root.path(), "head -c 300000 /dev/zero | tr '\\0' a; head -c 300 /dev/zero | tr '\\0' b >&2; echo done");
+    s.log_cap_bytes = 1000;
+    let shard = Shard::spawn(s).unwrap();
+    // 300 kB is far more than a pipe holds: a copier that stopped reading would hang the child.
+    assert!(within("chatty child", shard.wait()).await.success());
+    let out = std::fs::read_to_string(shard.stdout_path()).unwrap();
+    let note = logs::truncation_note("stdout", 1000);
+    assert_eq!(out.len(), 1000 + note.len());
+    assert!(out[..1000].bytes().all(|b| b == b'a'));
+    assert_eq!(&out[1000..], note);
+    assert_eq!(out.matches("truncated").count(), 1);
+    assert_eq!(std::fs::read_to_string(shard.stderr_path()).unwrap(), "b".repeat(300));
+}
+
+#[tokio::test]
+async fn checkpoint_signal_lets_a_trapping_process_exit_cleanly() {
+    let root = tempfile::tempdir().unwrap();
+    let mut s = sh(root.path(), "trap 'echo got-usr1; exit 0' USR1; echo ready > ready; while :; do sleep 0.05; done");
+    s.checkpoint_grace = Duration::from_secs(10);
+    s.term_grace = Duration::from_secs(10);
+    let shard = Shard::spawn(s).unwrap();
+    read_when_written(&shard.workdir().join("ready")).await;
+    let started = Instant::now();
+    let exit = within("stop", shard.stop()).await;
+    assert_eq!(exit, ExitInfo { code: Some(0), signal: None });
+    assert!(started.elapsed() < Duration::from_secs(5), "waited for a grace: {:?}", started.elapsed());
+    assert!(std::fs::read_to_string(shard.stdout_path()).unwrap().contains("got-usr1"));
+}
+
+#[tokio::test]
+async fn checkpoint_now_signals_without_stopping() {
+    let root = tempfile::tempdir().unwrap();
+    let shard = Shard::spawn(sh(
+        root.path(),
+        "trap 'echo usr1 >> got' USR1; trap 'exit 5' TERM; echo ready > ready; while :; do sleep 0.05; done",
+    ))
+    .unwrap();
+    read_when_written(&shard.workdir().join("ready")).await;
+    assert!(shard.checkpoint_now());
+    assert_eq!(read_when_written(&shard.workdir().join("got")).await, "usr1");
+    assert_eq!(shard.try_exit(), None);
+    assert_eq!(within("stop", shard.stop()).await.code, Some(5));
+    assert!(!shard.checkpoint_now());
+
+    let mut s = sh(root.path(), "sleep 1000");
+    s.checkpoint_signal = "none".into();
+    s.checkpoint_grace = Duration::from_secs(10);
+    s.attempt_id += 1;
+    let shard = Shard::spawn(s).unwrap();
+    assert!(!shard.checkpoint_now());
+    // No checkpoint rung: SIGTERM at once.
+    let started = Instant::now();
+    assert_eq!(within("stop", shard.stop()).await.signal, Some(15));
+    assert!(started.elapsed() < Duration::from_secs(5), "waited for a checkpoint grace: {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn stubborn_process_is_killed_after_both_graces() {
+    let root = tempfile::tempdir().unwrap();
+    let shard =
+        Shard::spawn(sh(root.path(), "trap '' USR1 TERM; echo ready > ready; while :; do sleep 0.05; done")).unwrap();
+    read_when_written(&shard.workdir().join("ready")).await;
+    let started = Instant::now();
+    // Concurrent and repeated stops run one ladder and agree.
+    let (a, b) = within("stop", async { tokio::join!(shard.stop(), shard.stop()) }).await;
+    let elapsed = started.elapsed();
+    assert_eq!(a, ExitInfo { code: None, signal: Some(9) });
+    assert_eq!(a, b);
+    assert!(elapsed >= Duration::from_millis(600), "SIGKILL before both graces: {elapsed:?}");
+    assert_eq!(within("stop again", shard.stop()).await, a);
+}
+
+#[tokio::test]
+async fn grandchild_does_not_survive_stop() {
+    let root = tempfile::tempdir().unwrap();
+    let shard =
+        Shard::spawn(sh(root.path(), "trap '' USR1 TERM; sleep 1000 & echo $! > grandchild.pid; wait")).unwrap();
+    let pid: i32 = read_when_written(&shard.workdir().join("grandchild.pid")).await.parse().unwrap();
+    assert!(alive(pid));
+    assert_eq!(within("stop", shard.stop()).await.signal, Some(9));
+    assert_dies(pid).await;
+}
+
+#[tokio::test]
+async fn grandchild_does_not_survive_its_leader() {
+    let root = tempfile::tempdir().unwrap();
+    // The leader exits cleanly at SIGTERM; the grandchild ignores SIGTERM.
+    let shard = Shard::spawn(sh(
+        root.path(),
+        "trap '' USR1; trap 'exit 0' TERM; (trap '' TERM; exec sleep 1000) & echo $! > grandchild.pid; wait",
+    ))
+    .unwrap();
+    let pid: i32 = read_when_written(&shard.workdir().join("grandchild.pid")).await.parse().unwrap();
+    assert_eq!(within("stop", shard.stop()).await, ExitInfo { code: Some(0), signal: None });
+    assert_dies(pid).await;
+
+    // The leader exits by itself, leaving a background process.
+    let mut s = sh(root.path(), "sleep 1000 & echo $! > grandchild.pid; exit 3");
+    s.attempt_id += 1;
+    let shard = Shard::spawn(s).unwrap();
+    assert_eq!(within("exit 3", shard.wait()).await.code, Some(3));
+    let pid: i32 = read_when_written(&shard.workdir().join("grandchild.pid")).await.parse().unwrap();
+    assert_dies(pid).await;
+}
+
+#[tokio::test]
+async fn dropping_a_running_shard_kills_its_group() {
+    let root = tempfile::tempdir().unwrap();
+    let shard = Shard::spawn(sh(root.path(), "sleep 1000 & echo $! > grandchild.pid; wait")).unwrap();
+    let pid: i32 = read_when_written(&shard.workdir().join("grandchild.pid")).await.parse().unwrap();
+    let leader = shard.pid() as i32;
+    drop(shard);
+    assert_dies(pid).await;
+    assert_dies(leader).await;
+}
+
+async fn drain(mut rx: mpsc::UnboundedReceiver<CheckpointReport>) -> Vec<(u64, String)> {
+    let mut all = Vec::new();
+    while let Some(r) = within("checkpoint channel to close", rx.recv()).await {
+        all.push((r.step, r.uri));
+    }
+    all
+}
+
+#[tokio::test]
+async fn progress_is_tailed_from_a_real_process() {
+    let root = tempfile::tempdir().unwrap();
+    let script = r#"
+f="$TESSERA_PROGRESS_FILE"
+printf '{"step": 1, "total_steps": 10, "metrics": {"loss": 3.5}}\n' >> "$f"
+printf 'garbage\n{"step": -2}\n{"step": 2, "metrics": {"loss": "x"}}\n' >> "$f"
+printf '{"step": 2, "checkpoint": "file:///ck/2"}\n' >> "$f"
+sleep 0.5
+printf '{"step": 3, "chec' >> "$f"
+sleep 0.5
+printf 'kpoint": "file:///ck/2"}\n' >> "$f"
+head -c 70000 /dev/zero | tr '\0' x >> "$f"
+printf '\n{"step": 4, "checkpoint": "file:///ck/4", "metrics": {"loss": 1.25}}\n' >> "$f"
+printf '{"step": 5}' >> "$f"
+"#;
+    let shard = Shard::spawn(sh(root.path(), script)).unwrap();
+    let checkpoints = shard.take_checkpoints().unwrap();
+    assert!(shard.take_checkpoints().is_none());
+    // Seen while running: the first lines, before the partial line is completed.
+    let mut watch = shard.progress_watch();
+    let seen = within("progress while running", watch.wait_for(|p| p.step == 2)).await.unwrap().clone();
+    assert_eq!(seen.malformed_lines, 3);
+    assert!(seen.updated_at.is_some());
+    assert!(within("exit", shard.wait()).await.success());
+    assert_eq!(drain(checkpoints).await, vec![(2, "file:///ck/2".to_string()), (4, "file:///ck/4".to_string())]);
+    let p = shard.progress();
+    // The unterminated last line counts once the process is gone.
+    assert_eq!(p.step, 5);
+    assert_eq!(p.total_steps, Some(10));
+    assert_eq!(p.metrics, BTreeMap::from([("loss".to_string(), 1.25)]));
+    assert_eq!(p.malformed_lines, 4);
+    assert_eq!(p.valid_lines, 5);
+    assert_eq!(p.last_checkpoint, Some(CheckpointReport { step: 4, uri: "file:///ck/4".into() }));
+}
+
+#[tokio::test]
+async fn progress_survives_truncation() {
+    let root = tempfile::tempdir().unwrap();
+    let script = r#"
+f="$TESSERA_PROGRESS_FILE"
+printf '{"step": 50, "total_steps": 100, "checkpoint": "file:///ck/50"}\n' >> "$f"
+sleep 0.6
+: > "$f"
+sleep 0.6
+printf '{"step": 1}\n' >> "$f"
+sleep 0.6
+"#;
+    let shard = Shard::spawn(sh(root.path(), script)).unwrap();
+    let checkpoints = shard.take_checkpoints().unwrap();
+    let mut watch = shard.progress_watch();
+    within("step 50", watch.wait_for(|p| p.step == 50)).await.unwrap();
+    within("step 1 after truncation", watch.wait_for(|p| p.step == 1)).await.unwrap();
+    assert!(within("exit", shard.wait()).await.success());
+    let p = shard.progress();
+    assert_eq!((p.step, p.total_steps, p.malformed_lines, p.valid_lines), (1, Some(100), 0, 2));
+    assert_eq!(drain(checkpoints).await, vec![(50, "file:///ck/50".to_string())]);
+}
+
+fn trainer_py() -> Option<PathBuf> {
+    let ok = std::process::Command::new("python3")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("NOTE: python3 not found; skipping the examples/trainer.py test");
+        return None;
+    }
+    Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/trainer.py"))
+}
+
+fn uri_path(uri: &str) -> PathBuf {
+    PathBuf::from(uri.strip_prefix("file://").unwrap_or_else(|| panic!("not a file URI: {uri}")))
+}
+
+fn checkpoint_step(uri: &str) -> u64 {
+    let text = std::fs::read_to_string(uri_path(uri)).unwrap();
+    serde_json::from_str::<serde_json::Value>(&text).unwrap()["step"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn example_trainer_runs_checkpoints_and_resumes() {
+    let Some(trainer) = trainer_py() else { return };
+    let trainer = trainer.to_str().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let ckdir = root.path().join("job-checkpoints");
+    let args = ["python3", trainer, "--steps", "5", "--step-seconds", "0.01", "--checkpoint-every", "2"];
+    let mut s = spec(root.path(), &args);
+    s.checkpoint_dir = Some(ckdir.to_str().unwrap().to_string());
+    let shard = Shard::spawn(s.clone()).unwrap();
+    let checkpoints = shard.take_checkpoints().unwrap();
+    let exit = within("trainer", shard.wait()).await;
+    let stderr = std::fs::read_to_string(shard.stderr_path()).unwrap();
+    assert!(exit.success(), "{exit}: {stderr}");
+    let reports = drain(checkpoints).await;
+    assert_eq!(reports.iter().map(|r| r.0).collect::<Vec<_>>(), vec![2, 4, 5]);
+    for (step, uri) in &reports {
+        assert!(uri_path(uri).starts_with(&ckdir), "{uri}");
+        assert_eq!(checkpoint_step(uri), *step);
+    }
+    let files: Vec<String> =
+        std::fs::read_dir(&ckdir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(files.len(), 3, "stray files (temp files left?): {files:?}");
+    let p = shard.progress();
+    assert_eq!((p.step, p.total_steps, p.malformed_lines), (5, Some(5), 0));
+    assert!(p.metrics.contains_key("loss"));
+    let stdout = std::fs::read_to_string(shard.stdout_path()).unwrap();
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("step ")).count(), 5, "{stdout}");
+    assert!(stdout.contains("cuda_visible_devices='3,1,7'"), "{stdout}");
+
+    // The next attempt resumes from the last checkpoint.
+    s.attempt_id += 1;
+    s.attempt += 1;
+    s.resume_from = Some(reports[2].1.clone());
+    s.command = ["python3", trainer, "--steps", "7", "--step-seconds", "0.01"].map(String::from).to_vec();
+    let shard = Shard::spawn(s).unwrap();
+    assert!(within("resumed trainer", shard.wait()).await.success());
+    let stdout = std::fs::read_to_string(shard.stdout_path()).unwrap();
+    assert!(stdout.contains("resuming from step 5"), "{stdout}");
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("step ")).count(), 2, "{stdout}");
+    assert_eq!(shard.progress().step, 7);
+}
+
+#[tokio::test]
+async fn example_trainer_checkpoints_on_signals() {
+    let Some(trainer) = trainer_py() else { return };
+    let root = tempfile::tempdir().unwrap();
+    let args = ["python3", trainer.to_str().unwrap(), "--steps", "100000", "--step-seconds", "0.05"];
+    let mut s = spec(root.path(), &args);
+    s.checkpoint_grace = Duration::from_millis(400);
+    s.term_grace = Duration::from_secs(10);
+    let shard = Shard::spawn(s).unwrap();
+    let mut checkpoints = shard.take_checkpoints().unwrap();
+    let mut watch = shard.progress_watch();
+    within("first steps", watch.wait_for(|p| p.step >= 2)).await.unwrap();
+
+    // A spot notice: checkpoint now, keep training.
+    assert!(shard.checkpoint_now());
+    let first = within("checkpoint after SIGUSR1", checkpoints.recv()).await.unwrap();
+    assert_eq!(checkpoint_step(&first.uri), first.step);
+    within("training goes on", watch.wait_for(|p| p.step >= first.step + 2)).await.unwrap();
+    assert_eq!(shard.try_exit(), None);
+
+    // The ladder: SIGUSR1 (checkpoint, keeps running), then SIGTERM: checkpoint and exit 143.
+    let exit = within("stop", shard.stop()).await;
+    assert_eq!(exit, ExitInfo { code: Some(143), signal: None });
+    let rest = drain(checkpoints).await;
+    let (last_step, last_uri) = rest.last().expect("a checkpoint at SIGTERM").clone();
+    assert_eq!(checkpoint_step(&last_uri), last_step);
+    assert_eq!(shard.progress().step, last_step);
+    let stdout = std::fs::read_to_string(shard.stdout_path()).unwrap();
+    assert!(stdout.contains("checkpoint requested"), "{stdout}");
+    assert!(stdout.contains("SIGTERM at step"), "{stdout}");
+}
