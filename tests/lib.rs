@@ -126,6 +126,13 @@ impl ServerProc {
         self.child.is_some()
     }
 
+    /// Send a signal by name (STOP, CONT, ...).
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").args([format!("-{sig}"), c.id().to_string()]).status();
+        }
+    }
+
     /// The server's log so far (for failure messages).
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default();
@@ -279,7 +286,8 @@ pub struct AgentProc {
 }
 
 impl AgentProc {
-    /// Start an agent named `name` with `gpus` (like "8xH100-80GB") against `servers`.
+    /// Start an agent named `name` with simulated `gpus` (like "8xH100-80GB"; empty: none)
+    /// against `servers`.
     pub fn start(name: &str, servers: &[String], gpus: &str, dir: &Path, extra: &[&str]) -> AgentProc {
         let work_dir = dir.join(format!("agent-{name}"));
         let http = format!("127.0.0.1:{}", free_port());
@@ -291,13 +299,14 @@ impl AgentProc {
             "127.0.0.1".into(),
             "--servers".into(),
             servers.join(","),
-            "--simulate-gpus".into(),
-            gpus.into(),
             "--work-dir".into(),
             work_dir.display().to_string(),
             "--http".into(),
             http.clone(),
         ];
+        if !gpus.is_empty() {
+            args.extend(["--simulate-gpus".to_string(), gpus.to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut a = AgentProc { name: name.into(), work_dir, http, args, child: None };
         a.restart();

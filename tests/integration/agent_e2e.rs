@@ -207,12 +207,292 @@ async fn http_get(addr: &str, path: &str) -> String {
             if s.write_all(req.as_bytes()).await.is_ok() {
                 let mut out = String::new();
                 let _ = s.read_to_string(&mut out).await;
-                if out.contains("DCGM_FI_DEV_GPU_UTIL") || Instant::now() > deadline {
+                // Metrics appear with the first heartbeat; other paths answer at once.
+                if !path.starts_with("/metrics")
+                    || out.contains("tessera_agent_shards_running")
+                    || Instant::now() > deadline
+                {
                     return out;
                 }
             }
         }
         assert!(Instant::now() < deadline, "no metrics at {addr}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn get_node(addr: &str, name: &str) -> Option<v1::Node> {
+    let mut c = v1::node_service_client::NodeServiceClient::new(channel(addr));
+    let r = v1::GetNodeRequest {
+        node: Some(v1::NodeRef { node: Some(v1::node_ref::Node::Name(name.into())) }),
+        consistency: 0,
+    };
+    c.get_node(r).await.ok()?.into_inner().node
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_xid_on_a_simulated_gpu_moves_the_shard_off_it_until_cleared() {
+    if !python3() {
+        eprintln!("python3 not found: skipping");
+        return;
+    }
+    let c = Cluster::start(3, &[]);
+    let addrs = c.running_addrs();
+    wait_for_leader(&addrs, T).await.expect("leader");
+    let (tr, _reaper) = trainer(c.dir.path());
+    let a = AgentProc::start("gpu-a", &addrs, "2xH100-80GB", c.dir.path(), &[]);
+    let id = submit(&addrs, train_job(&tr, 400, 0.05)).await;
+    let first = wait_until(&addrs, id, "running", |j| {
+        j.shards.first().is_some_and(|s| s.state == v1::ShardState::Running as i32)
+    })
+    .await;
+    assert_eq!(first.shards[0].gpus, vec![0]);
+    let reply = http_get(&a.http, "/simulate/xid?gpu=0&xid=79").await;
+    assert!(reply.contains("injected"), "{reply}");
+    let moved =
+        wait_until(&addrs, id, "attempt 2 on GPU 1", |j| j.shards[0].attempt == 2 && j.shards[0].gpus == vec![1]).await;
+    assert_eq!(moved.shards[0].node_id, first.shards[0].node_id, "same node, healthy GPU");
+    let node = get_node(&addrs[0], "gpu-a").await.expect("node");
+    let health = node.gpus[0].health.clone().unwrap_or_default();
+    assert!(!health.healthy && health.reason.contains("XID 79"), "{health:?}");
+    // Real GPUs refuse injected faults; bad requests name the parameter.
+    assert!(http_get(&a.http, "/simulate/xid?gpu=zero&xid=79").await.contains("gpu"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_agent_fences_its_shards() {
+    if !python3() {
+        eprintln!("python3 not found: skipping");
+        return;
+    }
+    let c = Cluster::start(3, &[]);
+    let addrs = c.running_addrs();
+    wait_for_leader(&addrs, T).await.expect("leader");
+    let (tr, _reaper) = trainer(c.dir.path());
+    let a = AgentProc::start("gpu-a", &addrs, "8xH100-80GB", c.dir.path(), &[]);
+    let id = submit(&addrs, train_job(&tr, 100_000, 0.05)).await;
+    wait_until(&addrs, id, "running", |j| j.shards.first().is_some_and(|s| s.state == v1::ShardState::Running as i32))
+        .await;
+    // Every server freezes: the agent's messages go unacknowledged.
+    for s in c.servers.values() {
+        s.signal("STOP");
+    }
+    let stopped = Instant::now();
+    let deadline = stopped + T;
+    loop {
+        let left = std::process::Command::new("pgrep").args(["-f", &tr]).output().unwrap();
+        if left.stdout.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the agent never fenced its shard\n{}", a.log_tail());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let fenced = stopped.elapsed();
+    for s in c.servers.values() {
+        s.signal("CONT");
+    }
+    // The fence (3 s) came first; the ladder (2 s + 2 s at most) after it.
+    assert!(fenced >= Duration::from_secs(3), "shard stopped after {fenced:?}, before the fence timeout");
+    eprintln!("servers frozen -> agent stopped its shard: {fenced:?}");
+    let metrics = http_get(&a.http, "/metrics").await;
+    assert!(metrics.contains("tessera_agent_fenced_total 1"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_driver_the_agent_starts_with_no_gpus_and_says_so() {
+    let c = Cluster::start(3, &[]);
+    let addrs = c.running_addrs();
+    wait_for_leader(&addrs, T).await.expect("leader");
+    let a = AgentProc::start("cpu-only", &addrs, "", c.dir.path(), &[]);
+    let deadline = Instant::now() + T;
+    let node = loop {
+        if let Some(n) = get_node(&addrs[0], "cpu-only").await {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "the agent never registered\n{}", a.log_tail());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(node.gpus.is_empty());
+    assert!(!node.simulated);
+    assert!(a.log_tail().contains("no NVIDIA driver"), "{}", a.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_progress_lines_are_counted_not_fatal() {
+    let c = Cluster::start(3, &[]);
+    let addrs = c.running_addrs();
+    wait_for_leader(&addrs, T).await.expect("leader");
+    let a = AgentProc::start("gpu-a", &addrs, "1xA100-40GB", c.dir.path(), &[]);
+    let script = r#"printf 'not json\n{"step": -1}\n{"step": 3, "checkpoint": "file:///tmp/none-3"}\n[1,2]\n' >> "$TESSERA_PROGRESS_FILE"; sleep 3"#;
+    let mut req = train_job("unused", 1, 0.0);
+    req.spec.as_mut().unwrap().command = vec!["sh".into(), "-c".into(), script.into()];
+    let id = submit(&addrs, req).await;
+    let deadline = Instant::now() + T;
+    loop {
+        let m = http_get(&a.http, "/metrics").await;
+        if m.contains("tessera_agent_progress_lines_rejected 3") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "malformed lines not counted:\n{m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let j = wait_until(&addrs, id, "succeeded", |j| j.state == v1::JobState::Succeeded as i32).await;
+    assert_eq!(j.shards[0].last_checkpoint.as_ref().map(|c| c.step), Some(3), "the good line still counted");
+}
+
+/// Collect a job's output through `JobService.JobLogs` on `addr` until the stream ends.
+async fn logs(addr: &str, id: u64, follow: bool) -> String {
+    let mut c = v1::job_service_client::JobServiceClient::new(channel(addr));
+    let req = v1::JobLogsRequest { job_id: id, follow, ..Default::default() };
+    let mut stream = c.job_logs(req).await.expect("job logs").into_inner();
+    let mut out = Vec::new();
+    while let Ok(Some(chunk)) = tokio::time::timeout(T, stream.message()).await.expect("log stream stalled") {
+        if chunk.stream == v1::LogStream::Stdout as i32 {
+            out.extend(chunk.data);
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_reach_the_user_through_any_server_and_follow_to_the_end() {
+    if !python3() {
+        eprintln!("python3 not found: skipping");
+        return;
+    }
+    let c = Cluster::start(3, &[]);
+    let addrs = c.running_addrs();
+    let leader = wait_for_leader(&addrs, T).await.expect("leader");
+    let follower = c.servers.values().find(|s| s.id != leader).unwrap().addr.clone();
+    let (tr, _reaper) = trainer(c.dir.path());
+    let _a = AgentProc::start("gpu-a", &addrs, "8xH100-80GB", c.dir.path(), &[]);
+    let id = submit(&addrs, train_job(&tr, 40, 0.05)).await;
+    wait_until(&addrs, id, "running", |j| j.shards.first().is_some_and(|s| s.state == v1::ShardState::Running as i32))
+        .await;
+    // Followed from a follower (which passes the leader's stream through) to the job's end.
+    let followed = logs(&follower, id, true).await;
+    assert!(followed.contains("step 1/40") && followed.contains("done at step 40"), "{followed}");
+    let j = job(&addrs, id).await.unwrap();
+    assert_eq!(j.state, v1::JobState::Succeeded as i32);
+    // Afterwards, without following: what is kept.
+    let kept = logs(&addrs[0], id, false).await;
+    assert!(kept.contains("done at step 40"), "{kept}");
+    let mut cl = v1::job_service_client::JobServiceClient::new(channel(&addrs[0]));
+    let missing = cl.job_logs(v1::JobLogsRequest { job_id: 999, ..Default::default() }).await;
+    assert_eq!(missing.err().map(|s| s.code()), Some(tonic::Code::NotFound));
+}
+
+fn rfc3339_in(secs: u64) -> String {
+    // AWS's form, YYYY-MM-DDTHH:MM:SSZ, computed from the Unix time (civil-from-days).
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + secs;
+    let (days, rem) = ((t / 86_400) as i64, t % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_metadata_places_the_node_and_a_spot_notice_moves_its_shard() {
+    if !python3() {
+        eprintln!("python3 not found: skipping");
+        return;
+    }
+    use tessera_agent::cloud::fake::{AwsIdentity, FakeAws};
+    let fake = FakeAws::start().await.expect("fake AWS metadata on 127.0.0.1");
+    assert!(fake.endpoint().starts_with("http://127.0.0.1:"));
+    fake.set_identity(AwsIdentity { zone: "us-east-1b".into(), ..AwsIdentity::default() });
+    let c = Cluster::start(3, &[]);
+    let addrs = c.running_addrs();
+    wait_for_leader(&addrs, T).await.expect("leader");
+    let (tr, _reaper) = trainer(c.dir.path());
+    let endpoint = fake.endpoint();
+    let spot = AgentProc::start(
+        "gpu-spot",
+        &addrs,
+        "8xH100-80GB",
+        c.dir.path(),
+        &["--cloud", "aws", "--metadata-endpoint", &endpoint],
+    );
+    let deadline = Instant::now() + T;
+    let node = loop {
+        if let Some(n) = get_node(&addrs[0], "gpu-spot").await {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "the spot agent never registered\n{}", spot.log_tail());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        (node.cloud, node.region.as_str(), node.zone.as_str(), node.spot),
+        (v1::Cloud::Aws as i32, "us-east-1", "us-east-1b", true)
+    );
+    assert_eq!(node.instance_type, "p5.48xlarge");
+    let _od = AgentProc::start("gpu-ondemand", &addrs, "8xH100-80GB", c.dir.path(), &[]);
+    let mut req = train_job(&tr, 2000, 0.05);
+    req.spec.as_mut().unwrap().placement =
+        Some(v1::Placement { spot: v1::SpotPolicy::Prefer as i32, ..Default::default() });
+    let id = submit(&addrs, req).await;
+    let first = wait_until(&addrs, id, "running on the spot node", |j| {
+        j.shards.first().is_some_and(|s| s.state == v1::ShardState::Running as i32)
+    })
+    .await;
+    assert_eq!(first.shards[0].node_name, "gpu-spot");
+    // AWS posts the two-minute warning.
+    fake.post_instance_action("terminate", &rfc3339_in(120));
+    let moved = wait_until(&addrs, id, "moved to the on-demand node", |j| {
+        j.shards[0].attempt == 2 && j.shards[0].state == v1::ShardState::Running as i32
+    })
+    .await;
+    assert_eq!(moved.shards[0].node_name, "gpu-ondemand");
+    assert_eq!(get_node(&addrs[0], "gpu-spot").await.unwrap().state, v1::NodeState::Draining as i32);
+    let out = std::fs::read_to_string(
+        c.dir
+            .path()
+            .join("agent-gpu-spot")
+            .join(format!("job-{id}/shard-0/attempt-{}/stdout.log", first.shards[0].attempt_id.unwrap_or(0))),
+    )
+    .unwrap_or_default();
+    assert!(out.contains("checkpoint requested"), "the shard was not asked to checkpoint at the notice:\n{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_metadata_places_the_node_and_a_preempt_event_drains_it() {
+    use tessera_agent::cloud::fake::FakeAzure;
+    let fake = FakeAzure::start().await.expect("fake Azure metadata on 127.0.0.1");
+    let c = Cluster::start(3, &[]);
+    let addrs = c.running_addrs();
+    wait_for_leader(&addrs, T).await.expect("leader");
+    let endpoint = fake.endpoint();
+    let a = AgentProc::start(
+        "gpu-az",
+        &addrs,
+        "8xH100-80GB",
+        c.dir.path(),
+        &["--cloud", "azure", "--metadata-endpoint", &endpoint],
+    );
+    let deadline = Instant::now() + T;
+    let node = loop {
+        if let Some(n) = get_node(&addrs[0], "gpu-az").await {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "the Azure agent never registered\n{}", a.log_tail());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        (node.cloud, node.region.as_str(), node.zone.as_str(), node.spot),
+        (v1::Cloud::Azure as i32, "eastus", "eastus-2", true)
+    );
+    assert_eq!(node.instance_type, "Standard_ND96isr_H100_v5");
+    fake.post_preempt("evt-1", "");
+    let deadline = Instant::now() + T;
+    while get_node(&addrs[0], "gpu-az").await.map(|n| n.state) != Some(v1::NodeState::Draining as i32) {
+        assert!(Instant::now() < deadline, "the Preempt event did not drain the node\n{}", a.log_tail());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -19,6 +19,44 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::gpu::{GpuEventKind, GpuSource};
 use crate::shard::{ExitInfo, LaunchSpec, Shard};
 
+/// Most output sent per attempt stream and heartbeat.
+const LOG_TICK_BYTES: u64 = 256 * 1024;
+/// Most output sent per attempt stream when it exits.
+const LOG_FINAL_BYTES: u64 = 1024 * 1024;
+/// Output resent to a new leader, per attempt stream.
+const LOG_RESEND_BYTES: u64 = 1024 * 1024;
+/// Most output kept waiting for acknowledgement.
+const LOG_OUTBOX_BYTES: u64 = 8 * 1024 * 1024;
+
+/// New output of an attempt since `offsets`, as log chunks of at most `max` bytes per stream.
+fn log_chunks(attempt: u64, shard: &Shard, offsets: &mut [u64; 2], max: u64) -> Vec<In> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut out = Vec::new();
+    let streams = [(shard.stdout_path(), v1::LogStream::Stdout), (shard.stderr_path(), v1::LogStream::Stderr)];
+    for (i, (path, stream)) in streams.iter().enumerate() {
+        let Ok(mut f) = std::fs::File::open(path) else { continue };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if len < offsets[i] {
+            offsets[i] = 0;
+        }
+        if len == offsets[i] || f.seek(SeekFrom::Start(offsets[i])).is_err() {
+            continue;
+        }
+        let mut data = Vec::new();
+        if f.take(max.min(len - offsets[i])).read_to_end(&mut data).is_err() || data.is_empty() {
+            continue;
+        }
+        out.push(In::LogChunk(v1::LogChunk {
+            attempt_id: attempt,
+            stream: *stream as i32,
+            offset: offsets[i],
+            data: data.clone(),
+        }));
+        offsets[i] += data.len() as u64;
+    }
+    out
+}
+
 /// What the agent says about its host, and where the servers are.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -50,6 +88,8 @@ pub struct AgentConfig {
 
 struct Running {
     shard: Arc<Shard>,
+    /// Bytes of stdout and stderr already sent to the leader.
+    log_offsets: [u64; 2],
     job_id: u64,
     shard_index: u32,
     gpus: Vec<u32>,
@@ -66,6 +106,12 @@ pub struct Agent {
     seq: u64,
     exit_tx: mpsc::UnboundedSender<(u64, ExitInfo)>,
     exit_rx: mpsc::UnboundedReceiver<(u64, ExitInfo)>,
+    fault_tx: mpsc::UnboundedSender<(u32, GpuEventKind)>,
+    fault_rx: mpsc::UnboundedReceiver<(u32, GpuEventKind)>,
+    notice_tx: mpsc::UnboundedSender<crate::cloud::Notice>,
+    notice_rx: mpsc::UnboundedReceiver<crate::cloud::Notice>,
+    /// The acknowledgement after which the agent last fenced itself (once per silence).
+    fenced_after: Option<Instant>,
     /// What the metrics endpoint shows.
     pub metrics: Arc<AgentMetrics>,
 }
@@ -173,6 +219,8 @@ impl Agent {
     /// An agent over these GPUs.
     pub fn new(cfg: AgentConfig, gpus: Box<dyn GpuSource>) -> Agent {
         let (exit_tx, exit_rx) = mpsc::unbounded_channel();
+        let (fault_tx, fault_rx) = mpsc::unbounded_channel();
+        let (notice_tx, notice_rx) = mpsc::unbounded_channel();
         Agent {
             cfg,
             gpus,
@@ -181,8 +229,42 @@ impl Agent {
             seq: 0,
             exit_tx,
             exit_rx,
+            fault_tx,
+            fault_rx,
+            fenced_after: None,
+            notice_tx,
+            notice_rx,
             metrics: Arc::new(AgentMetrics::default()),
         }
+    }
+
+    /// Where spot interruption notices are sent.
+    pub fn notice_sender(&self) -> mpsc::UnboundedSender<crate::cloud::Notice> {
+        self.notice_tx.clone()
+    }
+
+    /// A spot notice: ask every shard to checkpoint now, and tell the servers at once (they
+    /// drain the node and move its shards).
+    fn spot_notice(&mut self, n: crate::cloud::Notice) {
+        for r in self.running.values() {
+            r.shard.checkpoint_now();
+        }
+        let kind = match n.kind {
+            crate::cloud::NoticeKind::AwsInstanceAction => v1::SpotNoticeKind::AwsInstanceAction,
+            crate::cloud::NoticeKind::AzurePreempt => v1::SpotNoticeKind::AzurePreempt,
+            crate::cloud::NoticeKind::AzureTerminate => v1::SpotNoticeKind::AzureTerminate,
+        };
+        self.queue(In::SpotNotice(v1::SpotNotice {
+            kind: kind as i32,
+            deadline_unix_ms: n.deadline_unix_ms,
+            event_id: n.event_id,
+            detail: n.detail,
+        }));
+    }
+
+    /// Where faults for simulated GPUs are sent (the metrics endpoint's /simulate/ paths).
+    pub fn fault_injector(&self) -> mpsc::UnboundedSender<(u32, GpuEventKind)> {
+        self.fault_tx.clone()
     }
 
     fn queue(&mut self, p: In) {
@@ -236,6 +318,9 @@ impl Agent {
     }
 
     fn collect_exits(&mut self) {
+        while let Ok(n) = self.notice_rx.try_recv() {
+            self.spot_notice(n);
+        }
         while let Ok((attempt, exit)) = self.exit_rx.try_recv() {
             self.exited(attempt, exit);
         }
@@ -246,7 +331,12 @@ impl Agent {
             for g in &r.gpus {
                 self.gpus.set_busy(*g, false);
             }
-            // Checkpoints written before the exit go first: after it the attempt is not live.
+            // Output and checkpoints written before the exit go first: after it the attempt is
+            // not live.
+            let mut r = r;
+            for chunk in log_chunks(attempt, &r.shard, &mut r.log_offsets, LOG_FINAL_BYTES) {
+                self.queue(chunk);
+            }
             for (step, uri) in r.shard.new_checkpoints() {
                 if r.last_checkpoint_step.is_none_or(|s| step >= s) {
                     self.queue(In::CheckpointReport(v1::CheckpointReport {
@@ -267,9 +357,10 @@ impl Agent {
     }
 
     async fn fence_if_overdue(&mut self, last_ack: Instant, fence: Duration) {
-        if self.running.is_empty() || last_ack.elapsed() < fence {
+        if self.running.is_empty() || last_ack.elapsed() < fence || self.fenced_after == Some(last_ack) {
             return;
         }
+        self.fenced_after = Some(last_ack);
         tracing::warn!(running = self.running.len(), "no leader reachable for the fence timeout: stopping every shard");
         self.metrics.fenced.fetch_add(1, Ordering::Relaxed);
         let shards: Vec<Arc<Shard>> = self.running.values().map(|r| r.shard.clone()).collect();
@@ -313,6 +404,22 @@ impl Agent {
         if !first {
             self.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
         }
+        // A new leader keeps no logs yet: start it with the tail of each running attempt's.
+        for r in self.running.values_mut() {
+            for (i, path) in [r.shard.stdout_path(), r.shard.stderr_path()].iter().enumerate() {
+                let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+                r.log_offsets[i] = r.log_offsets[i].min(len.saturating_sub(LOG_RESEND_BYTES));
+            }
+        }
+        // Drop queued output beyond a bound so an outage cannot grow the outbox without limit.
+        let mut kept = 0u64;
+        self.outbox.retain(|(_, p)| match p {
+            In::LogChunk(c) => {
+                kept += c.data.len() as u64;
+                kept <= LOG_OUTBOX_BYTES
+            }
+            _ => true,
+        });
         // Reports that were never acknowledged go again.
         for (seq, p) in self.outbox.iter() {
             let _ = tx.send(v1::AgentMessage { seq: *seq, payload: Some(p.clone()) }).await;
@@ -433,6 +540,7 @@ impl Agent {
                     a.attempt_id,
                     Running {
                         shard,
+                        log_offsets: [0, 0],
                         job_id: a.job_id,
                         shard_index: a.shard_index,
                         gpus: a.gpus,
@@ -455,6 +563,9 @@ impl Agent {
     fn watch_progress_and_gpus(&mut self) {
         let mut reports = Vec::new();
         for (id, r) in self.running.iter_mut() {
+            reports.extend(log_chunks(*id, &r.shard, &mut r.log_offsets, LOG_TICK_BYTES));
+        }
+        for (id, r) in self.running.iter_mut() {
             for (step, uri) in r.shard.new_checkpoints() {
                 if r.last_checkpoint_step.is_none_or(|s| step >= s) {
                     r.last_checkpoint_step = Some(step);
@@ -465,6 +576,11 @@ impl Agent {
                         ..Default::default()
                     }));
                 }
+            }
+        }
+        while let Ok((index, kind)) = self.fault_rx.try_recv() {
+            if let Err(e) = self.gpus.inject(index, kind) {
+                tracing::warn!(index, error = %e, "fault not injected");
             }
         }
         for e in self.gpus.take_events() {

@@ -7,8 +7,21 @@
 //!   assignments and stops, acknowledged reports, reconnects and self-fencing.
 
 pub mod agent;
+pub mod cloud;
 pub mod gpu;
 pub mod shard;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn faults_parse_and_name_bad_parameters() {
+        assert_eq!(super::parse_fault("/simulate/xid?gpu=1&xid=79").unwrap(), (1, super::gpu::GpuEventKind::Xid(79)));
+        assert_eq!(super::parse_fault("/simulate/ecc?gpu=0").unwrap(), (0, super::gpu::GpuEventKind::EccUncorrectable));
+        assert!(super::parse_fault("/simulate/xid?gpu=x&xid=79").unwrap_err().contains("gpu"));
+        assert!(super::parse_fault("/simulate/xid?gpu=1").unwrap_err().contains("xid"));
+        assert!(super::parse_fault("/simulate/melt?gpu=1").is_err());
+    }
+}
 
 use std::net::SocketAddr;
 
@@ -33,14 +46,59 @@ pub enum AgentError {
     },
 }
 
+/// Where the agent learns its cloud placement and watches for spot notices.
+#[derive(Debug, Clone)]
+pub struct CloudOptions {
+    /// none, aws or azure.
+    pub kind: cloud::CloudKind,
+    /// Instance metadata endpoint (`http://host:port`); default the cloud's own. Tests point it
+    /// at a fake on 127.0.0.1.
+    pub endpoint: Option<String>,
+    /// How often spot notices are polled.
+    pub poll: std::time::Duration,
+}
+
 /// Run an agent until `shutdown` fires. Without NVIDIA's driver (and without
-/// `simulate_gpus`) it starts anyway, with no GPUs, and says so.
+/// `simulate_gpus`) it starts anyway, with no GPUs, and says so. On aws or azure the cloud,
+/// region, zone, instance type and spot status come from the instance metadata service.
 pub async fn run(
-    cfg: agent::AgentConfig,
+    mut cfg: agent::AgentConfig,
     simulate_gpus: Option<String>,
     http: Option<SocketAddr>,
+    cloud_opts: CloudOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    let metadata = match cloud_opts.kind {
+        cloud::CloudKind::None => None,
+        kind => {
+            let client = cloud::MetadataClient::new(kind, cloud_opts.endpoint.as_deref())
+                .map_err(|e| AgentError::Config { field: "metadata_endpoint", message: e.to_string() })?;
+            let mut tries = 0;
+            let info = loop {
+                match client.discover().await {
+                    Ok(info) => break info,
+                    Err(e) if tries < 5 => {
+                        tries += 1;
+                        tracing::warn!(error = %e, "instance metadata not available yet; retrying");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                    Err(e) => {
+                        return Err(AgentError::Config { field: "cloud", message: format!("instance metadata: {e}") });
+                    }
+                }
+            };
+            tracing::info!(cloud = %kind, region = %info.region, zone = %info.zone, instance_type = %info.instance_type, spot = info.spot, "cloud placement discovered");
+            cfg.cloud = match kind {
+                cloud::CloudKind::Aws => tessera_proto::v1::Cloud::Aws,
+                _ => tessera_proto::v1::Cloud::Azure,
+            };
+            cfg.region = info.region;
+            cfg.zone = info.zone;
+            cfg.instance_type = info.instance_type;
+            cfg.spot = info.spot;
+            Some(client)
+        }
+    };
     if cfg.servers.is_empty() {
         return Err(AgentError::Config { field: "servers", message: "give at least one server address".into() });
     }
@@ -60,23 +118,80 @@ pub async fn run(
             "GPUs are SIMULATED: telemetry follows the shards' load, not hardware"
         );
     }
+    let simulated = gpus.simulated();
     let agent = agent::Agent::new(cfg, gpus);
+    if let Some(client) = metadata {
+        tokio::spawn(watch_notices(client, cloud_opts.poll, agent.notice_sender()));
+    }
     if let Some(addr) = http {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| AgentError::Metrics { addr, message: e.to_string() })?;
-        tokio::spawn(serve_metrics(listener, agent.metrics.clone()));
+        let faults = simulated.then(|| agent.fault_injector());
+        tokio::spawn(serve_metrics(listener, agent.metrics.clone(), faults));
     }
     agent.run(shutdown).await;
     Ok(())
 }
 
-/// A minimal HTTP/1.x responder for Prometheus scrapes: any GET gets the exposition.
-async fn serve_metrics(listener: tokio::net::TcpListener, metrics: std::sync::Arc<agent::AgentMetrics>) {
+/// Poll the cloud for spot interruption notices and hand each new one to the agent once.
+async fn watch_notices(
+    client: cloud::MetadataClient,
+    every: std::time::Duration,
+    tx: tokio::sync::mpsc::UnboundedSender<cloud::Notice>,
+) {
+    let mut seen = std::collections::BTreeSet::new();
+    loop {
+        match client.poll_notice().await {
+            Ok(Some(n)) if seen.insert(n.event_id.clone()) => {
+                tracing::warn!(kind = ?n.kind, deadline = n.deadline_unix_ms, "spot interruption notice");
+                if tx.send(n).is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "polling for spot notices failed"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Parse `/simulate/xid?gpu=1&xid=79` or `/simulate/ecc?gpu=1` into a fault to inject.
+fn parse_fault(path: &str) -> Result<(u32, gpu::GpuEventKind), String> {
+    let (what, query) = path
+        .strip_prefix("/simulate/")
+        .and_then(|p| p.split_once('?'))
+        .ok_or("expected /simulate/xid?gpu=N&xid=X or /simulate/ecc?gpu=N")?;
+    let mut gpu = None;
+    let mut xid = None;
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("gpu", v)) => gpu = Some(v.parse::<u32>().map_err(|_| format!("gpu: '{v}' is not a GPU index"))?),
+            Some(("xid", v)) => xid = Some(v.parse::<u64>().map_err(|_| format!("xid: '{v}' is not an XID number"))?),
+            _ => return Err(format!("unknown parameter '{pair}'")),
+        }
+    }
+    let gpu = gpu.ok_or("gpu: required")?;
+    match what {
+        "xid" => Ok((gpu, gpu::GpuEventKind::Xid(xid.ok_or("xid: required")?))),
+        "ecc" => Ok((gpu, gpu::GpuEventKind::EccUncorrectable)),
+        other => Err(format!("'{other}' is not a fault (xid or ecc)")),
+    }
+}
+
+/// A minimal HTTP/1.x responder: any GET gets the Prometheus exposition; with simulated GPUs,
+/// `GET /simulate/xid?gpu=N&xid=X` and `GET /simulate/ecc?gpu=N` raise a fault (for tests and
+/// demos; real GPUs never accept it).
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: std::sync::Arc<agent::AgentMetrics>,
+    faults: Option<tokio::sync::mpsc::UnboundedSender<(u32, gpu::GpuEventKind)>>,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     loop {
         let Ok((mut conn, _)) = listener.accept().await else { continue };
         let metrics = metrics.clone();
+        let faults = faults.clone();
         tokio::spawn(async move {
             // Read the request head (bounded); the body of a GET is empty.
             let mut buf = vec![0u8; 4096];
@@ -92,10 +207,21 @@ async fn serve_metrics(listener: tokio::net::TcpListener, metrics: std::sync::Ar
                     }
                 }
             }
-            let (status, body) = if buf[..n].starts_with(b"GET ") {
-                ("200 OK", metrics.render())
-            } else {
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let path = head.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body) = if !head.starts_with("GET ") {
                 ("405 Method Not Allowed", "only GET is served\n".to_string())
+            } else if path.starts_with("/simulate/") {
+                match (&faults, parse_fault(path)) {
+                    (None, _) => ("404 Not Found", "faults can be injected only into simulated GPUs\n".to_string()),
+                    (Some(_), Err(e)) => ("400 Bad Request", format!("{e}\n")),
+                    (Some(tx), Ok(fault)) => {
+                        let _ = tx.send(fault);
+                        ("200 OK", format!("injected {:?} on GPU {}\n", fault.1, fault.0))
+                    }
+                }
+            } else {
+                ("200 OK", metrics.render())
             };
             let head = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

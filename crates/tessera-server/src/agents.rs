@@ -489,6 +489,31 @@ async fn push_events(
     }
 }
 
+/// Keep a chunk of output on the leader (never in the log).
+async fn log_chunk(shared: &Shared, c: v1::LogChunk) -> Result<(), Status> {
+    if c.data.len() > 4 * 1024 * 1024 {
+        return Err(Status::invalid_argument("data: a log chunk is at most 4 MiB"));
+    }
+    let owner = match shared.logs.owner(c.attempt_id) {
+        Some(o) => o,
+        None => {
+            let id = AttemptId(c.attempt_id);
+            shared
+                .raft
+                .local(move |n| {
+                    n.state_machine().state.attempt(id).and_then(|(j, s)| {
+                        s.attempt.as_ref().map(|a| crate::logs::Owner { job: j.id, shard: s.index, attempt: a.number })
+                    })
+                })
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?
+                .ok_or_else(|| Status::failed_precondition(format!("attempt {} is not live", c.attempt_id)))?
+        }
+    };
+    shared.logs.append(c.attempt_id, owner, c.stream, c.offset, &c.data);
+    Ok(())
+}
+
 /// Turn the agent's reports into commands, acknowledging each once applied.
 async fn read_reports(
     shared: Arc<Shared>,
@@ -520,10 +545,9 @@ async fn read_reports(
                 let _ = tx.send(Ok(ack(seq, Err(Status::invalid_argument("already registered on this stream"))))).await;
                 continue;
             }
-            Some(In::LogChunk(_)) => {
-                let _ = tx
-                    .send(Ok(ack(seq, Err(Status::unimplemented("logs are not collected by this release yet")))))
-                    .await;
+            Some(In::LogChunk(c)) => {
+                let result = log_chunk(&shared, c).await;
+                let _ = tx.send(Ok(ack(seq, result))).await;
                 continue;
             }
             Some(In::ShardStarted(s)) => Command::ShardStarted { attempt: AttemptId(s.attempt_id) },

@@ -43,6 +43,8 @@ pub struct Shared {
     pub plan_now: Arc<Notify>,
     /// The agents' sessions and liveness (meaningful on the leader).
     pub agents: crate::agents::AgentHub,
+    /// Shard output sent by the agents (kept on the leader).
+    pub logs: crate::logs::LogStore,
 }
 
 fn unavailable(e: ProposeError) -> Status {
@@ -268,8 +270,101 @@ impl v1::job_service_server::JobService for Jobs {
 
     type JobLogsStream = BoxStream<v1::JobLogsResponse>;
 
-    async fn job_logs(&self, _req: Request<v1::JobLogsRequest>) -> Result<Response<Self::JobLogsStream>, Status> {
-        Err(Status::unimplemented("job logs travel from the node agents, which this release does not have yet"))
+    async fn job_logs(&self, req: Request<v1::JobLogsRequest>) -> Result<Response<Self::JobLogsStream>, Status> {
+        let req = req.into_inner();
+        let id = job_id(req.job_id)?;
+        let status = self.0.raft.status();
+        if status.role != tessera_raft::StateRole::Leader {
+            // Output lives on the leader: pass the stream through from it.
+            let addr = self
+                .0
+                .transport
+                .peers()
+                .get(&status.leader)
+                .cloned()
+                .ok_or_else(|| Status::unavailable("no leader is known; retry"))?;
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| Status::internal(e.to_string()))?
+                .connect()
+                .await
+                .map_err(|e| Status::unavailable(format!("leader at {addr} unreachable: {e}")))?;
+            let stream = v1::job_service_client::JobServiceClient::new(ch).job_logs(req).await?.into_inner();
+            return Ok(Response::new(Box::pin(stream)));
+        }
+        if !self.0.read(0, move |s| s.job(id).is_some()).await? {
+            return Err(Status::not_found(format!("no job {id}")));
+        }
+        let streams: Vec<i32> = match v1::LogSelection::try_from(req.streams) {
+            Ok(v1::LogSelection::Stdout) => vec![1],
+            Ok(v1::LogSelection::Stderr) => vec![2],
+            Ok(_) => vec![1, 2],
+            Err(_) => return Err(Status::invalid_argument(format!("streams: {} is not a LogSelection", req.streams))),
+        };
+        let mut rx = self.0.logs.subscribe();
+        let kept = self.0.logs.read(id, req.shard_index, req.attempt, &streams, req.tail_bytes);
+        let shared = self.0.clone();
+        let (tx, out) = tokio::sync::mpsc::channel(256);
+        let to_msg = |c: &crate::logs::Chunk| v1::JobLogsResponse {
+            shard_index: c.owner.shard,
+            attempt_id: c.attempt_id,
+            attempt: c.owner.attempt,
+            stream: c.stream,
+            offset: c.offset,
+            data: c.data.clone(),
+        };
+        tokio::spawn(async move {
+            let mut sent: std::collections::BTreeMap<(u64, i32), u64> = std::collections::BTreeMap::new();
+            for c in &kept {
+                sent.insert((c.attempt_id, c.stream), c.offset + c.data.len() as u64);
+                if tx.send(Ok(to_msg(c))).await.is_err() {
+                    return;
+                }
+            }
+            if !req.follow {
+                return;
+            }
+            let min_attempt: std::collections::BTreeMap<u32, u32> =
+                kept.iter().map(|c| (c.owner.shard, c.owner.attempt)).collect();
+            let mut finished_at: Option<tokio::time::Instant> = None;
+            let mut check = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    got = rx.recv() => {
+                        let c = match got {
+                            Ok(c) => c,
+                            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                            Err(broadcast::error::RecvError::Closed) => return,
+                        };
+                        let wanted = c.owner.job == id
+                            && req.shard_index.is_none_or(|s| c.owner.shard == s)
+                            && streams.contains(&c.stream)
+                            && match req.attempt {
+                                Some(n) => c.owner.attempt == n,
+                                None => min_attempt.get(&c.owner.shard).is_none_or(|m| c.owner.attempt >= *m),
+                            };
+                        let end = sent.entry((c.attempt_id, c.stream)).or_insert(0);
+                        if !wanted || c.offset + (c.data.len() as u64) <= *end {
+                            continue;
+                        }
+                        *end = c.offset + c.data.len() as u64;
+                        if tx.send(Ok(to_msg(&c))).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ = check.tick() => {
+                        if let Some(t) = finished_at {
+                            // The final output of an attempt arrives just before its exit.
+                            if t.elapsed() > Duration::from_secs(1) {
+                                return;
+                            }
+                        } else if shared.read(v1::ReadConsistency::Stale as i32, move |s| s.job(id).is_none_or(|j| j.state.is_terminal())).await.unwrap_or(true) {
+                            finished_at = Some(tokio::time::Instant::now());
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
     }
 }
 

@@ -10,6 +10,7 @@
 pub mod agents;
 pub mod api;
 pub mod config;
+pub mod logs;
 pub mod raft_loop;
 pub mod sm;
 pub mod transport;
@@ -110,6 +111,7 @@ pub async fn run(
         events,
         plan_now: Arc::new(Notify::new()),
         agents: agents::AgentHub::new(cfg.agent_timeouts()),
+        logs: logs::LogStore::default(),
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -49,9 +49,13 @@ struct AgentArgs {
     /// Prometheus metrics address, HOST:PORT.
     #[arg(long)]
     http: Option<std::net::SocketAddr>,
-    /// Cloud: none (default), aws or azure.
+    /// Cloud: none (default), aws or azure. On aws and azure, region, zone, instance type and
+    /// spot status come from the instance metadata service, and spot notices are watched.
     #[arg(long, default_value = "none")]
     cloud: String,
+    /// Instance metadata endpoint, http://HOST:PORT (default: the cloud's own).
+    #[arg(long)]
+    metadata_endpoint: Option<String>,
     /// Region (for --cloud none).
     #[arg(long, default_value = "local")]
     region: String,
@@ -190,19 +194,17 @@ fn server_config(a: ServerArgs) -> Result<tessera_server::ServerConfig, String> 
 }
 
 fn agent(a: AgentArgs) -> ExitCode {
-    let cloud = match a.cloud.as_str() {
-        "none" => tessera_proto::v1::Cloud::None,
-        "aws" | "azure" => {
-            eprintln!(
-                "error: --cloud {}: cloud metadata discovery is not in this release yet; use --cloud none",
-                a.cloud
-            );
+    let kind: tessera_agent::cloud::CloudKind = match a.cloud.parse() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: --cloud: {e}");
             return ExitCode::from(EXIT_INVALID);
         }
-        other => {
-            eprintln!("error: --cloud: '{other}' is not none, aws or azure");
-            return ExitCode::from(EXIT_INVALID);
-        }
+    };
+    let cloud_opts = tessera_agent::CloudOptions {
+        kind,
+        endpoint: a.metadata_endpoint.clone(),
+        poll: std::time::Duration::from_secs(1),
     };
     let mut labels = std::collections::BTreeMap::new();
     for l in &a.labels {
@@ -229,7 +231,7 @@ fn agent(a: AgentArgs) -> ExitCode {
         advertise: a.advertise.clone().unwrap_or_else(|| name.clone()),
         name,
         servers: a.servers,
-        cloud,
+        cloud: tessera_proto::v1::Cloud::None,
         region: a.region,
         zone: a.zone,
         instance_type: a.instance_type,
@@ -246,7 +248,7 @@ fn agent(a: AgentArgs) -> ExitCode {
             return ExitCode::from(EXIT_FAILED);
         }
     };
-    let result = runtime.block_on(tessera_agent::run(cfg, a.simulate_gpus, a.http, shutdown_signal()));
+    let result = runtime.block_on(tessera_agent::run(cfg, a.simulate_gpus, a.http, cloud_opts, shutdown_signal()));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

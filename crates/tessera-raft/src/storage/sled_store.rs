@@ -595,7 +595,18 @@ mod tests {
 
     /// Write raw bytes into the store's trees, as a damaged disk would.
     fn tamper(dir: &Path, tree: &str, k: &[u8], v: &[u8]) {
-        let db = sled::Config::new().path(dir).open().unwrap();
+        // The store just dropped may still hold sled's file lock for a moment (see `open`).
+        let mut tries = 0;
+        let db = loop {
+            match sled::Config::new().path(dir).open() {
+                Ok(db) => break db,
+                Err(e) if tries < 100 && e.to_string().contains("could not acquire lock") => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
         db.open_tree(tree).unwrap().insert(k, v).unwrap();
         db.flush().unwrap();
     }
