@@ -130,6 +130,8 @@ pub struct AgentMetrics {
     pub fenced: AtomicU64,
     /// Malformed progress lines of the running attempts.
     pub progress_lines_rejected: AtomicU64,
+    /// Per GPU: processes using it that belong to no shard (from the per-process query).
+    pub foreign: std::sync::Mutex<BTreeMap<u32, usize>>,
 }
 
 impl AgentMetrics {
@@ -163,6 +165,17 @@ impl AgentMetrics {
             "Malformed progress lines of the running attempts.",
             self.progress_lines_rejected.load(Ordering::Relaxed),
         );
+        if let Ok(f) = self.foreign.lock()
+            && !f.is_empty()
+        {
+            out.push_str(
+                "# HELP tessera_gpu_foreign_processes Processes on the GPU that belong to no Tessera shard.\n",
+            );
+            out.push_str("# TYPE tessera_gpu_foreign_processes gauge\n");
+            for (gpu, n) in f.iter() {
+                out.push_str(&format!("tessera_gpu_foreign_processes{{gpu=\"{gpu}\"}} {n}\n"));
+            }
+        }
         out
     }
 }
@@ -177,7 +190,7 @@ fn registration(cfg: &AgentConfig, gpus: &dyn GpuSource, running: &BTreeMap<u64,
         spot: cfg.spot,
         price_per_gpu_hour_micros: cfg.price_micros,
         cpu_millis: std::thread::available_parallelism().map(|n| n.get() as u64 * 1000).unwrap_or(1000),
-        memory_mib: 0,
+        memory_mib: host_memory_mib(),
         gpus: gpus
             .inventory()
             .iter()
@@ -204,6 +217,19 @@ fn registration(cfg: &AgentConfig, gpus: &dyn GpuSource, running: &BTreeMap<u64,
         advertise_addr: cfg.advertise.clone(),
         ..Default::default()
     }
+}
+
+/// Total host memory in MiB, from /proc/meminfo (0 when unknown).
+fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
 }
 
 enum SessionEnd {
@@ -603,6 +629,29 @@ impl Agent {
             *g = crate::gpu::prometheus(samples, &self.cfg.name, self.gpus.simulated());
         }
         m.shards_running.store(self.running.len() as u64, Ordering::Relaxed);
+        // Processes on a GPU that belong to no shard of ours (every shard leads its own
+        // process group): someone else is using our GPUs.
+        let groups: std::collections::BTreeSet<i32> = self.running.values().map(|r| r.shard.pid() as i32).collect();
+        for sample in samples {
+            let Some(procs) = &sample.processes else { continue };
+            let foreign = procs
+                .iter()
+                .filter(|p| {
+                    let pid = nix::unistd::Pid::from_raw(p.pid as i32);
+                    nix::unistd::getpgid(Some(pid)).map_or(true, |g| !groups.contains(&g.as_raw()))
+                })
+                .count();
+            if let Ok(mut f) = m.foreign.lock() {
+                let before = f.insert(sample.index, foreign);
+                if foreign > 0 && before != Some(foreign) {
+                    tracing::warn!(
+                        gpu = sample.index,
+                        processes = foreign,
+                        "processes outside Tessera's shards use this GPU"
+                    );
+                }
+            }
+        }
         m.progress_lines_rejected.store(malformed, Ordering::Relaxed);
     }
 

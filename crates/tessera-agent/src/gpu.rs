@@ -98,6 +98,22 @@ pub struct GpuSample {
     pub xid_errors: u64,
     /// The last XID seen since this source started.
     pub last_xid: Option<u64>,
+    /// Compute processes on the GPU with their memory in MiB: refreshed at most every
+    /// [`PROCESS_QUERY_INTERVAL`] (an expensive NVML call), None in samples between refreshes
+    /// and on sources that cannot tell.
+    pub processes: Option<Vec<GpuProcess>>,
+}
+
+/// How often the per-process query runs.
+pub const PROCESS_QUERY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A process using a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuProcess {
+    /// Process id (in the host's namespace).
+    pub pid: u32,
+    /// GPU memory it holds, MiB (0 when the driver cannot say).
+    pub used_mib: u64,
 }
 
 /// Something bad that happened to a GPU, seen since the last [`GpuSource::take_events`].

@@ -78,6 +78,8 @@ pub struct Nvml {
     last_uncorrected: HashMap<u32, u64>,
     /// (GPU, NVML call) already logged as failing.
     warned: HashSet<(u32, &'static str)>,
+    /// When the per-process query last ran.
+    processes_at: Option<std::time::Instant>,
 }
 
 impl std::fmt::Debug for Nvml {
@@ -112,7 +114,16 @@ impl Nvml {
         let stop = Arc::new(AtomicBool::new(false));
         let indices: Vec<u32> = inventory.iter().map(|g| g.index).collect();
         let dbe_events = events::start(&nvml, &indices, &shared, &stop);
-        Ok(Self { nvml, inventory, shared, stop, dbe_events, last_uncorrected: HashMap::new(), warned: HashSet::new() })
+        Ok(Self {
+            nvml,
+            inventory,
+            shared,
+            stop,
+            dbe_events,
+            last_uncorrected: HashMap::new(),
+            warned: HashSet::new(),
+            processes_at: None,
+        })
     }
 }
 
@@ -248,6 +259,10 @@ impl GpuSource for Nvml {
     }
 
     fn sample(&mut self) -> Vec<GpuSample> {
+        let query_processes = self.processes_at.is_none_or(|t| t.elapsed() >= super::PROCESS_QUERY_INTERVAL);
+        if query_processes {
+            self.processes_at = Some(std::time::Instant::now());
+        }
         let Self { nvml, inventory, shared, dbe_events, last_uncorrected, warned, .. } = self;
         let xids = lock(shared).xids.clone();
         let mut derived_events = Vec::new();
@@ -277,6 +292,21 @@ impl GpuSource for Nvml {
                 device.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile),
             );
             let repair = r.ok("nvmlDeviceGetFieldValues(retired/remapped)", memory_repair(&device)).flatten();
+            let processes = if query_processes {
+                r.ok("nvmlDeviceGetComputeRunningProcesses", device.running_compute_processes()).map(|ps| {
+                    ps.iter()
+                        .map(|p| super::GpuProcess {
+                            pid: p.pid,
+                            used_mib: match p.used_gpu_memory {
+                                nv::enums::device::UsedGpuMemory::Used(bytes) => bytes / (1024 * 1024),
+                                nv::enums::device::UsedGpuMemory::Unavailable => 0,
+                            },
+                        })
+                        .collect()
+                })
+            } else {
+                None
+            };
             if r.lost {
                 // A GPU that fell off the bus reads as zeros, which would look idle and healthy.
                 continue;
@@ -312,6 +342,7 @@ impl GpuSource for Nvml {
                 memory_repair: repair,
                 xid_errors: xid.count,
                 last_xid: xid.last,
+                processes,
             });
         }
         if !derived_events.is_empty() {

@@ -304,6 +304,8 @@ fn sample_one(info: &GpuInfo, gpu: &SimGpu, tick: u64) -> GpuSample {
         memory_repair: Some(gpu.repair),
         xid_errors: gpu.xid_errors,
         last_xid: gpu.last_xid,
+        // Simulated GPUs run no processes of their own to report.
+        processes: None,
     }
 }
 
