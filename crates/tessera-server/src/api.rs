@@ -80,6 +80,22 @@ impl Shared {
         }
     }
 
+    /// A connection to the current leader, for the few calls only it can answer.
+    pub async fn leader_channel(&self) -> Result<tonic::transport::Channel, Status> {
+        let leader = self.raft.status().leader;
+        let addr = self
+            .transport
+            .peers()
+            .get(&leader)
+            .cloned()
+            .ok_or_else(|| Status::unavailable("no leader is known; retry"))?;
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::internal(e.to_string()))?
+            .connect()
+            .await
+            .map_err(|e| Status::unavailable(format!("leader at {addr} unreachable: {e}")))
+    }
+
     /// Read the state: linearizable by default, or this server's applied state.
     pub async fn read<T: Send + 'static>(
         &self,
@@ -276,18 +292,7 @@ impl v1::job_service_server::JobService for Jobs {
         let status = self.0.raft.status();
         if status.role != tessera_raft::StateRole::Leader {
             // Output lives on the leader: pass the stream through from it.
-            let addr = self
-                .0
-                .transport
-                .peers()
-                .get(&status.leader)
-                .cloned()
-                .ok_or_else(|| Status::unavailable("no leader is known; retry"))?;
-            let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                .map_err(|e| Status::internal(e.to_string()))?
-                .connect()
-                .await
-                .map_err(|e| Status::unavailable(format!("leader at {addr} unreachable: {e}")))?;
+            let ch = self.0.leader_channel().await?;
             let stream = v1::job_service_client::JobServiceClient::new(ch).job_logs(req).await?.into_inner();
             return Ok(Response::new(Box::pin(stream)));
         }
@@ -583,20 +588,7 @@ impl Cluster {
     async fn leader_client(
         &self,
     ) -> Result<v1::cluster_service_client::ClusterServiceClient<tonic::transport::Channel>, Status> {
-        let s = self.0.raft.status();
-        let addr = self
-            .0
-            .transport
-            .peers()
-            .get(&s.leader)
-            .cloned()
-            .ok_or_else(|| Status::unavailable("no leader is known; retry"))?;
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::internal(e.to_string()))?
-            .connect()
-            .await
-            .map_err(|e| Status::unavailable(format!("leader at {addr} unreachable: {e}")))?;
-        Ok(v1::cluster_service_client::ClusterServiceClient::new(ch))
+        Ok(v1::cluster_service_client::ClusterServiceClient::new(self.0.leader_channel().await?))
     }
 }
 
@@ -697,7 +689,7 @@ impl v1::cluster_service_server::ClusterService for Cluster {
             return Err(Status::failed_precondition("cannot remove the last voter"));
         }
         if s.leader == r.id {
-            // Hand leadership to the most caught-up other voter first.
+            // Hand leadership to another voter first (raft-rs waits until it has caught up).
             let target = s.voters.iter().copied().find(|v| *v != r.id).unwrap_or(0);
             let id = r.id;
             self.0
