@@ -110,6 +110,12 @@ pub struct Agent {
     fault_rx: mpsc::UnboundedReceiver<(u32, GpuEventKind)>,
     notice_tx: mpsc::UnboundedSender<crate::cloud::Notice>,
     notice_rx: mpsc::UnboundedReceiver<crate::cloud::Notice>,
+    /// Attempts that exited but whose exit is not acknowledged yet: still listed as running
+    /// when registering, so a new leader waits for the exit report instead of declaring them
+    /// lost. Value: (job, shard).
+    finished: BTreeMap<u64, (u64, u32)>,
+    /// Attempt ids this agent has started (recent ones): an attempt never runs twice here.
+    ran: VecDeque<u64>,
     /// The acknowledgement after which the agent last fenced itself (once per silence).
     fenced_after: Option<Instant>,
     /// What the metrics endpoint shows.
@@ -180,7 +186,23 @@ impl AgentMetrics {
     }
 }
 
-fn registration(cfg: &AgentConfig, gpus: &dyn GpuSource, running: &BTreeMap<u64, Running>) -> v1::Register {
+/// The attempt a report is about.
+fn report_attempt(p: &In) -> Option<u64> {
+    match p {
+        In::ShardStarted(s) => Some(s.attempt_id),
+        In::ShardExited(e) => Some(e.attempt_id),
+        In::CheckpointReport(c) => Some(c.attempt_id),
+        In::LogChunk(l) => Some(l.attempt_id),
+        _ => None,
+    }
+}
+
+fn registration(
+    cfg: &AgentConfig,
+    gpus: &dyn GpuSource,
+    running: &BTreeMap<u64, Running>,
+    finished: &BTreeMap<u64, (u64, u32)>,
+) -> v1::Register {
     v1::Register {
         name: cfg.name.clone(),
         cloud: cfg.cloud as i32,
@@ -213,6 +235,13 @@ fn registration(cfg: &AgentConfig, gpus: &dyn GpuSource, running: &BTreeMap<u64,
                 pid: r.shard.pid(),
                 started_unix_ms: 0,
             })
+            .chain(finished.iter().map(|(id, (job, shard))| v1::RunningAttempt {
+                attempt_id: *id,
+                job_id: *job,
+                shard_index: *shard,
+                pid: 0,
+                started_unix_ms: 0,
+            }))
             .collect(),
         advertise_addr: cfg.advertise.clone(),
         ..Default::default()
@@ -258,6 +287,8 @@ impl Agent {
             fault_tx,
             fault_rx,
             fenced_after: None,
+            finished: BTreeMap::new(),
+            ran: VecDeque::new(),
             notice_tx,
             notice_rx,
             metrics: Arc::new(AgentMetrics::default()),
@@ -373,6 +404,7 @@ impl Agent {
                     }));
                 }
             }
+            self.finished.insert(attempt, (r.job_id, r.shard_index));
             let termination = match (exit.code, exit.signal) {
                 (Some(c), _) => Some(v1::shard_exited::Termination::ExitCode(c)),
                 (None, Some(s)) => Some(v1::shard_exited::Termination::Signal(s)),
@@ -387,12 +419,13 @@ impl Agent {
             return;
         }
         self.fenced_after = Some(last_ack);
-        tracing::warn!(running = self.running.len(), "no leader reachable for the fence timeout: stopping every shard");
+        tracing::warn!(running = self.running.len(), "no leader reachable for the fence timeout: killing every shard");
         self.metrics.fenced.fetch_add(1, Ordering::Relaxed);
-        let shards: Vec<Arc<Shard>> = self.running.values().map(|r| r.shard.clone()).collect();
-        // The ladder asks for a checkpoint first; the exits are reported once reconnected.
-        for s in shards {
-            tokio::spawn(async move { s.stop().await });
+        // The leader may place these shards elsewhere once its node-down timeout (just after
+        // the fence) passes: there is no time for a checkpoint ladder. Their exits are reported
+        // once reconnected.
+        for r in self.running.values() {
+            r.shard.kill_now();
         }
     }
 
@@ -404,15 +437,38 @@ impl Agent {
                 return SessionEnd::Lost;
             }
         };
-        let Ok(channel) = endpoint.connect().await else { return SessionEnd::Lost };
+        let endpoint = endpoint
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(2))
+            .keep_alive_while_idle(true);
+        // Never wait on one server longer than the fence: the caller fences between tries.
+        let limit = (*fence).max(Duration::from_secs(1));
+        let channel = match tokio::time::timeout(limit, endpoint.connect()).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::debug!(%addr, error = %e, "server unreachable");
+                return SessionEnd::Lost;
+            }
+            Err(_) => return SessionEnd::Lost,
+        };
         let (tx, out) = mpsc::channel::<v1::AgentMessage>(1024);
         self.seq += 1;
-        let reg = registration(&self.cfg, self.gpus.as_ref(), &self.running);
+        let reg = registration(&self.cfg, self.gpus.as_ref(), &self.running, &self.finished);
         let _ = tx.send(v1::AgentMessage { seq: self.seq, payload: Some(In::Register(reg)) }).await;
         let mut client = v1::agent_service_client::AgentServiceClient::new(channel);
-        let Ok(resp) = client.session(ReceiverStream::new(out)).await else { return SessionEnd::Lost };
-        let mut inbound = resp.into_inner();
-        let heartbeat = match inbound.message().await {
+        let mut inbound = match tokio::time::timeout(limit, client.session(ReceiverStream::new(out))).await {
+            Ok(Ok(resp)) => resp.into_inner(),
+            Ok(Err(status)) => {
+                tracing::warn!(%addr, code = ?status.code(), message = %status.message(), "session refused");
+                return SessionEnd::Lost;
+            }
+            Err(_) => return SessionEnd::Lost,
+        };
+        let reply = match tokio::time::timeout(limit, inbound.message()).await {
+            Ok(m) => m,
+            Err(_) => return SessionEnd::Lost,
+        };
+        let heartbeat = match reply {
             Ok(Some(v1::ServerMessage { payload: Some(Out::Registered(r)) })) => {
                 *fence = Duration::from_millis(r.fence_timeout_ms.max(1000));
                 *last_ack = Instant::now();
@@ -425,7 +481,14 @@ impl Agent {
                     None => SessionEnd::Lost,
                 };
             }
-            _ => return SessionEnd::Lost,
+            Ok(other) => {
+                tracing::warn!(%addr, reply = ?other, "unexpected answer to Register");
+                return SessionEnd::Lost;
+            }
+            Err(status) => {
+                tracing::warn!(%addr, code = ?status.code(), message = %status.message(), "registration refused");
+                return SessionEnd::Lost;
+            }
         };
         if !first {
             self.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -469,6 +532,12 @@ impl Agent {
                     }
                     sent_up_to = sent_up_to.max(self.seq);
                     self.fence_if_overdue(*last_ack, *fence).await;
+                    // Every message is acknowledged: three silent heartbeats mean a dead
+                    // connection (a crashed host or a partition without a reset).
+                    if last_ack.elapsed() > heartbeat * 3 {
+                        tracing::warn!(%addr, "no acknowledgement for three heartbeats; reconnecting");
+                        return SessionEnd::Lost;
+                    }
                 }
                 msg = inbound.message() => {
                     let m = match msg {
@@ -481,7 +550,11 @@ impl Agent {
                             if a.rejected {
                                 tracing::debug!(seq = a.seq, reason = %a.reason, "report refused");
                             }
-                            self.outbox.retain(|(s, _)| *s != a.seq);
+                            if let Some(pos) = self.outbox.iter().position(|(s, _)| *s == a.seq)
+                                && let Some((_, In::ShardExited(e))) = self.outbox.remove(pos)
+                            {
+                                self.finished.remove(&e.attempt_id);
+                            }
                         }
                         Some(Out::AssignShard(a)) => self.assign(a),
                         Some(Out::StopShard(s)) => {
@@ -491,14 +564,17 @@ impl Agent {
                             }
                         }
                         Some(Out::ForgetAttempts(f)) => {
+                            // The scheduler no longer runs these here (they may run elsewhere):
+                            // kill at once, and report nothing more about them.
                             for id in f.attempt_ids {
                                 if let Some(r) = self.running.remove(&id) {
                                     for g in &r.gpus {
                                         self.gpus.set_busy(*g, false);
                                     }
-                                    let shard = r.shard.clone();
-                                    tokio::spawn(async move { shard.stop().await });
+                                    r.shard.kill_now();
                                 }
+                                self.finished.remove(&id);
+                                self.outbox.retain(|(_, p)| report_attempt(p) != Some(id));
                             }
                         }
                         Some(Out::Drain(d)) => tracing::info!(draining = d.draining, "drain state changed"),
@@ -516,8 +592,12 @@ impl Agent {
     }
 
     fn assign(&mut self, a: v1::AssignShard) {
-        if self.running.contains_key(&a.attempt_id) {
+        if self.running.contains_key(&a.attempt_id) || self.ran.contains(&a.attempt_id) {
             return;
+        }
+        self.ran.push_back(a.attempt_id);
+        if self.ran.len() > 10_000 {
+            self.ran.pop_front();
         }
         let launch = a.launch.unwrap_or_default();
         let spec = LaunchSpec {

@@ -464,6 +464,16 @@ impl Shard {
         tokio::spawn(ladder.run().instrument(self.span.clone()));
     }
 
+    /// Kills the whole group at once, with no checkpoint and no grace: for a shard the
+    /// scheduler may already be running elsewhere (self-fencing, forgotten attempts).
+    pub fn kill_now(&self) {
+        self.stop_started.store(true, Ordering::SeqCst);
+        if self.leader.borrow().is_none() {
+            self.span.in_scope(|| tracing::warn!("killing the shard's group now"));
+            signal_group(self.pid, Signal::SIGKILL);
+        }
+    }
+
     /// Stops the shard: checkpoint signal (unless "none"), up to `checkpoint_grace`, SIGTERM, up
     /// to `term_grace`, SIGKILL, each to the whole group. Runs the ladder once however often it
     /// is called; every call returns the exit.

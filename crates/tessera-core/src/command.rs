@@ -17,12 +17,12 @@ pub const COMMAND_VERSION: u32 = 1;
 /// Largest encoded command accepted (a plan for many thousands of shards fits).
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024 * 1024;
 
-/// What comes with each applied command: its log position and the leader's clock.
+/// What comes with each applied command: its log position and the time its proposer stamped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ApplyContext {
     /// Raft log index of the entry.
     pub index: u64,
-    /// The leader's time when it proposed the entry.
+    /// The time the proposing server stamped on the entry.
     pub now: Timestamp,
 }
 

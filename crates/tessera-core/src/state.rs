@@ -1,4 +1,4 @@
-//! The replicated state machine: [`State::apply`] takes a [`Command`] and the leader's time and
+//! The replicated state machine: [`State::apply`] takes a [`Command`] and its stamped time and
 //! returns events or a rejection. Every server applies the same log to the same result.
 //!
 //! Rules kept here (checked after every apply in debug builds, and on every restore):

@@ -70,6 +70,9 @@ pub struct NodeConfig {
     pub max_inflight_msgs: usize,
     /// Ticks a proposal or read may wait before it fails with [`ProposeError::Timeout`].
     pub request_timeout_ticks: u64,
+    /// First proposal id; give each start of a server a different one (the server uses the
+    /// time it started, in nanoseconds).
+    pub id_seed: u64,
 }
 
 impl NodeConfig {
@@ -84,6 +87,7 @@ impl NodeConfig {
             max_size_per_msg: 1024 * 1024,
             max_inflight_msgs: 256,
             request_timeout_ticks: 200,
+            id_seed: 1,
         }
     }
 }
@@ -110,6 +114,9 @@ pub struct Output {
     pub role: Option<StateRole>,
     /// Entries applied in this cycle.
     pub applied: u64,
+    /// A snapshot from the leader replaced the state machine in this cycle (state kept only
+    /// in the state machine, such as member addresses, may have changed).
+    pub installed_snapshot: bool,
 }
 
 /// A point-in-time view of the node.
@@ -200,6 +207,7 @@ impl<S: LogStore, M: StateMachine> RaftNode<S, M> {
             ..Default::default()
         };
         rc.validate()?;
+        let id_seed = cfg.id_seed;
         let raw = RawNode::new(&rc, store, logger)?;
         Ok(RaftNode {
             raw,
@@ -209,7 +217,9 @@ impl<S: LogStore, M: StateMachine> RaftNode<S, M> {
             last_snapshot: applied,
             snapshot_due: false,
             ticks: 0,
-            next_id: 1,
+            // Proposal ids must not repeat across restarts: an entry proposed before a crash
+            // may still apply after it, and must not answer a new caller.
+            next_id: id_seed,
             proposals: BTreeMap::new(),
             reads: BTreeMap::new(),
             ready_reads: VecDeque::new(),
@@ -374,6 +384,7 @@ impl<S: LogStore, M: StateMachine> RaftNode<S, M> {
         if !rd.snapshot().is_empty() {
             let snap = rd.snapshot().clone();
             self.install_snapshot(&snap)?;
+            out.installed_snapshot = true;
         }
         let committed = rd.take_committed_entries();
         self.apply_entries(committed, &mut out)?;

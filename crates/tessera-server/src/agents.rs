@@ -197,10 +197,11 @@ fn stop_reason(r: tessera_core::model::StopReason) -> v1::StopReason {
 }
 
 /// Build the assignment message for a live attempt.
-fn assign_message(state: &State, hub: &AgentHub, job: JobId, shard: u32) -> Option<v1::ServerMessage> {
-    let j = state.job(job)?;
-    let s = j.shards.get(shard as usize)?;
-    let a = s.attempt.as_ref()?;
+/// The assignment of `attempt` to `node`, if that attempt is still live there.
+fn assign_message(state: &State, hub: &AgentHub, attempt: AttemptId, node: NodeId) -> Option<v1::ServerMessage> {
+    let (j, s) = state.attempt(attempt)?;
+    let (job, shard) = (j.id, s.index);
+    let a = s.attempt.as_ref().filter(|a| a.id == attempt && a.node == node && s.state == ShardState::Assigned)?;
     let spec = &j.spec;
     let master_node = j.shards.first().and_then(|s0| s0.attempt.as_ref()).map(|a0| a0.node)?;
     let master_addr = hub
@@ -219,8 +220,9 @@ fn assign_message(state: &State, hub: &AgentHub, job: JobId, shard: u32) -> Opti
             env: spec.env.clone().into_iter().collect(),
             launch: Some(v1::LaunchEnv {
                 master_addr,
-                // One rendezvous port per job on its master node, away from the usual 29500.
-                master_port: 20_000 + (job.0 % 20_000) as u32,
+                // One rendezvous port per job on its master node, 29500 (torchrun's default) to
+                // 31499: below Linux's ephemeral range (32768 and up).
+                master_port: 29_500 + (job.0 % 2_000) as u32,
                 world_size: spec.shards,
                 rank: shard,
                 node_rank: shard,
@@ -261,7 +263,7 @@ fn stop_message(
 struct Reconcile {
     forget: Vec<u64>,
     lost: Vec<AttemptId>,
-    resend: Vec<(JobId, u32)>,
+    resend: Vec<AttemptId>,
     stop: Vec<(JobId, AttemptId, tessera_core::model::StopReason)>,
     drain: Option<v1::Drain>,
 }
@@ -269,28 +271,38 @@ struct Reconcile {
 fn reconcile(state: &State, node: NodeId, running: &BTreeSet<u64>) -> Reconcile {
     let mut r = Reconcile { forget: Vec::new(), lost: Vec::new(), resend: Vec::new(), stop: Vec::new(), drain: None };
     let mut live_here = BTreeSet::new();
-    for (id, at) in state.live_attempts() {
+    for id in state.live_attempts().keys() {
         let Some((job, shard)) = state.attempt(*id) else { continue };
         let Some(a) = shard.attempt.as_ref().filter(|a| a.node == node) else { continue };
         live_here.insert(id.0);
         match (running.contains(&id.0), shard.state) {
             (true, ShardState::Stopping(reason)) => r.stop.push((job.id, a.id, reason)),
             (true, _) => {}
-            (false, ShardState::Assigned) => r.resend.push((at.job, at.shard)),
+            (false, ShardState::Assigned) => r.resend.push(*id),
             (false, _) => r.lost.push(*id),
         }
     }
     r.forget = running.iter().copied().filter(|a| !live_here.contains(a)).collect();
-    if let Some(n) = state.node(node)
-        && let NodeState::Draining { reason, deadline } = n.state
-    {
-        r.drain = Some(v1::Drain {
+    r.drain =
+        state.node(node).filter(|n| matches!(n.state, NodeState::Draining { .. })).and_then(|n| drain_message(n.state));
+    r
+}
+
+/// What the agent is told of its node's state (nothing for Down: it is not connected).
+fn drain_message(state: NodeState) -> Option<v1::Drain> {
+    match state {
+        NodeState::Draining { reason, deadline } => Some(v1::Drain {
             draining: true,
             deadline_unix_ms: deadline.map(|d| d.0),
             reason: v1::DrainReason::from(reason) as i32,
-        });
+        }),
+        NodeState::Ready => Some(v1::Drain {
+            draining: false,
+            deadline_unix_ms: None,
+            reason: v1::DrainReason::from(DrainReason::Operator) as i32,
+        }),
+        NodeState::Down { .. } => None,
     }
-    r
 }
 
 fn ack(seq: u64, result: Result<(), Status>) -> v1::ServerMessage {
@@ -353,13 +365,13 @@ pub async fn session(
             for (job, attempt, reason) in &r.stop {
                 msgs.push(stop_message(s, *job, *attempt, *reason));
             }
-            for (job, shard) in &r.resend {
-                msgs.extend(assign_message(s, &hub.agents, *job, *shard));
+            for attempt in &r.resend {
+                msgs.extend(assign_message(s, &hub.agents, *attempt, node));
             }
             if let Some(d) = r.drain {
                 msgs.push(v1::ServerMessage { payload: Some(Out::Drain(d)) });
             }
-            let sent: BTreeSet<(JobId, u32)> = r.resend.iter().copied().collect();
+            let sent: BTreeSet<AttemptId> = r.resend.iter().copied().collect();
             ((msgs, sent), r.lost)
         })
         .await?;
@@ -403,7 +415,7 @@ async fn push_events(
     generation: u64,
     mut events: broadcast::Receiver<Arc<crate::sm::Applied>>,
     tx: mpsc::Sender<Result<v1::ServerMessage, Status>>,
-    mut sent: BTreeSet<(JobId, u32)>,
+    mut sent: BTreeSet<AttemptId>,
 ) {
     loop {
         let applied = match events.recv().await {
@@ -441,27 +453,16 @@ async fn push_events(
                 let mut out = Vec::new();
                 for e in mine {
                     match e {
-                        Event::ShardAssigned { job, shard, .. } if !already.contains(&(job, shard)) => {
-                            out.extend(assign_message(s, &hub.agents, job, shard).map(|m| (Some((job, shard)), m)));
+                        Event::ShardAssigned { attempt, .. } if !already.contains(&attempt) => {
+                            out.extend(assign_message(s, &hub.agents, attempt, node).map(|m| (Some(attempt), m)));
                         }
                         Event::StopRequested { job, attempt, reason, .. } => {
                             out.push((None, stop_message(s, job, attempt, reason)))
                         }
                         Event::NodeStateChanged { state, .. } => {
-                            let drain = match state {
-                                NodeState::Draining { reason, deadline } => v1::Drain {
-                                    draining: true,
-                                    deadline_unix_ms: deadline.map(|d| d.0),
-                                    reason: v1::DrainReason::from(reason) as i32,
-                                },
-                                NodeState::Ready => v1::Drain {
-                                    draining: false,
-                                    deadline_unix_ms: None,
-                                    reason: v1::DrainReason::from(DrainReason::Operator) as i32,
-                                },
-                                NodeState::Down { .. } => continue,
-                            };
-                            out.push((None, v1::ServerMessage { payload: Some(Out::Drain(drain)) }));
+                            if let Some(drain) = drain_message(state) {
+                                out.push((None, v1::ServerMessage { payload: Some(Out::Drain(drain)) }));
+                            }
                         }
                         Event::GpuHealthChanged { gpu, healthy: true, .. } => out.push((
                             None,

@@ -24,7 +24,8 @@ use crate::transport::{MAX_RAFT_MESSAGE, Transport};
 /// How long a write may wait for its entry to apply, elections included.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The leader's clock, as stamped on commands.
+/// This server's clock, stamped on the commands it proposes (the entry carries it, so every
+/// server applies the same time).
 pub fn now() -> Timestamp {
     Timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
 }

@@ -93,7 +93,17 @@ pub async fn run(
     let mut members = Members { addresses: cfg.initial_cluster.clone() };
     members.addresses.insert(cfg.id, cfg.advertise_addr());
     let sm = ServerSm::new(members, events.clone());
-    let node_cfg = NodeConfig { snapshot_every: cfg.snapshot_every, ..NodeConfig::new(cfg.id) };
+    if fresh && voters.is_empty() && cfg.join.is_none() {
+        return Err(ServerError::Config(ConfigError {
+            field: "initial_cluster".into(),
+            message: format!(
+                "the data directory {} is empty: give initial_cluster (a new cluster) or join (an existing one)",
+                cfg.data_dir.display()
+            ),
+        }));
+    }
+    let id_seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+    let node_cfg = NodeConfig { snapshot_every: cfg.snapshot_every, id_seed, ..NodeConfig::new(cfg.id) };
     let node = RaftNode::new(node_cfg, store, sm, &tracing_logger()).map_err(|e| ServerError::Raft(e.to_string()))?;
     let known = node.state_machine().members.addresses.clone();
 

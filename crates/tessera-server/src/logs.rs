@@ -13,8 +13,8 @@ use tokio::sync::broadcast;
 
 /// Output kept per attempt stream.
 pub const KEEP_BYTES: usize = 1024 * 1024;
-/// Attempts whose output is kept (the oldest go first).
-pub const KEEP_ATTEMPTS: usize = 10_000;
+/// Output kept in all, bytes: past it, the oldest attempts' output goes first.
+pub const KEEP_TOTAL_BYTES: usize = 256 * 1024 * 1024;
 
 /// Where an attempt belongs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,27 +61,41 @@ struct AttemptLog {
 
 /// The leader's in-memory log buffers.
 pub struct LogStore {
-    attempts: Mutex<BTreeMap<u64, AttemptLog>>,
+    inner: Mutex<Inner>,
     tx: broadcast::Sender<Arc<Chunk>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    attempts: BTreeMap<u64, AttemptLog>,
+    /// Bytes held in all buffers.
+    total: usize,
 }
 
 impl Default for LogStore {
     fn default() -> Self {
-        LogStore { attempts: Mutex::new(BTreeMap::new()), tx: broadcast::channel(4096).0 }
+        // Followers of JobLogs lag at most this many chunks (each at most 256 KiB from an
+        // agent's heartbeat) before they skip ahead.
+        LogStore { inner: Mutex::new(Inner::default()), tx: broadcast::channel(256).0 }
     }
+}
+
+fn held(a: &AttemptLog) -> usize {
+    a.streams.iter().map(|b| b.data.len()).sum()
 }
 
 impl LogStore {
     /// The owner of an attempt already seen.
     pub fn owner(&self, attempt_id: u64) -> Option<Owner> {
-        self.attempts.lock().ok()?.get(&attempt_id).map(|a| a.owner)
+        self.inner.lock().ok()?.attempts.get(&attempt_id).map(|a| a.owner)
     }
 
     /// Add output. Bytes already held are skipped (agents resend after reconnects); a gap
     /// restarts the buffer at the new offset.
     pub fn append(&self, attempt_id: u64, owner: Owner, stream: i32, offset: u64, data: &[u8]) {
         let Some(i) = usize::try_from(stream - 1).ok().filter(|i| *i < 2) else { return };
-        let Ok(mut attempts) = self.attempts.lock() else { return };
+        let Ok(mut inner) = self.inner.lock() else { return };
+        let Inner { attempts, total } = &mut *inner;
         let log = attempts.entry(attempt_id).or_insert_with(|| AttemptLog { owner, streams: Default::default() });
         let buf = &mut log.streams[i];
         let (offset, data) = if offset > buf.end() {
@@ -96,14 +110,18 @@ impl LogStore {
             (buf.end(), &data[skip..])
         };
         buf.data.extend(data);
-        while buf.data.len() > KEEP_BYTES {
+        *total += data.len();
+        if buf.data.len() > KEEP_BYTES {
             let drop = buf.data.len() - KEEP_BYTES;
             buf.data.drain(..drop);
             buf.start += drop as u64;
+            *total -= drop;
         }
         let chunk = Chunk { attempt_id, owner, stream, offset, data: data.to_vec() };
-        while attempts.len() > KEEP_ATTEMPTS {
-            attempts.pop_first();
+        while *total > KEEP_TOTAL_BYTES && attempts.len() > 1 {
+            if let Some((_, old)) = attempts.pop_first() {
+                *total -= held(&old);
+            }
         }
         let _ = self.tx.send(Arc::new(chunk));
     }
@@ -123,9 +141,12 @@ impl LogStore {
         streams: &[i32],
         tail: Option<u64>,
     ) -> Vec<Chunk> {
-        let Ok(attempts) = self.attempts.lock() else { return Vec::new() };
-        let mine: Vec<(&u64, &AttemptLog)> =
-            attempts.iter().filter(|(_, a)| a.owner.job == job && shard.is_none_or(|s| a.owner.shard == s)).collect();
+        let Ok(inner) = self.inner.lock() else { return Vec::new() };
+        let mine: Vec<(&u64, &AttemptLog)> = inner
+            .attempts
+            .iter()
+            .filter(|(_, a)| a.owner.job == job && shard.is_none_or(|s| a.owner.shard == s))
+            .collect();
         let mut latest: BTreeMap<u32, u32> = BTreeMap::new();
         for (_, a) in &mine {
             let l = latest.entry(a.owner.shard).or_default();

@@ -120,7 +120,15 @@ pub fn spawn(
     let handle = RaftHandle { tx: tx.clone(), status: status_rx };
     let join = std::thread::Builder::new()
         .name("raft".into())
-        .spawn(move || run(node, rx, transport, tick, status_tx))
+        .spawn(move || {
+            // A panic here (raft-rs aborts on impossible states, and the state machine runs
+            // here) must not leave a server that answers but never commits: stop the process.
+            let run = std::panic::AssertUnwindSafe(|| run(node, rx, transport, tick, status_tx));
+            if std::panic::catch_unwind(run).is_err() {
+                tracing::error!("the Raft thread panicked; stopping the server");
+                std::process::exit(70);
+            }
+        })
         .unwrap_or_else(|e| panic!("cannot start the Raft thread: {e}"));
     (handle, tx, join)
 }
@@ -169,6 +177,13 @@ fn run(
                                     transport.set_peer(cc.node, addr);
                                 }
                             }
+                        }
+                    }
+                    if out.installed_snapshot {
+                        // Members added in the history the snapshot replaced: learn their
+                        // addresses now, or their messages would be refused.
+                        for (id, addr) in node.state_machine().members.addresses.clone() {
+                            transport.set_peer(id, addr);
                         }
                     }
                     if let Some(role) = out.role {

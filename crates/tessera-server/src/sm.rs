@@ -1,5 +1,6 @@
 //! The replicated state machine as the Raft driver sees it: log entries are
-//! `[leader time, 8 bytes big-endian ms][Command::encode]`, applied to `tessera_core::State`.
+//! `[proposer's clock, 8 bytes big-endian ms][Command::encode]`, applied to
+//! `tessera_core::State`. The time travels in the entry, so every server applies the same one.
 //! The member addresses learnt from membership changes travel in the snapshot too, so a
 //! server restarted from a snapshot still knows where its peers are.
 
@@ -38,7 +39,7 @@ pub struct Applied {
     pub events: Vec<Event>,
 }
 
-/// Encode a command for the log, stamped with the leader's time.
+/// Encode a command for the log, stamped with `now`.
 pub fn encode_entry(cmd: &Command, now: Timestamp) -> Vec<u8> {
     let body = cmd.encode();
     let mut out = Vec::with_capacity(8 + body.len());

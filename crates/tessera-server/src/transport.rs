@@ -84,6 +84,10 @@ impl Transport {
         let sent = self.peers.lock().ok().and_then(|p| p.get(&to).map(|p| p.tx.send((m, snapshot)).is_ok()));
         if sent != Some(true) {
             self.report(Request::Unreachable(to));
+            if snapshot {
+                // Raft waits for the snapshot's outcome before it tries that peer again.
+                self.report(Request::SnapshotSent(to, false));
+            }
         }
     }
 
