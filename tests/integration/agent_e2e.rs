@@ -250,7 +250,11 @@ async fn an_xid_on_a_simulated_gpu_moves_the_shard_off_it_until_cleared() {
     let reply = http_get(&a.http, "/simulate/xid?gpu=0&xid=79").await;
     assert!(reply.contains("injected"), "{reply}");
     let moved =
-        wait_until(&addrs, id, "attempt 2 on GPU 1", |j| j.shards[0].attempt == 2 && j.shards[0].gpus == vec![1]).await;
+        // The new attempt lands on the same node, and its agent must actually start it.
+        wait_until(&addrs, id, "attempt 2 running on GPU 1", |j| {
+            j.shards[0].attempt == 2 && j.shards[0].gpus == vec![1] && j.shards[0].state == v1::ShardState::Running as i32
+        })
+        .await;
     assert_eq!(moved.shards[0].node_id, first.shards[0].node_id, "same node, healthy GPU");
     let node = get_node(&addrs[0], "gpu-a").await.expect("node");
     let health = node.gpus[0].health.clone().unwrap_or_default();
