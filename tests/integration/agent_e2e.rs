@@ -221,6 +221,18 @@ async fn http_get(addr: &str, path: &str) -> String {
     }
 }
 
+/// Wait until the agent's node is registered, and return it.
+async fn registered(addr: &str, name: &str, agent: &AgentProc) -> v1::Node {
+    let deadline = Instant::now() + T;
+    loop {
+        if let Some(n) = get_node(addr, name).await {
+            return n;
+        }
+        assert!(Instant::now() < deadline, "agent {name} never registered\n{}", agent.log_tail());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn get_node(addr: &str, name: &str) -> Option<v1::Node> {
     let mut c = v1::node_service_client::NodeServiceClient::new(channel(addr));
     let r = v1::GetNodeRequest {
@@ -309,14 +321,7 @@ async fn without_a_driver_the_agent_starts_with_no_gpus_and_says_so() {
     let addrs = c.running_addrs();
     wait_for_leader(&addrs, T).await.expect("leader");
     let a = AgentProc::start("cpu-only", &addrs, "", c.dir.path(), &[]);
-    let deadline = Instant::now() + T;
-    let node = loop {
-        if let Some(n) = get_node(&addrs[0], "cpu-only").await {
-            break n;
-        }
-        assert!(Instant::now() < deadline, "the agent never registered\n{}", a.log_tail());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let node = registered(&addrs[0], "cpu-only", &a).await;
     assert!(node.gpus.is_empty());
     assert!(!node.simulated);
     assert!(a.log_tail().contains("no NVIDIA driver"), "{}", a.log_tail());
@@ -425,14 +430,7 @@ async fn aws_metadata_places_the_node_and_a_spot_notice_moves_its_shard() {
         c.dir.path(),
         &["--cloud", "aws", "--metadata-endpoint", &endpoint],
     );
-    let deadline = Instant::now() + T;
-    let node = loop {
-        if let Some(n) = get_node(&addrs[0], "gpu-spot").await {
-            break n;
-        }
-        assert!(Instant::now() < deadline, "the spot agent never registered\n{}", spot.log_tail());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let node = registered(&addrs[0], "gpu-spot", &spot).await;
     assert_eq!(
         (node.cloud, node.region.as_str(), node.zone.as_str(), node.spot),
         (v1::Cloud::Aws as i32, "us-east-1", "us-east-1b", true)
@@ -481,14 +479,7 @@ async fn azure_metadata_places_the_node_and_a_preempt_event_drains_it() {
         c.dir.path(),
         &["--cloud", "azure", "--metadata-endpoint", &endpoint],
     );
-    let deadline = Instant::now() + T;
-    let node = loop {
-        if let Some(n) = get_node(&addrs[0], "gpu-az").await {
-            break n;
-        }
-        assert!(Instant::now() < deadline, "the Azure agent never registered\n{}", a.log_tail());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let node = registered(&addrs[0], "gpu-az", &a).await;
     assert_eq!(
         (node.cloud, node.region.as_str(), node.zone.as_str(), node.spot),
         (v1::Cloud::Azure as i32, "eastus", "eastus-2", true)
