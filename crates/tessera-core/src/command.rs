@@ -73,6 +73,10 @@ pub enum Command {
         node: NodeId,
         /// Why, for people.
         reason: String,
+        /// The node's registration (`Node::registration`) the leader judged; if the agent has
+        /// registered again since, the command is refused: the node is back.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        registration: Option<u64>,
     },
     /// Take a node out of placement and move its shards (operator drain or spot notice).
     DrainNode {

@@ -186,6 +186,9 @@ pub struct Node {
     pub memory_used: u64,
     /// When the node first registered.
     pub registered_at: Timestamp,
+    /// Log index of its latest registration: a "node down" judged before it is stale.
+    #[serde(default)]
+    pub registration: u64,
 }
 
 impl Node {

@@ -278,8 +278,10 @@ impl State {
         match cmd {
             Command::SubmitJob { spec, idempotency_key } => self.submit(spec, idempotency_key, now, &mut ev)?,
             Command::CancelJob { job, reason } => self.cancel(job, reason, now, &mut ev)?,
-            Command::RegisterNode { info } => self.register(info, now, &mut ev)?,
-            Command::MarkNodeDown { node, reason } => self.node_down(node, &reason, now, &mut ev)?,
+            Command::RegisterNode { info } => self.register(info, ctx.index, now, &mut ev)?,
+            Command::MarkNodeDown { node, reason, registration } => {
+                self.node_down(node, &reason, registration, now, &mut ev)?
+            }
             Command::DrainNode { node, reason, deadline } => self.drain(node, reason, deadline, &mut ev)?,
             Command::UndrainNode { node } => self.undrain(node, &mut ev)?,
             Command::SetGpuHealth { node, gpu, healthy, reason } => {
@@ -533,7 +535,7 @@ impl State {
         }
     }
 
-    fn register(&mut self, info: NodeInfo, now: Timestamp, ev: &mut Vec<Event>) -> Result<(), Rejection> {
+    fn register(&mut self, info: NodeInfo, index: u64, now: Timestamp, ev: &mut Vec<Event>) -> Result<(), Rejection> {
         if !valid_name(&info.name, 253) {
             return Err(Rejection::InvalidArgument {
                 field: "name",
@@ -585,7 +587,16 @@ impl State {
             self.node_names.insert(info.name.clone(), id);
             self.nodes.insert(
                 id,
-                Node { id, info, gpus, state: NodeState::Ready, cpu_used: 0, memory_used: 0, registered_at: now },
+                Node {
+                    id,
+                    info,
+                    gpus,
+                    state: NodeState::Ready,
+                    cpu_used: 0,
+                    memory_used: 0,
+                    registered_at: now,
+                    registration: index,
+                },
             );
             ev.push(Event::NodeRegistered { node: id, new: true });
             return Ok(());
@@ -621,6 +632,7 @@ impl State {
                 .collect();
         }
         node.info = info;
+        node.registration = index;
         ev.push(Event::NodeRegistered { node: id, new: false });
         if let NodeState::Down { .. } = node.state {
             node.state = NodeState::Ready;
@@ -635,11 +647,21 @@ impl State {
         held.into_iter().filter_map(|a| self.live.get(&a).copied()).collect()
     }
 
-    fn node_down(&mut self, id: NodeId, reason: &str, now: Timestamp, ev: &mut Vec<Event>) -> Result<(), Rejection> {
+    fn node_down(
+        &mut self,
+        id: NodeId,
+        reason: &str,
+        registration: Option<u64>,
+        now: Timestamp,
+        ev: &mut Vec<Event>,
+    ) -> Result<(), Rejection> {
         bounded("reason", reason, 1024)?;
         let node = self.nodes.get(&id).ok_or(Rejection::UnknownNode(id))?;
         if let NodeState::Down { .. } = node.state {
             return Ok(());
+        }
+        if registration.is_some_and(|r| r != node.registration) {
+            return Err(Rejection::FailedPrecondition(format!("{id} registered again since it was judged down")));
         }
         for r in self.attempts_on(id) {
             self.lose_attempt(r.job, r.shard, now, ev);

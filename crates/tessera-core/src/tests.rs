@@ -202,7 +202,7 @@ fn stale_attempts_are_fenced() {
     sim.round();
     let first = sim.attempt(j, 0);
     assert_eq!(sim.nodes_of(j), vec![a]);
-    sim.apply(Command::MarkNodeDown { node: a, reason: "stream broke".into() }).unwrap();
+    sim.apply(Command::MarkNodeDown { node: a, reason: "stream broke".into(), registration: None }).unwrap();
     assert_eq!(sim.shard_state(j, 0), ShardState::Pending);
     sim.round();
     let second = sim.attempt(j, 0);
@@ -228,7 +228,7 @@ fn lost_node_requeues_from_the_checkpoint_and_restarts_the_gang() {
     let att0 = sim.attempt(j, 0);
     sim.now += 1000;
     sim.apply(Command::RecordCheckpoint { attempt: att0, step: 500, uri: "/ckpt/500".into() }).unwrap();
-    let ev = sim.apply(Command::MarkNodeDown { node: b, reason: "agent lost".into() }).unwrap();
+    let ev = sim.apply(Command::MarkNodeDown { node: b, reason: "agent lost".into(), registration: None }).unwrap();
     // Rank 1 lost its node; rank 0 is asked to stop for a gang restart.
     assert!(ev.contains(&Event::StopRequested {
         job: j,
@@ -611,7 +611,7 @@ fn constraints_model_memory_labels_clouds_regions_and_spot() {
         vec![a100],
         "prefer falls back to on-demand"
     );
-    sim.apply(Command::MarkNodeDown { node: a100, reason: "gone".into() }).unwrap();
+    sim.apply(Command::MarkNodeDown { node: a100, reason: "gone".into(), registration: None }).unwrap();
     assert_eq!(place(&mut sim, &|s| s.placement.clouds = vec![Cloud::Aws]), vec![h100], "down node excluded");
 }
 
@@ -960,7 +960,9 @@ fn concretise(state: &State, op: &Op, now: Timestamp) -> Option<Command> {
             step: u64::from(step),
             uri: format!("/ckpt/{step}"),
         },
-        Op::Down { node } => Command::MarkNodeDown { node: node_id(state, node)?, reason: "lost".into() },
+        Op::Down { node } => {
+            Command::MarkNodeDown { node: node_id(state, node)?, reason: "lost".into(), registration: None }
+        }
         Op::Drain { node, deadline } => Command::DrainNode {
             node: node_id(state, node)?,
             reason: DrainReason::Operator,
@@ -1085,12 +1087,31 @@ proptest! {
 }
 
 #[test]
+fn a_node_down_judged_before_a_new_registration_is_refused() {
+    let mut sim = Sim::new();
+    let a = sim.node(n("a"));
+    let judged = sim.state.node(a).unwrap().registration;
+    // The agent reconnects before the leader's verdict is applied.
+    sim.node(n("a"));
+    let late = Command::MarkNodeDown { node: a, reason: "silent".into(), registration: Some(judged) };
+    assert!(matches!(sim.apply(late), Err(Rejection::FailedPrecondition(_))));
+    assert_eq!(sim.state.node(a).unwrap().state, NodeState::Ready);
+    let now = sim.state.node(a).unwrap().registration;
+    sim.apply(Command::MarkNodeDown { node: a, reason: "silent".into(), registration: Some(now) }).unwrap();
+    assert!(matches!(sim.state.node(a).unwrap().state, NodeState::Down { .. }));
+}
+
+#[test]
 fn node_state_is_reported_in_events() {
     let mut sim = Sim::new();
     let a = sim.node(n("a"));
-    let ev = sim.apply(Command::MarkNodeDown { node: a, reason: "x".into() }).unwrap();
+    let ev = sim.apply(Command::MarkNodeDown { node: a, reason: "x".into(), registration: None }).unwrap();
     assert!(matches!(ev[..], [Event::NodeStateChanged { state: NodeState::Down { .. }, .. }]));
-    assert_eq!(sim.apply(Command::MarkNodeDown { node: a, reason: "x".into() }).unwrap(), vec![], "idempotent");
+    assert_eq!(
+        sim.apply(Command::MarkNodeDown { node: a, reason: "x".into(), registration: None }).unwrap(),
+        vec![],
+        "idempotent"
+    );
     let ev = sim.apply(Command::RegisterNode { info: info(&n("a")) }).unwrap();
     assert!(ev.contains(&Event::NodeStateChanged { node: a, state: NodeState::Ready }));
     assert_eq!(sim.log.len(), 4);

@@ -554,7 +554,8 @@ fn gpu_to_proto(gpu: &Gpu, state: &State) -> v1::Gpu {
 /// each holder). Telemetry, last heartbeat, instance id and advertise address belong to the
 /// agent's session, not to the core, and are left empty for the server to fill in.
 pub fn node_to_proto(node: &Node, state: &State) -> v1::Node {
-    let Node { id, info, gpus, state: node_state, cpu_used, memory_used, registered_at } = node;
+    // `registration` is a log index for fencing stale verdicts; it is not part of the API.
+    let Node { id, info, gpus, state: node_state, cpu_used, memory_used, registered_at, registration: _ } = node;
     let NodeInfo {
         name,
         cloud,
@@ -1085,7 +1086,7 @@ mod tests {
         assert_eq!(shard.stop_reason, v1::StopReason::Spot as i32);
         assert_eq!(shard.preempted_by_job_id, None);
 
-        apply(&mut state, Command::MarkNodeDown { node: node_id, reason: "silent".into() }, 7_000);
+        apply(&mut state, Command::MarkNodeDown { node: node_id, reason: "silent".into(), registration: None }, 7_000);
         let node = node_to_proto(state.node(node_id).unwrap(), &state);
         assert_eq!(node.state, v1::NodeState::Down as i32);
         assert_eq!((node.drain_reason, node.down_since_unix_ms), (v1::DrainReason::Unspecified as i32, Some(7_000)));

@@ -173,17 +173,20 @@ pub async fn liveness_loop(shared: Arc<Shared>) {
                     .nodes()
                     .values()
                     .filter(|n| !matches!(n.state, NodeState::Down { .. }))
-                    .map(|n| n.id)
+                    .map(|n| (n.id, n.registration))
                     .collect::<Vec<_>>()
             })
             .await
         else {
             return;
         };
-        for (node, reason) in shared.agents.overdue(&up) {
+        let ids: Vec<NodeId> = up.iter().map(|(n, _)| *n).collect();
+        for (node, reason) in shared.agents.overdue(&ids) {
             tracing::warn!(%node, %reason, "marking node down");
             metrics::counter!("tessera_nodes_marked_down_total").increment(1);
-            if shared.write(&Command::MarkNodeDown { node, reason }).await.is_ok()
+            // Refused if the agent registered again after this verdict: it is back.
+            let registration = up.iter().find(|(n, _)| *n == node).map(|(_, r)| *r);
+            if shared.write(&Command::MarkNodeDown { node, reason, registration }).await.is_ok()
                 && let Ok(mut s) = shared.agents.sessions.lock()
             {
                 s.remove(&node);
@@ -339,6 +342,14 @@ pub async fn session(
     };
     let info = NodeInfo::try_from(&reg).map_err(Status::from)?;
     let name = info.name.clone();
+    // A known node counts as heard from before its registration is even proposed, so the
+    // liveness loop cannot judge it down in between.
+    let known = name.clone();
+    if let Ok(Some(id)) =
+        shared.read(v1::ReadConsistency::Stale as i32, move |s| s.node_by_name(&known).map(|n| n.id)).await
+    {
+        shared.agents.open(id, reg.advertise_addr.clone());
+    }
     shared.write(&Command::RegisterNode { info }).await?;
     let node = shared
         .read(0, move |s| s.node_by_name(&name).map(|n| n.id))
