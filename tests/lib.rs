@@ -62,54 +62,39 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
-/// One `tessera server` process; killed (SIGKILL) and reaped when dropped, even if a test
-/// fails.
-pub struct ServerProc {
-    /// Raft id.
-    pub id: u64,
-    /// gRPC address.
-    pub addr: String,
-    /// Data directory.
-    pub data_dir: PathBuf,
+/// A `tessera` process with its output in `<dir>.log`; killed (SIGKILL) and reaped when
+/// dropped, even if a test fails.
+pub struct Proc {
+    dir: PathBuf,
     args: Vec<String>,
+    log_filter: &'static str,
     child: Option<Child>,
 }
 
-impl ServerProc {
-    /// Start `tessera server` with these extra arguments.
-    pub fn start(id: u64, addr: &str, data_dir: &Path, extra: &[String]) -> ServerProc {
-        let mut args = vec![
-            "server".to_string(),
-            "--id".into(),
-            id.to_string(),
-            "--listen".into(),
-            addr.to_string(),
-            "--data-dir".into(),
-            data_dir.display().to_string(),
-        ];
-        args.extend(extra.iter().cloned());
-        let mut p = ServerProc { id, addr: addr.to_string(), data_dir: data_dir.to_path_buf(), args, child: None };
+impl Proc {
+    fn new(dir: &Path, args: Vec<String>, log_filter: &'static str) -> Proc {
+        let mut p = Proc { dir: dir.to_path_buf(), args, log_filter, child: None };
         p.restart();
         p
     }
 
-    /// Start it again (after a kill) with the same arguments and data directory.
+    /// Start it again (after a kill) with the same arguments and directory.
     pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "server {} is already running", self.id);
-        std::fs::create_dir_all(&self.data_dir).expect("create data dir");
+        assert!(self.child.is_none(), "{} is already running", self.dir.display());
+        std::fs::create_dir_all(&self.dir).expect("create the process's directory");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.data_dir.with_extension("log"))
-            .expect("open server log");
+            .open(self.dir.with_extension("log"))
+            .expect("open the process's log");
         let child = Command::new(tessera_bin())
             .args(&self.args)
-            .env("TESSERA_LOG", "info,raft=warn")
+            .env("TESSERA_LOG", self.log_filter)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log)
             .spawn()
-            .expect("spawn tessera server");
+            .expect("spawn tessera");
         self.child = Some(child);
     }
 
@@ -126,24 +111,64 @@ impl ServerProc {
         self.child.is_some()
     }
 
-    /// Send a signal by name (STOP, CONT, ...).
+    /// Send a signal by name (STOP to cut it off without closing its connections, CONT, ...).
     pub fn signal(&self, sig: &str) {
         if let Some(c) = &self.child {
             let _ = Command::new("kill").args([format!("-{sig}"), c.id().to_string()]).status();
         }
     }
 
-    /// The server's log so far (for failure messages).
+    /// Its log so far (for failure messages).
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default();
+        let text = std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default();
         let start = text.len().saturating_sub(3000);
         text[text.floor_char_boundary(start)..].to_string()
     }
 }
 
-impl Drop for ServerProc {
+impl Drop for Proc {
     fn drop(&mut self) {
+        // SIGKILL ends a stopped process too; no SIGCONT needed.
         self.kill();
+    }
+}
+
+/// One `tessera server` process.
+pub struct ServerProc {
+    /// Raft id.
+    pub id: u64,
+    /// gRPC address.
+    pub addr: String,
+    proc: Proc,
+}
+
+impl ServerProc {
+    /// Start `tessera server` with these extra arguments.
+    pub fn start(id: u64, addr: &str, data_dir: &Path, extra: &[String]) -> ServerProc {
+        let mut args = vec![
+            "server".to_string(),
+            "--id".into(),
+            id.to_string(),
+            "--listen".into(),
+            addr.to_string(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+        ];
+        args.extend(extra.iter().cloned());
+        ServerProc { id, addr: addr.to_string(), proc: Proc::new(data_dir, args, "info,raft=warn") }
+    }
+}
+
+impl std::ops::Deref for ServerProc {
+    type Target = Proc;
+    fn deref(&self) -> &Proc {
+        &self.proc
+    }
+}
+
+impl std::ops::DerefMut for ServerProc {
+    fn deref_mut(&mut self) -> &mut Proc {
+        &mut self.proc
     }
 }
 
@@ -273,21 +298,18 @@ pub async fn applied_index(addr: &str) -> Option<u64> {
     r.members.iter().find(|m| m.id == r.responder_id).map(|m| m.applied_index)
 }
 
-/// One `tessera agent` process with simulated GPUs; killed (SIGKILL) and reaped when dropped.
+/// One `tessera agent` process.
 pub struct AgentProc {
     /// Node name.
     pub name: String,
-    /// Working directory of its attempts.
-    pub work_dir: PathBuf,
     /// Metrics address.
     pub http: String,
-    args: Vec<String>,
-    child: Option<Child>,
+    proc: Proc,
 }
 
 impl AgentProc {
     /// Start an agent named `name` with simulated `gpus` (like "8xH100-80GB"; empty: none)
-    /// against `servers`.
+    /// against `servers`; its attempts work in `<dir>/agent-<name>/`.
     pub fn start(name: &str, servers: &[String], gpus: &str, dir: &Path, extra: &[&str]) -> AgentProc {
         let work_dir = dir.join(format!("agent-{name}"));
         let http = format!("127.0.0.1:{}", free_port());
@@ -308,58 +330,19 @@ impl AgentProc {
             args.extend(["--simulate-gpus".to_string(), gpus.to_string()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut a = AgentProc { name: name.into(), work_dir, http, args, child: None };
-        a.restart();
-        a
-    }
-
-    /// Start it again with the same arguments.
-    pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "agent {} is already running", self.name);
-        std::fs::create_dir_all(&self.work_dir).expect("create agent dir");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.work_dir.with_extension("log"))
-            .expect("open agent log");
-        let child = Command::new(tessera_bin())
-            .args(&self.args)
-            .env("TESSERA_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log handle"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn tessera agent");
-        self.child = Some(child);
-    }
-
-    /// kill -9 the agent (its shards' process groups are left to their fate, like a crash).
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGSTOP / SIGCONT: cut it off without closing its connections.
-    pub fn signal(&self, sig: &str) {
-        if let Some(c) = &self.child {
-            let _ = Command::new("kill").args([format!("-{sig}"), c.id().to_string()]).status();
-        }
-    }
-
-    /// The agent's log so far.
-    pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.work_dir.with_extension("log")).unwrap_or_default();
-        let start = text.len().saturating_sub(3000);
-        text[text.floor_char_boundary(start)..].to_string()
+        AgentProc { name: name.into(), http, proc: Proc::new(&work_dir, args, "info") }
     }
 }
 
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        // A stopped process cannot die until continued.
-        self.signal("CONT");
-        self.kill();
+impl std::ops::Deref for AgentProc {
+    type Target = Proc;
+    fn deref(&self) -> &Proc {
+        &self.proc
+    }
+}
+
+impl std::ops::DerefMut for AgentProc {
+    fn deref_mut(&mut self) -> &mut Proc {
+        &mut self.proc
     }
 }

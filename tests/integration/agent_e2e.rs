@@ -83,20 +83,32 @@ async fn wait_until(addrs: &[String], id: u64, what: &str, f: impl Fn(&v1::Job) 
     }
 }
 
+/// Three servers with a leader, and the example trainer copied for this test. None, after
+/// saying so, where python3 is missing.
+async fn cluster_with_trainer() -> Option<(Cluster, Vec<String>, String, Reaper)> {
+    if !python3() {
+        eprintln!("python3 not found: skipping");
+        return None;
+    }
+    let c = Cluster::start(3, &[]);
+    let addrs = c.running_addrs();
+    wait_for_leader(&addrs, T).await.expect("leader");
+    let (tr, reaper) = trainer(c.dir.path());
+    Some((c, addrs, tr, reaper))
+}
+
+/// Shard 0 reports running.
+fn running(j: &v1::Job) -> bool {
+    j.shards.first().is_some_and(|s| s.state == v1::ShardState::Running as i32)
+}
+
 fn python3() -> bool {
     std::process::Command::new("python3").arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_example_trainer_runs_to_success_and_checkpoints() {
-    if !python3() {
-        eprintln!("python3 not found: skipping");
-        return;
-    }
-    let c = Cluster::start(3, &[]);
-    let addrs = c.running_addrs();
-    wait_for_leader(&addrs, T).await.expect("leader");
-    let (tr, _reaper) = trainer(c.dir.path());
+    let Some((c, addrs, tr, _reaper)) = cluster_with_trainer().await else { return };
     let a = AgentProc::start("gpu-a", &addrs, "8xH100-80GB", c.dir.path(), &[]);
     let id = submit(&addrs, train_job(&tr, 20, 0.05)).await;
     let j = wait_until(&addrs, id, "succeeded", |j| j.state == v1::JobState::Succeeded as i32).await;
@@ -116,14 +128,7 @@ async fn the_example_trainer_runs_to_success_and_checkpoints() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_agent_s_shard_resumes_elsewhere_from_its_checkpoint() {
-    if !python3() {
-        eprintln!("python3 not found: skipping");
-        return;
-    }
-    let c = Cluster::start(3, &[]);
-    let addrs = c.running_addrs();
-    wait_for_leader(&addrs, T).await.expect("leader");
-    let (tr, _reaper) = trainer(c.dir.path());
+    let Some((c, addrs, tr, _reaper)) = cluster_with_trainer().await else { return };
     let mut a = AgentProc::start("gpu-a", &addrs, "8xH100-80GB", c.dir.path(), &[]);
     let id = submit(&addrs, train_job(&tr, 200, 0.05)).await;
     let j = wait_until(&addrs, id, "a checkpoint at step 10", |j| {
@@ -157,18 +162,10 @@ async fn a_killed_agent_s_shard_resumes_elsewhere_from_its_checkpoint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_follows_the_ladder_and_leaves_no_process_behind() {
-    if !python3() {
-        eprintln!("python3 not found: skipping");
-        return;
-    }
-    let c = Cluster::start(3, &[]);
-    let addrs = c.running_addrs();
-    wait_for_leader(&addrs, T).await.expect("leader");
-    let (tr, _reaper) = trainer(c.dir.path());
+    let Some((c, addrs, tr, _reaper)) = cluster_with_trainer().await else { return };
     let _a = AgentProc::start("gpu-a", &addrs, "8xH100-80GB", c.dir.path(), &[]);
     let id = submit(&addrs, train_job(&tr, 100_000, 0.05)).await;
-    wait_until(&addrs, id, "running", |j| j.shards.first().is_some_and(|s| s.state == v1::ShardState::Running as i32))
-        .await;
+    wait_until(&addrs, id, "running", running).await;
     let mut jobs = v1::job_service_client::JobServiceClient::new(channel(&addrs[1]));
     jobs.cancel_job(v1::CancelJobRequest { job_id: id, reason: "test".into() }).await.unwrap();
     wait_until(&addrs, id, "cancelled", |j| j.state == v1::JobState::Cancelled as i32).await;
@@ -178,20 +175,11 @@ async fn cancel_follows_the_ladder_and_leaves_no_process_behind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shards_keep_running_through_a_leader_change() {
-    if !python3() {
-        eprintln!("python3 not found: skipping");
-        return;
-    }
-    let mut c = Cluster::start(3, &[]);
-    let addrs = c.running_addrs();
+    let Some((mut c, addrs, tr, _reaper)) = cluster_with_trainer().await else { return };
     let leader = wait_for_leader(&addrs, T).await.expect("leader");
-    let (tr, _reaper) = trainer(c.dir.path());
     let _a = AgentProc::start("gpu-a", &addrs, "8xH100-80GB", c.dir.path(), &[]);
     let id = submit(&addrs, train_job(&tr, 120, 0.05)).await;
-    let j = wait_until(&addrs, id, "running", |j| {
-        j.shards.first().is_some_and(|s| s.state == v1::ShardState::Running as i32)
-    })
-    .await;
+    let j = wait_until(&addrs, id, "running", running).await;
     c.servers.get_mut(&leader).unwrap().kill();
     let rest = c.running_addrs();
     let done = wait_until(&rest, id, "succeeded", |j| j.state == v1::JobState::Succeeded as i32).await;
@@ -244,20 +232,10 @@ async fn get_node(addr: &str, name: &str) -> Option<v1::Node> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_xid_on_a_simulated_gpu_moves_the_shard_off_it_until_cleared() {
-    if !python3() {
-        eprintln!("python3 not found: skipping");
-        return;
-    }
-    let c = Cluster::start(3, &[]);
-    let addrs = c.running_addrs();
-    wait_for_leader(&addrs, T).await.expect("leader");
-    let (tr, _reaper) = trainer(c.dir.path());
+    let Some((c, addrs, tr, _reaper)) = cluster_with_trainer().await else { return };
     let a = AgentProc::start("gpu-a", &addrs, "2xH100-80GB", c.dir.path(), &[]);
     let id = submit(&addrs, train_job(&tr, 400, 0.05)).await;
-    let first = wait_until(&addrs, id, "running", |j| {
-        j.shards.first().is_some_and(|s| s.state == v1::ShardState::Running as i32)
-    })
-    .await;
+    let first = wait_until(&addrs, id, "running", running).await;
     assert_eq!(first.shards[0].gpus, vec![0]);
     let reply = http_get(&a.http, "/simulate/xid?gpu=0&xid=79").await;
     assert!(reply.contains("injected"), "{reply}");
@@ -277,18 +255,10 @@ async fn an_xid_on_a_simulated_gpu_moves_the_shard_off_it_until_cleared() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_off_agent_fences_its_shards() {
-    if !python3() {
-        eprintln!("python3 not found: skipping");
-        return;
-    }
-    let c = Cluster::start(3, &[]);
-    let addrs = c.running_addrs();
-    wait_for_leader(&addrs, T).await.expect("leader");
-    let (tr, _reaper) = trainer(c.dir.path());
+    let Some((c, addrs, tr, _reaper)) = cluster_with_trainer().await else { return };
     let a = AgentProc::start("gpu-a", &addrs, "8xH100-80GB", c.dir.path(), &[]);
     let id = submit(&addrs, train_job(&tr, 100_000, 0.05)).await;
-    wait_until(&addrs, id, "running", |j| j.shards.first().is_some_and(|s| s.state == v1::ShardState::Running as i32))
-        .await;
+    wait_until(&addrs, id, "running", running).await;
     // Every server freezes: the agent's messages go unacknowledged.
     for s in c.servers.values() {
         s.signal("STOP");
@@ -366,19 +336,12 @@ async fn logs(addr: &str, id: u64, follow: bool) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_reach_the_user_through_any_server_and_follow_to_the_end() {
-    if !python3() {
-        eprintln!("python3 not found: skipping");
-        return;
-    }
-    let c = Cluster::start(3, &[]);
-    let addrs = c.running_addrs();
+    let Some((c, addrs, tr, _reaper)) = cluster_with_trainer().await else { return };
     let leader = wait_for_leader(&addrs, T).await.expect("leader");
     let follower = c.servers.values().find(|s| s.id != leader).unwrap().addr.clone();
-    let (tr, _reaper) = trainer(c.dir.path());
     let _a = AgentProc::start("gpu-a", &addrs, "8xH100-80GB", c.dir.path(), &[]);
     let id = submit(&addrs, train_job(&tr, 40, 0.05)).await;
-    wait_until(&addrs, id, "running", |j| j.shards.first().is_some_and(|s| s.state == v1::ShardState::Running as i32))
-        .await;
+    wait_until(&addrs, id, "running", running).await;
     // Followed from a follower (which passes the leader's stream through) to the job's end.
     let followed = logs(&follower, id, true).await;
     assert!(followed.contains("step 1/40") && followed.contains("done at step 40"), "{followed}");
