@@ -264,10 +264,30 @@ fn host_memory_mib() -> u64 {
 enum SessionEnd {
     /// Try this address next.
     Redirect(String),
-    /// Try the next server.
-    Lost,
+    /// The server could not be reached, or refused the session: try the next one.
+    Unreachable,
+    /// The server answered but knows of no leader: an election is under way.
+    NoLeader,
+    /// A registered session broke (the leader died or stepped down): try the next server now.
+    Broken,
     /// Shutting down.
     Shutdown,
+}
+
+/// The first wait after every server has failed once; it doubles up to [`MAX_BACKOFF`].
+const BASE_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest wait between rounds of tries. Well under the fence timeout, so an agent that
+/// lost its leader finds the next one before it has to fence itself.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// How soon to ask again while the servers hold an election.
+const ELECTION_RETRY: Duration = Duration::from_millis(200);
+
+/// A random wait in `[d/2, d]`, so that a fleet of agents does not reconnect in lockstep.
+fn jittered(d: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let r = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    let half = d.as_millis() as u64 / 2;
+    Duration::from_millis(half + r % (half + 1))
 }
 
 impl Agent {
@@ -334,7 +354,11 @@ impl Agent {
         tokio::pin!(shutdown);
         let mut next = 0usize;
         let mut redirect: Option<String> = None;
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = BASE_BACKOFF;
+        // Failed tries since the last registered session: every server is tried once before
+        // the agent waits, so one dead server never delays finding the live ones.
+        let mut misses = 0usize;
+        let mut redirects = 0usize;
         let mut last_ack = Instant::now();
         let mut fence = Duration::from_secs(3);
         let mut first = true;
@@ -351,18 +375,26 @@ impl Agent {
             match end {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Redirect(a) => {
-                    redirect = Some(a);
-                    backoff = Duration::from_millis(100);
-                }
-                SessionEnd::Lost => {
-                    // Between sessions: collect exits and fence if cut off for too long.
-                    let until = Instant::now() + backoff;
-                    while Instant::now() < until {
-                        self.collect_exits();
-                        self.fence_if_overdue(last_ack, fence).await;
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Servers that disagree on the leader for a moment must not make a busy loop.
+                    redirects += 1;
+                    if redirects > self.cfg.servers.len() {
+                        redirects = 0;
+                        self.pause(jittered(ELECTION_RETRY), last_ack, fence).await;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    redirect = Some(a);
+                }
+                SessionEnd::Broken => {
+                    backoff = BASE_BACKOFF;
+                    misses = 0;
+                    redirects = 0;
+                }
+                SessionEnd::NoLeader => self.pause(jittered(ELECTION_RETRY), last_ack, fence).await,
+                SessionEnd::Unreachable => {
+                    misses += 1;
+                    if misses.is_multiple_of(self.cfg.servers.len()) {
+                        self.pause(jittered(backoff), last_ack, fence).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
                 }
             }
             first = false;
@@ -414,6 +446,20 @@ impl Agent {
         }
     }
 
+    /// Wait between tries, still collecting exits and fencing if cut off for too long.
+    async fn pause(&mut self, d: Duration, last_ack: Instant, fence: Duration) {
+        let until = Instant::now() + d;
+        loop {
+            self.collect_exits();
+            self.fence_if_overdue(last_ack, fence).await;
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            tokio::time::sleep(left.min(Duration::from_millis(50))).await;
+        }
+    }
+
     async fn fence_if_overdue(&mut self, last_ack: Instant, fence: Duration) {
         if self.running.is_empty() || last_ack.elapsed() < fence || self.fenced_after == Some(last_ack) {
             return;
@@ -434,7 +480,7 @@ impl Agent {
             Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
             Err(e) => {
                 tracing::error!(%addr, error = %e, "bad server address");
-                return SessionEnd::Lost;
+                return SessionEnd::Unreachable;
             }
         };
         let endpoint = endpoint
@@ -447,9 +493,9 @@ impl Agent {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 tracing::debug!(%addr, error = %e, "server unreachable");
-                return SessionEnd::Lost;
+                return SessionEnd::Unreachable;
             }
-            Err(_) => return SessionEnd::Lost,
+            Err(_) => return SessionEnd::Unreachable,
         };
         let (tx, out) = mpsc::channel::<v1::AgentMessage>(1024);
         self.seq += 1;
@@ -460,13 +506,13 @@ impl Agent {
             Ok(Ok(resp)) => resp.into_inner(),
             Ok(Err(status)) => {
                 tracing::warn!(%addr, code = ?status.code(), message = %status.message(), "session refused");
-                return SessionEnd::Lost;
+                return SessionEnd::Unreachable;
             }
-            Err(_) => return SessionEnd::Lost,
+            Err(_) => return SessionEnd::Unreachable,
         };
         let reply = match tokio::time::timeout(limit, inbound.message()).await {
             Ok(m) => m,
-            Err(_) => return SessionEnd::Lost,
+            Err(_) => return SessionEnd::Unreachable,
         };
         let heartbeat = match reply {
             Ok(Some(v1::ServerMessage { payload: Some(Out::Registered(r)) })) => {
@@ -478,16 +524,16 @@ impl Agent {
             Ok(Some(v1::ServerMessage { payload: Some(Out::NotLeader(n)) })) => {
                 return match n.leader.map(|l| l.leader_address).filter(|a| !a.is_empty()) {
                     Some(a) => SessionEnd::Redirect(a),
-                    None => SessionEnd::Lost,
+                    None => SessionEnd::NoLeader,
                 };
             }
             Ok(other) => {
                 tracing::warn!(%addr, reply = ?other, "unexpected answer to Register");
-                return SessionEnd::Lost;
+                return SessionEnd::Unreachable;
             }
             Err(status) => {
                 tracing::warn!(%addr, code = ?status.code(), message = %status.message(), "registration refused");
-                return SessionEnd::Lost;
+                return SessionEnd::Unreachable;
             }
         };
         if !first {
@@ -528,7 +574,7 @@ impl Agent {
                     self.seq += 1;
                     let hb = self.heartbeat();
                     if tx.send(v1::AgentMessage { seq: self.seq, payload: Some(In::Heartbeat(hb)) }).await.is_err() {
-                        return SessionEnd::Lost;
+                        return SessionEnd::Broken;
                     }
                     sent_up_to = sent_up_to.max(self.seq);
                     self.fence_if_overdue(*last_ack, *fence).await;
@@ -536,13 +582,13 @@ impl Agent {
                     // connection (a crashed host or a partition without a reset).
                     if last_ack.elapsed() > heartbeat * 3 {
                         tracing::warn!(%addr, "no acknowledgement for three heartbeats; reconnecting");
-                        return SessionEnd::Lost;
+                        return SessionEnd::Broken;
                     }
                 }
                 msg = inbound.message() => {
                     let m = match msg {
                         Ok(Some(m)) => m,
-                        _ => return SessionEnd::Lost,
+                        _ => return SessionEnd::Broken,
                     };
                     match m.payload {
                         Some(Out::Ack(a)) => {
@@ -581,7 +627,7 @@ impl Agent {
                         Some(Out::NotLeader(n)) => {
                             return match n.leader.map(|l| l.leader_address).filter(|a| !a.is_empty()) {
                                 Some(a) => SessionEnd::Redirect(a),
-                                None => SessionEnd::Lost,
+                                None => SessionEnd::NoLeader,
                             };
                         }
                         Some(Out::GpuHealthCleared(_)) | Some(Out::Registered(_)) | None => {}

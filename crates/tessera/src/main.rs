@@ -10,6 +10,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod dev;
+
 /// Tessera: a multi-cloud GPU job scheduler.
 #[derive(Parser, Debug)]
 #[command(name = "tessera", version, about, long_about = None, propagate_version = true)]
@@ -27,6 +29,9 @@ enum Command {
     /// Work with job spec files.
     #[command(subcommand)]
     Spec(SpecCommand),
+    /// Run three servers and three agents with simulated GPUs in this process, for trying
+    /// Tessera out (`--demo` also runs a job through an agent failure).
+    Dev(dev::DevArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -149,6 +154,7 @@ fn main() -> ExitCode {
         Command::Server(args) => server(args),
         Command::Agent(args) => agent(args),
         Command::Spec(SpecCommand::Check { file, output }) => spec_check(&file, output),
+        Command::Dev(args) => dev::run(args),
     }
 }
 
