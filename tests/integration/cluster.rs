@@ -190,3 +190,65 @@ async fn lagging_server_catches_up_from_a_snapshot_and_the_cluster_survives_a_fu
     leader(&c).await;
     assert_all_have(&c, &acked).await;
 }
+
+/// Save a snapshot through the Cluster API, as `tessera cluster snapshot save` does.
+async fn save_snapshot(addr: &str, path: &std::path::Path) -> v1::SnapshotHeader {
+    let mut c = v1::cluster_service_client::ClusterServiceClient::new(channel(addr));
+    let mut stream = c.snapshot(v1::SnapshotRequest {}).await.expect("snapshot").into_inner();
+    let (mut header, mut data) = (None, Vec::new());
+    while let Some(m) = stream.message().await.expect("snapshot stream") {
+        match m.chunk {
+            Some(v1::snapshot_response::Chunk::Header(h)) => header = Some(h),
+            Some(v1::snapshot_response::Chunk::Data(d)) => data.extend_from_slice(&d),
+            None => {}
+        }
+    }
+    let header = header.expect("a header first");
+    assert_eq!(header.size_bytes, data.len() as u64);
+    std::fs::write(path, &data).unwrap();
+    header
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saved_snapshot_starts_a_new_cluster_with_every_job() {
+    let a = Cluster::start(3, &[]);
+    leader(&a).await;
+    let mut acked = BTreeSet::new();
+    for i in 0..5 {
+        acked.insert(submit(&a.running_addrs(), &format!("r{i}"), T).await.unwrap());
+    }
+    let bad = tempfile::tempdir().unwrap();
+    let file = bad.path().join("backup.snap");
+    let header = save_snapshot(&a.running_addrs()[0], &file).await;
+    assert!(header.index > 0);
+    drop(a);
+
+    // A corrupt file is refused with the field named.
+    let junk = bad.path().join("junk.snap");
+    std::fs::write(&junk, b"not a snapshot").unwrap();
+    let port = free_port();
+    let out = tessera_tests::tessera(&[
+        "server",
+        "--id",
+        "1",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--data-dir",
+        &bad.path().join("s1").display().to_string(),
+        "--initial-cluster",
+        &format!("1=127.0.0.1:{port}"),
+        "--restore-from",
+        &junk.display().to_string(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("restore_from") && err.contains("not a Tessera snapshot"), "{err}");
+
+    // Three new servers, the same file each: every job is there, and new ids follow on.
+    let path = file.display().to_string();
+    let b = Cluster::start(3, &["--restore-from", &path]);
+    leader(&b).await;
+    assert_all_have(&b, &acked).await;
+    let next = submit(&b.running_addrs(), "after-restore", T).await.unwrap();
+    assert!(acked.iter().all(|id| *id < next), "job ids restarted after a restore: {next} vs {acked:?}");
+}

@@ -90,9 +90,18 @@ pub fn initial_snapshot(voters: &[u64]) -> Snapshot {
 /// Prepare the store of a founding member of a new cluster: an empty store gets the initial
 /// snapshot (made durable); a store that holds anything (a restart) is left alone.
 pub fn bootstrap_cluster<S: LogStore>(store: &mut S, voters: &[u64]) -> Result<(), StoreError> {
+    bootstrap_cluster_from(store, voters, Vec::new())
+}
+
+/// Like [`bootstrap_cluster`], but the new cluster starts from `data`, a state machine snapshot
+/// (a restore from backup). Every founding member must be given the same data: they all start
+/// from the same initial snapshot index.
+pub fn bootstrap_cluster_from<S: LogStore>(store: &mut S, voters: &[u64], data: Vec<u8>) -> Result<(), StoreError> {
     let empty = store.last_index().unwrap_or(0) == 0 && store.latest_snapshot().is_none();
     if empty && !voters.is_empty() {
-        store.apply_snapshot(&initial_snapshot(voters))?;
+        let mut snap = initial_snapshot(voters);
+        snap.data = data.into();
+        store.apply_snapshot(&snap)?;
         store.flush()?;
     }
     Ok(())

@@ -67,6 +67,12 @@ pub struct ServerConfig {
     /// Must exceed `fence_ms`, so a cut-off agent has stopped its shards before they move.
     #[serde(default = "default_node_down_ms")]
     pub node_down_ms: u64,
+    /// Start a new cluster from this snapshot file (written by `tessera cluster snapshot save`)
+    /// instead of an empty state. Only with `initial_cluster` and an empty data directory; give
+    /// every founding member the same file. Ignored, with a warning, once the data directory
+    /// holds a cluster.
+    #[serde(default)]
+    pub restore_from: Option<PathBuf>,
 }
 
 fn default_heartbeat_ms() -> u64 {
@@ -107,6 +113,7 @@ impl ServerConfig {
             heartbeat_ms: default_heartbeat_ms(),
             fence_ms: default_fence_ms(),
             node_down_ms: default_node_down_ms(),
+            restore_from: None,
         }
     }
 
@@ -160,6 +167,12 @@ impl ServerConfig {
         }
         if self.node_down_ms <= self.fence_ms {
             return Err(err("node_down_ms", "must be longer than fence_ms, or a cut-off shard could run twice"));
+        }
+        if self.restore_from.is_some() && self.initial_cluster.is_empty() {
+            return Err(err(
+                "restore_from",
+                "a snapshot seeds a new cluster: give initial_cluster too (and the same file to every founding member)",
+            ));
         }
         if !self.initial_cluster.is_empty() {
             if self.join.is_some() {

@@ -80,7 +80,15 @@ pub async fn run(
     let voters: Vec<u64> = cfg.initial_cluster.keys().copied().collect();
     let mut store = SledStore::open(&dir).map_err(storage_err)?;
     let fresh = store.is_empty();
-    tessera_raft::storage::bootstrap_cluster(&mut store, &voters).map_err(storage_err)?;
+    let seed = match (&cfg.restore_from, fresh) {
+        (Some(path), true) => restore_seed(&cfg, path)?,
+        (Some(path), false) => {
+            tracing::warn!(file = %path.display(), "the data directory already holds a cluster: not restoring");
+            Vec::new()
+        }
+        (None, _) => Vec::new(),
+    };
+    tessera_raft::storage::bootstrap_cluster_from(&mut store, &voters, seed).map_err(storage_err)?;
 
     if let Some(addr) = cfg.http {
         metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -219,6 +227,21 @@ async fn metrics_loop(raft: raft_loop::RaftHandle) {
             return;
         }
     }
+}
+
+/// The initial snapshot of a cluster restored from a `cluster snapshot save` file: the saved
+/// state, with the members this cluster is configured with.
+fn restore_seed(cfg: &ServerConfig, path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
+    let bad = |message: String| ServerError::Config(ConfigError { field: "restore_from".into(), message });
+    let data = std::fs::read(path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+    let state = tessera_core::State::restore(&data)
+        .map_err(|e| bad(format!("{} is not a Tessera snapshot: {e}", path.display())))?;
+    let mut members = Members { addresses: cfg.initial_cluster.clone() };
+    members.addresses.insert(cfg.id, cfg.advertise_addr());
+    let mut sm = ServerSm::new(members, broadcast::channel(1).0);
+    tracing::info!(file = %path.display(), jobs = state.jobs().len(), nodes = state.nodes().len(), "restoring from snapshot");
+    sm.state = state;
+    Ok(tessera_raft::node::StateMachine::snapshot(&sm))
 }
 
 /// A server started empty with `--join`: learn the members from a running server, then ask

@@ -117,6 +117,11 @@ struct ServerArgs {
     /// Snapshot and compact the log every this many entries.
     #[arg(long)]
     snapshot_every: Option<u64>,
+    /// Start a new cluster from a file written by `tessera cluster snapshot save`, instead of
+    /// an empty state. Needs --initial-cluster and an empty --data-dir; give every founding
+    /// server the same file.
+    #[arg(long)]
+    restore_from: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -194,6 +199,9 @@ fn server_config(a: ServerArgs) -> Result<tessera_server::ServerConfig, String> 
     }
     if let Some(v) = a.snapshot_every {
         cfg.snapshot_every = v;
+    }
+    if let Some(v) = a.restore_from {
+        cfg.restore_from = Some(v);
     }
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)
@@ -291,14 +299,18 @@ fn server(args: ServerArgs) -> ExitCode {
     let result = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
-            .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
-        tessera_server::run(cfg, listener, shutdown_signal()).await.map_err(|e| e.to_string())
+            .map_err(|e| (EXIT_FAILED, format!("cannot listen on {}: {e}", cfg.listen)))?;
+        tessera_server::run(cfg, listener, shutdown_signal()).await.map_err(|e| match e {
+            // A configuration found wanting only at start (a bad restore file) is bad input.
+            tessera_server::ServerError::Config(c) => (EXIT_INVALID, c.to_string()),
+            e => (EXIT_FAILED, e.to_string()),
+        })
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err((code, e)) => {
             eprintln!("error: {e}");
-            ExitCode::from(EXIT_FAILED)
+            ExitCode::from(code)
         }
     }
 }
