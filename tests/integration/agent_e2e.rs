@@ -455,3 +455,119 @@ async fn azure_metadata_places_the_node_and_a_preempt_event_drains_it() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A Python that has torch with gloo: `$TESSERA_TORCH_PYTHON`, else `python3` if it has torch.
+fn torch_python() -> Option<String> {
+    let check = "import torch.distributed as d; assert d.is_gloo_available()";
+    std::env::var("TESSERA_TORCH_PYTHON")
+        .ok()
+        .into_iter()
+        .chain(["python3".to_string()])
+        .find(|p| std::process::Command::new(p).args(["-c", check]).output().is_ok_and(|o| o.status.success()))
+}
+
+/// Pids of live processes whose command line mentions `pattern` and whose environment holds
+/// `var` (like `TESSERA_SHARD_INDEX=1`).
+fn pids_with(pattern: &str, var: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd).contains(pattern) && env.split(|b| *b == 0).any(|kv| kv == var.as_bytes())
+        })
+        .collect()
+}
+
+/// The real PyTorch DDP example: two ranks on two nodes rendezvous through the MASTER_ADDR and
+/// MASTER_PORT the agents set, train with gloo on CPU, checkpoint through the progress protocol,
+/// and when one rank is killed the gang restarts from rank 0's checkpoint and finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pytorch_ddp_gang_trains_on_two_nodes_and_resumes_after_a_rank_dies() {
+    let Some(py) = torch_python() else {
+        eprintln!("no Python with torch and gloo (set TESSERA_TORCH_PYTHON): skipping");
+        return;
+    };
+    let c = Cluster::start(3, &[]);
+    let addrs = c.running_addrs();
+    wait_for_leader(&addrs, T).await.expect("leader");
+    let script = c.dir.path().join("ddp_train.py");
+    std::fs::copy(workspace_root().join("examples/ddp_train.py"), &script).expect("copy the DDP example");
+    let script = script.display().to_string();
+    let _reaper = Reaper(script.clone());
+    let a = AgentProc::start("ddp-a", &addrs, "1xH100-80GB", c.dir.path(), &[]);
+    let b = AgentProc::start("ddp-b", &addrs, "1xH100-80GB", c.dir.path(), &[]);
+    let req = v1::SubmitJobRequest {
+        spec: Some(v1::JobSpec {
+            name: "ddp".into(),
+            command: vec![
+                py,
+                script.clone(),
+                "--steps".into(),
+                "120".into(),
+                "--step-seconds".into(),
+                "0.1".into(),
+                "--checkpoint-every".into(),
+                "10".into(),
+            ],
+            shards: 2,
+            resources: Some(v1::Resources { gpus: 1, ..Default::default() }),
+            retry: Some(v1::RetryPolicy { max_attempts: 3, backoff_seconds: Some(0), never_retry_exit_codes: vec![] }),
+            ..Default::default()
+        }),
+        idempotency_key: String::new(),
+    };
+    let id = submit(&addrs, req).await;
+    // Importing torch takes a while on a busy machine.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let before = loop {
+        let j = job(&addrs, id).await;
+        if let Some(j) = j.filter(|j| j.shards[0].last_checkpoint.as_ref().is_some_and(|c| c.step >= 20)) {
+            break j;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint at step 20\n{}\n{}", a.log_tail(), b.log_tail());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_ne!(before.shards[0].node_name, before.shards[1].node_name, "one rank per node");
+    let first_attempt = before.shards[1].attempt;
+
+    // Rank 1 dies (like a segfault): the gang restarts from rank 0's last checkpoint.
+    let victims = pids_with(&script, "TESSERA_SHARD_INDEX=1");
+    assert!(!victims.is_empty(), "rank 1's process not found");
+    for pid in victims {
+        let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let done = loop {
+        let j = job(&addrs, id).await.expect("job");
+        if j.state == v1::JobState::Succeeded as i32 {
+            break j;
+        }
+        assert!(
+            j.state != v1::JobState::Failed as i32 && Instant::now() < deadline,
+            "the DDP job did not finish: {j:?}\n{}\n{}",
+            a.log_tail(),
+            b.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(done.shards[1].attempt > first_attempt, "rank 1 was not restarted: {done:?}");
+    let ck = done.shards[0].last_checkpoint.clone().expect("a final checkpoint");
+    assert_eq!(ck.step, 120, "{ck:?}");
+    assert!(std::path::Path::new(ck.uri.strip_prefix("file://").unwrap_or(&ck.uri)).exists(), "{}", ck.uri);
+    // Both ranks of the new attempt resumed from a checkpoint and finished; rank 0 used gloo.
+    let node0 = &done.shards[0].node_name;
+    let node1 = &done.shards[1].node_name;
+    for (shard, node) in [(0, node0), (1, node1)] {
+        let log =
+            std::fs::read_to_string(c.dir.path().join(format!("agent-{node}")).join(format!(
+                "job-{id}/shard-{shard}/attempt-{}/stdout.log",
+                done.shards[shard].attempt_id.unwrap_or(0)
+            )))
+            .unwrap_or_default();
+        assert!(
+            log.contains("backend=gloo") && log.contains("resuming from step") && log.contains("done at step 120"),
+            "rank {shard}'s log:\n{log}"
+        );
+    }
+}
