@@ -339,12 +339,24 @@ struct Need<'a> {
     short: bool,
     /// Eligible classes, with 0 for the preferred spot kind and 1 for the other.
     classes: BTreeMap<usize, u8>,
+    /// Where each pending shard's last attempt ran (node, GPU mask), in `shards` order: a
+    /// restarting gang goes back there where it can (partial gang repair).
+    prev: Vec<Option<(NodeId, u64)>>,
 }
 
 impl<'a> Need<'a> {
     fn new(job: &'a Job, view: &View<'_>, now: Timestamp) -> Need<'a> {
         let spec = &job.spec;
-        let shards = job.shards.iter().filter(|s| s.state == ShardState::Pending).map(|s| s.index).collect();
+        let pending: Vec<&crate::model::Shard> = job.shards.iter().filter(|s| s.state == ShardState::Pending).collect();
+        let shards = pending.iter().map(|s| s.index).collect();
+        let prev = pending
+            .iter()
+            .map(|s| {
+                let a = s.attempt.as_ref()?;
+                let mask = a.gpus.iter().try_fold(0u64, |m, g| (*g < 64).then(|| m | (1 << g)))?;
+                Some((a.node, mask))
+            })
+            .collect();
         let short = match (view.reserved_start, spec.max_runtime_secs) {
             (Some(start), Some(rt)) => start != Timestamp::NEVER && now.plus_secs(rt) <= start,
             _ => false,
@@ -373,6 +385,7 @@ impl<'a> Need<'a> {
             mem: spec.resources.memory_mib,
             short,
             classes,
+            prev,
         }
     }
 
@@ -491,10 +504,71 @@ fn undo(view: &mut View<'_>, need: &Need<'_>, taken: &[Taken]) {
     }
 }
 
+/// Partial gang repair: a restarting gang goes back to the nodes and GPUs it had, and only the
+/// shards whose node or GPUs are no longer usable (down, draining, unhealthy, taken) move,
+/// best fit, nearest the others first. None when no shard can go back, or the result would
+/// break the spec's topology; then the gang is placed afresh. Leaves the result taken.
+fn repair(view: &mut View<'_>, need: &Need<'_>) -> Option<Vec<Taken>> {
+    if need.prev.iter().all(Option::is_none) {
+        return None;
+    }
+    let mut slots: Vec<Option<Taken>> = Vec::with_capacity(need.shards.len());
+    for prev in &need.prev {
+        let back = prev.and_then(|(node, mask)| {
+            let p = *view.pos.get(&node)?;
+            let n = &view.nodes[p];
+            let ok = need.classes.contains_key(&n.class)
+                && need.usable(view, p) & mask == mask
+                && mask.count_ones() == need.gpus
+                && (need.cpu == 0 || n.cpu_free >= need.cpu)
+                && (need.mem == 0 || n.mem_free >= need.mem);
+            ok.then_some((p, mask))
+        });
+        slots.push(back.map(|(pos, mask)| {
+            view.take(pos, mask, need.cpu, need.mem);
+            Taken { pos, mask, shards: 1 }
+        }));
+    }
+    // Nothing taken when no shard could go back: place the gang afresh.
+    let anchor = slots.iter().flatten().next().map(|t| view.nodes[t.pos].class)?;
+    // Those that move: the anchor's zone, then its region, then anywhere eligible.
+    let zone: Vec<usize> =
+        view.zones.iter().find(|z| z.classes.contains(&anchor)).map_or(Vec::new(), |z| z.classes.clone());
+    let region: Vec<usize> = view
+        .regions
+        .iter()
+        .find(|(_, zs)| zs.iter().any(|z| view.zones[*z].classes.contains(&anchor)))
+        .map_or(Vec::new(), |(_, zs)| zs.iter().flat_map(|z| view.zones[*z].classes.iter().copied()).collect());
+    let all: Vec<usize> = need.classes.keys().copied().collect();
+    let mut failed = false;
+    for slot in slots.iter_mut().filter(|s| s.is_none()) {
+        let c = [&zone, &region, &all].into_iter().find_map(|d| best_over(view, need, d, 1));
+        match c {
+            Some(c) => {
+                view.take(c.pos, c.mask, need.cpu, need.mem);
+                *slot = Some(Taken { pos: c.pos, mask: c.mask, shards: 1 });
+            }
+            None => {
+                failed = true;
+                break;
+            }
+        }
+    }
+    let taken: Vec<Taken> = slots.into_iter().flatten().collect();
+    if failed || !span_ok(need.spec, taken.iter().map(|t| &view.nodes[t.pos].node.info)) {
+        undo(view, need, &taken);
+        return None;
+    }
+    Some(taken)
+}
+
 /// Find the best gang placement by topology level; leaves it taken in the view.
 fn place(view: &mut View<'_>, need: &Need<'_>) -> Option<Vec<Taken>> {
     if need.shards.is_empty() || need.classes.is_empty() {
         return None;
+    }
+    if let Some(t) = repair(view, need) {
+        return Some(t);
     }
     let k = need.shards.len() as u32;
     let all: Vec<usize> = need.classes.keys().copied().collect();

@@ -264,6 +264,58 @@ fn lost_node_requeues_from_the_checkpoint_and_restarts_the_gang() {
 }
 
 #[test]
+fn partial_gang_repair_keeps_the_survivors_on_their_gpus_and_moves_only_the_faulty_rank() {
+    let mut sim = Sim::new();
+    let a = sim.node(n("a"));
+    let b = sim.node(n("b"));
+    let j = sim.submit(spec(2, 4));
+    sim.round();
+    assert_eq!(sim.nodes_of(j), vec![a, a], "a gang prefers one node");
+    sim.start_all(j);
+    // Cheaper nodes arrive: a fresh placement would go there.
+    let cheap = |name| NodeSpec { price: 1_000_000, ..n(name) };
+    let c = sim.node(cheap("c"));
+    sim.node(cheap("d"));
+    let gpus = |sim: &Sim| -> Vec<Vec<u32>> {
+        sim.state.job(j).unwrap().shards.iter().map(|s| s.attempt.as_ref().unwrap().gpus.clone()).collect()
+    };
+    let before = gpus(&sim);
+
+    // Rank 1 fails by itself (exit 1): nothing is wrong with its node, so the whole gang
+    // restarts where it was, on the same GPUs, after the retry backoff.
+    sim.exit(j, 1, 1).unwrap();
+    sim.exit(j, 0, 143).unwrap();
+    sim.now += 10_001;
+    sim.round();
+    assert_eq!(sim.nodes_of(j), vec![a, a]);
+    assert_eq!(gpus(&sim), before, "the same GPUs");
+    sim.start_all(j);
+
+    // One of rank 1's GPUs fails (XID 79): rank 1 moves (node a has too few healthy GPUs left
+    // for it) to the best fit elsewhere; rank 0 keeps its GPUs.
+    let bad = before[1][0];
+    sim.apply(Command::SetGpuHealth { node: a, gpu: bad, healthy: false, reason: "XID 79".into() }).unwrap();
+    let a0 = sim.attempt(j, 0);
+    let a1 = sim.attempt(j, 1);
+    sim.apply(Command::ShardExited { attempt: a1, exit: ok(1), node_fault: true, message: None }).unwrap();
+    sim.apply(Command::ShardExited { attempt: a0, exit: ok(143), node_fault: false, message: None }).unwrap();
+    sim.round();
+    assert_eq!(sim.nodes_of(j), vec![a, c], "rank 0 stays, rank 1 goes to the best other fit");
+    assert_eq!(gpus(&sim)[0], before[0]);
+    sim.start_all(j);
+
+    // Rank 1's node is lost: rank 0 stays on a, rank 1 moves to the cheapest fit.
+    let a0 = sim.attempt(j, 0);
+    sim.apply(Command::MarkNodeDown { node: c, reason: "agent lost".into(), registration: None }).unwrap();
+    sim.apply(Command::ShardExited { attempt: a0, exit: ok(143), node_fault: false, message: None }).unwrap();
+    sim.round();
+    let nodes = sim.nodes_of(j);
+    assert_eq!(nodes[0], a);
+    assert!(nodes[1] != c && nodes[1] != a, "{nodes:?}");
+    let _ = b;
+}
+
+#[test]
 fn retry_policy_backoff_and_never_retried_codes() {
     let mut sim = Sim::new();
     sim.node(n("a"));
