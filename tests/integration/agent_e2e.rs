@@ -114,6 +114,20 @@ async fn the_example_trainer_runs_to_success_and_checkpoints() {
     let j = wait_until(&addrs, id, "succeeded", |j| j.state == v1::JobState::Succeeded as i32).await;
     let ck = j.shards[0].last_checkpoint.clone().unwrap_or_else(|| panic!("no checkpoint\n{}", a.log_tail()));
     assert!(ck.step >= 15, "{ck:?}");
+    // Progress and telemetry come from the heartbeats, kept on the leader: a follower shows
+    // them too (it passes the read on). The final step arrives with the heartbeat after the exit.
+    let leader = wait_for_leader(&addrs, T).await.expect("leader");
+    let follower = c.servers.values().find(|s| s.id != leader).map(|s| s.addr.clone()).expect("a follower");
+    let f = [follower.clone()];
+    let j = wait_until(&f, id, "the final step", |j| j.shards[0].step == 20).await;
+    assert_eq!(j.shards[0].total_steps, Some(20));
+    assert!(j.shards[0].metrics.contains_key("loss"), "{:?}", j.shards[0].metrics);
+    let node = get_node(&follower, "gpu-a").await.expect("gpu-a");
+    assert!(node.last_heartbeat_unix_ms > 0);
+    assert!(
+        node.gpus.iter().all(|g| g.telemetry.as_ref().is_some_and(|t| t.memory_total_mib == Some(81_920))),
+        "{node:?}"
+    );
     let file = ck.uri.strip_prefix("file://").unwrap_or(&ck.uri);
     assert!(std::path::Path::new(file).exists(), "the checkpoint file {} exists", ck.uri);
     // The node registered with simulated GPUs.
@@ -177,13 +191,19 @@ async fn cancel_follows_the_ladder_and_leaves_no_process_behind() {
 async fn shards_keep_running_through_a_leader_change() {
     let Some((mut c, addrs, tr, _reaper)) = cluster_with_trainer().await else { return };
     let leader = wait_for_leader(&addrs, T).await.expect("leader");
-    let _a = AgentProc::start("gpu-a", &addrs, "8xH100-80GB", c.dir.path(), &[]);
+    let a = AgentProc::start("gpu-a", &addrs, "8xH100-80GB", c.dir.path(), &[]);
     let id = submit(&addrs, train_job(&tr, 120, 0.05)).await;
     let j = wait_until(&addrs, id, "running", running).await;
     c.servers.get_mut(&leader).unwrap().kill();
     let rest = c.running_addrs();
     let done = wait_until(&rest, id, "succeeded", |j| j.state == v1::JobState::Succeeded as i32).await;
-    assert_eq!(done.shards[0].attempt_id, j.shards[0].attempt_id, "the shard was not restarted");
+    assert_eq!(
+        done.shards[0].attempt_id,
+        j.shards[0].attempt_id,
+        "the shard was restarted: {done:?}\n--- agent ---\n{}\n{}",
+        a.log_tail(),
+        c.logs()
+    );
 }
 
 async fn http_get(addr: &str, path: &str) -> String {
@@ -467,7 +487,7 @@ fn torch_python() -> Option<String> {
 }
 
 /// Pids of live processes whose command line mentions `pattern` and whose environment holds
-/// `var` (like `TESSERA_SHARD_INDEX=1`).
+/// `var` (like `TESSERA_SHARD_INDEX=1`; empty: any).
 fn pids_with(pattern: &str, var: &str) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
@@ -570,4 +590,151 @@ async fn a_pytorch_ddp_gang_trains_on_two_nodes_and_resumes_after_a_rank_dies() 
             "rank {shard}'s log:\n{log}"
         );
     }
+}
+
+/// What must hold after any failure: every acknowledged job is still known, no attempt holds
+/// GPUs on two nodes, no shard's GPUs are held by two attempts, and no shard runs as two
+/// processes (looked up by the launch environment of processes running `trainer`).
+async fn assert_invariants(addrs: &[String], acked: &[u64], trainer: &str) {
+    let mut jobs = v1::job_service_client::JobServiceClient::new(channel(&addrs[0]));
+    let list = jobs
+        .list_jobs(v1::ListJobsRequest { include_finished: true, page_size: 1000, ..Default::default() })
+        .await
+        .expect("list jobs")
+        .into_inner()
+        .jobs;
+    for id in acked {
+        assert!(list.iter().any(|j| j.id == *id), "acknowledged job {id} was lost");
+    }
+    let mut nodes = v1::node_service_client::NodeServiceClient::new(channel(&addrs[0]));
+    let nodes = nodes.list_nodes(v1::ListNodesRequest::default()).await.expect("list nodes").into_inner().nodes;
+    let mut holder_node = std::collections::BTreeMap::new();
+    let mut shard_attempt = std::collections::BTreeMap::new();
+    for n in &nodes {
+        for g in &n.gpus {
+            if let Some(a) = &g.allocation {
+                let node = holder_node.entry(a.attempt_id).or_insert(n.id);
+                assert_eq!(*node, n.id, "attempt {} holds GPUs on two nodes", a.attempt_id);
+                let att = shard_attempt.entry((a.job_id, a.shard_index)).or_insert(a.attempt_id);
+                assert_eq!(
+                    *att, a.attempt_id,
+                    "job {} shard {} holds GPUs under two attempts",
+                    a.job_id, a.shard_index
+                );
+            }
+        }
+    }
+    let mut running = std::collections::BTreeMap::<(String, String), u32>::new();
+    for pid in pids_with(trainer, "") {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let get = |k: &str| {
+            env.split(|b| *b == 0)
+                .find_map(|kv| {
+                    kv.strip_prefix(format!("{k}=").as_bytes()).map(|v| String::from_utf8_lossy(v).into_owned())
+                })
+                .unwrap_or_default()
+        };
+        *running.entry((get("TESSERA_JOB_ID"), get("TESSERA_SHARD_INDEX"))).or_default() += 1;
+    }
+    for ((job, shard), n) in running {
+        assert!(n <= 1, "job {job} shard {shard} runs as {n} processes");
+    }
+}
+
+fn with_priority(mut req: v1::SubmitJobRequest, priority: u32) -> v1::SubmitJobRequest {
+    if let Some(s) = req.spec.as_mut() {
+        s.priority = Some(priority);
+    }
+    req
+}
+
+/// The stdout of one attempt of a shard, from the agent's work directory.
+fn attempt_log(c: &Cluster, s: &v1::Shard, job: u64) -> String {
+    let path = c.dir.path().join(format!("agent-{}", s.node_name)).join(format!(
+        "job-{job}/shard-{}/attempt-{}/stdout.log",
+        s.index,
+        s.attempt_id.unwrap_or(0)
+    ));
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_higher_priority_job_preempts_the_one_that_loses_least_and_the_victim_resumes() {
+    let Some((c, addrs, tr, _reaper)) = cluster_with_trainer().await else { return };
+    let _a = AgentProc::start("gpu-a", &addrs, "2xH100-80GB", c.dir.path(), &[]);
+    // Two low-priority jobs fill the node: one checkpoints every 5 steps, one never does.
+    let cheap = submit(&addrs, with_priority(train_job(&tr, 200, 0.05), 250)).await;
+    let mut dear = with_priority(train_job(&tr, 100_000, 0.05), 250);
+    if let Some(s) = dear.spec.as_mut() {
+        s.command[7] = "1000000".into();
+    }
+    let dear = submit(&addrs, dear).await;
+    wait_until(&addrs, cheap, "a checkpoint at step 10", |j| {
+        j.shards[0].last_checkpoint.as_ref().is_some_and(|c| c.step >= 10)
+    })
+    .await;
+    wait_until(&addrs, dear, "running", running).await;
+    // A high-priority job arrives on the full node.
+    let urgent = submit(&addrs, with_priority(train_job(&tr, 20, 0.05), 750)).await;
+    let stopped = wait_until(&addrs, cheap, "preempted", |j| {
+        j.shards[0].stop_reason == v1::StopReason::Preempt as i32 || j.shards[0].attempt >= 2
+    })
+    .await;
+    assert!(stopped.shards[0].preempted_by_job_id == Some(urgent) || stopped.shards[0].attempt >= 2, "{stopped:?}");
+    wait_until(&addrs, urgent, "succeeded", |j| j.state == v1::JobState::Succeeded as i32).await;
+    let done = wait_until(&addrs, cheap, "succeeded", |j| j.state == v1::JobState::Succeeded as i32).await;
+    let other = job(&addrs, dear).await.expect("the other job");
+    assert_eq!(other.shards[0].attempt, 1, "the job with no checkpoint was not the victim: {other:?}");
+    assert_eq!(done.shards[0].attempt, 2, "the victim was requeued once: {done:?}");
+    let log = attempt_log(&c, &done.shards[0], cheap);
+    assert!(log.contains("resuming from step"), "the victim did not resume from its checkpoint:\n{log}");
+    assert_invariants(&addrs, &[cheap, dear, urgent], &tr).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_moves_long_shards_from_their_checkpoint_and_lets_short_ones_finish() {
+    let Some((c, addrs, tr, _reaper)) = cluster_with_trainer().await else { return };
+    let a = AgentProc::start("gpu-a", &addrs, "2xH100-80GB", c.dir.path(), &[]);
+    let long = submit(&addrs, train_job(&tr, 200, 0.05)).await;
+    let mut short = train_job(&tr, 100, 0.05);
+    if let Some(s) = short.spec.as_mut() {
+        s.max_runtime_seconds = Some(600);
+    }
+    let short = submit(&addrs, short).await;
+    wait_until(&addrs, long, "a checkpoint at step 10", |j| {
+        j.shards[0].last_checkpoint.as_ref().is_some_and(|c| c.step >= 10)
+    })
+    .await;
+    wait_until(&addrs, short, "running", running).await;
+    let _b = AgentProc::start("gpu-b", &addrs, "2xH100-80GB", c.dir.path(), &[]);
+    registered(&addrs[0], "gpu-b", &a).await;
+    let mut nodes = v1::node_service_client::NodeServiceClient::new(channel(&addrs[1]));
+    nodes
+        .drain_node(v1::DrainNodeRequest {
+            node: Some(v1::NodeRef { node: Some(v1::node_ref::Node::Name("gpu-a".into())) }),
+            deadline_seconds: Some(3600),
+            reason: "maintenance".into(),
+        })
+        .await
+        .expect("drain");
+    let moved = wait_until(&addrs, long, "moved to gpu-b", |j| {
+        j.shards[0].node_name == "gpu-b" && j.shards[0].state == v1::ShardState::Running as i32
+    })
+    .await;
+    assert_eq!(moved.shards[0].attempt, 2);
+    let done_short = wait_until(&addrs, short, "succeeded", |j| j.state == v1::JobState::Succeeded as i32).await;
+    assert_eq!(
+        (done_short.shards[0].node_name.as_str(), done_short.shards[0].attempt),
+        ("gpu-a", 1),
+        "the short job finished where it was"
+    );
+    let done = wait_until(&addrs, long, "succeeded", |j| j.state == v1::JobState::Succeeded as i32).await;
+    assert!(attempt_log(&c, &done.shards[0], long).contains("resuming from step"));
+    // Nothing new goes to the draining node.
+    let node = get_node(&addrs[0], "gpu-a").await.expect("gpu-a");
+    assert_eq!(node.state, v1::NodeState::Draining as i32);
+    let late = submit(&addrs, train_job(&tr, 5, 0.05)).await;
+    let late = wait_until(&addrs, late, "succeeded", |j| j.state == v1::JobState::Succeeded as i32).await;
+    assert_eq!(late.shards[0].node_name, "gpu-b");
+    assert_invariants(&addrs, &[long, short], &tr).await;
 }

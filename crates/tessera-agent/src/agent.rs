@@ -114,6 +114,8 @@ pub struct Agent {
     /// when registering, so a new leader waits for the exit report instead of declaring them
     /// lost. Value: (job, shard).
     finished: BTreeMap<u64, (u64, u32)>,
+    /// Last progress of attempts that exited since the previous heartbeat (sent with it once).
+    final_progress: Vec<v1::AttemptProgress>,
     /// Attempt ids this agent has started (recent ones): an attempt never runs twice here.
     ran: VecDeque<u64>,
     /// The acknowledgement after which the agent last fenced itself (once per silence).
@@ -261,6 +263,21 @@ fn host_memory_mib() -> u64 {
         .map_or(0, |kb| kb / 1024)
 }
 
+/// One attempt's progress as the heartbeat carries it.
+fn attempt_progress(attempt: u64, p: &crate::shard::Progress) -> v1::AttemptProgress {
+    v1::AttemptProgress {
+        attempt_id: attempt,
+        step: p.step,
+        total_steps: p.total_steps,
+        metrics: p.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        malformed_lines: p.malformed_lines,
+        updated_unix_ms: p
+            .updated_at
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64),
+    }
+}
+
 enum SessionEnd {
     /// Try this address next.
     Redirect(String),
@@ -308,6 +325,7 @@ impl Agent {
             fault_rx,
             fenced_after: None,
             finished: BTreeMap::new(),
+            final_progress: Vec::new(),
             ran: VecDeque::new(),
             notice_tx,
             notice_rx,
@@ -436,6 +454,7 @@ impl Agent {
                     }));
                 }
             }
+            self.final_progress.push(attempt_progress(attempt, &r.shard.progress()));
             self.finished.insert(attempt, (r.job_id, r.shard_index));
             let termination = match (exit.code, exit.signal) {
                 (Some(c), _) => Some(v1::shard_exited::Termination::ExitCode(c)),
@@ -567,10 +586,7 @@ impl Agent {
                     self.collect_exits();
                     self.watch_progress_and_gpus();
                     // Send what was queued since.
-                    for (seq, p) in self.outbox.iter().filter(|(s, _)| *s > sent_up_to) {
-                        let _ = tx.send(v1::AgentMessage { seq: *seq, payload: Some(p.clone()) }).await;
-                    }
-                    sent_up_to = self.seq;
+                    self.flush(&tx, &mut sent_up_to).await;
                     self.seq += 1;
                     let hb = self.heartbeat();
                     if tx.send(v1::AgentMessage { seq: self.seq, payload: Some(In::Heartbeat(hb)) }).await.is_err() {
@@ -584,6 +600,12 @@ impl Agent {
                         tracing::warn!(%addr, "no acknowledgement for three heartbeats; reconnecting");
                         return SessionEnd::Broken;
                     }
+                }
+                // An exit is reported at once, not at the next heartbeat: the servers re-place
+                // work only once they know.
+                Some((attempt, exit)) = self.exit_rx.recv() => {
+                    self.exited(attempt, exit);
+                    self.flush(&tx, &mut sent_up_to).await;
                 }
                 msg = inbound.message() => {
                     let m = match msg {
@@ -602,7 +624,11 @@ impl Agent {
                                 self.finished.remove(&e.attempt_id);
                             }
                         }
-                        Some(Out::AssignShard(a)) => self.assign(a),
+                        Some(Out::AssignShard(a)) => {
+                            // ShardStarted goes at once too.
+                            self.assign(a);
+                            self.flush(&tx, &mut sent_up_to).await;
+                        }
                         Some(Out::StopShard(s)) => {
                             if let Some(r) = self.running.get(&s.attempt_id) {
                                 let shard = r.shard.clone();
@@ -635,6 +661,14 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Send the reports queued since `sent_up_to`.
+    async fn flush(&self, tx: &mpsc::Sender<v1::AgentMessage>, sent_up_to: &mut u64) {
+        for (seq, p) in self.outbox.iter().filter(|(s, _)| *s > *sent_up_to) {
+            let _ = tx.send(v1::AgentMessage { seq: *seq, payload: Some(p.clone()) }).await;
+        }
+        *sent_up_to = self.seq;
     }
 
     fn assign(&mut self, a: v1::AssignShard) {
@@ -816,23 +850,9 @@ impl Agent {
                     xid_errors: s.last_xid.and_then(|x| u32::try_from(x).ok()).into_iter().collect(),
                 })
                 .collect(),
-            progress: self
-                .running
-                .iter()
-                .map(|(id, r)| {
-                    let p = r.shard.progress();
-                    v1::AttemptProgress {
-                        attempt_id: *id,
-                        step: p.step,
-                        total_steps: p.total_steps,
-                        metrics: p.metrics.into_iter().collect(),
-                        malformed_lines: p.malformed_lines,
-                        updated_unix_ms: p
-                            .updated_at
-                            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                            .map_or(0, |d| d.as_millis() as u64),
-                    }
-                })
+            progress: std::mem::take(&mut self.final_progress)
+                .into_iter()
+                .chain(self.running.iter().map(|(id, r)| attempt_progress(*id, &r.shard.progress())))
                 .collect(),
             running_attempt_ids: self.running.keys().copied().collect(),
         }

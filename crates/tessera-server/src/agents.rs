@@ -160,6 +160,7 @@ pub async fn liveness_loop(shared: Arc<Shared>) {
             if let Ok(mut s) = shared.agents.sessions.lock() {
                 s.clear();
             }
+            shared.live.clear();
             was_leader = leader;
         }
         if !leader {
@@ -549,7 +550,12 @@ async fn read_reports(
         }
         let seq = msg.seq;
         let cmd = match msg.payload {
-            Some(In::Heartbeat(_)) | None => {
+            Some(In::Heartbeat(hb)) => {
+                shared.live.heartbeat(node, hb, now().0);
+                let _ = tx.send(Ok(ack(seq, Ok(())))).await;
+                continue;
+            }
+            None => {
                 let _ = tx.send(Ok(ack(seq, Ok(())))).await;
                 continue;
             }

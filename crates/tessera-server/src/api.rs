@@ -46,6 +46,25 @@ pub struct Shared {
     pub agents: crate::agents::AgentHub,
     /// Shard output sent by the agents (kept on the leader).
     pub logs: crate::logs::LogStore,
+    /// Progress and telemetry from the agents' heartbeats (kept on the leader).
+    pub live: crate::live::LiveView,
+    /// A connection to the leader for passing reads on, by the leader's address.
+    pub leader_read_channel: std::sync::Mutex<Option<(String, tonic::transport::Channel)>>,
+}
+
+/// Marks a request one server passed to the leader, so it is never passed on again.
+const FORWARDED: &str = "x-tessera-forwarded";
+
+/// `msg` as a request passed on to the leader.
+fn forwarded<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    r
+}
+
+/// Whether a read passed to the leader failed in a way worth answering locally instead.
+fn leader_unreachable(s: &Status) -> bool {
+    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
 }
 
 fn unavailable(e: ProposeError) -> Status {
@@ -79,6 +98,33 @@ impl Shared {
             Outcome::Rejected(r) => Err(rejection_to_status(&r)),
             Outcome::Undecodable(m) => Err(Status::internal(m)),
         }
+    }
+
+    /// On a follower, a connection to the leader, for reads that should show the leader's live
+    /// view (progress, telemetry). None on the leader, for stale reads (they are answered
+    /// locally by definition), for a request already passed on once, and with no known leader.
+    pub fn leader_for_read<T>(&self, req: &Request<T>, consistency: i32) -> Option<tonic::transport::Channel> {
+        if consistency == v1::ReadConsistency::Stale as i32 || req.metadata().contains_key(FORWARDED) {
+            return None;
+        }
+        let s = self.raft.status();
+        if s.role == tessera_raft::StateRole::Leader || s.leader == 0 {
+            return None;
+        }
+        let addr = self.transport.peers().get(&s.leader).cloned()?;
+        let mut cached = self.leader_read_channel.lock().ok()?;
+        if let Some((a, ch)) = cached.as_ref()
+            && *a == addr
+        {
+            return Some(ch.clone());
+        }
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .ok()?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(WRITE_TIMEOUT)
+            .connect_lazy();
+        *cached = Some((addr, ch.clone()));
+        Some(ch)
     }
 
     /// A connection to the current leader, for the few calls only it can answer.
@@ -163,14 +209,27 @@ impl v1::job_service_server::JobService for Jobs {
     }
 
     async fn get_job(&self, req: Request<v1::GetJobRequest>) -> Result<Response<v1::GetJobResponse>, Status> {
+        if let Some(ch) = self.0.leader_for_read(&req, req.get_ref().consistency) {
+            match v1::job_service_client::JobServiceClient::new(ch).get_job(forwarded(*req.get_ref())).await {
+                Err(s) if leader_unreachable(&s) => {}
+                other => return other,
+            }
+        }
         let req = req.into_inner();
         let id = job_id(req.job_id)?;
         let job = self.0.read(req.consistency, move |s| s.job(id).map(|j| job_to_proto(j, s))).await?;
-        let job = job.ok_or_else(|| Status::not_found(format!("no job {id}")))?;
+        let mut job = job.ok_or_else(|| Status::not_found(format!("no job {id}")))?;
+        self.0.live.overlay_job(&mut job);
         Ok(Response::new(v1::GetJobResponse { job: Some(job) }))
     }
 
     async fn list_jobs(&self, req: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
+        if let Some(ch) = self.0.leader_for_read(&req, req.get_ref().consistency) {
+            match v1::job_service_client::JobServiceClient::new(ch).list_jobs(forwarded(req.get_ref().clone())).await {
+                Err(s) if leader_unreachable(&s) => {}
+                other => return other,
+            }
+        }
         let req = req.into_inner();
         let mut states = Vec::new();
         for (i, s) in req.states.iter().enumerate() {
@@ -216,6 +275,10 @@ impl v1::job_service_server::JobService for Jobs {
                 (out, next)
             })
             .await?;
+        let mut jobs = jobs;
+        for j in &mut jobs {
+            self.0.live.overlay_job(j);
+        }
         Ok(Response::new(v1::ListJobsResponse { jobs, next_page_token: next }))
     }
 
@@ -248,34 +311,56 @@ impl v1::job_service_server::JobService for Jobs {
     type WatchJobStream = BoxStream<v1::WatchJobResponse>;
 
     async fn watch_job(&self, req: Request<v1::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        if let Some(ch) = self.0.leader_for_read(&req, 0) {
+            // Progress lives on the leader: pass its stream through.
+            match v1::job_service_client::JobServiceClient::new(ch).watch_job(forwarded(*req.get_ref())).await {
+                Err(s) if leader_unreachable(&s) => {}
+                Err(s) => return Err(s),
+                Ok(r) => return Ok(Response::new(Box::pin(r.into_inner()))),
+            }
+        }
         let id = job_id(req.into_inner().job_id)?;
         // Subscribe before the first read so nothing applied in between is missed.
         let mut rx = self.0.events.subscribe();
         let shared = self.0.clone();
-        let first = shared.read(0, move |s| s.job(id).map(|j| job_to_proto(j, s))).await?;
+        let mut first = shared.read(0, move |s| s.job(id).map(|j| job_to_proto(j, s))).await?;
+        if let Some(j) = first.as_mut() {
+            shared.live.overlay_job(j);
+        }
         let first = first.ok_or_else(|| Status::not_found(format!("no job {id}")))?;
         let (tx, out) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             let mut done = first.state >= v1::JobState::Succeeded as i32;
+            let mut last = first.clone();
             if tx.send(Ok(v1::WatchJobResponse { job: Some(first), event: None })).await.is_err() || done {
                 return;
             }
+            // Every applied change to the job, and once a second its progress from the heartbeats.
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
             while !done {
-                match rx.recv().await {
-                    Ok(applied) => {
-                        if !applied.events.iter().any(|e| event_job(e) == Some(id)) {
-                            continue;
+                tokio::select! {
+                    r = rx.recv() => match r {
+                        Ok(applied) => {
+                            if !applied.events.iter().any(|e| event_job(e) == Some(id)) {
+                                continue;
+                            }
                         }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => return,
+                        Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = tick.tick() => {}
                 }
-                let Ok(Some(job)) = shared
+                let Ok(Some(mut job)) = shared
                     .read(v1::ReadConsistency::Stale as i32, move |s| s.job(id).map(|j| job_to_proto(j, s)))
                     .await
                 else {
                     return;
                 };
+                shared.live.overlay_job(&mut job);
+                if job == last {
+                    continue;
+                }
+                last = job.clone();
                 done = job.state >= v1::JobState::Succeeded as i32;
                 if tx.send(Ok(v1::WatchJobResponse { job: Some(job), event: None })).await.is_err() {
                     return;
@@ -406,6 +491,13 @@ impl Nodes {
 #[tonic::async_trait]
 impl v1::node_service_server::NodeService for Nodes {
     async fn list_nodes(&self, req: Request<v1::ListNodesRequest>) -> Result<Response<v1::ListNodesResponse>, Status> {
+        if let Some(ch) = self.0.leader_for_read(&req, req.get_ref().consistency) {
+            match v1::node_service_client::NodeServiceClient::new(ch).list_nodes(forwarded(req.get_ref().clone())).await
+            {
+                Err(s) if leader_unreachable(&s) => {}
+                other => return other,
+            }
+        }
         let req = req.into_inner();
         let page_size = match req.page_size {
             0 => 100,
@@ -442,16 +534,27 @@ impl v1::node_service_server::NodeService for Nodes {
                 (out, next)
             })
             .await?;
+        let mut nodes = nodes;
+        for n in &mut nodes {
+            self.0.live.overlay_node(n);
+        }
         Ok(Response::new(v1::ListNodesResponse { nodes, next_page_token: next }))
     }
 
     async fn get_node(&self, req: Request<v1::GetNodeRequest>) -> Result<Response<v1::GetNodeResponse>, Status> {
+        if let Some(ch) = self.0.leader_for_read(&req, req.get_ref().consistency) {
+            match v1::node_service_client::NodeServiceClient::new(ch).get_node(forwarded(req.get_ref().clone())).await {
+                Err(s) if leader_unreachable(&s) => {}
+                other => return other,
+            }
+        }
         let req = req.into_inner();
         let r = req.node;
-        let node = self
+        let mut node = self
             .0
             .read(req.consistency, move |s| find_node(s, &r).map(|id| node_to_proto(&s.nodes()[&id], s)))
             .await??;
+        self.0.live.overlay_node(&mut node);
         Ok(Response::new(v1::GetNodeResponse { node: Some(node) }))
     }
 

@@ -10,6 +10,7 @@
 pub mod agents;
 pub mod api;
 pub mod config;
+pub mod live;
 pub mod logs;
 pub mod raft_loop;
 pub mod sm;
@@ -130,6 +131,8 @@ pub async fn run(
         plan_now: Arc::new(Notify::new()),
         agents: agents::AgentHub::new(cfg.agent_timeouts()),
         logs: logs::LogStore::default(),
+        live: live::LiveView::default(),
+        leader_read_channel: std::sync::Mutex::new(None),
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -1,0 +1,155 @@
+//! The leader's live view: what agents report with every heartbeat (each attempt's step, total
+//! steps and metrics; each GPU's telemetry). It changes every second on every node, so it never
+//! enters the Raft log (target P4); it lives in the leader's memory, is lost on a leader change,
+//! and the next heartbeats fill it again. Reads answered on followers are passed to the leader
+//! so that they show it too (see `Shared::leader_for_read`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use tessera_core::model::NodeId;
+use tessera_proto::v1;
+
+/// Progress kept for at most this many attempts (the newest ids win): finished attempts keep
+/// their last step for `job status` until then.
+const MAX_ATTEMPTS: usize = 200_000;
+/// Per heartbeat: GPUs, progress entries, metrics per attempt, bytes of a metric name.
+const MAX_GPUS: usize = 64;
+const MAX_PROGRESS: usize = 1024;
+const MAX_METRICS: usize = 64;
+const MAX_METRIC_NAME: usize = 128;
+
+#[derive(Debug, Clone, PartialEq)]
+struct Progress {
+    step: u64,
+    total_steps: Option<u64>,
+    metrics: BTreeMap<String, f64>,
+}
+
+#[derive(Default)]
+struct Inner {
+    progress: BTreeMap<u64, Progress>,
+    nodes: HashMap<NodeId, (u64, Vec<v1::GpuTelemetry>)>,
+}
+
+/// See the module documentation.
+#[derive(Default)]
+pub struct LiveView {
+    inner: Mutex<Inner>,
+}
+
+impl LiveView {
+    /// Take in one heartbeat of `node`, received at `now_ms`. Oversized parts are cut to the
+    /// bounds above rather than refused: a heartbeat also proves the agent alive.
+    pub fn heartbeat(&self, node: NodeId, hb: v1::Heartbeat, now_ms: u64) {
+        let Ok(mut inner) = self.inner.lock() else { return };
+        let mut gpus = hb.gpus;
+        gpus.truncate(MAX_GPUS);
+        inner.nodes.insert(node, (now_ms, gpus));
+        for p in hb.progress.into_iter().take(MAX_PROGRESS) {
+            let metrics = p
+                .metrics
+                .into_iter()
+                .filter(|(k, v)| k.len() <= MAX_METRIC_NAME && v.is_finite())
+                .take(MAX_METRICS)
+                .collect();
+            inner.progress.insert(p.attempt_id, Progress { step: p.step, total_steps: p.total_steps, metrics });
+        }
+        while inner.progress.len() > MAX_ATTEMPTS {
+            inner.progress.pop_first();
+        }
+    }
+
+    /// Forget everything (this server is no longer the leader).
+    pub fn clear(&self) {
+        if let Ok(mut inner) = self.inner.lock() {
+            *inner = Inner::default();
+        }
+    }
+
+    /// Fill in each shard's step, total steps and metrics from its attempt's last report.
+    pub fn overlay_job(&self, job: &mut v1::Job) {
+        let Ok(inner) = self.inner.lock() else { return };
+        for s in &mut job.shards {
+            if let Some(p) = s.attempt_id.and_then(|a| inner.progress.get(&a)) {
+                s.step = p.step;
+                s.total_steps = p.total_steps;
+                s.metrics = p.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect();
+            }
+        }
+    }
+
+    /// Fill in each GPU's telemetry and the node's last heartbeat.
+    pub fn overlay_node(&self, node: &mut v1::Node) {
+        let Ok(inner) = self.inner.lock() else { return };
+        let Some((at, samples)) = inner.nodes.get(&NodeId(node.id)) else { return };
+        node.last_heartbeat_unix_ms = *at;
+        for g in &mut node.gpus {
+            if let Some(t) = samples.iter().find(|t| t.gpu_index == g.index) {
+                g.telemetry = Some(t.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hb(attempt: u64, step: u64) -> v1::Heartbeat {
+        v1::Heartbeat {
+            gpus: vec![v1::GpuTelemetry { gpu_index: 1, utilization_percent: Some(87), ..Default::default() }],
+            progress: vec![v1::AttemptProgress {
+                attempt_id: attempt,
+                step,
+                total_steps: Some(100),
+                metrics: [("loss".to_string(), 0.5), ("nan".to_string(), f64::NAN)].into_iter().collect(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn heartbeats_fill_in_jobs_and_nodes() {
+        let live = LiveView::default();
+        live.heartbeat(NodeId(3), hb(7, 42), 1234);
+        let mut job = v1::Job {
+            shards: vec![
+                v1::Shard { attempt_id: Some(7), ..Default::default() },
+                v1::Shard { attempt_id: Some(8), ..Default::default() },
+            ],
+            ..Default::default()
+        };
+        live.overlay_job(&mut job);
+        assert_eq!((job.shards[0].step, job.shards[0].total_steps), (42, Some(100)));
+        assert_eq!(job.shards[0].metrics.get("loss"), Some(&0.5));
+        assert!(!job.shards[0].metrics.contains_key("nan"), "non-finite metrics are dropped");
+        assert_eq!(job.shards[1].step, 0, "no report, nothing invented");
+        let mut node = v1::Node {
+            id: 3,
+            gpus: vec![v1::Gpu { index: 0, ..Default::default() }, v1::Gpu { index: 1, ..Default::default() }],
+            ..Default::default()
+        };
+        live.overlay_node(&mut node);
+        assert_eq!(node.last_heartbeat_unix_ms, 1234);
+        assert!(node.gpus[0].telemetry.is_none());
+        assert_eq!(node.gpus[1].telemetry.as_ref().and_then(|t| t.utilization_percent), Some(87));
+        live.clear();
+        let mut again =
+            v1::Job { shards: vec![v1::Shard { attempt_id: Some(7), ..Default::default() }], ..Default::default() };
+        live.overlay_job(&mut again);
+        assert_eq!(again.shards[0].step, 0);
+    }
+
+    #[test]
+    fn the_oldest_attempts_are_forgotten_first() {
+        let live = LiveView::default();
+        for a in 0..(MAX_ATTEMPTS as u64 + 10) {
+            live.heartbeat(NodeId(1), v1::Heartbeat { progress: hb(a, 1).progress, ..Default::default() }, 0);
+        }
+        let inner = live.inner.lock().unwrap();
+        assert_eq!(inner.progress.len(), MAX_ATTEMPTS);
+        assert_eq!(inner.progress.keys().next(), Some(&10));
+    }
+}
