@@ -3,4 +3,6 @@
 mod agent_e2e;
 mod agents;
 mod cli;
+mod cli_e2e;
 mod cluster;
+mod dev;

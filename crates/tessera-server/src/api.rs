@@ -840,16 +840,9 @@ impl v1::cluster_service_server::ClusterService for Cluster {
     }
 }
 
-/// CRC-32 (IEEE 802.3), as the snapshot header promises.
+/// CRC-32 (IEEE 802.3, as zlib computes it), as the snapshot header promises.
 pub fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for b in data {
-        crc ^= u32::from(*b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
-        }
-    }
-    !crc
+    crc32fast::hash(data)
 }
 
 /// `AgentService`: one bidirectional stream per agent, served by the leader.

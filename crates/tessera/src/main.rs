@@ -1,20 +1,21 @@
 //! The `tessera` binary: one executable for servers, agents, researchers and operators, like
-//! `nomad` or `consul`. Today it carries `server` and `spec check`; the agent, job, node and
-//! cluster subcommands arrive with their issues.
+//! `nomad` or `consul`: `server`, `agent`, `spec check`, `dev`, the client commands `job`,
+//! `node` and `cluster` (in [`cli`], which documents their JSON output), and `completions`.
 //!
 //! Exit codes scripts can rely on: 0 success, 1 an operation failed, 2 invalid input (a bad
-//! flag or an invalid spec).
+//! flag or an invalid spec), 3 not found (a job, node, GPU or server that does not exist).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
+mod cli;
 mod dev;
 
 /// Tessera: a multi-cloud GPU job scheduler.
 #[derive(Parser, Debug)]
-#[command(name = "tessera", version, about, long_about = None, propagate_version = true)]
+#[command(name = "tessera", version, about, long_about = None, propagate_version = true, after_help = cli::EXIT_CODES_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -32,6 +33,18 @@ enum Command {
     /// Run three servers and three agents with simulated GPUs in this process, for trying
     /// Tessera out (`--demo` also runs a job through an agent failure).
     Dev(dev::DevArgs),
+    /// Submit, list, inspect, follow, read the output of, and cancel jobs.
+    Job(cli::job::JobArgs),
+    /// List and inspect GPU nodes, drain and undrain them, return GPUs to service.
+    Node(cli::node::NodeArgs),
+    /// Inspect the scheduler servers, change membership, save a snapshot.
+    Cluster(cli::cluster::ClusterArgs),
+    /// Print a shell completion script: `tessera completions bash > /etc/bash_completion.d/tessera`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -160,6 +173,10 @@ fn main() -> ExitCode {
         Command::Agent(args) => agent(args),
         Command::Spec(SpecCommand::Check { file, output }) => spec_check(&file, output),
         Command::Dev(args) => dev::run(args),
+        Command::Job(args) => cli::run(cli::job::run(args)),
+        Command::Node(args) => cli::run(cli::node::run(args)),
+        Command::Cluster(args) => cli::run(cli::cluster::run(args)),
+        Command::Completions { shell } => cli::completions(shell, Cli::command()),
     }
 }
 
@@ -370,4 +387,14 @@ fn print_spec(s: &tessera_core::JobSpec) {
         "stop:           {}, {} s, SIGTERM, {} s, SIGKILL",
         s.stop.signal, s.stop.checkpoint_grace_secs, s.stop.term_grace_secs
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

@@ -1,0 +1,381 @@
+//! The client commands of the real `tessera` binary (`job`, `node`, `cluster`) against three real
+//! servers and an agent with simulated GPUs running the example trainer.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tessera_tests::{AgentProc, Cluster, free_port, tessera_bin, wait_for_leader, workspace_root};
+
+const T: Duration = Duration::from_secs(60);
+
+/// Run `tessera ARGS` with `env` set (and no TESSERA_SERVER from outside), killing it if it
+/// runs past `timeout`.
+fn run_env(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Output {
+    let mut cmd = Command::new(tessera_bin());
+    cmd.args(args).env_remove("TESSERA_SERVER").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("spawn tessera");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => out.expect("wait for tessera"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            let out = rx.recv().ok().and_then(Result::ok);
+            panic!(
+                "tessera {args:?} ran past {timeout:?}; stdout:\n{}",
+                out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+            );
+        }
+    }
+}
+
+fn run(args: &[&str]) -> Output {
+    run_env(args, &[], T)
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Run, insist on exit 0, and parse stdout as one JSON document.
+fn json(args: &[&str]) -> Value {
+    let out = run(args);
+    assert_eq!(out.status.code(), Some(0), "tessera {args:?}: {}{}", stdout(&out), stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("tessera {args:?}: {e}: {}", stdout(&out)))
+}
+
+/// Parse every line of stdout as JSON.
+fn json_lines(out: &Output) -> Vec<Value> {
+    stdout(out)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// Three servers with a leader, and an agent `gpu-a` with 8 simulated H100s. None, after saying
+/// so, where python3 is missing.
+fn cluster_with_agent() -> Option<(Cluster, String, AgentProc, String)> {
+    let python = Command::new("python3").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !python {
+        eprintln!("python3 not found: skipping");
+        return None;
+    }
+    let c = Cluster::start(3, &[]);
+    let addrs = c.running_addrs();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(wait_for_leader(&addrs, T)).unwrap_or_else(|| panic!("no leader\n{}", c.logs()));
+    let agent = AgentProc::start("gpu-a", &addrs, "8xH100-80GB", c.dir.path(), &[]);
+    let trainer = c.dir.path().join("trainer.py");
+    std::fs::copy(workspace_root().join("examples/trainer.py"), &trainer).expect("copy the example trainer");
+    let servers = addrs.join(",");
+    Some((c, servers, agent, trainer.display().to_string()))
+}
+
+/// Wait until `node list` shows the agent's node.
+fn wait_for_node(servers: &str, agent: &AgentProc) -> Value {
+    let deadline = Instant::now() + T;
+    loop {
+        let v = json(&["node", "list", "-o", "json", "--server", servers]);
+        if let Some(n) = v["nodes"].as_array().and_then(|n| n.first()) {
+            return n.clone();
+        }
+        assert!(Instant::now() < deadline, "the agent never registered\n{}", agent.log_tail());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Poll `job status -o json` until `f` holds.
+fn wait_job(servers: &str, id: u64, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + T;
+    loop {
+        let j = json(&["job", "status", &id.to_string(), "-o", "json", "--server", servers]);
+        if f(&j) {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "job {id} never reached: {what}; last {j}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A spec file running the trainer for `steps` steps, with no retries and a short stop ladder.
+fn trainer_spec(dir: &Path, file: &str, name: &str, trainer: &str, steps: u32) -> String {
+    let path = dir.join(file);
+    let spec = format!(
+        "name = \"{name}\"\n\
+         command = [\"python3\", \"{trainer}\", \"--steps\", \"{steps}\", \"--step-seconds\", \"0.05\", \"--checkpoint-every\", \"5\"]\n\
+         \n\
+         [resources]\n\
+         gpus = 1\n\
+         \n\
+         [retry]\n\
+         max_attempts = 1\n\
+         \n\
+         [stop]\n\
+         checkpoint_grace = \"1s\"\n\
+         term_grace = \"1s\"\n"
+    );
+    std::fs::write(&path, spec).expect("write spec");
+    path.display().to_string()
+}
+
+fn job_id(v: &Value) -> u64 {
+    v["job_id"].as_u64().unwrap_or_else(|| panic!("no job_id in {v}"))
+}
+
+#[test]
+fn jobs_are_submitted_watched_and_their_output_read() {
+    let Some((c, servers, _agent, trainer)) = cluster_with_agent() else { return };
+    let s = servers.as_str();
+    let dir = c.dir.path();
+
+    // A spec file: submit, watch to success, status and logs.
+    let spec = trainer_spec(dir, "train.toml", "cli-train", &trainer, 20);
+    let id = job_id(&json(&["job", "submit", &spec, "-o", "json", "--server", s]));
+    let ids = id.to_string();
+    let watched = run(&["job", "watch", &ids, "--server", s]);
+    let text = stdout(&watched);
+    assert_eq!(watched.status.code(), Some(0), "{text}{}\n{}", stderr(&watched), c.logs());
+    assert!(text.contains(&format!("job {id}: succeeded")), "{text}");
+    // Watching starts while the job runs, but a slow start may first see it finished.
+    assert!(text.contains("shard 0: ") && text.contains(" on gpu-a (none/local), attempt 1"), "{text}");
+    let j = json(&["job", "status", &ids, "-o", "json", "--server", s]);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["name"], "cli-train");
+    assert_eq!(j["num_shards"], 1);
+    assert_eq!(j["shards"][0]["node"], "gpu-a", "{j}");
+    assert_eq!(j["shards"][0]["attempt"], 1, "{j}");
+    assert_eq!(j["shards"][0]["last_checkpoint"]["step"], 20, "{j}");
+    let table = stdout(&run(&["job", "status", &ids, "--server", s]));
+    assert!(table.contains("succeeded") && table.contains("gpu-a") && table.contains("step 20"), "{table}");
+    let logs = run(&["job", "logs", &ids, "--server", s]);
+    let text = stdout(&logs);
+    assert_eq!(logs.status.code(), Some(0), "{}", stderr(&logs));
+    assert!(text.contains("step 20/20") && text.contains("done at step 20"), "{text}");
+    let chunks = json_lines(&run(&["job", "logs", &ids, "--shard", "0", "-o", "json", "--server", s]));
+    assert!(chunks.iter().any(|c| c["stream"] == "stdout" && c["data"].as_str().unwrap_or("").contains("done at")));
+    let bad_shard = run(&["job", "logs", &ids, "--shard", "3", "--server", s]);
+    assert_eq!(bad_shard.status.code(), Some(3), "{}", stderr(&bad_shard));
+
+    // The one-line form, followed to the end with --watch: JSON lines, the last one final.
+    let out = run(&[
+        "job",
+        "submit",
+        "-o",
+        "json",
+        "--watch",
+        "--server",
+        s,
+        "--name",
+        "oneline",
+        "--gpus",
+        "2",
+        "--gpu-model",
+        "H100",
+        "--cloud",
+        "none",
+        "--priority",
+        "high",
+        "--",
+        "python3",
+        &trainer,
+        "--steps",
+        "5",
+        "--step-seconds",
+        "0.05",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    let lines = json_lines(&out);
+    let one = job_id(&lines[0]);
+    let last = lines.last().expect("watch lines");
+    assert_eq!(last["id"], one);
+    assert_eq!(last["state"], "succeeded", "{last}");
+    assert_eq!((last["name"].as_str(), last["priority"].as_u64()), (Some("oneline"), Some(750)));
+    assert_eq!((last["gpus_per_shard"].as_u64(), last["gpu_model"].as_str()), (Some(2), Some("H100")));
+    assert_eq!(last["shards"][0]["gpus"].as_array().map(Vec::len), Some(2), "{last}");
+
+    // A command that exits 1 with no retries: watch exits 1.
+    let failing = dir.join("fail.toml");
+    std::fs::write(
+        &failing,
+        "name = \"fails\"\ncommand = [\"python3\", \"-c\", \"import sys; print('about to fail'); sys.exit(1)\"]\n\
+         [retry]\nmax_attempts = 1\n",
+    )
+    .unwrap();
+    let out = run(&["job", "submit", "--watch", failing.to_str().unwrap(), "--server", s]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}{}", stderr(&out));
+    assert!(text.contains("submitted") && text.contains(": failed"), "{text}");
+    let failed_id: u64 =
+        text.split_whitespace().nth(1).and_then(|w| w.parse().ok()).unwrap_or_else(|| panic!("no job id in {text}"));
+    let again = run(&["job", "watch", &failed_id.to_string(), "-o", "json", "--server", s]);
+    assert_eq!(again.status.code(), Some(1));
+    assert_eq!(json_lines(&again).last().map(|j| j["state"].clone()), Some(Value::from("failed")));
+
+    // list hides finished jobs unless --all.
+    let live = json(&["job", "list", "-o", "json", "--server", s]);
+    assert_eq!(live["jobs"].as_array().map(Vec::len), Some(0), "{live}");
+    let all = json(&["job", "list", "--all", "-o", "json", "--server", s]);
+    let states: Vec<(u64, String)> = all["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| (j["id"].as_u64().unwrap(), j["state"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(
+        states,
+        vec![(id, "succeeded".into()), (one, "succeeded".into()), (failed_id, "failed".into())],
+        "{all}"
+    );
+    let table = stdout(&run(&["job", "list", "--all", "--server", s]));
+    assert!(table.contains("ID") && table.contains("oneline") && table.contains("high (750)"), "{table}");
+}
+
+#[test]
+fn operators_see_the_cluster_and_nodes_and_cancel_jobs() {
+    let Some((c, servers, agent, trainer)) = cluster_with_agent() else { return };
+    let s = servers.as_str();
+
+    // cluster status: three members, one leader, each with its indexes.
+    let st = json(&["cluster", "status", "-o", "json", "--server", s]);
+    let members = st["members"].as_array().expect("members");
+    assert_eq!(members.len(), 3, "{st}");
+    let leader = st["leader_id"].as_u64().expect("a leader");
+    let leaders: Vec<u64> =
+        members.iter().filter(|m| m["role"] == "leader").map(|m| m["id"].as_u64().unwrap()).collect();
+    assert_eq!(leaders, vec![leader], "{st}");
+    assert!(members.iter().all(|m| m["reachable"] == true && m["applied_index"].as_u64() > Some(0)), "{st}");
+    assert!(members.iter().all(|m| m["kind"] == "voter" && m["term"].as_u64() > Some(0)), "{st}");
+    let table = stdout(&run(&["cluster", "status", "--server", s]));
+    assert!(table.contains(&format!("leader: server {leader}")) && table.contains("follower"), "{table}");
+
+    // node list and show: the agent's eight simulated GPUs.
+    let n = wait_for_node(s, &agent);
+    assert_eq!(n["name"], "gpu-a");
+    assert_eq!((n["gpus_total"].as_u64(), n["gpus_free"].as_u64()), (Some(8), Some(8)), "{n}");
+    assert_eq!(n["simulated"], true);
+    let gpus = n["gpus"].as_array().expect("gpus");
+    assert_eq!(gpus.len(), 8);
+    assert!(gpus.iter().all(|g| g["model"].as_str().unwrap_or("").contains("H100") && g["healthy"] == true), "{n}");
+    let show = run(&["node", "show", "gpu-a", "--server", s]);
+    let text = stdout(&show);
+    assert_eq!(show.status.code(), Some(0), "{}", stderr(&show));
+    assert!(text.contains("8 in all, 8 free") && text.matches("healthy").count() >= 8, "{text}");
+    let table = stdout(&run(&["node", "list", "--server", s]));
+    assert!(table.contains("gpu-a") && table.contains("8x") && table.contains("ready"), "{table}");
+    let missing = run(&["node", "show", "no-such-node", "--server", s]);
+    assert_eq!(missing.status.code(), Some(3));
+    assert_eq!(stderr(&missing).trim(), "error: node no-such-node not found");
+
+    // drain and undrain.
+    let d = json(&["node", "drain", "gpu-a", "--deadline", "1h", "-o", "json", "--server", s]);
+    assert_eq!((d["state"].as_str(), d["drain_reason"].as_str()), (Some("draining"), Some("operator")), "{d}");
+    assert!(d["drain_deadline_unix_ms"].as_u64().is_some(), "{d}");
+    let u = json(&["node", "undrain", "gpu-a", "-o", "json", "--server", s]);
+    assert_eq!(u["state"], "ready", "{u}");
+    let again = run(&["node", "undrain", "gpu-a", "--server", s]);
+    assert_eq!(again.status.code(), Some(1), "undraining a ready node is refused: {}", stderr(&again));
+    assert!(!stderr(&again).contains("Status {"), "{}", stderr(&again));
+
+    // cancel a running job; its status then says cancelled.
+    let spec = trainer_spec(c.dir.path(), "long.toml", "long", &trainer, 2000);
+    let id = job_id(&json(&["job", "submit", &spec, "-o", "json", "--server", s]));
+    let ids = id.to_string();
+    wait_job(s, id, "running", |j| j["shards"][0]["state"] == "running");
+    let cancel = json(&["job", "cancel", &ids, "-o", "json", "--server", s]);
+    assert_eq!((cancel["job_id"].as_u64(), cancel["already_finished"].as_bool()), (Some(id), Some(false)));
+    let j = wait_job(s, id, "cancelled", |j| j["state"] == "cancelled");
+    assert_eq!(j["shards"][0]["state"], "cancelled", "{j}");
+    let twice = json(&["job", "cancel", &ids, "-o", "json", "--server", s]);
+    assert_eq!((twice["state"].as_str(), twice["already_finished"].as_bool()), (Some("cancelled"), Some(true)));
+    let watched = run(&["job", "watch", &ids, "--server", s]);
+    assert_eq!(watched.status.code(), Some(1), "a cancelled job's watch exits 1");
+    assert!(stdout(&watched).contains(&format!("job {id}: cancelled")), "{}", stdout(&watched));
+
+    // An unknown job id: a clear message and exit 3.
+    let unknown = run(&["job", "status", "999999", "--server", s]);
+    assert_eq!(unknown.status.code(), Some(3));
+    assert_eq!(stderr(&unknown).trim(), "error: job 999999 not found");
+
+    // A dead first address: the next one answers, from the flag and from TESSERA_SERVER.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let first_live = s.split(',').next().unwrap();
+    let both = format!("{dead},{first_live}");
+    let st = json(&["cluster", "status", "-o", "json", "--server", &both]);
+    assert_eq!(st["members"].as_array().map(Vec::len), Some(3));
+    let out = run_env(&["job", "list", "--all", "-o", "json"], &[("TESSERA_SERVER", &both)], T);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed["jobs"][0]["id"], id);
+    let repeated = json(&["job", "status", &ids, "-o", "json", "--server", &dead, "--server", first_live]);
+    assert_eq!(repeated["id"], id);
+
+    // A snapshot, verified and saved whole.
+    let file = c.dir.path().join("backup.snap");
+    let snap = json(&["cluster", "snapshot", "save", file.to_str().unwrap(), "-o", "json", "--server", s]);
+    let data = std::fs::read(&file).expect("the snapshot file");
+    assert_eq!(Some(data.len() as u64), snap["size_bytes"].as_u64(), "{snap}");
+    assert_eq!(Some(u64::from(crc32fast::hash(&data))), snap["crc32"].as_u64(), "{snap}");
+    assert!(snap["index"].as_u64() > Some(0) && snap["term"].as_u64() > Some(0), "{snap}");
+    assert!(!c.dir.path().join("backup.snap.tmp").exists());
+}
+
+#[test]
+fn bad_input_and_unreachable_servers_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = format!("127.0.0.1:{}", free_port());
+    // An invalid spec is refused before any server is asked: field, line, exit 2.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "command = [\"python3\", \"t.py\"]\nshards = 2\n\n[placement]\nspot = \"sometimes\"\n")
+        .unwrap();
+    let out = run(&["job", "submit", bad.to_str().unwrap(), "--server", &dead]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("line 5") && err.contains("placement.spot") && err.contains("bad.toml"), "{err}");
+    // The one-line form names the flag.
+    let out = run(&["job", "submit", "--gpus", "0", "--cloud", "gcp", "--server", &dead, "--", "python3", "t.py"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("--gpus") && err.contains("--cloud") && err.contains("gcp"), "{err}");
+    // Nothing to run at all, a spec file and a command at once, a job id of 0: exit 2.
+    for args in [
+        vec!["job", "submit", "--server", &dead],
+        vec!["job", "submit", bad.to_str().unwrap(), "--server", &dead, "--", "python3"],
+        vec!["job", "status", "0", "--server", &dead],
+        vec!["job", "list", "--server", "not an address"],
+    ] {
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+    }
+    // No server answers: which ones, and why.
+    let other = format!("127.0.0.1:{}", free_port());
+    let out = run(&["job", "list", "--server", &format!("{dead},{other}")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out).trim(),
+        format!("error: could not reach any server: {dead} (connection refused), {other} (connection refused)")
+    );
+    // Help documents the exit codes; completions are generated.
+    let help = stdout(&run(&["job", "--help"]));
+    assert!(help.contains("Exit codes") && help.contains("3 not found"), "{help}");
+    let status_help = stdout(&run(&["job", "status", "--help"]));
+    assert!(status_help.contains("\"latest_checkpoint\""), "{status_help}");
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(&["completions", shell]);
+        assert_eq!(out.status.code(), Some(0));
+        let script = stdout(&out);
+        assert!(script.contains("tessera") && script.contains("snapshot"), "{shell}: {script}");
+    }
+}
