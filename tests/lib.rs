@@ -118,6 +118,11 @@ impl Proc {
         }
     }
 
+    /// Its whole log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
+    }
+
     /// Its log so far (for failure messages).
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default();

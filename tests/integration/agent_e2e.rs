@@ -7,6 +7,12 @@ use tessera_tests::{AgentProc, Cluster, channel, wait_for_leader, workspace_root
 
 const T: Duration = Duration::from_secs(30);
 
+/// Print one recovery time, for `benches/scripts/recovery.sh`, which runs these tests several
+/// times and reports the medians (docs/failure-handling.md).
+fn recovery(scenario: &str, took: Duration) {
+    eprintln!("RECOVERY {scenario} {}", took.as_millis());
+}
+
 /// Kills every process whose command line mentions `pattern` when dropped (shards of a
 /// kill -9'd agent outlive it, as they would on a real host).
 struct Reaper(String);
@@ -159,8 +165,14 @@ async fn a_killed_agent_s_shard_resumes_elsewhere_from_its_checkpoint() {
         j.shards[0].attempt == 2 && j.shards[0].state == v1::ShardState::Running as i32
     })
     .await;
-    eprintln!("agent kill -9 -> shard running elsewhere: {:?}", killed.elapsed());
+    recovery("agent-killed", killed.elapsed());
     assert_ne!(moved.shards[0].node_id, j.shards[0].node_id);
+    // The killed agent's shard may outlive it, as on a host where only the agent died (it dies
+    // at its next write to the agent's pipes). The agent comes back, as systemd restarts it,
+    // and kills whatever is left before anything else: no shard runs twice.
+    a.restart();
+    registered(&addrs[0], "gpu-a", &a).await;
+    assert_invariants(&addrs, &[id], &tr).await;
     let done = wait_until(&addrs, id, "succeeded", |j| j.state == v1::JobState::Succeeded as i32).await;
     assert!(done.shards[0].last_checkpoint.as_ref().unwrap().step >= before);
     // The resumed attempt started from the checkpoint, not from step 0.
@@ -195,7 +207,27 @@ async fn shards_keep_running_through_a_leader_change() {
     let id = submit(&addrs, train_job(&tr, 120, 0.05)).await;
     let j = wait_until(&addrs, id, "running", running).await;
     c.servers.get_mut(&leader).unwrap().kill();
+    let killed = Instant::now();
     let rest = c.running_addrs();
+    // A client's view: the first write acknowledged after the kill (1 s per try, then the next
+    // server; the idempotency key makes retrying safe).
+    let probe = loop {
+        let mut acked = None;
+        for a in &rest {
+            let mut jobs = v1::job_service_client::JobServiceClient::new(channel(a));
+            let mut req = train_job(&tr, 1, 0.01);
+            req.idempotency_key = "after-the-leader-died".into();
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), jobs.submit_job(req)).await {
+                acked = Some(r.into_inner().job_id);
+                break;
+            }
+        }
+        if let Some(id) = acked {
+            break id;
+        }
+        assert!(killed.elapsed() < T, "no write was acknowledged after the leader died\n{}", c.logs());
+    };
+    recovery("leader-killed", killed.elapsed());
     let done = wait_until(&rest, id, "succeeded", |j| j.state == v1::JobState::Succeeded as i32).await;
     assert_eq!(
         done.shards[0].attempt_id,
@@ -204,6 +236,7 @@ async fn shards_keep_running_through_a_leader_change() {
         a.log_tail(),
         c.logs()
     );
+    assert_invariants(&rest, &[id, probe], &tr).await;
 }
 
 async fn http_get(addr: &str, path: &str) -> String {
@@ -259,13 +292,16 @@ async fn an_xid_on_a_simulated_gpu_moves_the_shard_off_it_until_cleared() {
     assert_eq!(first.shards[0].gpus, vec![0]);
     let reply = http_get(&a.http, "/simulate/xid?gpu=0&xid=79").await;
     assert!(reply.contains("injected"), "{reply}");
+    let xid = Instant::now();
     let moved =
         // The new attempt lands on the same node, and its agent must actually start it.
         wait_until(&addrs, id, "attempt 2 running on GPU 1", |j| {
             j.shards[0].attempt == 2 && j.shards[0].gpus == vec![1] && j.shards[0].state == v1::ShardState::Running as i32
         })
         .await;
+    recovery("gpu-xid", xid.elapsed());
     assert_eq!(moved.shards[0].node_id, first.shards[0].node_id, "same node, healthy GPU");
+    assert_invariants(&addrs, &[id], &tr).await;
     let node = get_node(&addrs[0], "gpu-a").await.expect("node");
     let health = node.gpus[0].health.clone().unwrap_or_default();
     assert!(!health.healthy && health.reason.contains("XID 79"), "{health:?}");
@@ -431,11 +467,14 @@ async fn aws_metadata_places_the_node_and_a_spot_notice_moves_its_shard() {
     assert_eq!(first.shards[0].node_name, "gpu-spot");
     // AWS posts the two-minute warning.
     fake.post_instance_action("terminate", &rfc3339_in(120));
+    let noticed = Instant::now();
     let moved = wait_until(&addrs, id, "moved to the on-demand node", |j| {
         j.shards[0].attempt == 2 && j.shards[0].state == v1::ShardState::Running as i32
     })
     .await;
+    recovery("spot-notice", noticed.elapsed());
     assert_eq!(moved.shards[0].node_name, "gpu-ondemand");
+    assert_invariants(&addrs, &[id], &tr).await;
     assert_eq!(get_node(&addrs[0], "gpu-spot").await.unwrap().state, v1::NodeState::Draining as i32);
     let out = std::fs::read_to_string(
         c.dir
@@ -676,6 +715,9 @@ async fn a_higher_priority_job_preempts_the_one_that_loses_least_and_the_victim_
     wait_until(&addrs, dear, "running", running).await;
     // A high-priority job arrives on the full node.
     let urgent = submit(&addrs, with_priority(train_job(&tr, 20, 0.05), 750)).await;
+    let arrived = Instant::now();
+    wait_until(&addrs, urgent, "the urgent job running", running).await;
+    recovery("preemption", arrived.elapsed());
     let stopped = wait_until(&addrs, cheap, "preempted", |j| {
         j.shards[0].stop_reason == v1::StopReason::Preempt as i32 || j.shards[0].attempt >= 2
     })
@@ -717,10 +759,12 @@ async fn a_drain_moves_long_shards_from_their_checkpoint_and_lets_short_ones_fin
         })
         .await
         .expect("drain");
+    let drained = Instant::now();
     let moved = wait_until(&addrs, long, "moved to gpu-b", |j| {
         j.shards[0].node_name == "gpu-b" && j.shards[0].state == v1::ShardState::Running as i32
     })
     .await;
+    recovery("drain", drained.elapsed());
     assert_eq!(moved.shards[0].attempt, 2);
     let done_short = wait_until(&addrs, short, "succeeded", |j| j.state == v1::JobState::Succeeded as i32).await;
     assert_eq!(
@@ -737,4 +781,152 @@ async fn a_drain_moves_long_shards_from_their_checkpoint_and_lets_short_ones_fin
     let late = wait_until(&addrs, late, "succeeded", |j| j.state == v1::JobState::Succeeded as i32).await;
     assert_eq!(late.shards[0].node_name, "gpu-b");
     assert_invariants(&addrs, &[long, short], &tr).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failed_rank_restarts_its_gang_in_place_from_the_checkpoint() {
+    let Some((c, addrs, tr, _reaper)) = cluster_with_trainer().await else { return };
+    let _a = AgentProc::start("gpu-a", &addrs, "1xH100-80GB", c.dir.path(), &[]);
+    let _b = AgentProc::start("gpu-b", &addrs, "1xH100-80GB", c.dir.path(), &[]);
+    let mut req = train_job(&tr, 200, 0.05);
+    if let Some(s) = req.spec.as_mut() {
+        s.shards = 2;
+        s.retry = Some(v1::RetryPolicy { max_attempts: 3, backoff_seconds: Some(0), never_retry_exit_codes: vec![] });
+    }
+    let id = submit(&addrs, req).await;
+    let before = wait_until(&addrs, id, "both ranks checkpointed", |j| {
+        j.shards.iter().all(|s| s.last_checkpoint.as_ref().is_some_and(|c| c.step >= 10))
+    })
+    .await;
+    // Rank 1 crashes (nothing wrong with its node): the gang restarts, every rank where it was.
+    for pid in pids_with(&tr, "TESSERA_SHARD_INDEX=1") {
+        let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    let crashed = Instant::now();
+    let again = wait_until(&addrs, id, "both ranks running again", |j| {
+        j.shards.iter().all(|s| s.attempt == 2 && s.state == v1::ShardState::Running as i32)
+    })
+    .await;
+    recovery("rank-failed", crashed.elapsed());
+    for (b, a) in before.shards.iter().zip(&again.shards) {
+        assert_eq!((&a.node_name, &a.gpus), (&b.node_name, &b.gpus), "rank {} moved", a.index);
+    }
+    assert_eq!(again.failures, 1, "a crash of the job's own code uses one retry");
+    let done = wait_until(&addrs, id, "succeeded", |j| j.state == v1::JobState::Succeeded as i32).await;
+    for s in &done.shards {
+        assert!(attempt_log(&c, s, id).contains("resuming from step"), "rank {} did not resume", s.index);
+    }
+    assert_invariants(&addrs, &[id], &tr).await;
+}
+
+/// A TCP proxy on 127.0.0.1 that can cut the traffic both ways without closing anything, as a
+/// network partition does (no FIN, no reset), and heal it.
+struct Partition {
+    addr: String,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Partition {
+    async fn to(target: String) -> Partition {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+        let addr = listener.local_addr().expect("proxy address").to_string();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let c = cut.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else { continue };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(Self::pipe(cr, sw, c.clone()));
+                tokio::spawn(Self::pipe(sr, cw, c.clone()));
+            }
+        });
+        Partition { addr, cut, task }
+    }
+
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            // While cut, bytes vanish: the sockets stay open and nobody is told.
+            if !cut.load(std::sync::atomic::Ordering::SeqCst) && to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn set(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cut_off_without_a_fin_stops_its_shard_before_it_runs_elsewhere() {
+    let Some((c, addrs, tr, _reaper)) = cluster_with_trainer().await else { return };
+    let leader = wait_for_leader(&addrs, T).await.expect("leader");
+    let net = Partition::to(c.servers[&leader].addr.clone()).await;
+    let a = AgentProc::start("gpu-a", std::slice::from_ref(&net.addr), "1xH100-80GB", c.dir.path(), &[]);
+    let id = submit(&addrs, train_job(&tr, 300, 0.05)).await;
+    wait_until(&addrs, id, "a checkpoint on gpu-a", |j| {
+        j.shards[0].node_name == "gpu-a" && j.shards[0].last_checkpoint.as_ref().is_some_and(|c| c.step >= 10)
+    })
+    .await;
+    let _b = AgentProc::start("gpu-b", &addrs, "1xH100-80GB", c.dir.path(), &[]);
+    registered(&addrs[0], "gpu-b", &a).await;
+
+    net.set(true);
+    let cut = Instant::now();
+    // Watch both copies: the old attempt's process must be gone before the new one runs.
+    let (mut old_gone, mut moved) = (None, None);
+    let deadline = cut + T;
+    while moved.is_none() {
+        if old_gone.is_none() && pids_with(&tr, "TESSERA_ATTEMPT=1").is_empty() {
+            old_gone = Some(cut.elapsed());
+        }
+        if job(&addrs, id).await.is_some_and(|j| j.shards[0].attempt == 2 && running(&j)) {
+            moved = Some(cut.elapsed());
+        }
+        assert!(Instant::now() < deadline, "the shard never moved\n{}", a.log_tail());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (old_gone, moved) = (old_gone.unwrap_or(Duration::MAX), moved.unwrap_or_default());
+    recovery("agent-cut-off", moved);
+    assert!(old_gone <= moved, "attempt 2 ran at {moved:?}, attempt 1 stopped at {old_gone:?}\n{}", a.log_tail());
+    assert!(moved >= Duration::from_secs(3), "moved after {moved:?}, before the agent's fence timeout");
+    assert_eq!(get_node(&addrs[0], "gpu-a").await.expect("gpu-a").state, v1::NodeState::Down as i32);
+
+    // The partition heals: the agent registers again, and is told to forget the attempt it had
+    // already stopped.
+    net.set(false);
+    let deadline = Instant::now() + T;
+    while get_node(&addrs[0], "gpu-a").await.is_none_or(|n| n.state != v1::NodeState::Ready as i32) {
+        assert!(Instant::now() < deadline, "gpu-a never came back\n{}", a.log_tail());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + T;
+    while !a.log().contains("forgetting attempts") {
+        assert!(Instant::now() < deadline, "gpu-a was not told to forget its attempt\n{}", a.log_tail());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        a.log_tail().contains("killing every shard")
+            || http_get(&a.http, "/metrics").await.contains("tessera_agent_fenced_total 1")
+    );
+    wait_until(&addrs, id, "succeeded", |j| j.state == v1::JobState::Succeeded as i32).await;
+    assert_invariants(&addrs, &[id], &tr).await;
 }

@@ -4,10 +4,10 @@
 //! twice. Reports (starts, exits, checkpoints, GPU health) are kept until acknowledged and sent
 //! again after a reconnect.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tessera_proto::v1;
@@ -116,10 +116,11 @@ pub struct Agent {
     finished: BTreeMap<u64, (u64, u32)>,
     /// Last progress of attempts that exited since the previous heartbeat (sent with it once).
     final_progress: Vec<v1::AttemptProgress>,
+    /// The self-fencing watchdog's view: last acknowledgement, fence timeout, running shards.
+    fencer: Arc<Fencer>,
     /// Attempt ids this agent has started (recent ones): an attempt never runs twice here.
     ran: VecDeque<u64>,
     /// The acknowledgement after which the agent last fenced itself (once per silence).
-    fenced_after: Option<Instant>,
     /// What the metrics endpoint shows.
     pub metrics: Arc<AgentMetrics>,
 }
@@ -263,6 +264,77 @@ fn host_memory_mib() -> u64 {
         .map_or(0, |kb| kb / 1024)
 }
 
+/// Self-fencing, apart from the session loop: a watchdog task checks it every 50 ms, so no wait
+/// in the loop (a slow connect to a partitioned server, a stream that does not drain) can delay
+/// the fence past the servers' node-down timeout.
+struct Fencer {
+    inner: Mutex<FenceState>,
+}
+
+struct FenceState {
+    last_ack: Instant,
+    timeout: Duration,
+    /// The acknowledgement after which the agent last fenced itself (once per silence).
+    fenced_after: Option<Instant>,
+    running: BTreeMap<u64, Arc<Shard>>,
+    /// Attempts killed by the fence: their exit is the node's fault, not the job's.
+    fenced: BTreeSet<u64>,
+}
+
+impl Fencer {
+    fn new() -> Fencer {
+        Fencer {
+            inner: Mutex::new(FenceState {
+                last_ack: Instant::now(),
+                timeout: Duration::from_secs(3),
+                fenced_after: None,
+                running: BTreeMap::new(),
+                fenced: BTreeSet::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FenceState> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn acked(&self, timeout: Duration) {
+        let mut s = self.lock();
+        s.last_ack = Instant::now();
+        s.timeout = timeout;
+    }
+
+    fn watch(&self, attempt: u64, shard: Arc<Shard>) {
+        self.lock().running.insert(attempt, shard);
+    }
+
+    /// Stop watching an attempt (it exited or was forgotten); true if the fence killed it.
+    fn forget(&self, attempt: u64) -> bool {
+        let mut s = self.lock();
+        s.running.remove(&attempt);
+        s.fenced.remove(&attempt)
+    }
+
+    /// Kill every shard when nothing was acknowledged for the fence timeout.
+    fn check(&self, metrics: &AgentMetrics) {
+        let mut s = self.lock();
+        if s.running.is_empty() || s.last_ack.elapsed() < s.timeout || s.fenced_after == Some(s.last_ack) {
+            return;
+        }
+        s.fenced_after = Some(s.last_ack);
+        tracing::warn!(running = s.running.len(), "no leader reachable for the fence timeout: killing every shard");
+        metrics.fenced.fetch_add(1, Ordering::Relaxed);
+        // The leader may place these shards elsewhere once its node-down timeout (just after
+        // the fence) passes: there is no time for a checkpoint ladder. Their exits are reported
+        // once reconnected.
+        let ids: Vec<u64> = s.running.keys().copied().collect();
+        for (_, shard) in std::mem::take(&mut s.running) {
+            shard.kill_now();
+        }
+        s.fenced.extend(ids);
+    }
+}
+
 /// One attempt's progress as the heartbeat carries it.
 fn attempt_progress(attempt: u64, p: &crate::shard::Progress) -> v1::AttemptProgress {
     v1::AttemptProgress {
@@ -323,9 +395,9 @@ impl Agent {
             exit_rx,
             fault_tx,
             fault_rx,
-            fenced_after: None,
             finished: BTreeMap::new(),
             final_progress: Vec::new(),
+            fencer: Arc::new(Fencer::new()),
             ran: VecDeque::new(),
             notice_tx,
             notice_rx,
@@ -370,6 +442,13 @@ impl Agent {
     /// Run until `shutdown` fires; then stop every shard.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let (fencer, metrics) = (self.fencer.clone(), self.metrics.clone());
+        let watchdog = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                fencer.check(&metrics);
+            }
+        });
         let mut next = 0usize;
         let mut redirect: Option<String> = None;
         let mut backoff = BASE_BACKOFF;
@@ -417,6 +496,7 @@ impl Agent {
             }
             first = false;
         }
+        watchdog.abort();
         tracing::info!("agent stopping: stopping every shard");
         let shards: Vec<Arc<Shard>> = self.running.values().map(|r| r.shard.clone()).collect();
         for s in shards {
@@ -461,7 +541,18 @@ impl Agent {
                 (None, Some(s)) => Some(v1::shard_exited::Termination::Signal(s)),
                 _ => None,
             };
-            self.queue(In::ShardExited(v1::ShardExited { attempt_id: attempt, termination, ..Default::default() }));
+            let fenced = self.fencer.forget(attempt);
+            self.queue(In::ShardExited(v1::ShardExited {
+                attempt_id: attempt,
+                termination,
+                node_fault: fenced,
+                message: if fenced {
+                    "stopped by the agent: no leader answered for the fence timeout".into()
+                } else {
+                    String::new()
+                },
+                ..Default::default()
+            }));
         }
     }
 
@@ -479,19 +570,8 @@ impl Agent {
         }
     }
 
-    async fn fence_if_overdue(&mut self, last_ack: Instant, fence: Duration) {
-        if self.running.is_empty() || last_ack.elapsed() < fence || self.fenced_after == Some(last_ack) {
-            return;
-        }
-        self.fenced_after = Some(last_ack);
-        tracing::warn!(running = self.running.len(), "no leader reachable for the fence timeout: killing every shard");
-        self.metrics.fenced.fetch_add(1, Ordering::Relaxed);
-        // The leader may place these shards elsewhere once its node-down timeout (just after
-        // the fence) passes: there is no time for a checkpoint ladder. Their exits are reported
-        // once reconnected.
-        for r in self.running.values() {
-            r.shard.kill_now();
-        }
+    async fn fence_if_overdue(&mut self, _last_ack: Instant, _fence: Duration) {
+        self.fencer.check(&self.metrics);
     }
 
     async fn session(&mut self, addr: &str, last_ack: &mut Instant, fence: &mut Duration, first: bool) -> SessionEnd {
@@ -537,6 +617,7 @@ impl Agent {
             Ok(Some(v1::ServerMessage { payload: Some(Out::Registered(r)) })) => {
                 *fence = Duration::from_millis(r.fence_timeout_ms.max(1000));
                 *last_ack = Instant::now();
+                self.fencer.acked(*fence);
                 tracing::info!(%addr, node = r.node_id, leader = r.leader_id, "registered");
                 Duration::from_millis(r.heartbeat_interval_ms.max(100))
             }
@@ -615,6 +696,7 @@ impl Agent {
                     match m.payload {
                         Some(Out::Ack(a)) => {
                             *last_ack = Instant::now();
+                            self.fencer.acked(*fence);
                             if a.rejected {
                                 tracing::debug!(seq = a.seq, reason = %a.reason, "report refused");
                             }
@@ -638,6 +720,7 @@ impl Agent {
                         Some(Out::ForgetAttempts(f)) => {
                             // The scheduler no longer runs these here (they may run elsewhere):
                             // kill at once, and report nothing more about them.
+                            tracing::info!(attempts = ?f.attempt_ids, reason = %f.reason, "forgetting attempts");
                             for id in f.attempt_ids {
                                 if let Some(r) = self.running.remove(&id) {
                                     for g in &r.gpus {
@@ -646,6 +729,7 @@ impl Agent {
                                     r.shard.kill_now();
                                 }
                                 self.finished.remove(&id);
+                                self.fencer.forget(id);
                                 self.outbox.retain(|(_, p)| report_attempt(p) != Some(id));
                             }
                         }
@@ -722,6 +806,7 @@ impl Agent {
                     pid: shard.pid(),
                     ..Default::default()
                 }));
+                self.fencer.watch(a.attempt_id, shard.clone());
                 self.running.insert(
                     a.attempt_id,
                     Running {

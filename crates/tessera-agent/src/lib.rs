@@ -104,6 +104,11 @@ pub async fn run(
     }
     std::fs::create_dir_all(&cfg.work_dir)
         .map_err(|e| AgentError::Config { field: "work_dir", message: format!("{}: {e}", cfg.work_dir.display()) })?;
+    // Shards of an earlier agent on this host are unknown to this one: none may run twice.
+    let leftovers = shard::kill_leftovers(&cfg.work_dir);
+    if leftovers > 0 {
+        tracing::warn!(leftovers, "killed the shards an earlier agent left running");
+    }
     let gpus = match gpu::open(simulate_gpus.as_deref(), &cfg.name) {
         Ok(g) => g,
         Err(gpu::GpuError::NoDriver(why)) => {

@@ -302,6 +302,11 @@ impl Shard {
         };
         let pid = Pid::from_raw(raw_pid as i32);
         span.in_scope(|| tracing::info!(pid = raw_pid, workdir = %workdir.display(), ?program, "shard started"));
+        // So that an agent restarted after a crash finds and kills what this one left running.
+        let pid_file = workdir.join(PID_FILE);
+        if let Err(e) = std::fs::write(&pid_file, raw_pid.to_string()) {
+            span.in_scope(|| tracing::warn!(error = %e, "cannot write the shard's pid file"));
+        }
 
         let mut copiers = Vec::new();
         if let Some(out) = child.stdout.take() {
@@ -335,6 +340,7 @@ impl Shard {
                 leader_tx.send_replace(Some(info));
                 // Whatever is left of the group goes with its leader.
                 signal_group(pid, Signal::SIGKILL);
+                let _ = std::fs::remove_file(&pid_file);
                 let finish = async {
                     for c in copiers {
                         let _ = c.await;
@@ -496,6 +502,39 @@ async fn wait_set(mut rx: watch::Receiver<Option<ExitInfo>>) -> ExitInfo {
     let found = rx.wait_for(Option::is_some).await.ok().and_then(|v| *v);
     // Without a value the supervisor is gone (runtime shutting down): report what is known.
     found.or_else(|| *rx.borrow()).unwrap_or_default()
+}
+
+/// The file in an attempt's working directory that holds its process group id while it runs.
+const PID_FILE: &str = "pid";
+
+/// Kill the process groups of attempts that an earlier agent left running under `work_root`
+/// (it crashed or was killed; a systemd unit's control-group kill does the same). A group is
+/// killed only if its leader still runs in that attempt's directory, so a reused pid is never
+/// hit. Returns how many groups were killed.
+pub fn kill_leftovers(work_root: &Path) -> usize {
+    let mut killed = 0;
+    let dirs = |p: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(p).map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect()).unwrap_or_default()
+    };
+    for job in dirs(work_root).iter().filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("job-")))
+    {
+        for shard in dirs(job) {
+            for attempt in dirs(&shard) {
+                let file = attempt.join(PID_FILE);
+                let Some(pid) = std::fs::read_to_string(&file).ok().and_then(|t| t.trim().parse::<i32>().ok()) else {
+                    continue;
+                };
+                let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
+                let here = std::fs::canonicalize(&attempt).ok();
+                if pid > 1 && cwd.is_some() && cwd == here && signal_group(Pid::from_raw(pid), Signal::SIGKILL) {
+                    tracing::warn!(pid, dir = %attempt.display(), "killed a shard an earlier agent left running");
+                    killed += 1;
+                }
+                let _ = std::fs::remove_file(&file);
+            }
+        }
+    }
+    killed
 }
 
 /// Signals the process group; false when it no longer exists.

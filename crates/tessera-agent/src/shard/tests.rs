@@ -499,3 +499,31 @@ async fn example_trainer_checkpoints_on_signals() {
     assert!(stdout.contains("checkpoint requested"), "{stdout}");
     assert!(stdout.contains("SIGTERM at step"), "{stdout}");
 }
+
+#[tokio::test]
+async fn a_restarted_agent_kills_what_a_crashed_one_left_running() {
+    let root = tempfile::tempdir().unwrap();
+    let shard = Shard::spawn(spec(root.path(), &["sleep", "60"])).unwrap();
+    let pid = Pid::from_raw(shard.pid() as i32);
+    let pid_file = shard.workdir().join("pid");
+    assert_eq!(std::fs::read_to_string(&pid_file).unwrap(), shard.pid().to_string());
+    // The agent dies without stopping it (no Drop runs on a crash).
+    std::mem::forget(shard);
+    // A pid file pointing at a process that runs elsewhere (this test) is not acted on.
+    let foreign = root.path().join("job-7/shard-0/attempt-1");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("pid"), std::process::id().to_string()).unwrap();
+    assert_eq!(kill_leftovers(root.path()), 1);
+    within("the leftover dies", async {
+        // Its parent is this process: reap it so it does not linger as a zombie.
+        while nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG))
+            .is_ok_and(|s| s == nix::sys::wait::WaitStatus::StillAlive)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(kill(pid, None).is_err(), "the leftover shard still runs");
+    assert!(!pid_file.exists() && !foreign.join("pid").exists(), "pid files are cleaned up");
+    assert_eq!(kill_leftovers(root.path()), 0);
+}
