@@ -106,6 +106,11 @@ impl Proc {
         }
     }
 
+    /// Its process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Is the process running?
     pub fn running(&self) -> bool {
         self.child.is_some()
