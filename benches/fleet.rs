@@ -44,28 +44,7 @@ impl Drop for Fleet {
 }
 
 fn register(name: &str) -> v1::Register {
-    v1::Register {
-        name: name.into(),
-        cloud: v1::Cloud::Aws as i32,
-        region: "us-east-1".into(),
-        zone: format!("us-east-1{}", ["a", "b", "c"][name.len() % 3]),
-        instance_type: "p5.48xlarge".into(),
-        price_per_gpu_hour_micros: 4_000_000,
-        cpu_millis: 192_000,
-        memory_mib: 2_000_000,
-        gpus: (0..8)
-            .map(|i| v1::GpuInfo {
-                index: i,
-                uuid: format!("GPU-{name}-{i}"),
-                model: "NVIDIA H100 80GB HBM3 (simulated)".into(),
-                memory_mib: 81_920,
-            })
-            .collect(),
-        agent_version: "loadgen".into(),
-        simulated: true,
-        advertise_addr: "127.0.0.1".into(),
-        ..Default::default()
-    }
+    v1::Register { agent_version: "loadgen".into(), ..tessera_tests::sim_register(name) }
 }
 
 fn heartbeat(now_ms: u64) -> v1::Heartbeat {

@@ -153,6 +153,13 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// (median, min, max) of figures over runs.
+fn spread(v: Vec<f64>) -> (f64, f64, f64) {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (median(v), min, max)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     pct(&v, 0.5)
@@ -268,12 +275,7 @@ async fn main() -> anyhow::Result<()> {
         );
         runs.push(run);
     }
-    let col = |f: &dyn Fn(&Run) -> f64| -> (f64, f64, f64) {
-        let v: Vec<f64> = runs.iter().map(f).collect();
-        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        (median(v), min, max)
-    };
+    let col = |f: &dyn Fn(&Run) -> f64| spread(runs.iter().map(f).collect());
     let mut fleet_runs = Vec::new();
     if args.agents > 0 {
         for r in 0..args.runs {
@@ -293,21 +295,14 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let kills: Vec<f64> = runs.iter().flat_map(|r| r.leader_kill_ms.clone()).collect();
-    let kmin = kills.iter().copied().fold(f64::INFINITY, f64::min);
-    let kmax = kills.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let mut rows = vec![
         (format!("P1 submissions acknowledged/s, {} clients", args.clients), col(&|r| r.acks_per_sec)),
         ("P1 latency p50 (ms)".to_string(), col(&|r| r.p50_ms)),
         ("P1 latency p99 (ms)".to_string(), col(&|r| r.p99_ms)),
         ("P1 single client p50 (ms)".to_string(), col(&|r| r.single_p50_ms)),
-        ("P5 leader kill -9 -> first accepted write (ms)".to_string(), (median(kills.clone()), kmin, kmax)),
+        ("P5 leader kill -9 -> first accepted write (ms)".to_string(), spread(kills)),
     ];
-    let fcol = |f: &dyn Fn(&FleetRun) -> f64| -> (f64, f64, f64) {
-        let v: Vec<f64> = fleet_runs.iter().map(f).collect();
-        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        (median(v), min, max)
-    };
+    let fcol = |f: &dyn Fn(&FleetRun) -> f64| spread(fleet_runs.iter().map(f).collect());
     if !fleet_runs.is_empty() {
         let n = args.agents;
         rows.push((format!("agents registered/s, {n} agents"), fcol(&|f| f.register_per_sec)));

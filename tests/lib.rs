@@ -248,6 +248,32 @@ pub async fn wait_for_leader(addrs: &[String], timeout: Duration) -> Option<u64>
     None
 }
 
+/// The registration of a simulated p5.48xlarge on aws us-east-1a with 8 H100s, for scripted
+/// agents (tests) and simulated fleets (the load generator).
+pub fn sim_register(name: &str) -> v1::Register {
+    v1::Register {
+        name: name.into(),
+        cloud: v1::Cloud::Aws as i32,
+        region: "us-east-1".into(),
+        zone: "us-east-1a".into(),
+        instance_type: "p5.48xlarge".into(),
+        price_per_gpu_hour_micros: 4_000_000,
+        cpu_millis: 192_000,
+        memory_mib: 2_000_000,
+        gpus: (0..8)
+            .map(|i| v1::GpuInfo {
+                index: i,
+                uuid: format!("GPU-{name}-{i}"),
+                model: "NVIDIA H100 80GB HBM3 (simulated)".into(),
+                memory_mib: 81_920,
+            })
+            .collect(),
+        simulated: true,
+        advertise_addr: "127.0.0.1".into(),
+        ..Default::default()
+    }
+}
+
 /// A one-GPU job spec running `cmd`.
 pub fn spec(name: &str) -> v1::JobSpec {
     v1::JobSpec {

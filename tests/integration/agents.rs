@@ -22,27 +22,10 @@ struct Agent {
 
 fn register(name: &str, running: Vec<v1::RunningAttempt>) -> v1::Register {
     v1::Register {
-        name: name.into(),
-        cloud: v1::Cloud::Aws as i32,
-        region: "us-east-1".into(),
-        zone: "us-east-1a".into(),
-        instance_type: "p5.48xlarge".into(),
-        price_per_gpu_hour_micros: 4_000_000,
-        cpu_millis: 192_000,
-        memory_mib: 2_000_000,
-        gpus: (0..8)
-            .map(|i| v1::GpuInfo {
-                index: i,
-                uuid: format!("GPU-{name}-{i}"),
-                model: "H100 (simulated)".into(),
-                memory_mib: 81_920,
-            })
-            .collect(),
         agent_version: "scripted".into(),
-        simulated: true,
         running_attempts: running,
         advertise_addr: format!("127.0.0.{}:0", 10 + name.len()),
-        ..Default::default()
+        ..tessera_tests::sim_register(name)
     }
 }
 

@@ -476,7 +476,7 @@ impl Agent {
                     redirects += 1;
                     if redirects > self.cfg.servers.len() {
                         redirects = 0;
-                        self.pause(jittered(ELECTION_RETRY), last_ack, fence).await;
+                        self.pause(jittered(ELECTION_RETRY)).await;
                     }
                     redirect = Some(a);
                 }
@@ -485,11 +485,11 @@ impl Agent {
                     misses = 0;
                     redirects = 0;
                 }
-                SessionEnd::NoLeader => self.pause(jittered(ELECTION_RETRY), last_ack, fence).await,
+                SessionEnd::NoLeader => self.pause(jittered(ELECTION_RETRY)).await,
                 SessionEnd::Unreachable => {
                     misses += 1;
                     if misses.is_multiple_of(self.cfg.servers.len()) {
-                        self.pause(jittered(backoff), last_ack, fence).await;
+                        self.pause(jittered(backoff)).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                     }
                 }
@@ -556,22 +556,17 @@ impl Agent {
         }
     }
 
-    /// Wait between tries, still collecting exits and fencing if cut off for too long.
-    async fn pause(&mut self, d: Duration, last_ack: Instant, fence: Duration) {
+    /// Wait between tries, still collecting exits (the fence watchdog runs on its own).
+    async fn pause(&mut self, d: Duration) {
         let until = Instant::now() + d;
         loop {
             self.collect_exits();
-            self.fence_if_overdue(last_ack, fence).await;
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return;
             }
             tokio::time::sleep(left.min(Duration::from_millis(50))).await;
         }
-    }
-
-    async fn fence_if_overdue(&mut self, _last_ack: Instant, _fence: Duration) {
-        self.fencer.check(&self.metrics);
     }
 
     async fn session(&mut self, addr: &str, last_ack: &mut Instant, fence: &mut Duration, first: bool) -> SessionEnd {
@@ -674,7 +669,6 @@ impl Agent {
                         return SessionEnd::Broken;
                     }
                     sent_up_to = sent_up_to.max(self.seq);
-                    self.fence_if_overdue(*last_ack, *fence).await;
                     // Every message is acknowledged: three silent heartbeats mean a dead
                     // connection (a crashed host or a partition without a reset).
                     if last_ack.elapsed() > heartbeat * 3 {

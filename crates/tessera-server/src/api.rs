@@ -335,26 +335,29 @@ impl v1::job_service_server::JobService for Jobs {
             if tx.send(Ok(v1::WatchJobResponse { job: Some(first), event: None })).await.is_err() || done {
                 return;
             }
-            // Every applied change to the job, and once a second its progress from the heartbeats.
+            // Every applied change to the job (read from the state), and once a second its
+            // progress from the heartbeats (the last state read, overlaid again: no Raft-thread
+            // work for a watcher while nothing is applied).
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             while !done {
-                tokio::select! {
+                let reread = tokio::select! {
                     r = rx.recv() => match r {
-                        Ok(applied) => {
-                            if !applied.events.iter().any(|e| event_job(e) == Some(id)) {
-                                continue;
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Ok(applied) => applied.events.iter().any(|e| event_job(e) == Some(id)),
+                        Err(broadcast::error::RecvError::Lagged(_)) => true,
                         Err(broadcast::error::RecvError::Closed) => return,
                     },
-                    _ = tick.tick() => {}
-                }
-                let Ok(Some(mut job)) = shared
-                    .read(v1::ReadConsistency::Stale as i32, move |s| s.job(id).map(|j| job_to_proto(j, s)))
-                    .await
-                else {
-                    return;
+                    _ = tick.tick() => false,
+                };
+                let mut job = if reread {
+                    let Ok(Some(job)) = shared
+                        .read(v1::ReadConsistency::Stale as i32, move |s| s.job(id).map(|j| job_to_proto(j, s)))
+                        .await
+                    else {
+                        return;
+                    };
+                    job
+                } else {
+                    last.clone()
                 };
                 shared.live.overlay_job(&mut job);
                 if job == last {

@@ -661,31 +661,15 @@ async fn watch(servers: &Servers, id: u64, out: Format) -> CliResult {
                     Err(s) if stream_broken(&s) => break output_status(&s),
                     Err(s) => return Err(status_error(&s)),
                 },
-                _ = poll.tick() => {
-                    let req = v1::GetJobRequest { job_id: id, consistency: 0 };
-                    let got = tokio::time::timeout(POLL_TIMEOUT, JobServiceClient::new(ch.clone()).get_job(req)).await;
-                    match got {
-                        Ok(Ok(r)) => {
-                            silent = 0;
-                            let Some(job) = r.into_inner().job else { continue };
-                            if is_final(job.state) {
-                                view.update(&job)?;
-                                return view.finish(&job);
-                            }
-                            if view.wants_progress() {
-                                view.update(&job)?;
-                            }
-                        }
-                        Ok(Err(s)) if stream_broken(&s) => break output_status(&s),
-                        Ok(Err(_)) => {}
-                        Err(_) => {
-                            silent += 1;
-                            if silent >= 3 {
-                                break "the server stopped answering".to_string();
-                            }
-                        }
+                _ = poll.tick() => match poll_job(&ch, id, &mut silent).await {
+                    Err(why) => break why,
+                    Ok(Some(job)) if is_final(job.state) => {
+                        view.update(&job)?;
+                        return view.finish(&job);
                     }
-                }
+                    Ok(Some(job)) if view.wants_progress() => view.update(&job)?,
+                    Ok(_) => {}
+                },
             }
         };
         reopens += 1;
@@ -705,6 +689,26 @@ fn stream_broken(s: &tonic::Status) -> bool {
 
 fn output_status(s: &tonic::Status) -> String {
     super::connect::describe_status(s)
+}
+
+/// One poll of a followed job on the server of its stream, which notices a server that keeps
+/// the stream open but stopped answering: the job when it answered, None after an error worth
+/// ignoring, Err(why) when the stream should be opened again (elsewhere).
+async fn poll_job(ch: &tonic::transport::Channel, id: u64, silent: &mut u32) -> Result<Option<v1::Job>, String> {
+    let mut client = JobServiceClient::new(ch.clone());
+    let get = client.get_job(v1::GetJobRequest { job_id: id, consistency: 0 });
+    match tokio::time::timeout(POLL_TIMEOUT, get).await {
+        Ok(Ok(r)) => {
+            *silent = 0;
+            Ok(r.into_inner().job)
+        }
+        Ok(Err(s)) if stream_broken(&s) => Err(output_status(&s)),
+        Ok(Err(_)) => Ok(None),
+        Err(_) => {
+            *silent += 1;
+            if *silent >= 3 { Err("the server stopped answering".to_string()) } else { Ok(None) }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -869,18 +873,8 @@ async fn logs(servers: &Servers, r: LogsRequest, out: Format) -> CliResult {
                     Err(s) => return Err(status_error(&s)),
                 },
                 _ = poll.tick(), if r.follow => {
-                    let mut client = JobServiceClient::new(ch.clone());
-                    let get = client.get_job(v1::GetJobRequest { job_id: id, consistency: 0 });
-                    match tokio::time::timeout(POLL_TIMEOUT, get).await {
-                        Ok(Ok(_)) => silent = 0,
-                        Ok(Err(s)) if stream_broken(&s) => break output_status(&s),
-                        Ok(Err(_)) => {}
-                        Err(_) => {
-                            silent += 1;
-                            if silent >= 3 {
-                                break "the server stopped answering".to_string();
-                            }
-                        }
+                    if let Err(why) = poll_job(&ch, id, &mut silent).await {
+                        break why;
                     }
                 }
             }
