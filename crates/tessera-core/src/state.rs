@@ -90,6 +90,9 @@ pub struct State {
     node_names: BTreeMap<String, NodeId>,
     #[serde(skip)]
     live: BTreeMap<AttemptId, AttemptRef>,
+    /// The live attempts of each node (what a reconnecting agent is reconciled against).
+    #[serde(skip)]
+    live_on: BTreeMap<NodeId, BTreeSet<AttemptId>>,
     #[serde(skip)]
     pending: BTreeSet<JobId>,
 }
@@ -123,7 +126,13 @@ struct SnapshotOut<'a> {
 #[derive(Deserialize)]
 struct SnapshotIn {
     v: u32,
-    state: serde_json::Value,
+    state: State,
+}
+
+/// Only the version, when the whole snapshot does not parse.
+#[derive(Deserialize)]
+struct SnapshotVersion {
+    v: u32,
 }
 
 fn reject_if(cond: bool, msg: impl FnOnce() -> String) -> Result<(), Rejection> {
@@ -159,6 +168,7 @@ impl State {
             idempotency: BTreeMap::new(),
             node_names: BTreeMap::new(),
             live: BTreeMap::new(),
+            live_on: BTreeMap::new(),
             pending: BTreeSet::new(),
         }
     }
@@ -201,6 +211,11 @@ impl State {
     pub fn pending_jobs(&self) -> &BTreeSet<JobId> {
         &self.pending
     }
+    /// The live attempts (assigned, running or stopping) on `node`, by id.
+    pub fn live_attempts_on(&self, node: NodeId) -> impl Iterator<Item = AttemptId> + '_ {
+        self.live_on.get(&node).into_iter().flatten().copied()
+    }
+
     /// Live attempts (assigned, running or stopping) and where they are.
     pub fn live_attempts(&self) -> &BTreeMap<AttemptId, AttemptRef> {
         &self.live
@@ -221,12 +236,22 @@ impl State {
 
     /// Restore a snapshot, rebuild the indexes and check every invariant.
     pub fn restore(bytes: &[u8]) -> Result<State, SnapshotError> {
-        let snap: SnapshotIn = serde_json::from_slice(bytes).map_err(|e| SnapshotError::Malformed(e.to_string()))?;
-        if snap.v == 0 || snap.v > SNAPSHOT_VERSION {
+        // Parsed in one pass, straight into the state: a generic JSON tree of a million jobs
+        // would take ten times the memory of the state itself.
+        let known = |v: u32| v != 0 && v <= SNAPSHOT_VERSION;
+        let snap: SnapshotIn = match serde_json::from_slice(bytes) {
+            Ok(snap) => snap,
+            Err(e) => {
+                return Err(match serde_json::from_slice::<SnapshotVersion>(bytes) {
+                    Ok(SnapshotVersion { v }) if !known(v) => SnapshotError::UnknownVersion(v),
+                    _ => SnapshotError::Malformed(e.to_string()),
+                });
+            }
+        };
+        if !known(snap.v) {
             return Err(SnapshotError::UnknownVersion(snap.v));
         }
-        let mut state: State =
-            serde_json::from_value(snap.state).map_err(|e| SnapshotError::Malformed(e.to_string()))?;
+        let mut state = snap.state;
         state.rebuild_indexes()?;
         state.check_invariants().map_err(SnapshotError::Inconsistent)?;
         Ok(state)
@@ -241,6 +266,7 @@ impl State {
     fn rebuild_indexes(&mut self) -> Result<(), SnapshotError> {
         self.node_names = self.nodes.values().map(|n| (n.info.name.clone(), n.id)).collect();
         self.live.clear();
+        self.live_on.clear();
         self.pending.clear();
         for t in self.tenants.values_mut() {
             t.gpus_in_use = 0;
@@ -258,6 +284,7 @@ impl State {
                         ))
                     })?;
                     self.live.insert(a.id, AttemptRef { job: job.id, shard: shard.index });
+                    self.live_on.entry(a.node).or_default().insert(a.id);
                     let tenant = self.tenants.get_mut(&job.spec.tenant).ok_or_else(|| {
                         SnapshotError::Inconsistent(format!("{} names unknown tenant {}", job.id, job.spec.tenant))
                     })?;
@@ -454,6 +481,12 @@ impl State {
         let Some(a) = job.shards.get(shard as usize).and_then(|s| s.attempt.as_ref()) else { return };
         if self.live.remove(&a.id).is_none() {
             return;
+        }
+        if let Some(on) = self.live_on.get_mut(&a.node) {
+            on.remove(&a.id);
+            if on.is_empty() {
+                self.live_on.remove(&a.node);
+            }
         }
         let (cpu, mem, gpus) = (job.spec.resources.cpu_millis, job.spec.resources.memory_mib, job.spec.resources.gpus);
         if let Some(node) = self.nodes.get_mut(&a.node) {
@@ -1015,6 +1048,7 @@ impl State {
             node.memory_used += res.memory_mib;
         }
         self.live.insert(attempt, AttemptRef { job: id, shard });
+        self.live_on.entry(node_id).or_default().insert(attempt);
         ev.push(Event::ShardAssigned { job: id, shard, attempt, number, node: node_id, gpus, resume_from });
     }
 
@@ -1089,6 +1123,9 @@ impl State {
                 {
                     return Err(format!("{} is missing from the live index", a.id));
                 }
+                if !self.live_on.get(&a.node).is_some_and(|on| on.contains(&a.id)) {
+                    return Err(format!("{} is missing from the live index of {}", a.id, a.node));
+                }
                 if a.gpus.len() != job.spec.resources.gpus as usize {
                     return Err(format!("{} holds {} GPUs, spec says {}", a.id, a.gpus.len(), job.spec.resources.gpus));
                 }
@@ -1108,6 +1145,10 @@ impl State {
         }
         if live_count != self.live.len() {
             return Err(format!("live index has {} attempts, shards show {live_count}", self.live.len()));
+        }
+        let on_nodes: usize = self.live_on.values().map(BTreeSet::len).sum();
+        if on_nodes != live_count || self.live_on.values().any(BTreeSet::is_empty) {
+            return Err(format!("the per-node live index has {on_nodes} attempts, shards show {live_count}"));
         }
         for t in self.tenants.values() {
             let want = tenant_gpus.get(t.name.as_str()).copied().unwrap_or(0);

@@ -22,6 +22,12 @@ pub trait StateMachine: Send + 'static {
     fn apply(&mut self, index: u64, data: &[u8]) -> Self::Output;
     /// The whole state, for a snapshot taken at the last applied index.
     fn snapshot(&self) -> Vec<u8>;
+    /// The same, encoded later on another thread: what is captured now must not change with
+    /// later entries. The default encodes now.
+    fn snapshot_later(&self) -> Box<dyn FnOnce() -> Vec<u8> + Send> {
+        let data = self.snapshot();
+        Box::new(move || data)
+    }
     /// Replace the state with a snapshot's. Empty data is the initial (empty) state: the
     /// snapshot a new cluster starts from carries no data.
     fn restore(&mut self, data: &[u8]) -> Result<(), String>;
@@ -103,6 +109,40 @@ pub struct AppliedConfChange {
     pub context: Vec<u8>,
 }
 
+/// A snapshot to encode and write on another thread, from [`RaftNode::take_snapshot_job`].
+pub struct SnapshotJob {
+    index: u64,
+    term: u64,
+    conf: ConfState,
+    build: Box<dyn FnOnce() -> Vec<u8> + Send>,
+    write: crate::storage::SnapshotWriter,
+}
+
+impl SnapshotJob {
+    /// The log index it is taken at.
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    /// Encode the state and write it durably; the snapshot, or None if the store already held
+    /// one as new. Takes long for a large state: run it off the Raft thread.
+    pub fn run(self) -> Result<Option<Snapshot>, StoreError> {
+        let started = std::time::Instant::now();
+        let data = (self.build)();
+        let (bytes, encoded) = (data.len(), started.elapsed());
+        let snap = crate::storage::mem::new_snapshot(data, self.index, self.term, &self.conf);
+        let written = (self.write)(&snap)?;
+        tracing::info!(
+            index = self.index,
+            bytes,
+            encode_ms = encoded.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "snapshot encoded and written"
+        );
+        Ok(written.then_some(snap))
+    }
+}
+
 /// What one `Ready` cycle produced for the caller.
 #[derive(Debug, Default)]
 pub struct Output {
@@ -159,6 +199,9 @@ pub struct RaftNode<S: LogStore, M: StateMachine> {
     applied: u64,
     last_snapshot: u64,
     snapshot_due: bool,
+    /// A snapshot for the caller to write on another thread, and whether one is being written.
+    snapshot_job: Option<SnapshotJob>,
+    snapshot_in_flight: bool,
     ticks: u64,
     next_id: u64,
     proposals: BTreeMap<u64, Pending<Responder<M::Output>>>,
@@ -216,6 +259,8 @@ impl<S: LogStore, M: StateMachine> RaftNode<S, M> {
             applied,
             last_snapshot: applied,
             snapshot_due: false,
+            snapshot_job: None,
+            snapshot_in_flight: false,
             ticks: 0,
             // Proposal ids must not repeat across restarts: an entry proposed before a crash
             // may still apply after it, and must not answer a new caller.
@@ -425,6 +470,25 @@ impl<S: LogStore, M: StateMachine> RaftNode<S, M> {
         Ok(out)
     }
 
+    /// A snapshot to write on another thread ([`SnapshotJob::run`]), when one is due; hand
+    /// the outcome to [`RaftNode::snapshot_written`]. Only one is out at a time.
+    pub fn take_snapshot_job(&mut self) -> Option<SnapshotJob> {
+        self.snapshot_job.take()
+    }
+
+    /// The outcome of a [`SnapshotJob`]: the snapshot becomes the latest and the log is
+    /// compacted up to it. A storage error is fatal, as in [`RaftNode::process_ready`].
+    pub fn snapshot_written(&mut self, written: Result<Option<Snapshot>, StoreError>) -> Result<(), StoreError> {
+        self.snapshot_in_flight = false;
+        if let Some(snap) = written? {
+            let index = snap.get_metadata().index;
+            if self.raw.mut_store().adopt_snapshot(snap)? {
+                tracing::info!(index, "snapshot written in the background, log compacted");
+            }
+        }
+        Ok(())
+    }
+
     fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), StoreError> {
         let index = snap.get_metadata().index;
         self.sm
@@ -500,12 +564,37 @@ impl<S: LogStore, M: StateMachine> RaftNode<S, M> {
         if !self.snapshot_due && self.applied < self.last_snapshot + self.cfg.snapshot_every {
             return Ok(());
         }
+        // A periodic snapshot of a store that can write in the background is handed to the
+        // caller (a membership change's snapshot is taken here and now: a joining server
+        // needs it current).
+        if !self.snapshot_due {
+            if self.snapshot_in_flight {
+                return Ok(());
+            }
+            if let Some(write) = self.raw.store().snapshot_writer() {
+                let term = self.raw.store().term(self.applied).map_err(|e| StoreError::Engine(e.to_string()))?;
+                let conf: ConfState = self.raw.raft.prs().conf().to_conf_state();
+                self.snapshot_job =
+                    Some(SnapshotJob { index: self.applied, term, conf, build: self.sm.snapshot_later(), write });
+                self.snapshot_in_flight = true;
+                self.last_snapshot = self.applied;
+                return Ok(());
+            }
+        }
         self.snapshot_due = false;
+        let started = std::time::Instant::now();
         let data = self.sm.snapshot();
+        let (bytes, serialised) = (data.len(), started.elapsed());
         let conf: ConfState = self.raw.raft.prs().conf().to_conf_state();
         self.raw.mut_store().save_snapshot(data, self.applied, &conf)?;
         self.last_snapshot = self.applied;
-        tracing::debug!(index = self.applied, "snapshot taken, log compacted");
+        tracing::info!(
+            index = self.applied,
+            bytes,
+            serialise_ms = serialised.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "snapshot taken, log compacted"
+        );
         Ok(())
     }
 }

@@ -36,6 +36,9 @@ pub enum StoreError {
     Invalid(String),
 }
 
+/// Writes a snapshot durably from another thread; see [`LogStore::snapshot_writer`].
+pub type SnapshotWriter = Box<dyn FnOnce(&Snapshot) -> Result<bool, StoreError> + Send>;
+
 /// The writes the Raft driver makes, on top of raft-rs's reads.
 pub trait LogStore: raft::Storage + Send + 'static {
     /// Append entries. Entries already stored at or after the first new index are replaced,
@@ -65,6 +68,20 @@ pub trait LogStore: raft::Storage + Send + 'static {
     /// The latest snapshot stored (installed or saved), if any. Stores keep it in memory,
     /// since this cannot fail.
     fn latest_snapshot(&self) -> Option<Snapshot>;
+    /// Something that writes a snapshot of the local state machine on another thread and makes
+    /// it durable (the snapshot of a large state takes long to write, and the Raft thread must
+    /// keep ticking meanwhile), or None where snapshots are saved only by `save_snapshot`.
+    /// The writer keeps a stored snapshot that is as new or newer (it returns false then).
+    /// The log is not compacted until the Raft thread hands the snapshot to `adopt_snapshot`.
+    fn snapshot_writer(&self) -> Option<SnapshotWriter> {
+        None
+    }
+    /// Take a snapshot that a [`SnapshotWriter`] made durable as the latest, and drop the
+    /// entries up to it. False, changing nothing, if the store holds one as new or newer (one
+    /// was installed from the leader meanwhile).
+    fn adopt_snapshot(&mut self, _snap: Snapshot) -> Result<bool, StoreError> {
+        Err(StoreError::Invalid("this store writes no snapshot in the background".into()))
+    }
     /// Make every write so far durable (fsync). The only durability point: a crash loses
     /// what was written after the last flush (each write whole or not at all), never before.
     fn flush(&mut self) -> Result<(), StoreError>;

@@ -13,7 +13,7 @@
 //!   forgotten (the agent stops them); live ones it lost are reported lost; assigned ones it
 //!   never got are sent again.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,7 @@ use tessera_proto::v1;
 use tessera_proto::v1::agent_message::Payload as In;
 use tessera_proto::v1::server_message::Payload as Out;
 use tessera_raft::StateRole;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::api::{Shared, now};
@@ -68,6 +68,16 @@ pub struct AgentHub {
     addresses: Mutex<BTreeMap<NodeId, String>>,
     generation: std::sync::atomic::AtomicU64,
     leader_since: Mutex<Option<Instant>>,
+    /// Where the router delivers each connected node's messages (see [`route_loop`]).
+    routes: Mutex<HashMap<NodeId, Route>>,
+}
+
+/// Messages for one agent, each assignment keyed by its attempt (so a session sends it once).
+type Routed = Vec<(Option<AttemptId>, v1::ServerMessage)>;
+
+struct Route {
+    generation: u64,
+    tx: mpsc::UnboundedSender<Routed>,
 }
 
 impl AgentHub {
@@ -79,6 +89,47 @@ impl AgentHub {
             addresses: Mutex::new(BTreeMap::new()),
             generation: std::sync::atomic::AtomicU64::new(1),
             leader_since: Mutex::new(None),
+            routes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn add_route(&self, node: NodeId, generation: u64) -> mpsc::UnboundedReceiver<Routed> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        if let Ok(mut r) = self.routes.lock() {
+            r.insert(node, Route { generation, tx });
+        }
+        rx
+    }
+
+    fn remove_route(&self, node: NodeId, generation: u64) {
+        if let Ok(mut r) = self.routes.lock()
+            && r.get(&node).is_some_and(|r| r.generation == generation)
+        {
+            r.remove(&node);
+        }
+    }
+
+    fn routed_nodes(&self) -> HashSet<NodeId> {
+        self.routes.lock().map(|r| r.keys().copied().collect()).unwrap_or_default()
+    }
+
+    /// Hand each node's messages to its session; a node whose session ended is dropped.
+    fn deliver(&self, msgs: HashMap<NodeId, Routed>) {
+        let Ok(mut routes) = self.routes.lock() else { return };
+        for (node, m) in msgs {
+            if let Some(r) = routes.get(&node)
+                && r.tx.send(m).is_err()
+            {
+                routes.remove(&node);
+            }
+        }
+    }
+
+    /// End every session's event feed (this server is no longer the leader: they close, and
+    /// the agents reconnect to the new one).
+    fn drop_routes(&self) {
+        if let Ok(mut r) = self.routes.lock() {
+            r.clear();
         }
     }
 
@@ -160,6 +211,7 @@ pub async fn liveness_loop(shared: Arc<Shared>) {
             if let Ok(mut s) = shared.agents.sessions.lock() {
                 s.clear();
             }
+            shared.agents.drop_routes();
             shared.live.clear();
             was_leader = leader;
         }
@@ -275,7 +327,8 @@ struct Reconcile {
 fn reconcile(state: &State, node: NodeId, running: &BTreeSet<u64>) -> Reconcile {
     let mut r = Reconcile { forget: Vec::new(), lost: Vec::new(), resend: Vec::new(), stop: Vec::new(), drain: None };
     let mut live_here = BTreeSet::new();
-    for id in state.live_attempts().keys() {
+    for id in state.live_attempts_on(node) {
+        let id = &id;
         let Some((job, shard)) = state.attempt(*id) else { continue };
         let Some(a) = shard.attempt.as_ref().filter(|a| a.node == node) else { continue };
         live_here.insert(id.0);
@@ -356,11 +409,11 @@ pub async fn session(
         .read(0, move |s| s.node_by_name(&name).map(|n| n.id))
         .await?
         .ok_or_else(|| Status::internal("the node registered but is not in the state"))?;
-    // Subscribe before reconciling so nothing applied in between is missed (the agent drops
-    // duplicate assignments by attempt id).
-    let events = shared.events.subscribe();
     let running: BTreeSet<u64> = reg.running_attempts.iter().map(|a| a.attempt_id).collect();
     let generation = shared.agents.open(node, reg.advertise_addr.clone());
+    // Route events here before reconciling so nothing applied in between is missed (the
+    // session sends an assignment once; the agent also drops duplicates by attempt id).
+    let events = shared.agents.add_route(node, generation);
     let hub = shared.clone();
     let (first_msgs, lost) = shared
         .read(0, move |s| {
@@ -415,90 +468,105 @@ pub async fn session(
         let _ = shared.write(&cmd).await;
     }
     tracing::info!(%node, generation, "agent session open");
-    tokio::spawn(push_events(shared.clone(), node, generation, events, tx.clone(), sent));
+    tokio::spawn(push_events(events, tx.clone(), sent));
     tokio::spawn(read_reports(shared, node, generation, inbound, tx));
     Ok(rx)
 }
 
-/// Push what the state machine decided for `node` to its agent.
+/// Forward what the router built for this session to its agent, each assignment once.
 async fn push_events(
-    shared: Arc<Shared>,
-    node: NodeId,
-    generation: u64,
-    mut events: broadcast::Receiver<Arc<crate::sm::Applied>>,
+    mut events: mpsc::UnboundedReceiver<Routed>,
     tx: mpsc::Sender<Result<v1::ServerMessage, Status>>,
     mut sent: BTreeSet<AttemptId>,
 ) {
-    loop {
-        let applied = match events.recv().await {
-            Ok(a) => a,
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                // Too far behind: end the session; the agent reconnects and is reconciled.
-                tracing::warn!(%node, missed = n, "agent session fell behind; closing it");
-                let _ = tx.send(Err(Status::unavailable("session fell behind; reconnect"))).await;
+    while let Some(msgs) = events.recv().await {
+        for (key, m) in msgs {
+            if let Some(k) = key
+                && !sent.insert(k)
+            {
+                continue;
+            }
+            if tx.send(Ok(m)).await.is_err() {
                 return;
             }
-            Err(broadcast::error::RecvError::Closed) => return,
-        };
-        if !shared.agents.current(node, generation) || tx.is_closed() {
-            return;
         }
-        let mine: Vec<Event> = applied
-            .events
+    }
+    // The router dropped this session (it fell behind, or this server is no longer the
+    // leader): the agent reconnects and is reconciled.
+    let _ = tx.send(Err(Status::unavailable("session feed ended; reconnect"))).await;
+}
+
+/// The node an event must be told to, if any.
+fn event_node(e: &Event) -> Option<NodeId> {
+    match e {
+        Event::ShardAssigned { node, .. }
+        | Event::StopRequested { node, .. }
+        | Event::NodeStateChanged { node, .. }
+        | Event::GpuHealthChanged { node, .. } => Some(*node),
+        _ => None,
+    }
+}
+
+/// The messages that tell agents of these events, built against the current state.
+fn event_messages(s: &State, hub: &AgentHub, events: Vec<Event>) -> HashMap<NodeId, Routed> {
+    let mut out: HashMap<NodeId, Routed> = HashMap::new();
+    for e in events {
+        let Some(node) = event_node(&e) else { continue };
+        let m = match e {
+            Event::ShardAssigned { attempt, .. } => assign_message(s, hub, attempt, node).map(|m| (Some(attempt), m)),
+            Event::StopRequested { job, attempt, reason, .. } => Some((None, stop_message(s, job, attempt, reason))),
+            Event::NodeStateChanged { state, .. } => {
+                drain_message(state).map(|d| (None, v1::ServerMessage { payload: Some(Out::Drain(d)) }))
+            }
+            Event::GpuHealthChanged { gpu, healthy: true, .. } => Some((
+                None,
+                v1::ServerMessage {
+                    payload: Some(Out::GpuHealthCleared(v1::GpuHealthCleared { gpu_indices: vec![gpu] })),
+                },
+            )),
+            _ => None,
+        };
+        if let Some(m) = m {
+            out.entry(node).or_default().push(m);
+        }
+    }
+    out
+}
+
+/// Most applied entries the router takes in before it builds their messages.
+const ROUTE_BATCH: usize = 1024;
+
+/// The one reader of the applied events for agents (a channel of its own, which never drops
+/// an entry): it picks the events each connected node must hear of, builds their messages in
+/// one visit to the state per batch of entries, and hands them to the nodes' sessions. (One
+/// broadcast subscriber per session would wake every session for every entry: 10,000 wakeups
+/// per entry at fleet scale, and a session that fell behind lost its events.)
+pub async fn route_loop(shared: Arc<Shared>, mut applied: mpsc::UnboundedReceiver<Arc<crate::sm::Applied>>) {
+    loop {
+        let Some(first) = applied.recv().await else { return };
+        let mut batch = vec![first];
+        while batch.len() < ROUTE_BATCH {
+            match applied.try_recv() {
+                Ok(a) => batch.push(a),
+                Err(_) => break,
+            }
+        }
+        let routed = shared.agents.routed_nodes();
+        let mine: Vec<Event> = batch
             .iter()
-            .filter(|e| match e {
-                Event::ShardAssigned { node: n, .. } | Event::StopRequested { node: n, .. } => *n == node,
-                Event::NodeStateChanged { node: n, .. } | Event::GpuHealthChanged { node: n, .. } => *n == node,
-                _ => false,
-            })
+            .flat_map(|a| a.events.iter())
+            .filter(|e| event_node(e).is_some_and(|n| routed.contains(&n)))
             .cloned()
             .collect();
         if mine.is_empty() {
             continue;
         }
         let hub = shared.clone();
-        let already = sent.clone();
-        let Ok(msgs) = shared
-            .raft
-            .local(move |n| {
-                let s = &n.state_machine().state;
-                let mut out = Vec::new();
-                for e in mine {
-                    match e {
-                        Event::ShardAssigned { attempt, .. } if !already.contains(&attempt) => {
-                            out.extend(assign_message(s, &hub.agents, attempt, node).map(|m| (Some(attempt), m)));
-                        }
-                        Event::StopRequested { job, attempt, reason, .. } => {
-                            out.push((None, stop_message(s, job, attempt, reason)))
-                        }
-                        Event::NodeStateChanged { state, .. } => {
-                            if let Some(drain) = drain_message(state) {
-                                out.push((None, v1::ServerMessage { payload: Some(Out::Drain(drain)) }));
-                            }
-                        }
-                        Event::GpuHealthChanged { gpu, healthy: true, .. } => out.push((
-                            None,
-                            v1::ServerMessage {
-                                payload: Some(Out::GpuHealthCleared(v1::GpuHealthCleared { gpu_indices: vec![gpu] })),
-                            },
-                        )),
-                        _ => {}
-                    }
-                }
-                out
-            })
-            .await
+        let Ok(msgs) = shared.raft.local(move |n| event_messages(&n.state_machine().state, &hub.agents, mine)).await
         else {
             return;
         };
-        for (key, m) in msgs {
-            if let Some(k) = key {
-                sent.insert(k);
-            }
-            if tx.send(Ok(m)).await.is_err() {
-                return;
-            }
-        }
+        shared.agents.deliver(msgs);
     }
 }
 
@@ -601,5 +669,6 @@ async fn read_reports(
         }
     }
     shared.agents.closed(node, generation);
+    shared.agents.remove_route(node, generation);
     tracing::info!(%node, generation, "agent session closed");
 }

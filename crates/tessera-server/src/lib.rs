@@ -98,10 +98,11 @@ pub async fn run(
             .map_err(|e| ServerError::Metrics { addr: addr.to_string(), message: e.to_string() })?;
     }
 
-    let (events, _) = broadcast::channel(4096);
+    let (events, _) = broadcast::channel(16_384);
     let mut members = Members { addresses: cfg.initial_cluster.clone() };
     members.addresses.insert(cfg.id, cfg.advertise_addr());
-    let sm = ServerSm::new(members, events.clone());
+    let (agent_feed, agent_events) = tokio::sync::mpsc::unbounded_channel();
+    let sm = ServerSm::new(members, events.clone()).with_agent_feed(agent_feed);
     if fresh && voters.is_empty() && cfg.join.is_none() {
         return Err(ServerError::Config(ConfigError {
             field: "initial_cluster".into(),
@@ -146,6 +147,7 @@ pub async fn run(
         tokio::spawn(placement_loop(shared.clone(), Duration::from_millis(cfg.plan_interval_ms))),
         tokio::spawn(metrics_loop(raft.clone())),
         tokio::spawn(agents::liveness_loop(shared.clone())),
+        tokio::spawn(agents::route_loop(shared.clone(), agent_events)),
     ];
     if let (Some(join), true) = (cfg.join.clone(), fresh) {
         tokio::spawn(join_cluster(shared.clone(), join, cfg.advertise_addr()));

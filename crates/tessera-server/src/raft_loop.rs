@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-use tessera_raft::eraftpb::{ConfChangeType, Message, MessageType};
+use tessera_raft::eraftpb::{ConfChangeType, Message, MessageType, Snapshot};
 use tessera_raft::node::{ProposeError, RaftNode, ReadFn, Responder, Status};
+use tessera_raft::storage::StoreError;
 use tessera_raft::storage::sled_store::SledStore;
 use tokio::sync::{oneshot, watch};
 
@@ -34,6 +35,8 @@ pub enum Request {
     Unreachable(u64),
     /// A snapshot was (or was not) delivered to a peer.
     SnapshotSent(u64, bool),
+    /// A snapshot job finished on its thread.
+    SnapshotWritten(Result<Option<Snapshot>, StoreError>),
     /// Stop the thread.
     Shutdown,
 }
@@ -118,12 +121,13 @@ pub fn spawn(
     let (tx, rx) = std::sync::mpsc::channel();
     let (status_tx, status_rx) = watch::channel(node.status());
     let handle = RaftHandle { tx: tx.clone(), status: status_rx };
+    let me = tx.clone();
     let join = std::thread::Builder::new()
         .name("raft".into())
         .spawn(move || {
             // A panic here (raft-rs aborts on impossible states, and the state machine runs
             // here) must not leave a server that answers but never commits: stop the process.
-            let run = std::panic::AssertUnwindSafe(|| run(node, rx, transport, tick, status_tx));
+            let run = std::panic::AssertUnwindSafe(|| run(node, rx, me, transport, tick, status_tx));
             if std::panic::catch_unwind(run).is_err() {
                 tracing::error!("the Raft thread panicked; stopping the server");
                 std::process::exit(70);
@@ -133,12 +137,16 @@ pub fn spawn(
     (handle, tx, join)
 }
 
+/// A cycle this long is logged: ticks wait while the thread works.
+const SLOW_CYCLE: Duration = Duration::from_millis(100);
+
 /// Largest number of requests handled before one Ready cycle.
 const MAX_BATCH: usize = 4096;
 
 fn run(
     mut node: Node,
     rx: Receiver<Request>,
+    me: Sender<Request>,
     transport: Arc<Transport>,
     tick: Duration,
     status: watch::Sender<Status>,
@@ -146,12 +154,17 @@ fn run(
     let mut next_tick = Instant::now() + tick;
     loop {
         let wait = next_tick.saturating_duration_since(Instant::now());
+        let mut handled = 0;
+        let mut handle_took = Duration::ZERO;
         match rx.recv_timeout(wait) {
             Ok(req) => {
+                let started = Instant::now();
                 let mut stop = !handle(&mut node, req);
                 for req in rx.try_iter().take(MAX_BATCH) {
                     stop |= !handle(&mut node, req);
+                    handled += 1;
                 }
+                handle_took = started.elapsed();
                 if stop {
                     break;
                 }
@@ -166,9 +179,13 @@ fn run(
                 next_tick = Instant::now() + tick;
             }
         }
+        let ready_started = Instant::now();
+        let apply_before = node.state_machine().apply_time;
+        let mut applied = 0;
         while node.has_ready() {
             match node.process_ready() {
                 Ok(out) => {
+                    applied += out.applied;
                     for cc in &out.conf_changes {
                         match cc.change {
                             ConfChangeType::RemoveNode => transport.remove_peer(cc.node),
@@ -201,6 +218,31 @@ fn run(
                 }
             }
         }
+        let ready_took = ready_started.elapsed();
+        if handle_took + ready_took >= SLOW_CYCLE {
+            // Ticks wait while this thread works: past the election timeout, followers elect.
+            tracing::warn!(
+                requests = handled + 1,
+                handle_ms = handle_took.as_millis() as u64,
+                ready_ms = ready_took.as_millis() as u64,
+                apply_ms = (node.state_machine().apply_time - apply_before).as_millis() as u64,
+                applied,
+                "slow raft cycle"
+            );
+        }
+        if let Some(job) = node.take_snapshot_job() {
+            // Encoding and writing a large state takes seconds: elsewhere, while this thread
+            // keeps ticking (a leader that stops ticking loses its followers).
+            let index = job.index();
+            let me = me.clone();
+            let spawned = std::thread::Builder::new()
+                .name("snapshot".into())
+                .spawn(move || drop(me.send(Request::SnapshotWritten(job.run()))));
+            if let Err(e) = spawned {
+                tracing::warn!(index, error = %e, "cannot start the snapshot thread; the next snapshot is due later");
+                let _ = node.snapshot_written(Ok(None));
+            }
+        }
         let s = node.status();
         status.send_if_modified(|old| {
             if *old != s {
@@ -230,6 +272,12 @@ fn handle(node: &mut Node, req: Request) -> bool {
         }
         Request::Unreachable(id) => node.report_unreachable(id),
         Request::SnapshotSent(id, ok) => node.report_snapshot(id, ok),
+        Request::SnapshotWritten(written) => {
+            if let Err(e) = node.snapshot_written(written) {
+                tracing::error!(error = %e, "writing a snapshot failed; stopping the server");
+                std::process::exit(70);
+            }
+        }
         Request::Shutdown => return false,
     }
     true

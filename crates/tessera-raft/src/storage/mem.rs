@@ -162,7 +162,7 @@ pub(super) fn snapshot_index_term(snap: Option<&Snapshot>) -> (u64, u64) {
 }
 
 /// A snapshot built by `save_snapshot`.
-pub(super) fn new_snapshot(data: Vec<u8>, index: u64, term: u64, conf: &ConfState) -> Snapshot {
+pub(crate) fn new_snapshot(data: Vec<u8>, index: u64, term: u64, conf: &ConfState) -> Snapshot {
     let mut snap = Snapshot { data: data.into(), ..Default::default() };
     let meta = snap.mut_metadata();
     meta.index = index;

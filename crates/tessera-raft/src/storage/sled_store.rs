@@ -34,7 +34,7 @@ use super::mem::{
     SizeBudget, check_append, check_apply_snapshot, check_entries_range, check_save_snapshot, check_term_range,
     new_snapshot, raft_err, snapshot_for_request, snapshot_index_term,
 };
-use super::{LogStore, StoreError};
+use super::{LogStore, SnapshotWriter, StoreError};
 
 const ENTRIES_TREE: &str = "raft_entries";
 const META_TREE: &str = "raft_meta";
@@ -98,6 +98,10 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// sled's page cache (its default is 1 GiB). The log is read back mostly at its tail, to
+/// replicate what was just appended: a small cache serves that.
+const CACHE_BYTES: u64 = 128 << 20;
+
 impl SledStore {
     /// Open the store in `dir`, creating an empty one (no configuration, empty log) if there is
     /// none. A server that joins an existing cluster starts like this and learns the
@@ -109,7 +113,7 @@ impl SledStore {
         // a store reopened at once (a restart in the same process) may still find it held.
         let mut attempts = 0;
         let db = loop {
-            match sled::Config::new().path(dir).flush_every_ms(None).open() {
+            match sled::Config::new().path(dir).flush_every_ms(None).cache_capacity(CACHE_BYTES).open() {
                 Ok(db) => break db,
                 Err(e) if attempts < 50 && e.to_string().contains("could not acquire lock") => {
                     attempts += 1;
@@ -431,8 +435,73 @@ impl LogStore for SledStore {
         self.snapshot.clone()
     }
 
+    fn snapshot_writer(&self) -> Option<SnapshotWriter> {
+        let (db, meta) = (self.db.clone(), self.meta.clone());
+        Some(Box::new(move |snap: &Snapshot| {
+            let index = snap.get_metadata().index;
+            let meta_bytes = sled::IVec::from(encode("snapshot metadata", snap.get_metadata())?);
+            let data = sled::IVec::from(snap.get_data());
+            let written = meta
+                .transaction(|tm| {
+                    let stored = match tm.get(KEY_SNAPSHOT_META)? {
+                        Some(m) => {
+                            decode::<SnapshotMetadata>("stored snapshot metadata", &m)
+                                .map_err(ConflictableTransactionError::Abort)?
+                                .index
+                        }
+                        None => 0,
+                    };
+                    if stored >= index {
+                        return Ok(false);
+                    }
+                    tm.insert(KEY_SNAPSHOT_META, meta_bytes.clone())?;
+                    tm.insert(KEY_SNAPSHOT_DATA, data.clone())?;
+                    Ok::<_, ConflictableTransactionError<StoreError>>(true)
+                })
+                .map_err(tx_err)?;
+            // Everything written before it (the hard state's commit included) is made durable
+            // with it.
+            db.flush().map_err(engine)?;
+            Ok(written)
+        }))
+    }
+
+    fn adopt_snapshot(&mut self, snap: Snapshot) -> Result<bool, StoreError> {
+        let index = snap.get_metadata().index;
+        if index <= self.snapshot_index() {
+            return Ok(false);
+        }
+        if index > self.last_index {
+            return Err(StoreError::Invalid(format!("snapshot at {index} is past the last index {}", self.last_index)));
+        }
+        let first = self.first();
+        self.terms.compact_to(index);
+        self.snapshot = Some(snap);
+        // The entries it covers are never read again (the log now starts after it) and a
+        // restart drops any that are left: remove them without holding up the Raft thread.
+        let entries = self.entries.clone();
+        let remove = move || {
+            let mut batch = sled::Batch::default();
+            for i in first..=index {
+                batch.remove(&key(i)[..]);
+            }
+            if let Err(e) = entries.apply_batch(batch) {
+                tracing::warn!(error = %e, "removing compacted log entries failed; the next start removes them");
+            }
+        };
+        if std::thread::Builder::new().name("compact".into()).spawn(remove).is_err() {
+            tracing::warn!("could not start a thread to remove compacted log entries; the next start removes them");
+        }
+        Ok(true)
+    }
+
     fn flush(&mut self) -> Result<(), StoreError> {
-        self.db.flush().map_err(engine)?;
+        let started = std::time::Instant::now();
+        let bytes = self.db.flush().map_err(engine)?;
+        let took = started.elapsed();
+        if took >= std::time::Duration::from_millis(100) {
+            tracing::warn!(bytes, ms = took.as_millis() as u64, "slow fsync of the Raft log");
+        }
         Ok(())
     }
 }
@@ -522,6 +591,38 @@ mod tests {
 
     fn hs(term: u64, vote: u64, commit: u64) -> HardState {
         HardState { term, vote, commit, ..Default::default() }
+    }
+
+    #[test]
+    fn a_snapshot_written_in_the_background_is_adopted_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = conformance::entries(1..=30, 1);
+        let cs = ConfState { voters: vec![1, 2, 3], ..Default::default() };
+        {
+            let mut s = SledStore::open_with_voters(dir.path(), &[1, 2, 3]).unwrap();
+            s.append(&log).unwrap();
+            s.set_hard_state(&hs(1, 1, 25)).unwrap();
+            s.flush().unwrap();
+            let snap = new_snapshot(b"state at 20".to_vec(), 20, 1, &cs);
+            // Written on another thread while the log is still whole.
+            let write = s.snapshot_writer().unwrap();
+            let written = std::thread::spawn(move || write(&snap).map(|w| (w, snap))).join().unwrap().unwrap();
+            assert!(written.0, "the writer keeps a newer snapshot");
+            assert_eq!(s.first_index().unwrap(), 1, "nothing is compacted before it is adopted");
+            assert!(s.adopt_snapshot(written.1.clone()).unwrap());
+            assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (21, 30));
+            assert_eq!(all(&s), log[20..].to_vec());
+            assert!(!s.adopt_snapshot(written.1).unwrap(), "an older or equal one is not adopted");
+            // A writer never replaces a newer stored snapshot with an older one.
+            let older = new_snapshot(b"state at 10".to_vec(), 10, 1, &cs);
+            assert!(!s.snapshot_writer().unwrap()(&older).unwrap());
+        }
+        // Whether or not the background removal of compacted entries finished, a restart
+        // finds the snapshot and the log after it.
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.latest_snapshot().unwrap().get_data(), b"state at 20");
+        assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (21, 30));
+        assert_eq!(all(&s), log[20..].to_vec());
     }
 
     #[test]
