@@ -2,9 +2,13 @@
 //! multiplexed over a few HTTP/2 connections to the leader. Each registers a node with 8
 //! simulated GPUs, sends a heartbeat with 8 GPU samples every second (at its own phase), and
 //! answers an assignment with ShardStarted at once, like an agent whose shard starts instantly.
-//! They measure what the leader does for them: heartbeat handling latency (send to Ack, P4) and
-//! how fast shards are assigned to them (P2).
+//! A shard runs until it is stopped (answered with ShardExited at once), or, if its job's
+//! environment holds `SIM_RUN_MS`, for that long and then exits 0.
+//! They measure what the leader does for them: heartbeat handling latency (send to Ack, P4), how
+//! fast shards are assigned to them (P2), submit-to-assignment latency (P3), and how long the
+//! shards of an agent that is killed or cut off take to be assigned elsewhere (P5).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -13,7 +17,7 @@ use anyhow::Context;
 use tessera_proto::v1;
 use tessera_proto::v1::agent_message::Payload as In;
 use tessera_proto::v1::server_message::Payload as Out;
-use tokio::sync::{Mutex, Semaphore, mpsc};
+use tokio::sync::{Mutex, Notify, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 /// What the simulated agents saw.
@@ -25,21 +29,75 @@ pub struct FleetStats {
     pub measuring: AtomicBool,
     /// Assignments received.
     pub assigned: AtomicU64,
+    /// Shards that ended (stopped, or ran their `SIM_RUN_MS`).
+    pub ended: AtomicU64,
     /// Registered agents.
     pub registered: AtomicU64,
+    /// Streams the servers ended (a simulated agent does not reconnect).
+    pub streams_lost: AtomicU64,
+    /// Job name -> when its submission was sent (P3); the assignment records the latency.
+    pub submitted_at: std::sync::Mutex<HashMap<String, Instant>>,
+    /// Submission -> assignment of the jobs in `submitted_at`, milliseconds.
+    pub assign_ms: std::sync::Mutex<Vec<f64>>,
+    /// Job id -> when an attempt after the first was last assigned (P5).
+    pub reassigned: std::sync::Mutex<HashMap<u64, Instant>>,
 }
+
+/// One simulated agent's handles.
+struct AgentHandle {
+    task: tokio::task::JoinHandle<()>,
+    /// Attempt id -> (job id, runs until stopped) of the shards it runs.
+    held: Held,
+    /// Stop sending and reading, keeping the stream open (cut off without a FIN).
+    stall: Arc<Notify>,
+    /// Set when it fails: its timers send nothing more.
+    dead: Arc<AtomicBool>,
+}
+
+type Held = Arc<std::sync::Mutex<HashMap<u64, (u64, bool)>>>;
 
 /// A running simulated fleet; dropping it ends every stream.
 pub struct Fleet {
     pub stats: Arc<FleetStats>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    agents: Vec<AgentHandle>,
 }
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
+        for a in &self.agents {
+            a.task.abort();
         }
+    }
+}
+
+/// How a simulated agent fails.
+#[derive(Debug, Clone, Copy)]
+pub enum Failure {
+    /// Its process dies: the stream ends at once.
+    Killed,
+    /// It goes silent with its connection open (no FIN).
+    CutOff,
+}
+
+impl Fleet {
+    /// Fail one agent that runs shards until stopped; returns the job ids of those shards, or
+    /// None if no agent runs any.
+    pub fn fail_one(&mut self, how: Failure, skip: usize) -> Option<Vec<u64>> {
+        let i = self
+            .agents
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| !a.task.is_finished() && a.held.lock().is_ok_and(|h| h.values().any(|(_, f)| *f)))
+            .nth(skip)
+            .map(|(i, _)| i)?;
+        let a = &self.agents[i];
+        a.dead.store(true, Ordering::Relaxed);
+        let jobs: Vec<u64> = a.held.lock().ok()?.values().filter(|(_, forever)| *forever).map(|(j, _)| *j).collect();
+        match how {
+            Failure::Killed => self.agents[i].task.abort(),
+            Failure::CutOff => self.agents[i].stall.notify_one(),
+        }
+        Some(jobs)
     }
 }
 
@@ -70,53 +128,107 @@ fn heartbeat(now_ms: u64) -> v1::Heartbeat {
     }
 }
 
-/// Connect `n` agents named `{prefix}-{i}` to the leader at `leader` over `conns` connections,
-/// and return once every one is registered.
-pub async fn start(leader: &str, prefix: &str, n: usize, conns: usize) -> anyhow::Result<Fleet> {
-    let mut channels = Vec::new();
-    for _ in 0..conns.max(1) {
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{leader}"))?
-            .initial_connection_window_size(Some(16 << 20))
-            .initial_stream_window_size(Some(1 << 20))
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .with_context(|| format!("connect to the leader at {leader}"))?;
-        channels.push(ch);
+/// Connections to every server, `conns` to each, shared by the simulated agents.
+struct Servers {
+    addrs: Vec<String>,
+    channels: Vec<Vec<tonic::transport::Channel>>,
+}
+
+impl Servers {
+    async fn connect(addrs: &[String], conns: usize) -> anyhow::Result<Servers> {
+        let mut channels = Vec::new();
+        for addr in addrs {
+            let mut per = Vec::new();
+            for _ in 0..conns.max(1) {
+                let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                    .initial_connection_window_size(Some(16 << 20))
+                    .initial_stream_window_size(Some(1 << 20))
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await
+                    .with_context(|| format!("connect to the server at {addr}"))?;
+                per.push(ch);
+            }
+            channels.push(per);
+        }
+        Ok(Servers { addrs: addrs.to_vec(), channels })
     }
+}
+
+/// How one session attempt ended.
+enum Opened {
+    Session(mpsc::Sender<v1::AgentMessage>, Box<tonic::Streaming<v1::ServerMessage>>),
+    /// Not the leader; the hinted leader's address, if any.
+    Redirect(Option<String>),
+    Failed(String),
+}
+
+/// Connect `n` agents named `{prefix}-{i}` to the leader at `servers[leader]` over `conns`
+/// connections to each server, and return once every one is registered. Like real agents, they
+/// reconnect (to the leader a server names, or to each server in turn) when a stream ends.
+pub async fn start(servers: &[String], leader: usize, prefix: &str, n: usize, conns: usize) -> anyhow::Result<Fleet> {
+    let servers = Arc::new(Servers::connect(servers, conns).await?);
     let stats = Arc::new(FleetStats::default());
     // Registrations are Raft writes: a bounded number in flight, like a fleet coming up.
     let gate = Arc::new(Semaphore::new(512));
     let (ready_tx, mut ready_rx) = mpsc::channel::<anyhow::Result<()>>(n.max(1));
-    let mut tasks = Vec::with_capacity(n);
+    let mut agents = Vec::with_capacity(n);
     for i in 0..n {
-        let ch = channels[i % channels.len()].clone();
-        let (stats, gate, ready) = (stats.clone(), gate.clone(), ready_tx.clone());
+        let (stats, gate, ready, servers) = (stats.clone(), gate.clone(), ready_tx.clone(), servers.clone());
+        let held = Arc::new(std::sync::Mutex::new(HashMap::new()));
+        let stall = Arc::new(Notify::new());
+        let dead = Arc::new(AtomicBool::new(false));
         let name = format!("{prefix}-{i:05}");
-        tasks.push(tokio::spawn(async move {
+        let me = Agent { i, name, stats, held: held.clone(), stall: stall.clone(), dead: dead.clone() };
+        let task = tokio::spawn(async move {
             let permit = gate.acquire_owned().await;
-            let (tx, rx) = mpsc::channel(64);
-            let _ = tx.send(v1::AgentMessage { seq: 1, payload: Some(In::Register(register(&name))) }).await;
-            let mut client = v1::agent_service_client::AgentServiceClient::new(ch);
-            let mut inbound = match client.session(ReceiverStream::new(rx)).await {
-                Ok(r) => r.into_inner(),
-                Err(e) => {
-                    let _ = ready.send(Err(anyhow::anyhow!("agent {name}: {e}"))).await;
+            let (tx, inbound) = match me.open(&servers, leader).await {
+                Opened::Session(tx, inbound) => (tx, *inbound),
+                Opened::Redirect(_) => {
+                    let _ = ready.send(Err(anyhow::anyhow!("agent {}: not the leader", me.name))).await;
+                    return;
+                }
+                Opened::Failed(e) => {
+                    let _ = ready.send(Err(anyhow::anyhow!("agent {}: {e}", me.name))).await;
                     return;
                 }
             };
-            match inbound.message().await {
-                Ok(Some(v1::ServerMessage { payload: Some(Out::Registered(_)) })) => {}
-                other => {
-                    let _ = ready.send(Err(anyhow::anyhow!("agent {name}: no Registered: {other:?}"))).await;
+            drop(permit);
+            me.stats.registered.fetch_add(1, Ordering::Relaxed);
+            let _ = ready.send(Ok(())).await;
+            me.run(tx, inbound).await;
+            let mut target = leader;
+            loop {
+                if me.dead.load(Ordering::Relaxed) {
                     return;
                 }
+                me.stats.streams_lost.fetch_add(1, Ordering::Relaxed);
+                // Like a real agent: try again at once, then each server in turn.
+                let mut tries = 0usize;
+                let (tx, inbound) = loop {
+                    match me.open(&servers, target).await {
+                        Opened::Session(tx, inbound) => break (tx, *inbound),
+                        Opened::Redirect(Some(addr)) => {
+                            target = servers
+                                .addrs
+                                .iter()
+                                .position(|a| *a == addr)
+                                .unwrap_or((target + 1) % servers.addrs.len());
+                        }
+                        Opened::Redirect(None) | Opened::Failed(_) => {
+                            target = (target + 1) % servers.addrs.len();
+                            tokio::time::sleep(Duration::from_millis(100 + (me.i as u64 % 100))).await;
+                        }
+                    }
+                    tries += 1;
+                    if tries > 600 {
+                        return;
+                    }
+                };
+                me.run(tx, inbound).await;
             }
-            drop(permit);
-            stats.registered.fetch_add(1, Ordering::Relaxed);
-            let _ = ready.send(Ok(())).await;
-            run_agent(i, tx, inbound, stats).await;
-        }));
+        });
+        agents.push(AgentHandle { task, held, stall, dead });
     }
     drop(ready_tx);
     for _ in 0..n {
@@ -126,54 +238,163 @@ pub async fn start(leader: &str, prefix: &str, n: usize, conns: usize) -> anyhow
             None => anyhow::bail!("the simulated agents ended before registering"),
         }
     }
-    Ok(Fleet { stats, tasks })
+    Ok(Fleet { stats, agents })
 }
 
-async fn run_agent(
+struct Agent {
     i: usize,
-    tx: mpsc::Sender<v1::AgentMessage>,
-    mut inbound: tonic::Streaming<v1::ServerMessage>,
+    name: String,
     stats: Arc<FleetStats>,
-) {
-    let mut seq = 1u64;
-    // Heartbeats spread over the second, as a fleet's are.
-    let phase = Duration::from_millis((i as u64 * 7919) % 1000);
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + phase, Duration::from_secs(1));
-    let mut sent: std::collections::VecDeque<(u64, Instant)> = std::collections::VecDeque::new();
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                seq += 1;
-                let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-                sent.push_back((seq, Instant::now()));
-                if sent.len() > 8 {
-                    sent.pop_front();
-                }
-                if tx.send(v1::AgentMessage { seq, payload: Some(In::Heartbeat(heartbeat(now_ms))) }).await.is_err() {
-                    return;
-                }
+    held: Held,
+    stall: Arc<Notify>,
+    dead: Arc<AtomicBool>,
+}
+
+/// An agent's reports, numbered as it sends them.
+#[derive(Clone)]
+struct Sender {
+    tx: mpsc::Sender<v1::AgentMessage>,
+    seq: Arc<AtomicU64>,
+}
+
+impl Sender {
+    async fn send(&self, payload: In) -> Result<u64, ()> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(v1::AgentMessage { seq, payload: Some(payload) }).await.map(|_| seq).map_err(|_| ())
+    }
+}
+
+fn exited(attempt_id: u64, termination: v1::shard_exited::Termination) -> In {
+    In::ShardExited(v1::ShardExited { attempt_id, termination: Some(termination), ..Default::default() })
+}
+
+impl Agent {
+    /// Open a session with the server `to`, registering with the attempts it runs.
+    async fn open(&self, servers: &Servers, to: usize) -> Opened {
+        let ch = servers.channels[to][self.i % servers.channels[to].len()].clone();
+        let running = self
+            .held
+            .lock()
+            .map(|h| {
+                h.iter()
+                    .map(|(a, (j, _))| v1::RunningAttempt { attempt_id: *a, job_id: *j, ..Default::default() })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let reg = v1::Register { running_attempts: running, ..register(&self.name) };
+        let (tx, rx) = mpsc::channel(64);
+        let _ = tx.send(v1::AgentMessage { seq: 1, payload: Some(In::Register(reg)) }).await;
+        let mut client = v1::agent_service_client::AgentServiceClient::new(ch);
+        let mut inbound = match client.session(ReceiverStream::new(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(e) => return Opened::Failed(e.to_string()),
+        };
+        match inbound.message().await {
+            Ok(Some(v1::ServerMessage { payload: Some(Out::Registered(_)) })) => Opened::Session(tx, Box::new(inbound)),
+            Ok(Some(v1::ServerMessage { payload: Some(Out::NotLeader(n)) })) => {
+                Opened::Redirect(n.leader.map(|l| l.leader_address).filter(|a| !a.is_empty()))
             }
-            m = inbound.message() => match m {
-                Ok(Some(v1::ServerMessage { payload: Some(Out::Ack(a)) })) => {
-                    if let Some(pos) = sent.iter().position(|(s, _)| *s == a.seq) {
-                        let (_, at) = sent.remove(pos).unwrap_or((0, Instant::now()));
-                        if stats.measuring.load(Ordering::Relaxed) {
-                            stats.heartbeat_ms.lock().await.push(at.elapsed().as_secs_f64() * 1000.0);
+            other => Opened::Failed(format!("no Registered: {other:?}")),
+        }
+    }
+
+    async fn run(&self, tx: mpsc::Sender<v1::AgentMessage>, mut inbound: tonic::Streaming<v1::ServerMessage>) {
+        let out = Sender { tx, seq: Arc::new(AtomicU64::new(2)) };
+        // Heartbeats spread over the second, as a fleet's are.
+        let phase = Duration::from_millis((self.i as u64 * 7919) % 1000);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + phase, Duration::from_secs(1));
+        let mut sent: std::collections::VecDeque<(u64, Instant)> = std::collections::VecDeque::new();
+        loop {
+            tokio::select! {
+                _ = self.stall.notified() => {
+                    // Silent, stream open: only the servers' node-down timeout notices.
+                    std::future::pending::<()>().await;
+                }
+                _ = tick.tick() => {
+                    let now_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
+                    let at = Instant::now();
+                    let Ok(seq) = out.send(In::Heartbeat(heartbeat(now_ms))).await else { return };
+                    sent.push_back((seq, at));
+                    if sent.len() > 8 {
+                        sent.pop_front();
+                    }
+                }
+                m = inbound.message() => match m {
+                    Ok(Some(v1::ServerMessage { payload: Some(Out::Ack(a)) })) => {
+                        if let Some(pos) = sent.iter().position(|(s, _)| *s == a.seq) {
+                            let (_, at) = sent.remove(pos).unwrap_or((0, Instant::now()));
+                            if self.stats.measuring.load(Ordering::Relaxed) {
+                                self.stats.heartbeat_ms.lock().await.push(at.elapsed().as_secs_f64() * 1000.0);
+                            }
                         }
                     }
-                }
-                Ok(Some(v1::ServerMessage { payload: Some(Out::AssignShard(a)) })) => {
-                    stats.assigned.fetch_add(1, Ordering::Relaxed);
-                    seq += 1;
-                    let started = v1::ShardStarted { attempt_id: a.attempt_id, ..Default::default() };
-                    if tx.send(v1::AgentMessage { seq, payload: Some(In::ShardStarted(started)) }).await.is_err() {
-                        return;
+                    Ok(Some(v1::ServerMessage { payload: Some(Out::AssignShard(a)) })) => {
+                        if self.assigned(&a, &out).await.is_err() {
+                            return;
+                        }
                     }
-                }
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => return,
-            },
+                    Ok(Some(v1::ServerMessage { payload: Some(Out::StopShard(s)) })) => {
+                        let was_held = self.held.lock().ok().and_then(|mut h| h.remove(&s.attempt_id)).is_some();
+                        if was_held {
+                            self.stats.ended.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let end = v1::shard_exited::Termination::Signal(15);
+                        if out.send(exited(s.attempt_id, end)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Some(v1::ServerMessage { payload: Some(Out::ForgetAttempts(f)) })) => {
+                        if let Ok(mut h) = self.held.lock() {
+                            for a in f.attempt_ids {
+                                h.remove(&a);
+                            }
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => return,
+                },
+            }
         }
+    }
+
+    async fn assigned(&self, a: &v1::AssignShard, out: &Sender) -> Result<(), ()> {
+        let now = Instant::now();
+        let run_ms = a.env.get("SIM_RUN_MS").and_then(|v| v.parse::<u64>().ok());
+        let new = self.held.lock().is_ok_and(|mut h| h.insert(a.attempt_id, (a.job_id, run_ms.is_none())).is_none());
+        if !new {
+            // Sent again after a reconnect: it runs already.
+            return Ok(());
+        }
+        self.stats.assigned.fetch_add(1, Ordering::Relaxed);
+        if a.attempt > 1
+            && let Ok(mut r) = self.stats.reassigned.lock()
+        {
+            r.insert(a.job_id, now);
+        }
+        let sent_at = self.stats.submitted_at.lock().ok().and_then(|mut m| m.remove(&a.job_name));
+        if let Some(t) = sent_at
+            && let Ok(mut v) = self.stats.assign_ms.lock()
+        {
+            v.push(now.duration_since(t).as_secs_f64() * 1000.0);
+        }
+        out.send(In::ShardStarted(v1::ShardStarted { attempt_id: a.attempt_id, ..Default::default() })).await?;
+        if let Some(ms) = run_ms {
+            let (out, held, stats, attempt) = (out.clone(), self.held.clone(), self.stats.clone(), a.attempt_id);
+            let dead = self.dead.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                if dead.load(Ordering::Relaxed) {
+                    return;
+                }
+                if held.lock().ok().and_then(|mut h| h.remove(&attempt)).is_some() {
+                    stats.ended.fetch_add(1, Ordering::Relaxed);
+                    let _ = out.send(exited(attempt, v1::shard_exited::Termination::ExitCode(0))).await;
+                }
+            });
+        }
+        Ok(())
     }
 }
 

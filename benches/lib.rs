@@ -87,3 +87,17 @@ pub fn submit_mix(f: &mut Fixture, jobs: usize) -> u64 {
     }
     gpus
 }
+
+/// A server's history: `jobs` jobs of the mix above, nine in ten of them cancelled (finished),
+/// the rest pending, and no nodes. What a long-lived cluster holds (P6).
+pub fn job_history(jobs: usize) -> Fixture {
+    let mut f = Fixture { state: State::new(), index: 0, now: Timestamp(1_700_000_000_000) };
+    submit_mix(&mut f, jobs);
+    let ids: Vec<_> = f.state.jobs().keys().copied().collect();
+    for (i, job) in ids.into_iter().enumerate() {
+        if i % 10 != 0 {
+            f.apply(Command::CancelJob { job, reason: Some("finished".into()) });
+        }
+    }
+    f
+}

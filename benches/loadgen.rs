@@ -1,149 +1,163 @@
-//! Load generator for a three-server cluster on loopback: submissions acknowledged per second
-//! under many concurrent clients (P1), single-client latency, and the time from a leader's
-//! kill -9 to the first accepted write (P5). It starts the servers itself (release binary
-//! beside it: build with `cargo build --release -p tessera -p tessera-benches`) and stops them
-//! when it ends.
+//! Load generator: the figures P1-P7 of `../shared/design/targets.md`, measured on real
+//! `tessera server` and `tessera agent` processes on loopback. It starts everything itself (the
+//! release binary beside it: build with `cargo build --release -p tessera -p tessera-benches`)
+//! and stops it when it ends.
 //!
-//! `cargo run --release -p tessera-benches --bin loadgen -- --clients 256 --seconds 10 --runs 3`
+//! ```text
+//! ./target/release/loadgen            # quick: 500 agents, 64 clients, one run (about a minute)
+//! ./target/release/loadgen --full     # target scale: 10,000 agents, 256 clients, 3 runs
+//! ```
 //!
-//! With `--agents N` it also connects N simulated agents (8 GPUs each, see `fleet.rs`) to a fresh
-//! cluster: their registration rate, the leader's CPU and the heartbeat handling latency with
-//! every agent at 1 Hz (P4), and how fast the servers fill every GPU with single-GPU jobs (P2).
-//! `--agents 10000` is the target scale.
+//! Every scale, count and duration is also a flag of its own. Three phases, each on fresh
+//! clusters of three servers, once per run:
+//!
+//! 1. cluster: submissions from many concurrent clients (P1), one client's latency (P1), the
+//!    leader killed with kill -9, idle and under that load (P5);
+//! 2. fleet: N simulated agents (`fleet.rs`) and one real agent process: heartbeat handling and
+//!    leader CPU (P4), the real agent's footprint (P7), filling every GPU with 4x8-GPU gangs and
+//!    then with single-GPU jobs (P2), submit-to-assignment latency at a steady rate with the
+//!    fleet half full (P3), and an agent killed or cut off (P5);
+//! 3. restart: three servers restored from a snapshot of a history of many jobs, all killed
+//!    with kill -9 and started again: the time until they serve, and their disk use (P6).
+//!
+//! It prints one table of figures (median and spread over runs, next to the target), one of the
+//! CPU time and peak RSS of every process, and writes both as JSON (`--json`).
 
 mod fleet;
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use tessera_proto::v1;
-use tessera_tests::{Cluster, channel, spec, wait_for_leader};
+use tessera_tests::{AgentProc, Cluster, channel, spec, wait_for_leader};
 
 #[derive(Parser, Debug)]
+#[command(about = "Tessera's load generator: the figures P1-P7 on real processes")]
 struct Args {
-    /// Concurrent clients for the throughput phase.
-    #[arg(long, default_value_t = 256)]
-    clients: usize,
-    /// Seconds of the throughput phase.
-    #[arg(long, default_value_t = 10)]
-    seconds: u64,
-    /// Independent runs (a fresh cluster each); figures are medians over runs.
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
-    /// Leader kills per run.
-    #[arg(long, default_value_t = 3)]
-    kills: usize,
+    /// Target scale: 10,000 agents, 256 clients, 10 s phases, 3 runs, 3 kills, 1,000,000 jobs.
+    #[arg(long)]
+    full: bool,
+    /// Concurrent clients (P1, and the submitters of P2) [quick 64, full 256].
+    #[arg(long)]
+    clients: Option<usize>,
+    /// Seconds of the P1 throughput phase, of the P4 steady state and of P3 [quick 3, full 10].
+    #[arg(long)]
+    seconds: Option<u64>,
+    /// Independent runs (fresh clusters each); figures are medians over runs [quick 1, full 3].
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Leader kills per run, idle and under load each [quick 1, full 3].
+    #[arg(long)]
+    kills: Option<usize>,
+    /// Simulated agents of 8 GPUs each (0: skip the fleet phase) [quick 500, full 10,000].
+    #[arg(long)]
+    agents: Option<usize>,
+    /// Jobs in the history the restarted servers hold (0: skip the restart phase)
+    /// [quick 50,000, full 1,000,000].
+    #[arg(long)]
+    restart_jobs: Option<usize>,
     /// Sequential submissions for the single-client latency.
     #[arg(long, default_value_t = 300)]
     single: usize,
-    /// Simulated agents for the fleet phase (0: skip it); 10000 is the target scale.
-    #[arg(long, default_value_t = 0)]
-    agents: usize,
     /// Connections the simulated agents share.
     #[arg(long, default_value_t = 8)]
     agent_conns: usize,
-    /// Seconds of steady heartbeats measured in the fleet phase.
-    #[arg(long, default_value_t = 10)]
-    fleet_seconds: u64,
-    /// Longest wait for the fleet to fill; past it the fill rate is over what was assigned.
+    /// Submissions per second for P3.
+    #[arg(long, default_value_t = 1000)]
+    p3_rate: usize,
+    /// Longest wait for the fleet to fill (P2); past it the rate is over what was assigned.
     #[arg(long, default_value_t = 120)]
+    fill_timeout: u64,
+    /// Phases to run, of cluster, fleet and restart.
+    #[arg(long, value_delimiter = ',', default_value = "cluster,fleet,restart")]
+    phases: Vec<String>,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "loadgen.json")]
+    json: PathBuf,
+}
+
+/// The flags with the quick or full defaults filled in.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Scale {
+    clients: usize,
+    seconds: u64,
+    runs: usize,
+    kills: usize,
+    agents: usize,
+    restart_jobs: usize,
+    single: usize,
+    agent_conns: usize,
+    p3_rate: usize,
     fill_timeout: u64,
 }
 
-/// Figures of one fleet phase.
-struct FleetRun {
-    register_per_sec: f64,
-    leader_cores: f64,
-    hb_p50_ms: f64,
-    hb_p99_ms: f64,
-    fill_shards_per_sec: f64,
-    fill_complete: bool,
-    server_peak_rss_mib: Vec<f64>,
-    server_cpu_s: Vec<f64>,
-}
-
-async fn fleet_run(args: &Args, run: usize) -> anyhow::Result<FleetRun> {
-    let c = Cluster::start(3, &[]);
-    let addrs = c.running_addrs();
-    let leader = wait_for_leader(&addrs, Duration::from_secs(20)).await.context("no leader")?;
-    let leader_addr = c.servers[&leader].addr.clone();
-    let leader_pid = c.servers[&leader].pid().context("leader pid")?;
-
-    let t = Instant::now();
-    let fleet = fleet::start(&leader_addr, &format!("sim{run}"), args.agents, args.agent_conns).await?;
-    let register_per_sec = args.agents as f64 / t.elapsed().as_secs_f64();
-    eprintln!("fleet: {} agents registered in {:.1} s", args.agents, t.elapsed().as_secs_f64());
-
-    // Steady state: every agent heartbeats once a second.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (cpu0, _) = fleet::cpu_and_peak_rss(leader_pid).context("leader /proc")?;
-    fleet.stats.measuring.store(true, std::sync::atomic::Ordering::Relaxed);
-    let t = Instant::now();
-    tokio::time::sleep(Duration::from_secs(args.fleet_seconds)).await;
-    fleet.stats.measuring.store(false, std::sync::atomic::Ordering::Relaxed);
-    let (cpu1, _) = fleet::cpu_and_peak_rss(leader_pid).context("leader /proc")?;
-    let leader_cores = (cpu1 - cpu0) / t.elapsed().as_secs_f64();
-    let mut hb = std::mem::take(&mut *fleet.stats.heartbeat_ms.lock().await);
-    hb.sort_by(f64::total_cmp);
-
-    // Fill every GPU with single-GPU jobs, submitted by 64 clients to every server.
-    let total = args.agents * 8;
-    let before = fleet.stats.assigned.load(std::sync::atomic::Ordering::Relaxed);
-    let t = Instant::now();
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut submitters = Vec::new();
-    for w in 0..64 {
-        let (addr, next) = (addrs[w % addrs.len()].clone(), next.clone());
-        submitters.push(tokio::spawn(async move {
-            let mut cl = v1::job_service_client::JobServiceClient::new(channel(&addr));
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= total {
-                    return;
-                }
-                let req =
-                    v1::SubmitJobRequest { spec: Some(spec("fill")), idempotency_key: format!("r{run}-fill-{i}") };
-                let _ = cl.submit_job(req).await;
-            }
-        }));
-    }
-    let deadline = Instant::now() + Duration::from_secs(args.fill_timeout);
-    let assigned = || fleet.stats.assigned.load(std::sync::atomic::Ordering::Relaxed) - before;
-    while assigned() < total as u64 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let fill_shards_per_sec = assigned() as f64 / t.elapsed().as_secs_f64();
-    let fill_complete = assigned() >= total as u64;
-    if !fill_complete {
-        eprintln!(
-            "fleet: only {} of {total} shards assigned after {} s; the rate printed is over that time",
-            assigned(),
-            args.fill_timeout
-        );
-    }
-    for s in submitters {
-        s.abort();
-    }
-    let mut server_peak_rss_mib = Vec::new();
-    let mut server_cpu_s = Vec::new();
-    for s in c.servers.values() {
-        if let Some((cpu, rss)) = s.pid().and_then(fleet::cpu_and_peak_rss) {
-            server_cpu_s.push(cpu);
-            server_peak_rss_mib.push(rss);
+impl Scale {
+    fn from(a: &Args) -> Scale {
+        let pick = |v: Option<usize>, quick: usize, full: usize| v.unwrap_or(if a.full { full } else { quick });
+        Scale {
+            clients: pick(a.clients, 64, 256),
+            seconds: a.seconds.unwrap_or(if a.full { 10 } else { 3 }),
+            runs: pick(a.runs, 1, 3).max(1),
+            kills: pick(a.kills, 1, 3),
+            agents: pick(a.agents, 500, 10_000),
+            restart_jobs: pick(a.restart_jobs, 50_000, 1_000_000),
+            single: a.single,
+            agent_conns: a.agent_conns,
+            p3_rate: a.p3_rate.max(1),
+            fill_timeout: a.fill_timeout,
         }
     }
-    drop(fleet);
-    Ok(FleetRun {
-        register_per_sec,
-        leader_cores,
-        hb_p50_ms: pct(&hb, 0.5),
-        hb_p99_ms: pct(&hb, 0.99),
-        fill_shards_per_sec,
-        fill_complete,
-        server_peak_rss_mib,
-        server_cpu_s,
-    })
+}
+
+/// One figure's values over runs.
+struct Figure {
+    id: &'static str,
+    name: String,
+    unit: &'static str,
+    target: &'static str,
+    values: Vec<f64>,
+}
+
+/// CPU time and peak RSS of one process at the end of a phase.
+#[derive(serde::Serialize)]
+struct ProcessUse {
+    phase: &'static str,
+    run: usize,
+    process: String,
+    cpu_s: f64,
+    peak_rss_mib: f64,
+}
+
+#[derive(Default)]
+struct Report {
+    figures: Vec<Figure>,
+    processes: Vec<ProcessUse>,
+}
+
+impl Report {
+    fn add(&mut self, id: &'static str, name: impl Into<String>, unit: &'static str, target: &'static str, v: f64) {
+        let name = name.into();
+        match self.figures.iter_mut().find(|f| f.id == id && f.name == name) {
+            Some(f) => f.values.push(v),
+            None => self.figures.push(Figure { id, name, unit, target, values: vec![v] }),
+        }
+    }
+
+    fn process(&mut self, phase: &'static str, run: usize, process: impl Into<String>, pid: Option<u32>) {
+        if let Some((cpu_s, peak_rss_mib)) = pid.and_then(fleet::cpu_and_peak_rss) {
+            self.processes.push(ProcessUse { phase, run, process: process.into(), cpu_s, peak_rss_mib });
+        }
+    }
+
+    fn servers(&mut self, phase: &'static str, run: usize, c: &Cluster) {
+        for s in c.servers.values() {
+            self.process(phase, run, format!("server {}", s.id), s.pid());
+        }
+    }
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -153,179 +167,646 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// (median, min, max) of figures over runs.
-fn spread(v: Vec<f64>) -> (f64, f64, f64) {
-    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    (median(v), min, max)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v.sort_by(f64::total_cmp);
-    pct(&v, 0.5)
+    v
 }
 
-struct Run {
-    acks_per_sec: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    single_p50_ms: f64,
-    leader_kill_ms: Vec<f64>,
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
-async fn throughput(addrs: &[String], clients: usize, seconds: u64, run: usize) -> (f64, Vec<f64>) {
-    let until = Instant::now() + Duration::from_secs(seconds);
+// ---------------------------------------------------------------------------------------------
+// Phase 1: the cluster (P1, P5 leader kill)
+// ---------------------------------------------------------------------------------------------
+
+/// `clients` clients submitting to every server until `until`; returns acknowledged latencies.
+async fn submit_load(addrs: Vec<String>, clients: usize, until: Instant, tag: String) -> Vec<f64> {
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let addr = addrs[c % addrs.len()].clone();
+        let (addr, tag) = (addrs[c % addrs.len()].clone(), tag.clone());
         tasks.push(tokio::spawn(async move {
             let mut client = v1::job_service_client::JobServiceClient::new(channel(&addr));
             let mut lat = Vec::new();
             let mut n = 0;
             while Instant::now() < until {
                 let t = Instant::now();
-                let req =
-                    v1::SubmitJobRequest { spec: Some(spec("load")), idempotency_key: format!("r{run}-c{c}-{n}") };
+                let mut req = tonic::Request::new(v1::SubmitJobRequest {
+                    spec: Some(spec("load")),
+                    idempotency_key: format!("{tag}-c{c}-{n}"),
+                });
+                req.set_timeout(Duration::from_secs(2));
                 if client.submit_job(req).await.is_ok() {
-                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                    lat.push(ms(t.elapsed()));
+                } else {
+                    // The server may be the one just killed: back off a little.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 n += 1;
             }
             lat
         }));
     }
-    let started = Instant::now();
     let mut all = Vec::new();
     for t in tasks {
         all.extend(t.await.unwrap_or_default());
     }
-    let elapsed = started.elapsed().as_secs_f64().max(seconds as f64);
-    all.sort_by(f64::total_cmp);
-    (all.len() as f64 / elapsed, all)
+    all
 }
 
-async fn one_run(args: &Args, run: usize) -> anyhow::Result<Run> {
+/// Kill the leader with kill -9 and time until a write is accepted again; restarts it after.
+async fn kill_leader(c: &mut Cluster, tag: &str) -> anyhow::Result<f64> {
+    let leader = wait_for_leader(&c.running_addrs(), Duration::from_secs(20)).await.context("no leader")?;
+    c.servers.get_mut(&leader).context("leader id")?.kill();
+    let others = c.running_addrs();
+    let t = Instant::now();
+    let mut i = 0;
+    loop {
+        // Short deadlines so a request stuck on the dead leader does not hide the recovery.
+        let addr = &others[i % others.len()];
+        i += 1;
+        let mut cl = v1::job_service_client::JobServiceClient::new(channel(addr));
+        let mut req = tonic::Request::new(v1::SubmitJobRequest {
+            spec: Some(spec("after-kill")),
+            idempotency_key: format!("{tag}-{i}"),
+        });
+        req.set_timeout(Duration::from_millis(300));
+        if cl.submit_job(req).await.is_ok() {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("no write accepted 30 s after the leader was killed");
+        }
+    }
+    let took = ms(t.elapsed());
+    c.servers.get_mut(&leader).context("leader id")?.restart();
+    Ok(took)
+}
+
+async fn cluster_phase(s: &Scale, run: usize, report: &mut Report) -> anyhow::Result<()> {
     let mut c = Cluster::start(3, &[]);
     let addrs = c.running_addrs();
     wait_for_leader(&addrs, Duration::from_secs(20)).await.context("no leader")?;
 
-    let (acks_per_sec, lat) = throughput(&addrs, args.clients, args.seconds, run).await;
+    let start = Instant::now();
+    let lat =
+        sorted(submit_load(addrs.clone(), s.clients, start + Duration::from_secs(s.seconds), format!("r{run}")).await);
+    let rate = lat.len() as f64 / start.elapsed().as_secs_f64();
+    let clients = s.clients;
+    report.add("P1", format!("submissions acknowledged, {clients} clients"), "/s", ">= 15,000", rate);
+    report.add("P1", format!("submit latency p50, {clients} clients"), "ms", "", pct(&lat, 0.5));
+    report.add("P1", format!("submit latency p99, {clients} clients"), "ms", "<= 50", pct(&lat, 0.99));
 
     let mut client = v1::job_service_client::JobServiceClient::new(channel(&addrs[0]));
     let mut single = Vec::new();
-    for n in 0..args.single {
+    for n in 0..s.single {
         let t = Instant::now();
         let req = v1::SubmitJobRequest { spec: Some(spec("one")), idempotency_key: format!("r{run}-single-{n}") };
         if client.submit_job(req).await.is_ok() {
-            single.push(t.elapsed().as_secs_f64() * 1000.0);
+            single.push(ms(t.elapsed()));
         }
     }
-    single.sort_by(f64::total_cmp);
+    report.add("P1", "submit latency p50, one client", "ms", "<= 2", pct(&sorted(single), 0.5));
 
-    let mut kills = Vec::new();
-    for k in 0..args.kills {
-        let leader = wait_for_leader(&c.running_addrs(), Duration::from_secs(20)).await.context("no leader")?;
-        c.servers.get_mut(&leader).context("leader id")?.kill();
-        let others: Vec<String> = c.running_addrs();
-        let t = Instant::now();
-        let mut i = 0;
-        loop {
-            // Short deadlines so a request stuck on the dead leader does not hide the recovery.
-            let addr = &others[i % others.len()];
-            i += 1;
-            let mut cl = v1::job_service_client::JobServiceClient::new(channel(addr));
-            let mut req = tonic::Request::new(v1::SubmitJobRequest {
-                spec: Some(spec("after-kill")),
-                idempotency_key: format!("r{run}-kill{k}-{i}"),
-            });
-            req.set_timeout(Duration::from_millis(300));
-            if cl.submit_job(req).await.is_ok() {
-                break;
-            }
-            if t.elapsed() > Duration::from_secs(30) {
-                bail!("no write accepted 30 s after the leader was killed");
-            }
-        }
-        kills.push(t.elapsed().as_secs_f64() * 1000.0);
-        c.servers.get_mut(&leader).context("leader id")?.restart();
+    for k in 0..s.kills {
+        let took = kill_leader(&mut c, &format!("r{run}-kill{k}")).await?;
+        report.add("P5", "leader kill -9 -> write accepted, idle", "ms", "<= 1,000", took);
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    Ok(Run {
-        acks_per_sec,
-        p50_ms: pct(&lat, 0.5),
-        p99_ms: pct(&lat, 0.99),
-        single_p50_ms: pct(&single, 0.5),
-        leader_kill_ms: kills,
-    })
+    for k in 0..s.kills {
+        let addrs = c.running_addrs();
+        let until = Instant::now() + Duration::from_secs(3);
+        let load = tokio::spawn(submit_load(addrs, s.clients, until, format!("r{run}-load{k}")));
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let took = kill_leader(&mut c, &format!("r{run}-lkill{k}")).await?;
+        report.add(
+            "P5",
+            format!("leader kill -9 -> write accepted, {clients} clients loading"),
+            "ms",
+            "<= 1,000",
+            took,
+        );
+        let _ = load.await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    report.servers("cluster", run, &c);
+    eprintln!("run {run}: cluster phase done");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 2: the fleet (P2, P3, P4, P5 agent failures, P7)
+// ---------------------------------------------------------------------------------------------
+
+fn gang_spec(name: &str) -> v1::JobSpec {
+    v1::JobSpec { shards: 4, resources: Some(v1::Resources { gpus: 8, ..Default::default() }), ..spec(name) }
+}
+
+/// Submit `n` jobs built by `make` from `clients` clients; returns their ids.
+async fn submit_many(
+    addrs: &[String],
+    clients: usize,
+    n: usize,
+    make: Arc<dyn Fn(usize) -> (v1::JobSpec, String) + Send + Sync>,
+    deadline: Instant,
+) -> Vec<u64> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..clients.max(1) {
+        let (addr, next, make) = (addrs[w % addrs.len()].clone(), next.clone(), make.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut cl = v1::job_service_client::JobServiceClient::new(channel(&addr));
+            let mut ids = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return ids;
+                }
+                let (spec, key) = make(i);
+                // Retried with its key until acknowledged: every job is submitted exactly once.
+                for _ in 0..20 {
+                    if Instant::now() >= deadline {
+                        return ids;
+                    }
+                    let req = v1::SubmitJobRequest { spec: Some(spec.clone()), idempotency_key: key.clone() };
+                    if let Ok(r) = cl.submit_job(req).await {
+                        ids.push(r.into_inner().job_id);
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.extend(t.await.unwrap_or_default());
+    }
+    ids
+}
+
+async fn cancel_many(addrs: &[String], clients: usize, ids: Vec<u64>) {
+    let ids = Arc::new(ids);
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..clients.max(1) {
+        let (addr, next, ids) = (addrs[w % addrs.len()].clone(), next.clone(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut cl = v1::job_service_client::JobServiceClient::new(channel(&addr));
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&job_id) = ids.get(i) else { return };
+                let _ = cl.cancel_job(v1::CancelJobRequest { job_id, reason: String::new() }).await;
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// Wait until `done()` or `timeout`; true if done.
+async fn wait_until(timeout: Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
+}
+
+/// Fill the fleet with `jobs` jobs of `shards` shards each; (seconds, shards assigned, acks/s).
+async fn fill(
+    s: &Scale,
+    addrs: &[String],
+    stats: &fleet::FleetStats,
+    jobs: usize,
+    shards: usize,
+    make: Arc<dyn Fn(usize) -> (v1::JobSpec, String) + Send + Sync>,
+) -> (f64, u64, f64, Vec<u64>) {
+    let before = stats.assigned.load(Ordering::Relaxed);
+    let assigned = || stats.assigned.load(Ordering::Relaxed) - before;
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs(s.fill_timeout);
+    let submit = tokio::spawn({
+        let addrs = addrs.to_vec();
+        let clients = s.clients;
+        async move {
+            let t = Instant::now();
+            let ids = submit_many(&addrs, clients, jobs, make, deadline).await;
+            (ids, t.elapsed())
+        }
+    });
+    let total = (jobs * shards) as u64;
+    wait_until(deadline.saturating_duration_since(Instant::now()), || assigned() >= total).await;
+    let took = t.elapsed().as_secs_f64();
+    let got = assigned();
+    let (ids, submit_took) = submit.await.unwrap_or_default();
+    (took, got, ids.len() as f64 / submit_took.as_secs_f64().max(1e-9), ids)
+}
+
+/// Cancel `ids` and wait until the agents have stopped `shards` shards.
+async fn free(s: &Scale, addrs: &[String], stats: &fleet::FleetStats, ids: Vec<u64>, shards: u64) {
+    let ended = stats.ended.load(Ordering::Relaxed);
+    cancel_many(addrs, s.clients, ids).await;
+    let freed = || stats.ended.load(Ordering::Relaxed) - ended >= shards;
+    if !wait_until(Duration::from_secs(s.fill_timeout.max(60) * 2), freed).await {
+        eprintln!("not every cancelled shard was stopped in time; the next figures start from a fuller fleet");
+    }
+    // The exits are acknowledged once applied; give the last ones a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+/// P3: `rate` single-GPU jobs per second for `seconds`, each running 1 s on its agent; the
+/// latency from sending the submission to its agent getting the assignment.
+async fn steady_submissions(addrs: &[String], stats: &Arc<fleet::FleetStats>, rate: usize, seconds: u64, run: usize) {
+    let n = rate * seconds as usize;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let clients: Vec<_> =
+        (0..16).map(|i| v1::job_service_client::JobServiceClient::new(channel(&addrs[i % addrs.len()]))).collect();
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        tick.tick().await;
+        let mut cl = clients[i % clients.len()].clone();
+        let stats = stats.clone();
+        tasks.push(tokio::spawn(async move {
+            let name = format!("p3-{run}-{i}");
+            let mut spec = spec(&name);
+            spec.env.insert("SIM_RUN_MS".into(), "1000".into());
+            if let Ok(mut m) = stats.submitted_at.lock() {
+                m.insert(name.clone(), Instant::now());
+            }
+            let _ = cl.submit_job(v1::SubmitJobRequest { spec: Some(spec), idempotency_key: name }).await;
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let pending = || stats.submitted_at.lock().map(|m| m.len()).unwrap_or(0);
+    wait_until(Duration::from_secs(10), || pending() == 0).await;
+}
+
+/// Fail one agent that runs shards; the time until every one of its jobs is assigned again.
+async fn agent_failure(fleet: &mut fleet::Fleet, how: fleet::Failure, skip: usize) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let jobs = fleet.fail_one(how, skip).context("no simulated agent runs a shard")?;
+    let stats = fleet.stats.clone();
+    let done = || stats.reassigned.lock().is_ok_and(|r| jobs.iter().all(|j| r.get(j).is_some_and(|at| *at > t)));
+    if !wait_until(Duration::from_secs(30), done).await {
+        bail!("the shards of a {how:?} agent were not assigned elsewhere within 30 s");
+    }
+    let last = stats.reassigned.lock().ok().and_then(|r| jobs.iter().filter_map(|j| r.get(j)).max().copied());
+    Ok(last.map_or(f64::NAN, |l| ms(l.duration_since(t))))
+}
+
+/// The servers' role changes and snapshots, and the first of their warnings and errors, for a
+/// phase that failed.
+fn warnings(c: &Cluster) -> String {
+    let mut out = String::new();
+    for s in c.servers.values() {
+        let log = s.log();
+        let notable = |l: &&str| l.contains("role changed") || l.contains("snapshot");
+        let bad = |l: &&str| l.contains("WARN") || l.contains("ERROR");
+        let count = log.lines().filter(bad).count();
+        out.push_str(&format!(
+            "--- server {}: {count} warnings/errors; role changes, snapshots, the first 10:\n",
+            s.id
+        ));
+        let mut shown = 0;
+        for l in log.lines().filter(|l| notable(l) || bad(l)) {
+            if notable(&l) || shown < 10 {
+                shown += usize::from(!notable(&l));
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+async fn fleet_phase(s: &Scale, run: usize, report: &mut Report) -> anyhow::Result<()> {
+    let c = Cluster::start(3, &[]);
+    let result = fleet_measure(s, run, report, &c).await;
+    if result.is_err() {
+        eprintln!("{}", warnings(&c));
+    }
+    result
+}
+
+async fn fleet_measure(s: &Scale, run: usize, report: &mut Report, c: &Cluster) -> anyhow::Result<()> {
+    let addrs = c.running_addrs();
+    let leader = wait_for_leader(&addrs, Duration::from_secs(20)).await.context("no leader")?;
+    let leader_addr = c.servers[&leader].addr.clone();
+    let leader_pid = c.servers[&leader].pid().context("leader pid")?;
+    let n = s.agents;
+
+    // One real agent process, drained so that it only samples and reports (P7).
+    let real = AgentProc::start("real-agent", &addrs, "8xH100-80GB", c.dir.path(), &[]);
+    let t = Instant::now();
+    let leader_index = addrs.iter().position(|a| *a == leader_addr).unwrap_or(0);
+    let mut fleet = fleet::start(&addrs, leader_index, &format!("sim{run}"), n, s.agent_conns).await?;
+    report.add("", format!("agents registered, {n} agents"), "/s", "", n as f64 / t.elapsed().as_secs_f64());
+    let mut nodes = v1::node_service_client::NodeServiceClient::new(channel(&leader_addr));
+    let drain = v1::DrainNodeRequest {
+        node: Some(v1::NodeRef { node: Some(v1::node_ref::Node::Name("real-agent".into())) }),
+        deadline_seconds: None,
+        reason: "loadgen: measured idle".into(),
+    };
+    let mut drained = false;
+    for _ in 0..100 {
+        if nodes.drain_node(drain.clone()).await.is_ok() {
+            drained = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !drained {
+        bail!("the real agent did not register");
+    }
+
+    // P4 and P7: steady heartbeats.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (cpu0, _) = fleet::cpu_and_peak_rss(leader_pid).context("leader /proc")?;
+    let (acpu0, _) = real.pid().and_then(fleet::cpu_and_peak_rss).context("agent /proc")?;
+    fleet.stats.measuring.store(true, Ordering::Relaxed);
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs(s.seconds)).await;
+    fleet.stats.measuring.store(false, Ordering::Relaxed);
+    let secs = t.elapsed().as_secs_f64();
+    let (cpu1, _) = fleet::cpu_and_peak_rss(leader_pid).context("leader /proc")?;
+    let (acpu1, arss) = real.pid().and_then(fleet::cpu_and_peak_rss).context("agent /proc")?;
+    let hb = sorted(std::mem::take(&mut *fleet.stats.heartbeat_ms.lock().await));
+    report.add("P4", format!("leader CPU, {n} agents at 1 Hz"), "cores", "<= 1", (cpu1 - cpu0) / secs);
+    report.add("P4", "heartbeat handling p50", "ms", "", pct(&hb, 0.5));
+    report.add("P4", "heartbeat handling p99", "ms", "<= 10", pct(&hb, 0.99));
+    report.add("P7", "agent CPU, 8 simulated GPUs at 1 Hz", "% core", "<= 0.2", (acpu1 - acpu0) / secs * 100.0);
+    report.add("P7", "agent peak RSS", "MiB", "<= 20", arss);
+    eprintln!("run {run}: {n} agents connected, heartbeats measured");
+
+    // P2: every GPU, first with 4x8-GPU gangs, then with single-GPU jobs.
+    let gangs = n / 4;
+    let (took, got, _, ids) =
+        fill(s, &addrs, &fleet.stats, gangs, 4, Arc::new(move |i| (gang_spec("gang"), format!("r{run}-gang-{i}"))))
+            .await;
+    let note = if got < (gangs * 4) as u64 { " (NOT FULL in time)" } else { "" };
+    report.add(
+        "P2",
+        format!("4x8-GPU gangs: shards placed/s filling {} GPUs{note}", gangs * 32),
+        "/s",
+        ">= 10,000",
+        got as f64 / took,
+    );
+    report.add("P2", format!("4x8-GPU gangs: time to fill {} GPUs{note}", gangs * 32), "s", "<= 8", took);
+    eprintln!("run {run}: gangs filled {got} shards in {took:.1} s");
+    free(s, &addrs, &fleet.stats, ids, got).await;
+
+    let (took, got, acks, ids) =
+        fill(s, &addrs, &fleet.stats, n * 8, 1, Arc::new(move |i| (spec("fill"), format!("r{run}-fill-{i}")))).await;
+    let note = if got < (n * 8) as u64 { " (NOT FULL in time)" } else { "" };
+    report.add(
+        "P2",
+        format!("single-GPU jobs: shards placed/s filling {} GPUs{note}", n * 8),
+        "/s",
+        ">= 10,000",
+        got as f64 / took,
+    );
+    report.add("P2", format!("single-GPU jobs: time to fill {} GPUs{note}", n * 8), "s", "<= 8", took);
+    report.add("P2", "single-GPU jobs: submissions acknowledged meanwhile", "/s", "", acks);
+    eprintln!("run {run}: single-GPU jobs filled {got} shards in {took:.1} s");
+
+    // P3: half the fleet free, then a steady stream of short jobs.
+    let half: Vec<u64> = ids.iter().copied().step_by(2).collect();
+    let count = half.len() as u64;
+    free(s, &addrs, &fleet.stats, half, count).await;
+    steady_submissions(&addrs, &fleet.stats, s.p3_rate, s.seconds, run).await;
+    let lat = sorted(std::mem::take(&mut *fleet.stats.assign_ms.lock().map_err(|_| anyhow::anyhow!("poisoned"))?));
+    let missing = fleet.stats.submitted_at.lock().map(|m| m.len()).unwrap_or(0);
+    let note = if missing > 0 { format!(" ({missing} never assigned)") } else { String::new() };
+    report.add(
+        "P3",
+        format!("submit -> assigned p50, {}/s, fleet half full{note}", s.p3_rate),
+        "ms",
+        "",
+        pct(&lat, 0.5),
+    );
+    report.add(
+        "P3",
+        format!("submit -> assigned p99, {}/s, fleet half full{note}", s.p3_rate),
+        "ms",
+        "<= 100",
+        pct(&lat, 0.99),
+    );
+    eprintln!("run {run}: steady submissions measured ({} assigned)", lat.len());
+
+    // P5: an agent's process dies; another goes silent with its connection open.
+    let or_nan = |r: anyhow::Result<f64>| {
+        r.unwrap_or_else(|e| {
+            eprintln!("run {run}: {e:#}");
+            f64::NAN
+        })
+    };
+    let killed = or_nan(agent_failure(&mut fleet, fleet::Failure::Killed, 0).await);
+    report.add("P5", format!("agent killed -> its shards assigned elsewhere, {n} agents"), "ms", "<= 3,000", killed);
+    let cut = or_nan(agent_failure(&mut fleet, fleet::Failure::CutOff, 0).await);
+    report.add("P5", format!("agent cut off (no FIN) -> shards assigned elsewhere, {n} agents"), "ms", "<= 5,000", cut);
+
+    let lost = fleet.stats.streams_lost.load(Ordering::Relaxed) as f64;
+    report.add("", "agent streams the servers ended (the agents reconnected)", "", "0", lost);
+    report.servers("fleet", run, c);
+    report.process("fleet", run, "agent (real process, 8 simulated GPUs)", real.pid());
+    report.process("fleet", run, format!("loadgen ({n} simulated agents, clients)"), Some(std::process::id()));
+    drop(fleet);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 3: restart with a long history (P6)
+// ---------------------------------------------------------------------------------------------
+
+fn disk_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_bytes(&e.path()),
+            // Blocks actually allocated (sparse files count what they use).
+            Ok(m) => std::os::unix::fs::MetadataExt::blocks(&m) * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Until a linearizable read of `job` and a write both succeed through `addr`.
+async fn serving(addr: &str, job: u64, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut cl = v1::job_service_client::JobServiceClient::new(channel(addr));
+        let mut read = tonic::Request::new(v1::GetJobRequest { job_id: job, ..Default::default() });
+        read.set_timeout(Duration::from_millis(500));
+        if cl.get_job(read).await.is_ok() {
+            let mut write = tonic::Request::new(v1::SubmitJobRequest {
+                spec: Some(spec("after-restart")),
+                idempotency_key: format!("restart-{}", Instant::now().elapsed().as_nanos()),
+            });
+            write.set_timeout(Duration::from_millis(500));
+            if cl.submit_job(write).await.is_ok() {
+                return Ok(());
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("{addr} did not serve within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn restart_phase(
+    s: &Scale,
+    run: usize,
+    report: &mut Report,
+    snapshot: &Path,
+    logical: u64,
+) -> anyhow::Result<()> {
+    let file = snapshot.display().to_string();
+    let mut c = Cluster::start(3, &["--restore-from", &file]);
+    let addrs = c.running_addrs();
+    wait_for_leader(&addrs, Duration::from_secs(120)).await.context("no leader after the restore")?;
+    serving(&addrs[0], 1, Duration::from_secs(60)).await?;
+    let jobs = s.restart_jobs;
+    let disk = c.servers.keys().map(|id| disk_bytes(&c.dir.path().join(format!("s{id}")))).max().unwrap_or(0);
+    report.add(
+        "P6",
+        format!("disk / logical state, {jobs} jobs (largest server)"),
+        "x",
+        "<= 3",
+        disk as f64 / logical as f64,
+    );
+    report.servers("restart (restore)", run, &c);
+
+    for srv in c.servers.values_mut() {
+        srv.kill();
+    }
+    let t = Instant::now();
+    for srv in c.servers.values_mut() {
+        srv.restart();
+    }
+    let addrs = c.running_addrs();
+    let mut waits = Vec::new();
+    for a in &addrs {
+        waits.push(serving(a, 1, Duration::from_secs(120)));
+    }
+    for w in waits {
+        w.await?;
+    }
+    report.add(
+        "P6",
+        format!("all 3 servers kill -9 + restart -> serving, {jobs} jobs"),
+        "s",
+        "<= 5",
+        t.elapsed().as_secs_f64(),
+    );
+    report.servers("restart", run, &c);
+    eprintln!("run {run}: restart measured");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The report
+// ---------------------------------------------------------------------------------------------
+
+fn print_report(s: &Scale, r: &Report, path: &Path) -> anyhow::Result<()> {
+    let stats = |f: &Figure| {
+        let v = sorted(f.values.clone());
+        (pct(&v, 0.5), v.first().copied().unwrap_or(f64::NAN), v.last().copied().unwrap_or(f64::NAN))
+    };
+    println!(
+        "\nruns {}, {} clients, {} agents, {} jobs for the restart, {} s phases",
+        s.runs, s.clients, s.agents, s.restart_jobs, s.seconds
+    );
+    println!("{:<4} {:<72} {:>11} {:>11} {:>11} {:<7} {:<10}", "", "figure", "median", "min", "max", "unit", "target");
+    for f in &r.figures {
+        let (m, lo, hi) = stats(f);
+        println!("{:<4} {:<72} {m:>11.2} {lo:>11.2} {hi:>11.2} {:<7} {:<10}", f.id, f.name, f.unit, f.target);
+    }
+    println!("\n{:<18} {:>3}  {:<44} {:>9} {:>13}", "phase", "run", "process", "CPU (s)", "peak RSS (MiB)");
+    for p in &r.processes {
+        println!("{:<18} {:>3}  {:<44} {:>9.1} {:>13.1}", p.phase, p.run, p.process, p.cpu_s, p.peak_rss_mib);
+    }
+    let figures: Vec<_> = r
+        .figures
+        .iter()
+        .map(|f| {
+            let (m, lo, hi) = stats(f);
+            serde_json::json!({"id": f.id, "figure": f.name, "unit": f.unit, "target": f.target,
+                "median": m, "min": lo, "max": hi, "runs": f.values})
+        })
+        .collect();
+    let json = serde_json::json!({"scale": s, "figures": figures, "processes": r.processes});
+    std::fs::write(path, serde_json::to_vec_pretty(&json)?).with_context(|| format!("write {}", path.display()))?;
+    println!("\nwritten to {}", path.display());
+    Ok(())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let mut runs = Vec::new();
-    for r in 0..args.runs {
-        let run = one_run(&args, r).await?;
-        eprintln!(
-            "run {r}: {:.0} acks/s (p50 {:.1} ms, p99 {:.1} ms), single client p50 {:.2} ms, leader kill -> write {:?} ms",
-            run.acks_per_sec,
-            run.p50_ms,
-            run.p99_ms,
-            run.single_p50_ms,
-            run.leader_kill_ms.iter().map(|m| m.round()).collect::<Vec<_>>()
-        );
-        runs.push(run);
-    }
-    let col = |f: &dyn Fn(&Run) -> f64| spread(runs.iter().map(f).collect());
-    let mut fleet_runs = Vec::new();
-    if args.agents > 0 {
-        for r in 0..args.runs {
-            let f = fleet_run(&args, r).await?;
-            eprintln!(
-                "fleet run {r}: {} agents, {:.0} registrations/s, leader {:.2} cores, heartbeat p50 {:.1} ms p99 {:.1} ms, fill {:.0} shards/s, servers peak RSS {:?} MiB, CPU {:?} s",
-                args.agents,
-                f.register_per_sec,
-                f.leader_cores,
-                f.hb_p50_ms,
-                f.hb_p99_ms,
-                f.fill_shards_per_sec,
-                f.server_peak_rss_mib.iter().map(|m| m.round()).collect::<Vec<_>>(),
-                f.server_cpu_s.iter().map(|m| m.round()).collect::<Vec<_>>()
-            );
-            fleet_runs.push(f);
+    let s = Scale::from(&args);
+    for p in &args.phases {
+        if !["cluster", "fleet", "restart"].contains(&p.as_str()) {
+            bail!("--phases: unknown phase {p:?} (cluster, fleet, restart)");
         }
     }
-    let kills: Vec<f64> = runs.iter().flat_map(|r| r.leader_kill_ms.clone()).collect();
-    let mut rows = vec![
-        (format!("P1 submissions acknowledged/s, {} clients", args.clients), col(&|r| r.acks_per_sec)),
-        ("P1 latency p50 (ms)".to_string(), col(&|r| r.p50_ms)),
-        ("P1 latency p99 (ms)".to_string(), col(&|r| r.p99_ms)),
-        ("P1 single client p50 (ms)".to_string(), col(&|r| r.single_p50_ms)),
-        ("P5 leader kill -9 -> first accepted write (ms)".to_string(), spread(kills)),
-    ];
-    let fcol = |f: &dyn Fn(&FleetRun) -> f64| spread(fleet_runs.iter().map(f).collect());
-    if !fleet_runs.is_empty() {
-        let n = args.agents;
-        rows.push((format!("agents registered/s, {n} agents"), fcol(&|f| f.register_per_sec)));
-        rows.push((format!("P4 leader CPU (cores), {n} agents at 1 Hz"), fcol(&|f| f.leader_cores)));
-        rows.push(("P4 heartbeat handling p50 (ms)".to_string(), fcol(&|f| f.hb_p50_ms)));
-        rows.push(("P4 heartbeat handling p99 (ms)".to_string(), fcol(&|f| f.hb_p99_ms)));
-        let full = if fleet_runs.iter().all(|f| f.fill_complete) { "" } else { " (NOT FULL in time)" };
-        rows.push((format!("P2 shards placed/s filling {} GPUs{full}", n * 8), fcol(&|f| f.fill_shards_per_sec)));
-        let max_of = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
-        rows.push(("server peak RSS, largest (MiB)".to_string(), fcol(&|f| max_of(&f.server_peak_rss_mib))));
-        rows.push(("server CPU time, largest (s)".to_string(), fcol(&|f| max_of(&f.server_cpu_s))));
+    let phase = |p: &str| args.phases.iter().any(|x| x == p);
+    let mut report = Report::default();
+
+    // The history for P6, built once through the same commands the log carries.
+    let history = if s.restart_jobs > 0 && phase("restart") {
+        let t = Instant::now();
+        let f = tessera_benches::job_history(s.restart_jobs);
+        let bytes = f.state.snapshot();
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("history.snapshot");
+        std::fs::write(&path, &bytes)?;
+        eprintln!(
+            "history of {} jobs: {:.1} MiB snapshot, built in {:.1} s",
+            s.restart_jobs,
+            bytes.len() as f64 / (1 << 20) as f64,
+            t.elapsed().as_secs_f64()
+        );
+        Some((dir, path, bytes.len() as u64))
+    } else {
+        None
+    };
+
+    // A phase that fails ends the benchmark, but what was measured before it is reported.
+    let mut failed = None;
+    for run in 0..s.runs {
+        if phase("cluster")
+            && let Err(e) = cluster_phase(&s, run, &mut report).await
+        {
+            failed = Some(e.context(format!("run {run}, cluster phase")));
+            break;
+        }
+        if s.agents > 0
+            && phase("fleet")
+            && let Err(e) = fleet_phase(&s, run, &mut report).await
+        {
+            failed = Some(e.context(format!("run {run}, fleet phase")));
+            break;
+        }
+        if let Some((_, path, logical)) = &history
+            && let Err(e) = restart_phase(&s, run, &mut report, path, *logical).await
+        {
+            failed = Some(e.context(format!("run {run}, restart phase")));
+            break;
+        }
     }
-    println!("{:<52} {:>10} {:>10} {:>10}", "figure", "median", "min", "max");
-    for (name, (m, lo, hi)) in &rows {
-        println!("{name:<52} {m:>10.1} {lo:>10.1} {hi:>10.1}");
+    print_report(&s, &report, &args.json)?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
-    let json: Vec<_> = rows
-        .iter()
-        .map(|(n, (m, lo, hi))| serde_json::json!({"figure": n, "median": m, "min": lo, "max": hi}))
-        .collect();
-    println!(
-        "{}",
-        serde_json::json!({"runs": args.runs, "clients": args.clients, "seconds": args.seconds, "figures": json})
-    );
-    Ok(())
 }
