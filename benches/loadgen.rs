@@ -356,7 +356,13 @@ async fn cancel_many(addrs: &[String], clients: usize, ids: Vec<u64>) {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&job_id) = ids.get(i) else { return };
-                let _ = cl.cancel_job(v1::CancelJobRequest { job_id, reason: String::new() }).await;
+                // Retried through a leader change: a job left running would hold its GPU.
+                for _ in 0..20 {
+                    if cl.cancel_job(v1::CancelJobRequest { job_id, reason: String::new() }).await.is_ok() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
         }));
     }
@@ -584,21 +590,15 @@ async fn fleet_measure(s: &Scale, run: usize, report: &mut Report, c: &Cluster) 
     steady_submissions(&addrs, &fleet.stats, s.p3_rate, s.seconds, run).await;
     let lat = sorted(std::mem::take(&mut *fleet.stats.assign_ms.lock().map_err(|_| anyhow::anyhow!("poisoned"))?));
     let missing = fleet.stats.submitted_at.lock().map(|m| m.len()).unwrap_or(0);
-    let note = if missing > 0 { format!(" ({missing} never assigned)") } else { String::new() };
+    report.add("P3", format!("submit -> assigned p50, {}/s, fleet half full", s.p3_rate), "ms", "", pct(&lat, 0.5));
     report.add(
         "P3",
-        format!("submit -> assigned p50, {}/s, fleet half full{note}", s.p3_rate),
-        "ms",
-        "",
-        pct(&lat, 0.5),
-    );
-    report.add(
-        "P3",
-        format!("submit -> assigned p99, {}/s, fleet half full{note}", s.p3_rate),
+        format!("submit -> assigned p99, {}/s, fleet half full", s.p3_rate),
         "ms",
         "<= 100",
         pct(&lat, 0.99),
     );
+    report.add("P3", "jobs not assigned 10 s after the last submission", "", "0", missing as f64);
     eprintln!("run {run}: steady submissions measured ({} assigned)", lat.len());
 
     // P5: an agent's process dies; another goes silent with its connection open.
