@@ -328,15 +328,14 @@ fn reconcile(state: &State, node: NodeId, running: &BTreeSet<u64>) -> Reconcile 
     let mut r = Reconcile { forget: Vec::new(), lost: Vec::new(), resend: Vec::new(), stop: Vec::new(), drain: None };
     let mut live_here = BTreeSet::new();
     for id in state.live_attempts_on(node) {
-        let id = &id;
-        let Some((job, shard)) = state.attempt(*id) else { continue };
+        let Some((job, shard)) = state.attempt(id) else { continue };
         let Some(a) = shard.attempt.as_ref().filter(|a| a.node == node) else { continue };
         live_here.insert(id.0);
         match (running.contains(&id.0), shard.state) {
             (true, ShardState::Stopping(reason)) => r.stop.push((job.id, a.id, reason)),
             (true, _) => {}
-            (false, ShardState::Assigned) => r.resend.push(*id),
-            (false, _) => r.lost.push(*id),
+            (false, ShardState::Assigned) => r.resend.push(id),
+            (false, _) => r.lost.push(id),
         }
     }
     r.forget = running.iter().copied().filter(|a| !live_here.contains(a)).collect();
@@ -491,8 +490,8 @@ async fn push_events(
             }
         }
     }
-    // The router dropped this session (it fell behind, or this server is no longer the
-    // leader): the agent reconnects and is reconciled.
+    // The router dropped this session (this server is no longer the leader, or a newer
+    // session of the node replaced it): the agent reconnects and is reconciled.
     let _ = tx.send(Err(Status::unavailable("session feed ended; reconnect"))).await;
 }
 

@@ -235,9 +235,12 @@ fn run(
             // keeps ticking (a leader that stops ticking loses its followers).
             let index = job.index();
             let me = me.clone();
-            let spawned = std::thread::Builder::new()
-                .name("snapshot".into())
-                .spawn(move || drop(me.send(Request::SnapshotWritten(job.run()))));
+            let spawned = std::thread::Builder::new().name("snapshot".into()).spawn(move || {
+                // A panic must still answer, or no snapshot would ever be taken again.
+                let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run()))
+                    .unwrap_or_else(|_| Err(StoreError::Engine("the snapshot thread panicked".into())));
+                drop(me.send(Request::SnapshotWritten(written)));
+            });
             if let Err(e) = spawned {
                 tracing::warn!(index, error = %e, "cannot start the snapshot thread; the next snapshot is due later");
                 let _ = node.snapshot_written(Ok(None));
