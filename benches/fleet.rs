@@ -82,13 +82,12 @@ pub enum Failure {
 impl Fleet {
     /// Fail one agent that runs shards until stopped; returns the job ids of those shards, or
     /// None if no agent runs any.
-    pub fn fail_one(&mut self, how: Failure, skip: usize) -> Option<Vec<u64>> {
+    pub fn fail_one(&mut self, how: Failure) -> Option<Vec<u64>> {
         let i = self
             .agents
             .iter()
             .enumerate()
-            .filter(|(_, a)| !a.task.is_finished() && a.held.lock().is_ok_and(|h| h.values().any(|(_, f)| *f)))
-            .nth(skip)
+            .find(|(_, a)| !a.task.is_finished() && a.held.lock().is_ok_and(|h| h.values().any(|(_, f)| *f)))
             .map(|(i, _)| i)?;
         let a = &self.agents[i];
         a.dead.store(true, Ordering::Relaxed);

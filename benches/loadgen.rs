@@ -413,6 +413,15 @@ async fn fill(
     (took, got, ids.len() as f64 / submit_took.as_secs_f64().max(1e-9), ids)
 }
 
+/// The P2 figures of one fill: `shards` shards on `gpus` GPUs, `got` of them assigned in
+/// `took` seconds. Figure names stay the same from run to run (so runs are one row each).
+fn report_fill(report: &mut Report, what: &str, shards: usize, gpus: usize, took: f64, got: u64) {
+    report.add("P2", format!("{what}: shards placed/s filling {gpus} GPUs"), "/s", ">= 10,000", got as f64 / took);
+    report.add("P2", format!("{what}: time to fill {gpus} GPUs"), "s", "<= 8", took);
+    let missing = (shards as u64).saturating_sub(got) as f64;
+    report.add("P2", format!("{what}: shards not assigned within --fill-timeout"), "", "0", missing);
+}
+
 /// Cancel `ids` and wait until the agents have stopped `shards` shards.
 async fn free(s: &Scale, addrs: &[String], stats: &fleet::FleetStats, ids: Vec<u64>, shards: u64) {
     let ended = stats.ended.load(Ordering::Relaxed);
@@ -456,9 +465,9 @@ async fn steady_submissions(addrs: &[String], stats: &Arc<fleet::FleetStats>, ra
 }
 
 /// Fail one agent that runs shards; the time until every one of its jobs is assigned again.
-async fn agent_failure(fleet: &mut fleet::Fleet, how: fleet::Failure, skip: usize) -> anyhow::Result<f64> {
+async fn agent_failure(fleet: &mut fleet::Fleet, how: fleet::Failure) -> anyhow::Result<f64> {
     let t = Instant::now();
-    let jobs = fleet.fail_one(how, skip).context("no simulated agent runs a shard")?;
+    let jobs = fleet.fail_one(how).context("no simulated agent runs a shard")?;
     let stats = fleet.stats.clone();
     let done = || stats.reassigned.lock().is_ok_and(|r| jobs.iter().all(|j| r.get(j).is_some_and(|at| *at > t)));
     if !wait_until(Duration::from_secs(30), done).await {
@@ -557,29 +566,13 @@ async fn fleet_measure(s: &Scale, run: usize, report: &mut Report, c: &Cluster) 
     let (took, got, _, ids) =
         fill(s, &addrs, &fleet.stats, gangs, 4, Arc::new(move |i| (gang_spec("gang"), format!("r{run}-gang-{i}"))))
             .await;
-    let note = if got < (gangs * 4) as u64 { " (NOT FULL in time)" } else { "" };
-    report.add(
-        "P2",
-        format!("4x8-GPU gangs: shards placed/s filling {} GPUs{note}", gangs * 32),
-        "/s",
-        ">= 10,000",
-        got as f64 / took,
-    );
-    report.add("P2", format!("4x8-GPU gangs: time to fill {} GPUs{note}", gangs * 32), "s", "<= 8", took);
+    report_fill(report, "4x8-GPU gangs", gangs * 4, gangs * 32, took, got);
     eprintln!("run {run}: gangs filled {got} shards in {took:.1} s");
     free(s, &addrs, &fleet.stats, ids, got).await;
 
     let (took, got, acks, ids) =
         fill(s, &addrs, &fleet.stats, n * 8, 1, Arc::new(move |i| (spec("fill"), format!("r{run}-fill-{i}")))).await;
-    let note = if got < (n * 8) as u64 { " (NOT FULL in time)" } else { "" };
-    report.add(
-        "P2",
-        format!("single-GPU jobs: shards placed/s filling {} GPUs{note}", n * 8),
-        "/s",
-        ">= 10,000",
-        got as f64 / took,
-    );
-    report.add("P2", format!("single-GPU jobs: time to fill {} GPUs{note}", n * 8), "s", "<= 8", took);
+    report_fill(report, "single-GPU jobs", n * 8, n * 8, took, got);
     report.add("P2", "single-GPU jobs: submissions acknowledged meanwhile", "/s", "", acks);
     eprintln!("run {run}: single-GPU jobs filled {got} shards in {took:.1} s");
 
@@ -608,9 +601,9 @@ async fn fleet_measure(s: &Scale, run: usize, report: &mut Report, c: &Cluster) 
             f64::NAN
         })
     };
-    let killed = or_nan(agent_failure(&mut fleet, fleet::Failure::Killed, 0).await);
+    let killed = or_nan(agent_failure(&mut fleet, fleet::Failure::Killed).await);
     report.add("P5", format!("agent killed -> its shards assigned elsewhere, {n} agents"), "ms", "<= 3,000", killed);
-    let cut = or_nan(agent_failure(&mut fleet, fleet::Failure::CutOff, 0).await);
+    let cut = or_nan(agent_failure(&mut fleet, fleet::Failure::CutOff).await);
     report.add("P5", format!("agent cut off (no FIN) -> shards assigned elsewhere, {n} agents"), "ms", "<= 5,000", cut);
 
     let lost = fleet.stats.streams_lost.load(Ordering::Relaxed) as f64;
