@@ -83,7 +83,7 @@ pub fn submit_mix(f: &mut Fixture, jobs: usize) -> u64 {
             spec.resources.gpu_model = Some("H100".into());
         }
         gpus += spec.total_gpus();
-        f.apply(Command::SubmitJob { spec, idempotency_key: None });
+        f.apply(Command::SubmitJob { spec, idempotency_key: None, priority_defaulted: false, submitted_by: None });
     }
     gpus
 }

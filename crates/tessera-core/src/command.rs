@@ -2,11 +2,17 @@
 //!
 //! A command is encoded in a versioned envelope so that a log written by one release can be
 //! replayed by the next. Decoding refuses versions it does not know instead of guessing.
+//! Fields added to a command within a version are `#[serde(default)]` and left out when they
+//! hold their default, so older entries decode and unchanged commands encode as before (the
+//! tenant settings, `mode`, `priority_defaulted` and `submitted_by` came this way).
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    AttemptId, DrainReason, JobId, JobState, NodeId, NodeInfo, NodeState, ShardState, StopReason, Timestamp,
+    AttemptId, DEFAULT_GPU_HOURS_WINDOW_MS, DrainReason, JobId, JobState, NodeId, NodeInfo, NodeState, ShardState,
+    StopReason, Timestamp,
 };
 use crate::planner::Plan;
 use crate::spec::{JobSpec, SpecError};
@@ -43,6 +49,10 @@ impl ExitStatus {
 }
 
 /// Every change to the cluster state. Applied in log order by every server.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a command is built once and moved into apply; boxing the spec would change every constructor"
+)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Command {
@@ -54,6 +64,16 @@ pub enum Command {
         /// key returns the first job instead of creating another. At most 128 bytes.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         idempotency_key: Option<String>,
+        /// The spec's priority was not given by the user (it holds the spec default): the
+        /// tenant's `default_priority`, if set, replaces it; without one, it is lowered to the
+        /// tenant's `max_priority` if above it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        priority_defaulted: bool,
+        /// The identity that submitted the job, as the server authenticated it (like
+        /// "user/alice" or "token/ci"); recorded as `Job::submitted_by`. At most
+        /// [`crate::state::MAX_SUBMITTED_BY`] bytes, no control characters.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        submitted_by: Option<String>,
     },
     /// Cancel a job: pending shards end at once, live ones are asked to stop.
     CancelJob {
@@ -133,7 +153,8 @@ pub enum Command {
         /// Where it is.
         uri: String,
     },
-    /// Create or change a tenant.
+    /// Create or change a tenant. Every setting is replaced (a field left out means "none"),
+    /// so a partial change is a read-modify-write; usage is kept.
     SetTenant {
         /// Name.
         name: String,
@@ -141,12 +162,59 @@ pub enum Command {
         weight: u32,
         /// GPU quota across all clouds; None: none.
         gpu_quota: Option<u64>,
+        /// Highest priority the tenant's jobs may ask for, 0 to `spec::limits::MAX_PRIORITY`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_priority: Option<u16>,
+        /// Priority given to its jobs submitted without one; at most `max_priority`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        default_priority: Option<u16>,
+        /// GPU-hours per window across all clouds (finite, above 0); None: no quota.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gpu_hours_quota: Option<f64>,
+        /// GPU-hours per window on one cloud ("aws", "azure" or "none"; finite, above 0).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        cloud_gpu_hours_quota: BTreeMap<String, f64>,
+        /// Length of the GPU-hours window in milliseconds, one minute to 366 days (default
+        /// [`DEFAULT_GPU_HOURS_WINDOW_MS`], 7 days).
+        #[serde(default = "default_window_ms", skip_serializing_if = "is_default_window_ms")]
+        gpu_hours_window_ms: u64,
+        /// Create, update or either.
+        #[serde(default, skip_serializing_if = "TenantWrite::is_upsert")]
+        mode: TenantWrite,
     },
     /// Change the fair-share half-life.
     SetFairShareHalfLife {
         /// Half-life of GPU-hour usage, in milliseconds (at least one minute).
         half_life_ms: u64,
     },
+}
+
+/// Whether [`Command::SetTenant`] may create the tenant, change it, or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TenantWrite {
+    /// Create it if missing, else change it (the behaviour before modes existed).
+    #[default]
+    Upsert,
+    /// Create it; refused with [`Rejection::TenantExists`] if it exists.
+    Create,
+    /// Change it; refused with [`Rejection::UnknownTenant`] if it does not exist.
+    Update,
+}
+
+impl TenantWrite {
+    /// The default mode.
+    pub fn is_upsert(&self) -> bool {
+        *self == TenantWrite::Upsert
+    }
+}
+
+fn default_window_ms() -> u64 {
+    DEFAULT_GPU_HOURS_WINDOW_MS
+}
+
+fn is_default_window_ms(ms: &u64) -> bool {
+    *ms == DEFAULT_GPU_HOURS_WINDOW_MS
 }
 
 #[derive(Serialize, Deserialize)]
@@ -360,6 +428,22 @@ pub enum Rejection {
     /// The command does not fit the current state.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The job asks for a priority above its tenant's `max_priority`.
+    #[error("priority: {asked} is above the highest priority tenant {tenant} may use ({cap})")]
+    PriorityAboveCap {
+        /// Tenant.
+        tenant: String,
+        /// Its `max_priority`.
+        cap: u16,
+        /// The priority asked for.
+        asked: u16,
+    },
+    /// A tenant to create exists already ([`TenantWrite::Create`]).
+    #[error("tenant {0} already exists")]
+    TenantExists(String),
+    /// No such tenant ([`TenantWrite::Update`]).
+    #[error("no tenant {0}")]
+    UnknownTenant(String),
 }
 
 /// What applying a command gives: the events, or why it was refused.
@@ -376,7 +460,12 @@ mod tests {
 
     #[test]
     fn commands_round_trip_through_the_envelope() {
-        let cmd = Command::SubmitJob { spec: JobSpec::new(vec!["true".into()], 2, 4), idempotency_key: None };
+        let cmd = Command::SubmitJob {
+            spec: JobSpec::new(vec!["true".into()], 2, 4),
+            idempotency_key: None,
+            priority_defaulted: false,
+            submitted_by: None,
+        };
         let bytes = cmd.encode();
         assert_eq!(Command::decode(&bytes).unwrap(), cmd);
         let text = String::from_utf8(bytes).unwrap();

@@ -1,6 +1,11 @@
 //! The domain model: jobs, shards, attempts, nodes, GPUs, tenants and checkpoints.
 //!
 //! These are plain data. Every change to them happens in [`crate::state::State::apply`].
+//! Fields added after the first release are `#[serde(default)]`, so older snapshots decode.
+//! A [`Tenant`] carries its limits (GPU quota, priority cap and default, GPU-hours quotas over
+//! a rolling window, per cloud or overall) and its usage: decayed GPU-hours for fair share, and
+//! per cloud the decayed GPU-hours and the window's buckets. Its GPUs in use, in total and per
+//! cloud, are derived counters, rebuilt on restore.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -349,6 +354,10 @@ pub struct Job {
     pub cancel_requested: bool,
     /// Why it failed or was cancelled, for people.
     pub message: Option<String>,
+    /// The identity that submitted it, as the server authenticated it (like "user/alice" or
+    /// "token/ci"); None for jobs submitted before this was recorded, or without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_by: Option<String>,
 }
 
 impl Job {
@@ -365,7 +374,60 @@ impl Job {
     }
 }
 
-/// A tenant: a team or project whose GPU-hours are counted for fair share.
+/// Default length of a tenant's GPU-hours quota window: 7 days.
+pub const DEFAULT_GPU_HOURS_WINDOW_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Shortest GPU-hours window: one minute.
+pub const MIN_GPU_HOURS_WINDOW_MS: u64 = 60_000;
+/// Longest GPU-hours window: 366 days.
+pub const MAX_GPU_HOURS_WINDOW_MS: u64 = 366 * 24 * 3600 * 1000;
+/// A window is kept as this many buckets (see [`Tenant::gpu_hours_bucket_ms`]).
+pub const GPU_HOURS_BUCKETS: u64 = 24;
+/// Shortest bucket of a GPU-hours window: one minute.
+pub const MIN_GPU_HOURS_BUCKET_MS: u64 = 60_000;
+
+const MS_PER_HOUR: f64 = 3_600_000.0;
+
+fn default_window_ms() -> u64 {
+    DEFAULT_GPU_HOURS_WINDOW_MS
+}
+
+/// What a tenant has used on one cloud (stored in the snapshot).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct CloudAccount {
+    /// Decayed GPU-hours used on this cloud, as of the tenant's `usage_at` (for display; fair
+    /// share uses the tenant's total, [`Tenant::usage_gpu_hours`]).
+    #[serde(default)]
+    pub usage_gpu_hours: f64,
+    /// GPU-milliseconds used, per bucket of the GPU-hours window, keyed by the bucket's start.
+    /// Buckets that have left the window are pruned whenever the tenant accrues.
+    #[serde(default)]
+    pub window_gpu_ms: BTreeMap<Timestamp, u64>,
+}
+
+/// A tenant's usage of one cloud, for display ([`Tenant::usage_by_cloud`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct CloudUsage {
+    /// Decayed GPU-hours (the fair-share measure, restricted to this cloud).
+    pub decayed_gpu_hours: f64,
+    /// GPU-hours counted in the current GPU-hours quota window.
+    pub window_gpu_hours: f64,
+    /// GPUs held on this cloud right now.
+    pub gpus_in_use: u64,
+}
+
+/// A tenant: a team or project whose GPU-hours are counted for fair share, with the limits an
+/// operator sets on it.
+///
+/// GPU-hours quotas count usage over a rolling window of `gpu_hours_window_ms`. The window is
+/// kept per cloud as [`GPU_HOURS_BUCKETS`] buckets of `window / 24` (at least one minute,
+/// [`Tenant::gpu_hours_bucket_ms`]); usage is added to the buckets it falls in whenever the
+/// tenant's GPUs in use change, and the GPUs held since then are counted on the fly. The
+/// approximation: the oldest bucket counts whole while any part of it is still inside the
+/// window, so usage is forgotten in bucket steps, between one window and one window plus one
+/// bucket after it happened. The window total is therefore never below the true rolling total
+/// and above it by at most one bucket's usage. When the window length changes, each bucket is
+/// moved to the new bucket holding its last used millisecond (again never forgetting early).
+/// Usage from before a release that kept per-cloud accounts is not in any window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Tenant {
     /// Name.
@@ -374,19 +436,63 @@ pub struct Tenant {
     pub weight: u32,
     /// Most GPUs the tenant may hold at once, across all clouds; None: no quota.
     pub gpu_quota: Option<u64>,
+    /// Highest priority its jobs may ask for; a submission above it is refused
+    /// ([`crate::Rejection::PriorityAboveCap`]). None: any.
+    #[serde(default)]
+    pub max_priority: Option<u16>,
+    /// Priority of its jobs whose submission gave none. None: the spec's default.
+    #[serde(default)]
+    pub default_priority: Option<u16>,
+    /// GPU-hours the tenant may use per window, across all clouds; at or over it, none of its
+    /// jobs is placed (running ones go on). None: no quota.
+    #[serde(default)]
+    pub gpu_hours_quota: Option<f64>,
+    /// GPU-hours the tenant may use per window on one cloud (key: "aws", "azure", "none"); at or
+    /// over it, none of its jobs is placed on that cloud's nodes.
+    #[serde(default)]
+    pub cloud_gpu_hours_quota: BTreeMap<String, f64>,
+    /// Length of the rolling GPU-hours window, in milliseconds (1 minute to 366 days).
+    #[serde(default = "default_window_ms")]
+    pub gpu_hours_window_ms: u64,
     /// Decayed GPU-hours used, as of `usage_at`.
     pub usage_gpu_hours: f64,
-    /// When `usage_gpu_hours` was last brought up to date.
+    /// When `usage_gpu_hours` (and each cloud's account) was last brought up to date.
     pub usage_at: Timestamp,
+    /// Per-cloud decayed usage and GPU-hours window buckets, as of `usage_at`.
+    #[serde(default)]
+    pub clouds: BTreeMap<Cloud, CloudAccount>,
     /// GPUs held right now by the tenant's live shards (derived; rebuilt on restore).
     #[serde(skip)]
     pub gpus_in_use: u64,
+    /// GPUs held right now per cloud of their node, without zero entries (derived; rebuilt on
+    /// restore). Sums to `gpus_in_use`.
+    #[serde(skip)]
+    pub cloud_gpus_in_use: BTreeMap<Cloud, u64>,
 }
 
 impl Tenant {
-    /// A tenant with weight 1 and no quota.
+    /// A tenant with weight 1 and no quota or priority limits.
     pub fn new(name: &str, now: Timestamp) -> Tenant {
-        Tenant { name: name.into(), weight: 1, gpu_quota: None, usage_gpu_hours: 0.0, usage_at: now, gpus_in_use: 0 }
+        Tenant {
+            name: name.into(),
+            weight: 1,
+            gpu_quota: None,
+            max_priority: None,
+            default_priority: None,
+            gpu_hours_quota: None,
+            cloud_gpu_hours_quota: BTreeMap::new(),
+            gpu_hours_window_ms: DEFAULT_GPU_HOURS_WINDOW_MS,
+            usage_gpu_hours: 0.0,
+            usage_at: now,
+            clouds: BTreeMap::new(),
+            gpus_in_use: 0,
+            cloud_gpus_in_use: BTreeMap::new(),
+        }
+    }
+
+    fn decay(&self, now: Timestamp, half_life_ms: u64) -> f64 {
+        let dt = now.since(self.usage_at);
+        if half_life_ms == 0 { 0.0 } else { 0.5f64.powf(dt as f64 / half_life_ms as f64) }
     }
 
     /// Decayed usage at `now`, counting the GPUs held since `usage_at`.
@@ -395,15 +501,184 @@ impl Tenant {
         if dt == 0 {
             return self.usage_gpu_hours;
         }
-        let decay = if half_life_ms == 0 { 0.0 } else { 0.5f64.powf(dt as f64 / half_life_ms as f64) };
-        self.usage_gpu_hours * decay + self.gpus_in_use as f64 * dt as f64 / 3_600_000.0
+        self.usage_gpu_hours * self.decay(now, half_life_ms) + self.gpus_in_use as f64 * dt as f64 / MS_PER_HOUR
     }
 
-    /// Bring the usage up to `now`; call before `gpus_in_use` changes.
+    /// Bring the usage (total, per cloud, and the window buckets) up to `now`; call before the
+    /// GPUs in use change. Buckets that have left the window are pruned.
     pub fn accrue(&mut self, now: Timestamp, half_life_ms: u64) {
-        if now > self.usage_at {
-            self.usage_gpu_hours = self.usage_at(now, half_life_ms);
-            self.usage_at = now;
+        if now <= self.usage_at {
+            return;
+        }
+        let dt = now.since(self.usage_at);
+        let decay = self.decay(now, half_life_ms);
+        self.usage_gpu_hours = self.usage_gpu_hours * decay + self.gpus_in_use as f64 * dt as f64 / MS_PER_HOUR;
+        let width = self.gpu_hours_bucket_ms();
+        let from = self.window_from(now);
+        let start = self.usage_at.max(from);
+        for account in self.clouds.values_mut() {
+            account.usage_gpu_hours *= decay;
+        }
+        for (cloud, gpus) in &self.cloud_gpus_in_use {
+            let account = self.clouds.entry(*cloud).or_default();
+            account.usage_gpu_hours += *gpus as f64 * dt as f64 / MS_PER_HOUR;
+            // At most a window's worth of buckets: what lies before `from` would be pruned.
+            let mut t = start.0;
+            while t < now.0 {
+                let bucket = t - t % width;
+                let end = bucket.saturating_add(width).min(now.0);
+                let slot = account.window_gpu_ms.entry(Timestamp(bucket)).or_default();
+                *slot = slot.saturating_add(gpus.saturating_mul(end - t));
+                t = end;
+            }
+        }
+        for account in self.clouds.values_mut() {
+            account.window_gpu_ms = account.window_gpu_ms.split_off(&from);
+        }
+        self.usage_at = now;
+    }
+
+    /// Count `gpus` more GPUs held on `cloud`, accruing usage up to `now` first.
+    pub fn take_gpus(&mut self, cloud: Cloud, gpus: u64, now: Timestamp, half_life_ms: u64) {
+        self.accrue(now, half_life_ms);
+        self.count_gpus(cloud, gpus);
+    }
+
+    /// Count `gpus` fewer GPUs held on `cloud`, accruing usage up to `now` first.
+    pub fn release_gpus(&mut self, cloud: Cloud, gpus: u64, now: Timestamp, half_life_ms: u64) {
+        self.accrue(now, half_life_ms);
+        self.gpus_in_use = self.gpus_in_use.saturating_sub(gpus);
+        if let Some(held) = self.cloud_gpus_in_use.get_mut(&cloud) {
+            *held = held.saturating_sub(gpus);
+            if *held == 0 {
+                self.cloud_gpus_in_use.remove(&cloud);
+            }
+        }
+    }
+
+    /// Add to the GPU counters without accruing (rebuilding the derived counters).
+    pub(crate) fn count_gpus(&mut self, cloud: Cloud, gpus: u64) {
+        if gpus == 0 {
+            return;
+        }
+        self.gpus_in_use += gpus;
+        *self.cloud_gpus_in_use.entry(cloud).or_default() += gpus;
+    }
+
+    /// Width of one bucket of the GPU-hours window: a 24th of the window, at least one minute.
+    pub fn gpu_hours_bucket_ms(&self) -> u64 {
+        (self.gpu_hours_window_ms / GPU_HOURS_BUCKETS).max(MIN_GPU_HOURS_BUCKET_MS)
+    }
+
+    /// Start of the oldest bucket still counted at `now`: the one holding `now - window`.
+    fn window_from(&self, now: Timestamp) -> Timestamp {
+        let width = self.gpu_hours_bucket_ms();
+        let edge = now.0.saturating_sub(self.gpu_hours_window_ms);
+        Timestamp(edge - edge % width)
+    }
+
+    /// GPU-milliseconds in the window at `now` on one cloud, counting the GPUs held since
+    /// `usage_at`.
+    fn window_gpu_ms(&self, cloud: Cloud, now: Timestamp) -> u64 {
+        let from = self.window_from(now);
+        let stored = self
+            .clouds
+            .get(&cloud)
+            .map_or(0, |a| a.window_gpu_ms.range(from..).fold(0u64, |sum, (_, ms)| sum.saturating_add(*ms)));
+        let held = self.cloud_gpus_in_use.get(&cloud).copied().unwrap_or(0);
+        stored.saturating_add(held.saturating_mul(now.since(self.usage_at.max(from))))
+    }
+
+    /// The clouds the tenant has used in the window or holds GPUs on.
+    fn used_clouds(&self) -> impl Iterator<Item = Cloud> + '_ {
+        let mut clouds: Vec<Cloud> = self.clouds.keys().chain(self.cloud_gpus_in_use.keys()).copied().collect();
+        clouds.sort();
+        clouds.dedup();
+        clouds.into_iter()
+    }
+
+    /// GPU-hours used in the current window at `now`, all clouds together (see the type's doc
+    /// for the bucket approximation).
+    pub fn window_gpu_hours(&self, now: Timestamp) -> f64 {
+        let ms = self.used_clouds().fold(0u64, |sum, c| sum.saturating_add(self.window_gpu_ms(c, now)));
+        ms as f64 / MS_PER_HOUR
+    }
+
+    /// GPU-hours used in the current window at `now` on one cloud.
+    pub fn cloud_window_gpu_hours(&self, cloud: Cloud, now: Timestamp) -> f64 {
+        self.window_gpu_ms(cloud, now) as f64 / MS_PER_HOUR
+    }
+
+    /// True when the all-clouds GPU-hours quota is used up at `now`: none of the tenant's jobs
+    /// may be placed.
+    pub fn gpu_hours_exhausted(&self, now: Timestamp) -> bool {
+        self.gpu_hours_quota.is_some_and(|q| self.window_gpu_hours(now) >= q)
+    }
+
+    /// True when the tenant's jobs may not be placed on `cloud` at `now`: the all-clouds quota
+    /// or that cloud's quota is used up.
+    pub fn gpu_hours_exhausted_on(&self, cloud: Cloud, now: Timestamp) -> bool {
+        self.gpu_hours_exhausted(now)
+            || self
+                .cloud_gpu_hours_quota
+                .get(cloud.as_str())
+                .is_some_and(|q| self.cloud_window_gpu_hours(cloud, now) >= *q)
+    }
+
+    /// The clouds whose own quota is used up at `now` (the all-clouds quota aside).
+    pub fn gpu_hours_exhausted_clouds(&self, now: Timestamp) -> Vec<Cloud> {
+        self.cloud_gpu_hours_quota
+            .iter()
+            .filter_map(|(name, q)| {
+                let cloud = name.parse::<Cloud>().ok()?;
+                (self.cloud_window_gpu_hours(cloud, now) >= *q).then_some(cloud)
+            })
+            .collect()
+    }
+
+    /// Usage per cloud at `now`, for display: decayed GPU-hours (the fair-share measure; the
+    /// planner itself uses the total, [`Tenant::usage_at`]), GPU-hours in the quota window, and
+    /// GPUs held.
+    pub fn usage_by_cloud(&self, now: Timestamp, half_life_ms: u64) -> BTreeMap<Cloud, CloudUsage> {
+        let dt = now.since(self.usage_at);
+        let decay = if dt == 0 { 1.0 } else { self.decay(now, half_life_ms) };
+        self.used_clouds()
+            .map(|c| {
+                let gpus = self.cloud_gpus_in_use.get(&c).copied().unwrap_or(0);
+                let stored = self.clouds.get(&c).map_or(0.0, |a| a.usage_gpu_hours);
+                let usage = CloudUsage {
+                    decayed_gpu_hours: stored * decay + gpus as f64 * dt as f64 / MS_PER_HOUR,
+                    window_gpu_hours: self.cloud_window_gpu_hours(c, now),
+                    gpus_in_use: gpus,
+                };
+                (c, usage)
+            })
+            .collect()
+    }
+
+    /// Change the window length, moving each bucket to the new bucket that holds its last used
+    /// millisecond, and prune what has left the new window. Accrue first.
+    pub fn set_gpu_hours_window(&mut self, window_ms: u64) {
+        let old_width = self.gpu_hours_bucket_ms();
+        self.gpu_hours_window_ms = window_ms;
+        let width = self.gpu_hours_bucket_ms();
+        if width != old_width {
+            let used_until = self.usage_at;
+            for account in self.clouds.values_mut() {
+                let mut moved: BTreeMap<Timestamp, u64> = BTreeMap::new();
+                for (start, ms) in std::mem::take(&mut account.window_gpu_ms) {
+                    // Usage in the old bucket ended by its end and by `usage_at`.
+                    let end = start.0.saturating_add(old_width).min(used_until.0.max(start.0.saturating_add(1)));
+                    let last = end.saturating_sub(1);
+                    let slot = moved.entry(Timestamp(last - last % width)).or_default();
+                    *slot = slot.saturating_add(ms);
+                }
+                account.window_gpu_ms = moved;
+            }
+        }
+        let from = self.window_from(self.usage_at);
+        for account in self.clouds.values_mut() {
+            account.window_gpu_ms = account.window_gpu_ms.split_off(&from);
         }
     }
 }

@@ -6,7 +6,10 @@
 //! What it decides, in order:
 //! 1. Queue order: priority (high first); within a priority, weighted fair share between tenants
 //!    by decayed GPU-hours (plus the GPUs they hold now); then submission order. Tenants over
-//!    their GPU quota wait.
+//!    their GPU quota wait. Tenants at their GPU-hours quota for the window wait too, checked
+//!    once per tenant per round: over the all-clouds quota their jobs never enter the queue (so
+//!    they take no reservation and preempt nothing); over one cloud's quota that cloud's nodes
+//!    are left out of their jobs' eligible classes. Running work is not stopped.
 //! 2. Gangs: all pending shards of a job are placed at once or not at all.
 //! 3. Constraints: GPU count, model, memory, CPU, memory, clouds, regions, labels, spot policy;
 //!    only ready nodes and healthy, free GPUs.
@@ -85,6 +88,9 @@ impl Plan {
 pub enum WaitReason {
     /// Its tenant would go over its GPU quota.
     Quota,
+    /// Its tenant has used its GPU-hours quota of the window, overall or on every cloud the job
+    /// could run on.
+    GpuHoursQuota,
     /// A failed gang waits out its retry backoff.
     Backoff,
     /// No capacity fits now; it will start when GPUs free up.
@@ -342,10 +348,14 @@ struct Need<'a> {
     /// Where each pending shard's last attempt ran (node, GPU mask), in `shards` order: a
     /// restarting gang goes back there where it can (partial gang repair).
     prev: Vec<Option<(NodeId, u64)>>,
+    /// Some class it could use was left out because its tenant's GPU-hours quota for that
+    /// class's cloud is used up.
+    quota_blocked: bool,
 }
 
 impl<'a> Need<'a> {
-    fn new(job: &'a Job, view: &View<'_>, now: Timestamp) -> Need<'a> {
+    /// `closed`: clouds its tenant may not use now (GPU-hours quota used up).
+    fn new(job: &'a Job, view: &View<'_>, now: Timestamp, closed: &[Cloud]) -> Need<'a> {
         let spec = &job.spec;
         let pending: Vec<&crate::model::Shard> = job.shards.iter().filter(|s| s.state == ShardState::Pending).collect();
         let shards = pending.iter().map(|s| s.index).collect();
@@ -362,6 +372,7 @@ impl<'a> Need<'a> {
             _ => false,
         };
         let mut classes = BTreeMap::new();
+        let mut quota_blocked = false;
         for (i, c) in view.classes.iter().enumerate() {
             if !info_admits(spec, c.info) {
                 continue;
@@ -369,6 +380,10 @@ impl<'a> Need<'a> {
             if let Some((model, mem)) = c.uniform
                 && !spec.gpu_matches(model, mem)
             {
+                continue;
+            }
+            if closed.contains(&c.info.cloud) {
+                quota_blocked = true;
                 continue;
             }
             let rank = match spec.placement.spot {
@@ -386,6 +401,7 @@ impl<'a> Need<'a> {
             short,
             classes,
             prev,
+            quota_blocked,
         }
     }
 
@@ -864,8 +880,11 @@ fn share(state: &State, tenant: &str, extra_gpus: u64, now: Timestamp) -> Share 
 // The planner
 // ---------------------------------------------------------------------------------------------
 
+/// One tenant's jobs of one priority, in submission order, each with the clouds it may not use.
+type TenantQueue<'a> = VecDeque<(&'a Job, Vec<Cloud>)>;
+
 /// Plan placements and preemptions for the state at time `now`.
-pub fn plan(state: &State, now: Timestamp, limits: &PlanLimits) -> PlanOutput {
+pub fn plan<'a>(state: &'a State, now: Timestamp, limits: &PlanLimits) -> PlanOutput {
     let mut out = PlanOutput::default();
     let mut view = View::build(state);
 
@@ -907,8 +926,22 @@ pub fn plan(state: &State, now: Timestamp, limits: &PlanLimits) -> PlanOutput {
         }
     }
 
+    // GPU-hours quotas, once per tenant with pending jobs: None when the tenant may not be
+    // placed at all, else the clouds it may not use.
+    let mut gates: BTreeMap<&str, Option<Vec<Cloud>>> = BTreeMap::new();
+    let mut gate = |tenant: &'a str| -> Option<Vec<Cloud>> {
+        gates
+            .entry(tenant)
+            .or_insert_with(|| match state.tenants().get(tenant) {
+                Some(t) if t.gpu_hours_exhausted(now) => None,
+                Some(t) => Some(t.gpu_hours_exhausted_clouds(now)),
+                None => Some(Vec::new()),
+            })
+            .clone()
+    };
+
     // Queue: priority, then tenants by fair share, then job id.
-    let mut levels: BTreeMap<Reverse<u16>, BTreeMap<&str, VecDeque<&Job>>> = BTreeMap::new();
+    let mut levels: BTreeMap<Reverse<u16>, BTreeMap<&str, TenantQueue<'_>>> = BTreeMap::new();
     for id in state.pending_jobs() {
         let Some(job) = state.job(*id) else { continue };
         if job.cancel_requested || job.shards.iter().any(|s| s.state.is_live()) {
@@ -918,12 +951,16 @@ pub fn plan(state: &State, now: Timestamp, limits: &PlanLimits) -> PlanOutput {
             out.waiting.insert(job.id, WaitReason::Backoff);
             continue;
         }
+        let Some(closed) = gate(job.spec.tenant.as_str()) else {
+            out.waiting.insert(job.id, WaitReason::GpuHoursQuota);
+            continue;
+        };
         levels
             .entry(Reverse(job.spec.priority))
             .or_default()
             .entry(job.spec.tenant.as_str())
             .or_default()
-            .push_back(job);
+            .push_back((job, closed));
     }
 
     let mut planned_gpus: BTreeMap<&str, u64> = BTreeMap::new();
@@ -937,12 +974,14 @@ pub fn plan(state: &State, now: Timestamp, limits: &PlanLimits) -> PlanOutput {
             .collect();
         while let Some(Reverse((_, tenant))) = heap.pop() {
             let Some(queue) = tenants.get_mut(tenant) else { continue };
-            let Some(job) = queue.pop_front() else { continue };
+            let Some((job, closed)) = queue.pop_front() else { continue };
             let more = !queue.is_empty();
-            let need = Need::new(job, &view, now);
+            let need = Need::new(job, &view, now, &closed);
             let total = job.spec.total_gpus();
             if shards_planned + need.shards.len() > limits.max_shards {
                 out.waiting.insert(job.id, WaitReason::PlanFull);
+            } else if need.classes.is_empty() && need.quota_blocked {
+                out.waiting.insert(job.id, WaitReason::GpuHoursQuota);
             } else if state.tenants().get(tenant).is_some_and(|t| {
                 t.gpu_quota.is_some_and(|q| t.gpus_in_use + planned_gpus.get(tenant).copied().unwrap_or(0) + total > q)
             }) {

@@ -6,22 +6,35 @@
 //! - a job never has a pending shard beside a live one unless some shard is stopping
 //!   (gangs are placed whole);
 //! - down nodes hold nothing; terminal jobs hold nothing;
-//! - derived counters (CPU, memory, tenant GPUs) equal what the attempts say.
+//! - derived counters (CPU, memory, tenant GPUs in total and per cloud) equal what the
+//!   attempts say;
+//! - tenant settings are in range (priorities, GPU-hours quotas and window) and the window
+//!   buckets are aligned to the window's bucket width.
+//!
+//! Tenants: a submission is checked against its tenant's `max_priority` (after its
+//! `default_priority` replaces a priority the user did not give), and records who submitted
+//! it. The tenant's usage is accrued (decayed total, per cloud, and the GPU-hours window)
+//! whenever its GPUs in use change. A placement of a tenant at its GPU quota or its GPU-hours
+//! quota (overall, or on the cloud of a node of the placement), or a preemption for a tenant at
+//! its overall GPU-hours quota, is refused on apply as stale.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::command::{ApplyContext, ApplyResult, Command, Event, ExitStatus, Rejection, spec_rejection};
+use crate::command::{ApplyContext, ApplyResult, Command, Event, ExitStatus, Rejection, TenantWrite, spec_rejection};
 use crate::model::{
-    Attempt, AttemptId, Checkpoint, DrainReason, Gpu, GpuHealth, Job, JobId, JobState, Node, NodeId, NodeInfo,
-    NodeState, Shard, ShardState, StopReason, Tenant, Timestamp,
+    Attempt, AttemptId, Checkpoint, DrainReason, Gpu, GpuHealth, Job, JobId, JobState, MAX_GPU_HOURS_WINDOW_MS,
+    MIN_GPU_HOURS_WINDOW_MS, Node, NodeId, NodeInfo, NodeState, Shard, ShardState, StopReason, Tenant, Timestamp,
 };
 use crate::planner::{GangPlacement, Plan, Preemption, node_admits, span_ok};
-use crate::spec::limits;
+use crate::spec::{Cloud, limits};
 
 /// Longest idempotency key accepted, in bytes.
 pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// Longest `submitted_by` identity accepted, in bytes.
+pub const MAX_SUBMITTED_BY: usize = 256;
 
 /// JSON maps need string keys: store a map with tuple keys as a list of pairs.
 mod pairs {
@@ -153,6 +166,31 @@ fn bounded(field: &'static str, s: &str, max: usize) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// A tenant's settings are in range, and its window buckets aligned (a hand-made snapshot may
+/// say otherwise).
+fn check_tenant_settings(t: &Tenant) -> Result<(), String> {
+    let name = &t.name;
+    if t.max_priority.is_some_and(|p| p > limits::MAX_PRIORITY)
+        || t.default_priority.is_some_and(|p| p > limits::MAX_PRIORITY || t.max_priority.is_some_and(|m| p > m))
+    {
+        return Err(format!("tenant {name} has priority limits out of range"));
+    }
+    let bad = |q: f64| !(q.is_finite() && q > 0.0);
+    if t.gpu_hours_quota.is_some_and(bad)
+        || t.cloud_gpu_hours_quota.iter().any(|(c, q)| bad(*q) || c.parse::<Cloud>().map(Cloud::as_str) != Ok(c))
+    {
+        return Err(format!("tenant {name} has an invalid GPU-hours quota"));
+    }
+    if !(MIN_GPU_HOURS_WINDOW_MS..=MAX_GPU_HOURS_WINDOW_MS).contains(&t.gpu_hours_window_ms) {
+        return Err(format!("tenant {name} has a GPU-hours window out of range"));
+    }
+    let width = t.gpu_hours_bucket_ms();
+    if t.clouds.values().any(|a| a.window_gpu_ms.keys().any(|k| k.0 % width != 0)) {
+        return Err(format!("tenant {name} has GPU-hours buckets not aligned to {width} ms"));
+    }
+    Ok(())
+}
+
 impl State {
     /// An empty cluster.
     pub fn new() -> State {
@@ -270,6 +308,7 @@ impl State {
         self.pending.clear();
         for t in self.tenants.values_mut() {
             t.gpus_in_use = 0;
+            t.cloud_gpus_in_use.clear();
         }
         for job in self.jobs.values() {
             for shard in &job.shards {
@@ -285,10 +324,14 @@ impl State {
                     })?;
                     self.live.insert(a.id, AttemptRef { job: job.id, shard: shard.index });
                     self.live_on.entry(a.node).or_default().insert(a.id);
+                    let cloud =
+                        self.nodes.get(&a.node).map(|n| n.info.cloud).ok_or_else(|| {
+                            SnapshotError::Inconsistent(format!("{} runs on unknown {}", a.id, a.node))
+                        })?;
                     let tenant = self.tenants.get_mut(&job.spec.tenant).ok_or_else(|| {
                         SnapshotError::Inconsistent(format!("{} names unknown tenant {}", job.id, job.spec.tenant))
                     })?;
-                    tenant.gpus_in_use += u64::from(job.spec.resources.gpus);
+                    tenant.count_gpus(cloud, u64::from(job.spec.resources.gpus));
                 }
             }
         }
@@ -303,7 +346,9 @@ impl State {
         let now = ctx.now;
         let mut ev = Vec::new();
         match cmd {
-            Command::SubmitJob { spec, idempotency_key } => self.submit(spec, idempotency_key, now, &mut ev)?,
+            Command::SubmitJob { spec, idempotency_key, priority_defaulted, submitted_by } => {
+                self.submit(spec, idempotency_key, priority_defaulted, submitted_by, now, &mut ev)?
+            }
             Command::CancelJob { job, reason } => self.cancel(job, reason, now, &mut ev)?,
             Command::RegisterNode { info } => self.register(info, ctx.index, now, &mut ev)?,
             Command::MarkNodeDown { node, reason, registration } => {
@@ -320,7 +365,7 @@ impl State {
                 self.exited(attempt, exit, node_fault, message, now, &mut ev)?
             }
             Command::RecordCheckpoint { attempt, step, uri } => self.checkpoint(attempt, step, uri, now, &mut ev)?,
-            Command::SetTenant { name, weight, gpu_quota } => self.set_tenant(name, weight, gpu_quota, now, &mut ev)?,
+            cmd @ Command::SetTenant { .. } => self.set_tenant(cmd, now, &mut ev)?,
             Command::SetFairShareHalfLife { half_life_ms } => {
                 if half_life_ms < 60_000 {
                     return Err(Rejection::InvalidArgument {
@@ -344,12 +389,20 @@ impl State {
 
     fn submit(
         &mut self,
-        spec: crate::spec::JobSpec,
+        mut spec: crate::spec::JobSpec,
         key: Option<String>,
+        priority_defaulted: bool,
+        submitted_by: Option<String>,
         now: Timestamp,
         ev: &mut Vec<Event>,
     ) -> Result<(), Rejection> {
         spec.validate()?;
+        if let Some(who) = &submitted_by {
+            if who.is_empty() {
+                return Err(Rejection::InvalidArgument { field: "submitted_by", message: "must not be empty".into() });
+            }
+            bounded("submitted_by", who, MAX_SUBMITTED_BY)?;
+        }
         if let Some(k) = &key {
             if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY {
                 return Err(Rejection::InvalidArgument {
@@ -360,6 +413,21 @@ impl State {
             if let Some(job) = self.idempotency.get(&(spec.tenant.clone(), k.clone())) {
                 ev.push(Event::JobSubmitted { job: *job, deduplicated: true });
                 return Ok(());
+            }
+        }
+        if let Some(t) = self.tenants.get(&spec.tenant) {
+            if priority_defaulted {
+                match (t.default_priority, t.max_priority) {
+                    (Some(p), _) => spec.priority = p,
+                    // A user who gave no priority is not refused for the spec's default.
+                    (None, Some(cap)) => spec.priority = spec.priority.min(cap),
+                    (None, None) => {}
+                }
+            }
+            if let Some(cap) = t.max_priority
+                && spec.priority > cap
+            {
+                return Err(Rejection::PriorityAboveCap { tenant: t.name.clone(), cap, asked: spec.priority });
             }
         }
         let id = JobId(self.next_job);
@@ -392,6 +460,7 @@ impl State {
             failures: 0,
             cancel_requested: false,
             message: None,
+            submitted_by,
         };
         self.jobs.insert(id, job);
         self.pending.insert(id);
@@ -501,9 +570,10 @@ impl State {
             node.memory_used = node.memory_used.saturating_sub(mem);
         }
         let half_life = self.config.fair_share_half_life_ms;
-        if let Some(t) = self.tenants.get_mut(&job.spec.tenant) {
-            t.accrue(now, half_life);
-            t.gpus_in_use = t.gpus_in_use.saturating_sub(u64::from(gpus));
+        // Nodes are never removed, so the attempt's node gives the cloud its GPUs were counted on.
+        let cloud = self.nodes.get(&a.node).map(|n| n.info.cloud);
+        if let (Some(t), Some(cloud)) = (self.tenants.get_mut(&job.spec.tenant), cloud) {
+            t.release_gpus(cloud, u64::from(gpus), now, half_life);
         }
     }
 
@@ -645,6 +715,10 @@ impl State {
                 self.lose_attempt(r.job, r.shard, now, ev);
             }
         }
+        let old_cloud = self.nodes[&id].info.cloud;
+        if old_cloud != info.cloud {
+            self.move_cloud(id, old_cloud, info.cloud, now);
+        }
         let node = self.nodes.get_mut(&id).expect("node id from the name index");
         if !same_gpus {
             let old: BTreeMap<String, GpuHealth> =
@@ -672,6 +746,20 @@ impl State {
             ev.push(Event::NodeStateChanged { node: id, state: node.state });
         }
         Ok(())
+    }
+
+    /// A node that kept its live attempts re-registered in another cloud: its tenants' GPUs
+    /// count on the new cloud from now on.
+    fn move_cloud(&mut self, node: NodeId, from: Cloud, to: Cloud, now: Timestamp) {
+        let half_life = self.config.fair_share_half_life_ms;
+        for r in self.attempts_on(node) {
+            let Some(job) = self.jobs.get(&r.job) else { continue };
+            let gpus = u64::from(job.spec.resources.gpus);
+            if let Some(t) = self.tenants.get_mut(&job.spec.tenant) {
+                t.release_gpus(from, gpus, now, half_life);
+                t.take_gpus(to, gpus, now, half_life);
+            }
+        }
     }
 
     fn attempts_on(&self, node: NodeId) -> Vec<AttemptRef> {
@@ -870,28 +958,83 @@ impl State {
         Ok(())
     }
 
-    fn set_tenant(
-        &mut self,
-        name: String,
-        weight: u32,
-        quota: Option<u64>,
-        now: Timestamp,
-        ev: &mut Vec<Event>,
-    ) -> Result<(), Rejection> {
+    fn set_tenant(&mut self, cmd: Command, now: Timestamp, ev: &mut Vec<Event>) -> Result<(), Rejection> {
+        let Command::SetTenant {
+            name,
+            weight,
+            gpu_quota,
+            max_priority,
+            default_priority,
+            gpu_hours_quota,
+            cloud_gpu_hours_quota,
+            gpu_hours_window_ms,
+            mode,
+        } = cmd
+        else {
+            return Ok(());
+        };
         if !valid_name(&name, limits::MAX_TENANT_LEN) {
             return Err(spec_rejection("tenant", "must be 1 to 64 characters of letters, digits, '.', '_' and '-'"));
         }
+        let invalid = |field: &'static str, message: String| Err(Rejection::InvalidArgument { field, message });
         if !(1..=10_000).contains(&weight) {
-            return Err(Rejection::InvalidArgument {
-                field: "weight",
-                message: format!("must be 1 to 10000 (got {weight})"),
-            });
+            return invalid("weight", format!("must be 1 to 10000 (got {weight})"));
+        }
+        for (field, p) in [("max_priority", max_priority), ("default_priority", default_priority)] {
+            if let Some(p) = p
+                && p > limits::MAX_PRIORITY
+            {
+                return invalid(field, format!("must be between 0 and {} (got {p})", limits::MAX_PRIORITY));
+            }
+        }
+        if let (Some(d), Some(m)) = (default_priority, max_priority)
+            && d > m
+        {
+            return invalid("default_priority", format!("{d} is above max_priority {m}"));
+        }
+        if let Some(q) = gpu_hours_quota
+            && !(q.is_finite() && q > 0.0)
+        {
+            return invalid("gpu_hours_quota", format!("must be a finite number of GPU-hours above 0 (got {q})"));
+        }
+        for (cloud, q) in &cloud_gpu_hours_quota {
+            if !["aws", "azure", "none"].contains(&cloud.as_str()) {
+                let shown: String = cloud.chars().take(limits::MAX_SHORT_STRING).collect();
+                return invalid(
+                    "cloud_gpu_hours_quota",
+                    format!("unknown cloud {shown:?} (expected aws, azure or none)"),
+                );
+            }
+            if !(q.is_finite() && *q > 0.0) {
+                return invalid(
+                    "cloud_gpu_hours_quota",
+                    format!("{cloud}: must be a finite number of GPU-hours above 0 (got {q})"),
+                );
+            }
+        }
+        if !(MIN_GPU_HOURS_WINDOW_MS..=MAX_GPU_HOURS_WINDOW_MS).contains(&gpu_hours_window_ms) {
+            return invalid(
+                "gpu_hours_window_ms",
+                format!("must be between one minute and 366 days in milliseconds (got {gpu_hours_window_ms})"),
+            );
+        }
+        match (mode, self.tenants.contains_key(&name)) {
+            (TenantWrite::Create, true) => return Err(Rejection::TenantExists(name)),
+            (TenantWrite::Update, false) => return Err(Rejection::UnknownTenant(name)),
+            _ => {}
         }
         let half_life = self.config.fair_share_half_life_ms;
         let t = self.tenants.entry(name.clone()).or_insert_with(|| Tenant::new(&name, now));
         t.accrue(now, half_life);
         t.weight = weight;
-        t.gpu_quota = quota;
+        t.gpu_quota = gpu_quota;
+        t.max_priority = max_priority;
+        t.default_priority = default_priority;
+        t.gpu_hours_quota = gpu_hours_quota;
+        t.cloud_gpu_hours_quota = cloud_gpu_hours_quota;
+        if t.gpu_hours_window_ms != gpu_hours_window_ms {
+            t.set_gpu_hours_window(gpu_hours_window_ms);
+        }
         ev.push(Event::TenantUpdated { name });
         Ok(())
     }
@@ -912,7 +1055,7 @@ impl State {
             }
         }
         for pre in plan.preemptions {
-            match self.check_preemption(&pre) {
+            match self.check_preemption(&pre, now) {
                 Ok(()) => {
                     for victim in pre.victims {
                         let n = self.jobs[&victim].shards.len() as u32;
@@ -993,13 +1136,22 @@ impl State {
         {
             return Err(format!("tenant {} would exceed its quota of {q} GPUs", spec.tenant));
         }
+        if let Some(t) = self.tenants.get(&spec.tenant) {
+            let clouds: BTreeSet<Cloud> = nodes.iter().map(|n| n.info.cloud).collect();
+            if let Some(c) = clouds.into_iter().find(|c| t.gpu_hours_exhausted_on(*c, now)) {
+                return Err(format!("tenant {} has used its GPU-hours quota for {c} in this window", spec.tenant));
+            }
+        }
         Ok(())
     }
 
-    fn check_preemption(&self, pre: &Preemption) -> Result<(), String> {
+    fn check_preemption(&self, pre: &Preemption, now: Timestamp) -> Result<(), String> {
         let job = self.jobs.get(&pre.job).ok_or("job no longer exists")?;
         if !self.pending.contains(&pre.job) || job.cancel_requested {
             return Err("job no longer waits for placement".into());
+        }
+        if self.tenants.get(&job.spec.tenant).is_some_and(|t| t.gpu_hours_exhausted(now)) {
+            return Err(format!("tenant {} has used its GPU-hours quota in this window", job.spec.tenant));
         }
         if pre.victims.is_empty() {
             return Err("preemption without victims".into());
@@ -1036,9 +1188,9 @@ impl State {
         });
         job.started_at.get_or_insert(now);
         let resume_from = job.resume_point(shard).map(|c| c.uri.clone());
-        if let Some(t) = self.tenants.get_mut(&job.spec.tenant) {
-            t.accrue(now, half_life);
-            t.gpus_in_use += u64::from(res.gpus);
+        let cloud = self.nodes.get(&node_id).map(|n| n.info.cloud);
+        if let (Some(t), Some(cloud)) = (self.tenants.get_mut(&job.spec.tenant), cloud) {
+            t.take_gpus(cloud, u64::from(res.gpus), now, half_life);
         }
         if let Some(node) = self.nodes.get_mut(&node_id) {
             for g in &gpus {
@@ -1098,6 +1250,7 @@ impl State {
         }
         let mut live_gpus = 0usize;
         let mut tenant_gpus: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut tenant_cloud_gpus: BTreeMap<&str, BTreeMap<Cloud, u64>> = BTreeMap::new();
         let mut live_count = 0usize;
         for job in self.jobs.values() {
             if job.id.0 >= self.next_job {
@@ -1138,6 +1291,13 @@ impl State {
                 live_gpus += a.gpus.len();
                 live_count += 1;
                 *tenant_gpus.entry(job.spec.tenant.as_str()).or_default() += u64::from(job.spec.resources.gpus);
+                if job.spec.resources.gpus > 0 {
+                    *tenant_cloud_gpus
+                        .entry(job.spec.tenant.as_str())
+                        .or_default()
+                        .entry(node.info.cloud)
+                        .or_default() += u64::from(job.spec.resources.gpus);
+                }
             }
         }
         if live_gpus != held {
@@ -1155,6 +1315,15 @@ impl State {
             if t.gpus_in_use != want {
                 return Err(format!("tenant {} counts {} GPUs in use, attempts show {want}", t.name, t.gpus_in_use));
             }
+            let empty = BTreeMap::new();
+            let want = tenant_cloud_gpus.get(t.name.as_str()).unwrap_or(&empty);
+            if t.cloud_gpus_in_use != *want {
+                return Err(format!(
+                    "tenant {} counts {:?} GPUs in use per cloud, attempts show {want:?}",
+                    t.name, t.cloud_gpus_in_use
+                ));
+            }
+            check_tenant_settings(t)?;
         }
         for ((tenant, _), job) in &self.idempotency {
             if self.jobs.get(job).is_none_or(|j| j.spec.tenant != *tenant) {

@@ -5,8 +5,10 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 
-use crate::command::{ApplyContext, Command, Event, ExitStatus, Rejection};
-use crate::model::{DrainReason, GpuInfo, JobState, NodeInfo, NodeState, ShardState, StopReason};
+use crate::command::{ApplyContext, Command, Event, ExitStatus, Rejection, TenantWrite};
+use crate::model::{
+    DEFAULT_GPU_HOURS_WINDOW_MS, DrainReason, GpuInfo, JobState, NodeInfo, NodeState, ShardState, StopReason,
+};
 use crate::planner::{PlanLimits, PlanOutput, WaitReason, node_admits, plan, span_ok};
 use crate::spec::{Cloud, JobSpec, SpotPolicy};
 use crate::{AttemptId, JobId, NodeId, State, Timestamp};
@@ -79,6 +81,26 @@ fn spec(shards: u32, gpus: u32) -> JobSpec {
     JobSpec::new(vec!["train".into()], shards, gpus)
 }
 
+/// A submission with a priority the user gave and no recorded submitter.
+fn submit_cmd(spec: JobSpec, idempotency_key: Option<String>) -> Command {
+    Command::SubmitJob { spec, idempotency_key, priority_defaulted: false, submitted_by: None }
+}
+
+/// An upsert of a tenant's weight and GPU quota, with no other limits.
+fn tenant_cmd(name: &str, weight: u32, gpu_quota: Option<u64>) -> Command {
+    Command::SetTenant {
+        name: name.into(),
+        weight,
+        gpu_quota,
+        max_priority: None,
+        default_priority: None,
+        gpu_hours_quota: None,
+        cloud_gpu_hours_quota: BTreeMap::new(),
+        gpu_hours_window_ms: DEFAULT_GPU_HOURS_WINDOW_MS,
+        mode: TenantWrite::Upsert,
+    }
+}
+
 impl Sim {
     fn new() -> Sim {
         Sim { state: State::new(), index: 0, now: 1_000_000, log: Vec::new() }
@@ -101,7 +123,7 @@ impl Sim {
         panic!("no NodeRegistered event");
     }
     fn submit(&mut self, spec: JobSpec) -> JobId {
-        match self.apply(Command::SubmitJob { spec, idempotency_key: None }).unwrap()[..] {
+        match self.apply(submit_cmd(spec, None)).unwrap()[..] {
             [Event::JobSubmitted { job, .. }] => job,
             ref other => panic!("unexpected events {other:?}"),
         }
@@ -144,7 +166,7 @@ fn submit_validates_the_spec_and_assigns_ids_in_order() {
     let mut sim = Sim::new();
     assert_eq!(sim.submit(spec(1, 1)), JobId(1));
     assert_eq!(sim.submit(spec(1, 1)), JobId(2));
-    let err = sim.apply(Command::SubmitJob { spec: spec(0, 1), idempotency_key: None }).unwrap_err();
+    let err = sim.apply(submit_cmd(spec(0, 1), None)).unwrap_err();
     assert!(matches!(&err, Rejection::InvalidSpec(e) if e.errors[0].field == "shards"), "{err}");
     assert_eq!(sim.state.jobs().len(), 2, "a rejected submission changes nothing");
 }
@@ -155,7 +177,7 @@ fn idempotency_keys_make_retried_submissions_safe() {
     let submit = |sim: &mut Sim, tenant: &str, key: &str| {
         let mut s = spec(1, 1);
         s.tenant = tenant.into();
-        sim.apply(Command::SubmitJob { spec: s, idempotency_key: Some(key.into()) }).unwrap()
+        sim.apply(submit_cmd(s, Some(key.into()))).unwrap()
     };
     assert_eq!(submit(&mut sim, "a", "k1"), vec![Event::JobSubmitted { job: JobId(1), deduplicated: false }]);
     assert_eq!(submit(&mut sim, "a", "k1"), vec![Event::JobSubmitted { job: JobId(1), deduplicated: true }]);
@@ -163,7 +185,7 @@ fn idempotency_keys_make_retried_submissions_safe() {
     assert_eq!(sim.state.jobs().len(), 2);
     let long = "x".repeat(200);
     assert!(matches!(
-        sim.apply(Command::SubmitJob { spec: spec(1, 1), idempotency_key: Some(long) }),
+        sim.apply(submit_cmd(spec(1, 1), Some(long))),
         Err(Rejection::InvalidArgument { field: "idempotency_key", .. })
     ));
     let restored = State::restore(&sim.state.snapshot()).unwrap();
@@ -709,7 +731,7 @@ fn fair_share_orders_tenants_by_decayed_gpu_hours_and_weight() {
     sim.exit(light, 0, 0).unwrap();
 
     // With 100x the weight, heavy's 80 GPU-hours count as 0.8, less than light's 8 (+ lookahead).
-    sim.apply(Command::SetTenant { name: "heavy".into(), weight: 100, gpu_quota: None }).unwrap();
+    sim.apply(tenant_cmd("heavy", 100, None)).unwrap();
     let mut s = spec(1, 8);
     s.tenant = "light".into();
     let light2 = sim.submit(s);
@@ -726,7 +748,7 @@ fn quotas_hold_across_clouds() {
     az.cloud = Cloud::Azure;
     az.region = "eastus";
     sim.node(az);
-    sim.apply(Command::SetTenant { name: "team".into(), weight: 1, gpu_quota: Some(8) }).unwrap();
+    sim.apply(tenant_cmd("team", 1, Some(8))).unwrap();
     let mut s = spec(1, 8);
     s.tenant = "team".into();
     let first = sim.submit(s.clone());
@@ -997,7 +1019,7 @@ fn concretise(state: &State, op: &Op, now: Timestamp) -> Option<Command> {
                 _ => None,
             };
             s.retry.max_attempts = 2;
-            Command::SubmitJob { spec: s, idempotency_key: (tenant == 0).then(|| format!("k{shards}{gpus}")) }
+            submit_cmd(s, (tenant == 0).then(|| format!("k{shards}{gpus}")))
         }
         Op::Plan => Command::ApplyPlan { plan: plan(state, now, &PlanLimits::default()).plan },
         Op::Start { pick } => Command::ShardStarted { attempt: pick_live(state, pick)? },
@@ -1028,11 +1050,9 @@ fn concretise(state: &State, op: &Op, now: Timestamp) -> Option<Command> {
             let ids: Vec<JobId> = state.jobs().keys().copied().collect();
             Command::CancelJob { job: *ids.get(pick as usize % ids.len().max(1))?, reason: None }
         }
-        Op::Tenant { tenant, weight, quota } => Command::SetTenant {
-            name: format!("t{tenant}"),
-            weight: u32::from(weight),
-            gpu_quota: quota.map(u64::from),
-        },
+        Op::Tenant { tenant, weight, quota } => {
+            tenant_cmd(&format!("t{tenant}"), u32::from(weight), quota.map(u64::from))
+        }
         Op::Tick { .. } => return None,
     })
 }

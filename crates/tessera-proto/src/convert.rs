@@ -504,6 +504,8 @@ pub fn job_to_proto(job: &Job, state: &State) -> v1::Job {
         failures,
         cancel_requested,
         message,
+        // Not on the wire yet.
+        submitted_by: _,
     } = job;
     // As the core's resume point: the highest step, then the latest time.
     let latest_checkpoint = shards
@@ -676,7 +678,9 @@ pub fn spec_error_to_status(e: &SpecError) -> Status {
 }
 
 /// The gRPC status for a command the core refused. The message is the rejection's text, which
-/// names the field for the two invalid-argument cases.
+/// names the field for the two invalid-argument cases; a priority above the tenant's cap is
+/// PERMISSION_DENIED naming `spec.priority`, a tenant that exists (create) ALREADY_EXISTS, and
+/// a missing one (update) NOT_FOUND.
 pub fn rejection_to_status(r: &Rejection) -> Status {
     match r {
         Rejection::InvalidSpec(e) => spec_error_to_status(e),
@@ -691,6 +695,12 @@ pub fn rejection_to_status(r: &Rejection) -> Status {
         Rejection::JobFinished { .. } | Rejection::FailedPrecondition(_) => {
             Status::new(Code::FailedPrecondition, r.to_string())
         }
+        // The request is well formed; the tenant is not allowed that priority.
+        Rejection::PriorityAboveCap { tenant, cap, asked } => Status::permission_denied(format!(
+            "spec.priority: {asked} is above the highest priority tenant {tenant} may use ({cap})"
+        )),
+        Rejection::TenantExists(_) => Status::already_exists(r.to_string()),
+        Rejection::UnknownTenant(_) => Status::not_found(r.to_string()),
     }
 }
 
@@ -933,6 +943,13 @@ mod tests {
             (Rejection::StaleAttempt(AttemptId(6)), Code::FailedPrecondition, "attempt-6"),
             (Rejection::JobFinished { job: JobId(4), state: JobState::Succeeded }, Code::FailedPrecondition, "job-4"),
             (Rejection::FailedPrecondition("node-5 is down".into()), Code::FailedPrecondition, "node-5"),
+            (
+                Rejection::PriorityAboveCap { tenant: "nlp".into(), cap: 500, asked: 750 },
+                Code::PermissionDenied,
+                "spec.priority: 750",
+            ),
+            (Rejection::TenantExists("nlp".into()), Code::AlreadyExists, "nlp"),
+            (Rejection::UnknownTenant("nlp".into()), Code::NotFound, "nlp"),
         ];
         for (rejection, code, mentions) in cases {
             let status = rejection_to_status(&rejection);
@@ -1018,7 +1035,8 @@ mod tests {
         wire.resources = Some(v1::Resources { gpus: 4, cpu_millis: 8_000, memory_mib: 1024, ..Default::default() });
         wire.placement = Some(v1::Placement { spot: v1::SpotPolicy::Require as i32, ..Default::default() });
         let spec = spec_from_proto(wire).unwrap();
-        apply(&mut state, Command::SubmitJob { spec, idempotency_key: None }, 2_000);
+        let submit = Command::SubmitJob { spec, idempotency_key: None, priority_defaulted: false, submitted_by: None };
+        apply(&mut state, submit, 2_000);
         let (job_id, node_id) = (JobId(1), NodeId(1));
 
         let pending = job_to_proto(state.job(job_id).unwrap(), &state);

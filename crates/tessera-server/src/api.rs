@@ -198,7 +198,8 @@ impl v1::job_service_server::JobService for Jobs {
         let spec = spec_from_proto(req.spec.ok_or_else(|| Status::invalid_argument("spec: required"))?)
             .map_err(|e| tessera_proto::convert::spec_error_to_status(&e))?;
         let key = (!req.idempotency_key.is_empty()).then_some(req.idempotency_key);
-        let events = self.0.write(&Command::SubmitJob { spec, idempotency_key: key }).await?;
+        let cmd = Command::SubmitJob { spec, idempotency_key: key, priority_defaulted: false, submitted_by: None };
+        let events = self.0.write(&cmd).await?;
         let revision = self.0.raft.status().applied;
         for e in events {
             if let Event::JobSubmitted { job, deduplicated } = e {

@@ -186,7 +186,12 @@ mod tests {
     fn entries_apply_and_snapshots_round_trip() {
         let (tx, mut rx) = broadcast::channel(8);
         let mut sm = ServerSm::new(Members::default(), tx.clone());
-        let cmd = Command::SubmitJob { spec: JobSpec::new(vec!["true".into()], 1, 1), idempotency_key: None };
+        let cmd = Command::SubmitJob {
+            spec: JobSpec::new(vec!["true".into()], 1, 1),
+            idempotency_key: None,
+            priority_defaulted: false,
+            submitted_by: None,
+        };
         let out = sm.apply(1, &encode_entry(&cmd, Timestamp(5)));
         assert!(matches!(&out, Outcome::Applied(e) if e.len() == 1));
         assert_eq!(rx.try_recv().unwrap().index, 1);
