@@ -1,5 +1,6 @@
 //! Tests of the state machine and the planner, and property tests over random command
-//! sequences.
+//! sequences. Tenant limits (priority cap and default, GPU-hours quotas, write modes) are
+//! tested in [`tenants`].
 
 use std::collections::BTreeMap;
 
@@ -12,6 +13,8 @@ use crate::model::{
 use crate::planner::{PlanLimits, PlanOutput, WaitReason, node_admits, plan, span_ok};
 use crate::spec::{Cloud, JobSpec, SpotPolicy};
 use crate::{AttemptId, JobId, NodeId, State, Timestamp};
+
+mod tenants;
 
 const HOUR: u64 = 3_600_000;
 
@@ -937,6 +940,11 @@ enum Op {
         tenant: u8,
         weight: u8,
         quota: Option<u8>,
+        hours: Option<u8>,
+        cloud_hours: Option<(u8, u8)>,
+        window: u8,
+        max_prio: Option<u8>,
+        mode: u8,
     },
     Tick {
         secs: u16,
@@ -947,7 +955,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         2 => (0u8..6, 0u8..9, 0u8..3, 0u8..3, any::<bool>(), 1u8..5)
             .prop_map(|(node, gpus, cloud, zone, spot, price)| Op::Register { node, gpus, cloud, zone, spot, price }),
-        4 => (1u8..4, 1u8..9, 0u8..4, 0u8..3, 0u8..3, 0u8..4, proptest::option::of(1u8..4), any::<bool>(), 0u8..3)
+        4 => (1u8..4, 1u8..9, 0u8..5, 0u8..3, 0u8..3, 0u8..4, proptest::option::of(1u8..4), any::<bool>(), 0u8..3)
             .prop_map(|(shards, gpus, prio, tenant, cloud, spot, runtime, span, model)| Op::Submit {
                 shards, gpus, prio, tenant, cloud, spot, runtime, span, model
             }),
@@ -960,7 +968,19 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u8..6).prop_map(|node| Op::Undrain { node }),
         1 => (0u8..6, 0u8..8, any::<bool>()).prop_map(|(node, gpu, healthy)| Op::Health { node, gpu, healthy }),
         1 => any::<u16>().prop_map(|pick| Op::Cancel { pick }),
-        1 => (0u8..3, 1u8..4, proptest::option::of(0u8..20)).prop_map(|(tenant, weight, quota)| Op::Tenant { tenant, weight, quota }),
+        1 => (
+            0u8..3,
+            1u8..4,
+            proptest::option::of(0u8..20),
+            proptest::option::of(1u8..20),
+            proptest::option::of((0u8..3, 1u8..20)),
+            0u8..3,
+            proptest::option::of(0u8..4),
+            0u8..3,
+        )
+            .prop_map(|(tenant, weight, quota, hours, cloud_hours, window, max_prio, mode)| Op::Tenant {
+                tenant, weight, quota, hours, cloud_hours, window, max_prio, mode
+            }),
         2 => (1u16..4000).prop_map(|secs| Op::Tick { secs }),
     ]
 }
@@ -1004,7 +1024,10 @@ fn concretise(state: &State, op: &Op, now: Timestamp) -> Option<Command> {
         }
         Op::Submit { shards, gpus, prio, tenant, cloud, spot, runtime, span, model } => {
             let mut s = spec(u32::from(shards), u32::from(gpus));
-            s.priority = u16::from(prio) * 300;
+            // prio 4: the user gave none (the spec default stands unless the tenant has one).
+            if prio < 4 {
+                s.priority = u16::from(prio) * 300;
+            }
             s.tenant = format!("t{tenant}");
             if cloud > 0 {
                 s.placement.clouds = vec![CLOUDS[cloud as usize - 1]];
@@ -1019,7 +1042,12 @@ fn concretise(state: &State, op: &Op, now: Timestamp) -> Option<Command> {
                 _ => None,
             };
             s.retry.max_attempts = 2;
-            submit_cmd(s, (tenant == 0).then(|| format!("k{shards}{gpus}")))
+            Command::SubmitJob {
+                spec: s,
+                idempotency_key: (tenant == 0).then(|| format!("k{shards}{gpus}")),
+                priority_defaulted: prio == 4,
+                submitted_by: (tenant == 1).then(|| "user/alice".into()),
+            }
         }
         Op::Plan => Command::ApplyPlan { plan: plan(state, now, &PlanLimits::default()).plan },
         Op::Start { pick } => Command::ShardStarted { attempt: pick_live(state, pick)? },
@@ -1050,15 +1078,28 @@ fn concretise(state: &State, op: &Op, now: Timestamp) -> Option<Command> {
             let ids: Vec<JobId> = state.jobs().keys().copied().collect();
             Command::CancelJob { job: *ids.get(pick as usize % ids.len().max(1))?, reason: None }
         }
-        Op::Tenant { tenant, weight, quota } => {
-            tenant_cmd(&format!("t{tenant}"), u32::from(weight), quota.map(u64::from))
-        }
+        Op::Tenant { tenant, weight, quota, hours, cloud_hours, window, max_prio, mode } => Command::SetTenant {
+            name: format!("t{tenant}"),
+            weight: u32::from(weight),
+            gpu_quota: quota.map(u64::from),
+            max_priority: max_prio.map(|p| u16::from(p) * 300),
+            default_priority: max_prio.map(|p| u16::from(p) * 250),
+            // Small quotas (1/8 to 2.4 GPU-hours), so that random runs reach them.
+            gpu_hours_quota: hours.map(|h| f64::from(h) / 8.0),
+            cloud_gpu_hours_quota: cloud_hours
+                .map(|(c, h)| (CLOUDS[c as usize].to_string(), f64::from(h) / 8.0))
+                .into_iter()
+                .collect(),
+            gpu_hours_window_ms: [60_000, HOUR, DEFAULT_GPU_HOURS_WINDOW_MS][window as usize],
+            mode: [TenantWrite::Upsert, TenantWrite::Create, TenantWrite::Update][mode as usize],
+        },
         Op::Tick { .. } => return None,
     })
 }
 
-/// Check what a plan's placements promised: constraints, gangs whole, quotas.
-fn check_placements(before: &State, after: &State, events: &[Event]) -> Result<(), TestCaseError> {
+/// Check what a plan's placements promised: constraints, gangs whole, quotas (GPUs held, and
+/// GPU-hours of the window at the time of the plan).
+fn check_placements(before: &State, after: &State, events: &[Event], now: Timestamp) -> Result<(), TestCaseError> {
     let mut placed: BTreeMap<JobId, Vec<(u32, NodeId, Vec<u32>)>> = BTreeMap::new();
     for e in events {
         if let Event::ShardAssigned { job, shard, node, gpus, .. } = e {
@@ -1082,6 +1123,14 @@ fn check_placements(before: &State, after: &State, events: &[Event]) -> Result<(
                 prop_assert!(gpu.healthy() && gpu.holder.is_none(), "GPU {} of {} was not free", g, node);
                 prop_assert!(j.spec.gpu_matches(&gpu.model, gpu.memory_mib));
             }
+            let t = &before.tenants()[&j.spec.tenant];
+            prop_assert!(
+                !t.gpu_hours_exhausted_on(nd.info.cloud, now),
+                "{} placed on {} although tenant {} used its GPU-hours there",
+                job,
+                node,
+                t.name
+            );
             infos.push(&nd.info);
         }
         prop_assert!(span_ok(&j.spec, infos.into_iter()), "{} spans clouds or regions", job);
@@ -1110,7 +1159,7 @@ fn run_ops(ops: &[Op]) -> Result<(State, Vec<(Command, ApplyContext)>), TestCase
         log.push((cmd.clone(), ctx));
         let result = state.apply(cmd, ctx);
         if let (Some(before), Ok(events)) = (before, &result) {
-            check_placements(&before, &state, events)?;
+            check_placements(&before, &state, events, now)?;
         }
         state.check_invariants().map_err(TestCaseError::fail)?;
     }
