@@ -880,11 +880,8 @@ fn share(state: &State, tenant: &str, extra_gpus: u64, now: Timestamp) -> Share 
 // The planner
 // ---------------------------------------------------------------------------------------------
 
-/// One tenant's jobs of one priority, in submission order, each with the clouds it may not use.
-type TenantQueue<'a> = VecDeque<(&'a Job, Vec<Cloud>)>;
-
 /// Plan placements and preemptions for the state at time `now`.
-pub fn plan<'a>(state: &'a State, now: Timestamp, limits: &PlanLimits) -> PlanOutput {
+pub fn plan(state: &State, now: Timestamp, limits: &PlanLimits) -> PlanOutput {
     let mut out = PlanOutput::default();
     let mut view = View::build(state);
 
@@ -926,22 +923,12 @@ pub fn plan<'a>(state: &'a State, now: Timestamp, limits: &PlanLimits) -> PlanOu
         }
     }
 
-    // GPU-hours quotas, once per tenant with pending jobs: None when the tenant may not be
-    // placed at all, else the clouds it may not use.
+    // GPU-hours quotas, judged once per tenant with pending jobs: None when the tenant may not
+    // be placed at all, else the clouds it may not use.
     let mut gates: BTreeMap<&str, Option<Vec<Cloud>>> = BTreeMap::new();
-    let mut gate = |tenant: &'a str| -> Option<Vec<Cloud>> {
-        gates
-            .entry(tenant)
-            .or_insert_with(|| match state.tenants().get(tenant) {
-                Some(t) if t.gpu_hours_exhausted(now) => None,
-                Some(t) => Some(t.gpu_hours_exhausted_clouds(now)),
-                None => Some(Vec::new()),
-            })
-            .clone()
-    };
 
     // Queue: priority, then tenants by fair share, then job id.
-    let mut levels: BTreeMap<Reverse<u16>, BTreeMap<&str, TenantQueue<'_>>> = BTreeMap::new();
+    let mut levels: BTreeMap<Reverse<u16>, BTreeMap<&str, VecDeque<&Job>>> = BTreeMap::new();
     for id in state.pending_jobs() {
         let Some(job) = state.job(*id) else { continue };
         if job.cancel_requested || job.shards.iter().any(|s| s.state.is_live()) {
@@ -951,16 +938,22 @@ pub fn plan<'a>(state: &'a State, now: Timestamp, limits: &PlanLimits) -> PlanOu
             out.waiting.insert(job.id, WaitReason::Backoff);
             continue;
         }
-        let Some(closed) = gate(job.spec.tenant.as_str()) else {
+        let tenant = job.spec.tenant.as_str();
+        let gate = gates.entry(tenant).or_insert_with(|| match state.tenants().get(tenant) {
+            Some(t) if t.gpu_hours_exhausted(now) => None,
+            Some(t) => Some(t.gpu_hours_exhausted_clouds(now)),
+            None => Some(Vec::new()),
+        });
+        if gate.is_none() {
             out.waiting.insert(job.id, WaitReason::GpuHoursQuota);
             continue;
-        };
+        }
         levels
             .entry(Reverse(job.spec.priority))
             .or_default()
             .entry(job.spec.tenant.as_str())
             .or_default()
-            .push_back((job, closed));
+            .push_back(job);
     }
 
     let mut planned_gpus: BTreeMap<&str, u64> = BTreeMap::new();
@@ -974,9 +967,10 @@ pub fn plan<'a>(state: &'a State, now: Timestamp, limits: &PlanLimits) -> PlanOu
             .collect();
         while let Some(Reverse((_, tenant))) = heap.pop() {
             let Some(queue) = tenants.get_mut(tenant) else { continue };
-            let Some((job, closed)) = queue.pop_front() else { continue };
+            let Some(job) = queue.pop_front() else { continue };
             let more = !queue.is_empty();
-            let need = Need::new(job, &view, now, &closed);
+            let closed = gates.get(tenant).and_then(Option::as_deref).unwrap_or_default();
+            let need = Need::new(job, &view, now, closed);
             let total = job.spec.total_gpus();
             if shards_planned + need.shards.len() > limits.max_shards {
                 out.waiting.insert(job.id, WaitReason::PlanFull);
