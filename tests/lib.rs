@@ -164,6 +164,10 @@ impl ServerProc {
             "--data-dir".into(),
             data_dir.display().to_string(),
         ];
+        // Plain TCP unless the caller gives TLS files (the security tests do).
+        if !extra.iter().any(|a| a == "--tls-ca" || a == "--insecure") {
+            args.push("--insecure".into());
+        }
         args.extend(extra.iter().cloned());
         ServerProc { id, addr: addr.to_string(), proc: Proc::new(data_dir, args, "info,raft=warn") }
     }
@@ -223,6 +227,18 @@ pub fn channel(addr: &str) -> Channel {
         .connect_timeout(Duration::from_millis(500))
         .timeout(Duration::from_secs(15))
         .connect_lazy()
+}
+
+/// Connect to a server over mutual TLS with the certificate `<dir>/<stem>.pem` (lazily).
+pub fn tls_channel(addr: &str, dir: &Path, stem: &str) -> Channel {
+    let tls = tessera_tls::Tls::load(tessera_tls::TlsFiles::in_dir(dir, stem)).expect("load TLS files");
+    let sec = tessera_tls::Security::Tls(tls);
+    let ep = sec
+        .endpoint(addr)
+        .expect("endpoint")
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(15));
+    sec.connect_lazy(&ep)
 }
 
 /// The leader as the running servers see it (a majority must agree), within `timeout`.
@@ -364,6 +380,9 @@ impl AgentProc {
         ];
         if !gpus.is_empty() {
             args.extend(["--simulate-gpus".to_string(), gpus.to_string()]);
+        }
+        if !extra.iter().any(|a| *a == "--ca" || *a == "--insecure") {
+            args.push("--insecure".into());
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         AgentProc { name: name.into(), http, proc: Proc::new(&work_dir, args, "info") }

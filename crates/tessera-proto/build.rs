@@ -13,6 +13,8 @@ const PROTOS: &[&str] = &[
     "../../proto/tessera/v1/cluster.proto",
     "../../proto/tessera/v1/agent.proto",
     "../../proto/tessera/v1/raft.proto",
+    "../../proto/tessera/v1/acl.proto",
+    "../../proto/tessera/v1/tenants.proto",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {

@@ -239,6 +239,7 @@ async fn a_saved_snapshot_starts_a_new_cluster_with_every_job() {
         &format!("1=127.0.0.1:{port}"),
         "--restore-from",
         &junk.display().to_string(),
+        "--insecure",
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");

@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use tessera_proto::v1;
-use tessera_tests::{channel, tessera_bin};
+use tessera_tests::{tessera_bin, tls_channel};
 
 /// A `tessera dev` process with its stdout read line by line; killed (SIGKILL) when dropped.
 struct Dev {
@@ -156,15 +156,18 @@ async fn dev_runs_three_servers_and_three_agents_and_stops_cleanly_on_sigterm() 
     let addrs: Vec<String> =
         export.trim().trim_start_matches("export TESSERA_SERVER=").split(',').map(str::to_string).collect();
     assert_eq!(addrs.len(), 3, "{export}");
+    // tessera dev runs with mutual TLS: a throwaway CA and an admin certificate in its data.
+    let certs = data.join("certs");
     tokio::task::block_in_place(|| dev.line(Duration::from_secs(10), |l| l.starts_with("Press Ctrl-C")))
         .unwrap_or_else(|| panic!("no prompt\n{}", dev.report()));
 
     // Any of the three answers for the cluster: three servers, a leader, three nodes.
-    let mut cluster = v1::cluster_service_client::ClusterServiceClient::new(channel(&addrs[2]));
+    let mut cluster =
+        v1::cluster_service_client::ClusterServiceClient::new(tls_channel(&addrs[2], &certs, "user-admin"));
     let status = cluster.status(v1::StatusRequest {}).await.expect("status").into_inner();
     assert_eq!(status.members.len(), 3, "{status:?}");
     assert!(status.leader_id.is_some(), "{status:?}");
-    let mut nodes = v1::node_service_client::NodeServiceClient::new(channel(&addrs[0]));
+    let mut nodes = v1::node_service_client::NodeServiceClient::new(tls_channel(&addrs[0], &certs, "user-admin"));
     let list = nodes.list_nodes(v1::ListNodesRequest::default()).await.expect("list nodes").into_inner().nodes;
     assert_eq!(list.len(), 3, "{list:?}");
     let clouds = |c: v1::Cloud| list.iter().filter(|n| n.cloud == c as i32).count();
@@ -175,7 +178,7 @@ async fn dev_runs_three_servers_and_three_agents_and_stops_cleanly_on_sigterm() 
     let mut running_trainer = false;
     if python3() {
         let trainer = data.join("trainer.py").display().to_string();
-        let mut jobs = v1::job_service_client::JobServiceClient::new(channel(&addrs[1]));
+        let mut jobs = v1::job_service_client::JobServiceClient::new(tls_channel(&addrs[1], &certs, "user-admin"));
         let spec = v1::JobSpec {
             name: "long".into(),
             command: vec!["python3".into(), trainer.clone(), "--steps".into(), "100000".into()],

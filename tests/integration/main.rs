@@ -6,3 +6,4 @@ mod cli;
 mod cli_e2e;
 mod cluster;
 mod dev;
+mod security;

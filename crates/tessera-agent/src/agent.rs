@@ -84,6 +84,9 @@ pub struct AgentConfig {
     pub work_dir: PathBuf,
     /// Cap per log stream of an attempt, bytes.
     pub log_cap_bytes: u64,
+    /// TLS with the agent's certificate (naming `tessera://agent/<name>`), or plain
+    /// (`--insecure`).
+    pub security: tessera_tls::Security,
 }
 
 struct Running {
@@ -570,7 +573,7 @@ impl Agent {
     }
 
     async fn session(&mut self, addr: &str, last_ack: &mut Instant, fence: &mut Duration, first: bool) -> SessionEnd {
-        let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
+        let endpoint = match self.cfg.security.endpoint(addr) {
             Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
             Err(e) => {
                 tracing::error!(%addr, error = %e, "bad server address");
@@ -583,7 +586,7 @@ impl Agent {
             .keep_alive_while_idle(true);
         // Never wait on one server longer than the fence: the caller fences between tries.
         let limit = (*fence).max(Duration::from_secs(1));
-        let channel = match tokio::time::timeout(limit, endpoint.connect()).await {
+        let channel = match tokio::time::timeout(limit, self.cfg.security.connect(&endpoint)).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 tracing::debug!(%addr, error = %e, "server unreachable");

@@ -187,6 +187,11 @@ pub enum Command {
         /// Half-life of GPU-hour usage, in milliseconds (at least one minute).
         half_life_ms: u64,
     },
+    /// Bootstrap ACLs, create or revoke a token.
+    Acl {
+        /// The change.
+        change: crate::acl::AclChange,
+    },
 }
 
 /// Whether [`Command::SetTenant`] may create the tenant, change it, or both.
@@ -279,6 +284,7 @@ impl Command {
             Command::RecordCheckpoint { .. } => "record_checkpoint",
             Command::SetTenant { .. } => "set_tenant",
             Command::SetFairShareHalfLife { .. } => "set_fair_share_half_life",
+            Command::Acl { .. } => "acl",
         }
     }
 }
@@ -384,6 +390,11 @@ pub enum Event {
         /// Name.
         name: String,
     },
+    /// A token was created or revoked (servers refresh their token index).
+    AclChanged {
+        /// The token's accessor.
+        accessor: String,
+    },
 }
 
 /// Why a command was refused. A refused command changes nothing.
@@ -444,6 +455,9 @@ pub enum Rejection {
     /// No such tenant ([`TenantWrite::Update`]).
     #[error("no tenant {0}")]
     UnknownTenant(String),
+    /// Something it names does not exist (a token).
+    #[error("{0}")]
+    NotFound(String),
 }
 
 /// What applying a command gives: the events, or why it was refused.

@@ -7,12 +7,14 @@
 //! same state, and the planner gives the same plan for the same state and time.
 //!
 //! - [`spec`]: job specs, their TOML and one-line forms, validation with field and line.
+//! - [`acl`]: principals, roles, tokens and [`acl::authorize`], the one authorization decision.
 //! - [`model`]: the domain types.
 //! - [`command`]: the versioned commands of the log, the events they produce, rejections.
 //! - [`state`]: [`State::apply`], snapshot and restore, the invariants.
 //! - [`planner`]: [`planner::plan`], gangs, constraints, topology, packing, fair share,
 //!   quotas, backfill and preemption.
 
+pub mod acl;
 pub mod command;
 pub mod model;
 pub mod planner;

@@ -95,6 +95,9 @@ pub struct State {
     nodes: BTreeMap<NodeId, Node>,
     tenants: BTreeMap<String, Tenant>,
     config: SchedulerConfig,
+    /// Tokens and the bootstrap flag.
+    #[serde(default)]
+    acl: crate::acl::Acl,
     /// (tenant, idempotency key) of submissions that carried one, and the job they created.
     #[serde(with = "pairs")]
     idempotency: BTreeMap<(String, String), JobId>,
@@ -203,6 +206,7 @@ impl State {
             nodes: BTreeMap::new(),
             tenants: BTreeMap::new(),
             config: SchedulerConfig::default(),
+            acl: crate::acl::Acl::default(),
             idempotency: BTreeMap::new(),
             node_names: BTreeMap::new(),
             live: BTreeMap::new(),
@@ -240,6 +244,10 @@ impl State {
     /// Tenants, by name.
     pub fn tenants(&self) -> &BTreeMap<String, Tenant> {
         &self.tenants
+    }
+    /// Tokens and whether ACLs are bootstrapped.
+    pub fn acl(&self) -> &crate::acl::Acl {
+        &self.acl
     }
     /// Scheduler settings.
     pub fn config(&self) -> &SchedulerConfig {
@@ -379,6 +387,7 @@ impl State {
                 }
                 self.config.fair_share_half_life_ms = half_life_ms;
             }
+            Command::Acl { change } => self.acl.apply(change, &mut ev)?,
         }
         #[cfg(debug_assertions)]
         if let Err(broken) = self.check_invariants() {

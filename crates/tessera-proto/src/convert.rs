@@ -504,8 +504,7 @@ pub fn job_to_proto(job: &Job, state: &State) -> v1::Job {
         failures,
         cancel_requested,
         message,
-        // Not on the wire yet.
-        submitted_by: _,
+        submitted_by,
     } = job;
     // As the core's resume point: the highest step, then the latest time.
     let latest_checkpoint = shards
@@ -526,6 +525,7 @@ pub fn job_to_proto(job: &Job, state: &State) -> v1::Job {
         latest_checkpoint,
         failures: *failures,
         cancel_requested: *cancel_requested,
+        submitted_by: submitted_by.clone().unwrap_or_default(),
     }
 }
 
@@ -677,6 +677,36 @@ pub fn spec_error_to_status(e: &SpecError) -> Status {
     Status::invalid_argument(spec_error_to_wire(e).to_string())
 }
 
+/// A tenant with its usage at `now`: decayed GPU-hours (fair share) and GPU-hours within its
+/// quota window, in all and by cloud.
+pub fn tenant_to_proto(t: &tessera_core::model::Tenant, state: &State, now: tessera_core::Timestamp) -> v1::Tenant {
+    let half_life = state.config().fair_share_half_life_ms;
+    let clouds = t
+        .usage_by_cloud(now, half_life)
+        .into_iter()
+        .map(|(cloud, u)| v1::CloudUsage {
+            cloud: cloud.as_str().to_string(),
+            decayed_gpu_hours: u.decayed_gpu_hours,
+            window_gpu_hours: u.window_gpu_hours,
+            gpus_in_use: u.gpus_in_use,
+        })
+        .collect();
+    v1::Tenant {
+        name: t.name.clone(),
+        weight: t.weight,
+        gpu_quota: t.gpu_quota,
+        gpu_hours_quota: t.gpu_hours_quota,
+        cloud_gpu_hours_quota: t.cloud_gpu_hours_quota.clone(),
+        gpu_hours_window_seconds: t.gpu_hours_window_ms / 1000,
+        max_priority: t.max_priority.map(u32::from),
+        default_priority: t.default_priority.map(u32::from),
+        gpus_in_use: t.gpus_in_use,
+        decayed_gpu_hours: t.usage_at(now, half_life),
+        window_gpu_hours: t.window_gpu_hours(now),
+        clouds,
+    }
+}
+
 /// The gRPC status for a command the core refused. The message is the rejection's text, which
 /// names the field for the two invalid-argument cases; a priority above the tenant's cap is
 /// PERMISSION_DENIED naming `spec.priority`, a tenant that exists (create) ALREADY_EXISTS, and
@@ -685,9 +715,10 @@ pub fn rejection_to_status(r: &Rejection) -> Status {
     match r {
         Rejection::InvalidSpec(e) => spec_error_to_status(e),
         Rejection::InvalidArgument { .. } => Status::invalid_argument(r.to_string()),
-        Rejection::UnknownJob(_) | Rejection::UnknownNode(_) | Rejection::UnknownGpu { .. } => {
-            Status::not_found(r.to_string())
-        }
+        Rejection::UnknownJob(_)
+        | Rejection::UnknownNode(_)
+        | Rejection::UnknownGpu { .. }
+        | Rejection::NotFound(_) => Status::not_found(r.to_string()),
         // FAILED_PRECONDITION, not ABORTED: ABORTED tells a client that retrying (the whole
         // read-modify-write) may succeed, but a report about a fenced attempt can never succeed;
         // the sender must drop it.

@@ -13,8 +13,8 @@
 //!   forgotten (the agent stops them); live ones it lost are reported lost; assigned ones it
 //!   never got are sent again.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tessera_core::command::{Command, Event, ExitStatus};
@@ -27,174 +27,9 @@ use tessera_raft::StateRole;
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use crate::api::{Shared, now};
-
-/// Timing of the agent protocol.
-#[derive(Debug, Clone, Copy)]
-pub struct AgentTimeouts {
-    /// How often agents send a heartbeat.
-    pub heartbeat: Duration,
-    /// How long an agent keeps shards running without an acknowledged message.
-    pub fence: Duration,
-    /// How long the leader waits without hearing from a node before it proposes it down
-    /// (longer than `fence`).
-    pub node_down: Duration,
-    /// How long a node whose stream closed has to reconnect before it is proposed down.
-    pub reconnect_grace: Duration,
-}
-
-impl Default for AgentTimeouts {
-    fn default() -> Self {
-        AgentTimeouts {
-            heartbeat: Duration::from_secs(1),
-            fence: Duration::from_secs(3),
-            node_down: Duration::from_secs(4),
-            reconnect_grace: Duration::from_secs(1),
-        }
-    }
-}
-
-struct Session {
-    generation: u64,
-    last_seen: Instant,
-    closed_at: Option<Instant>,
-}
-
-/// The leader's view of its agents.
-pub struct AgentHub {
-    timeouts: AgentTimeouts,
-    sessions: Mutex<BTreeMap<NodeId, Session>>,
-    /// Where each node's agent can be reached (MASTER_ADDR of the jobs it leads).
-    addresses: Mutex<BTreeMap<NodeId, String>>,
-    generation: std::sync::atomic::AtomicU64,
-    leader_since: Mutex<Option<Instant>>,
-    /// Where the router delivers each connected node's messages (see [`route_loop`]).
-    routes: Mutex<HashMap<NodeId, Route>>,
-}
-
-/// Messages for one agent, each assignment keyed by its attempt (so a session sends it once).
-type Routed = Vec<(Option<AttemptId>, v1::ServerMessage)>;
-
-struct Route {
-    generation: u64,
-    tx: mpsc::UnboundedSender<Routed>,
-}
-
-impl AgentHub {
-    /// A hub with these timeouts.
-    pub fn new(timeouts: AgentTimeouts) -> AgentHub {
-        AgentHub {
-            timeouts,
-            sessions: Mutex::new(BTreeMap::new()),
-            addresses: Mutex::new(BTreeMap::new()),
-            generation: std::sync::atomic::AtomicU64::new(1),
-            leader_since: Mutex::new(None),
-            routes: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn add_route(&self, node: NodeId, generation: u64) -> mpsc::UnboundedReceiver<Routed> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        if let Ok(mut r) = self.routes.lock() {
-            r.insert(node, Route { generation, tx });
-        }
-        rx
-    }
-
-    fn remove_route(&self, node: NodeId, generation: u64) {
-        if let Ok(mut r) = self.routes.lock()
-            && r.get(&node).is_some_and(|r| r.generation == generation)
-        {
-            r.remove(&node);
-        }
-    }
-
-    fn routed_nodes(&self) -> HashSet<NodeId> {
-        self.routes.lock().map(|r| r.keys().copied().collect()).unwrap_or_default()
-    }
-
-    /// Hand each node's messages to its session; a node whose session ended is dropped.
-    fn deliver(&self, msgs: HashMap<NodeId, Routed>) {
-        let Ok(mut routes) = self.routes.lock() else { return };
-        for (node, m) in msgs {
-            if let Some(r) = routes.get(&node)
-                && r.tx.send(m).is_err()
-            {
-                routes.remove(&node);
-            }
-        }
-    }
-
-    /// End every session's event feed (this server is no longer the leader: they close, and
-    /// the agents reconnect to the new one).
-    fn drop_routes(&self) {
-        if let Ok(mut r) = self.routes.lock() {
-            r.clear();
-        }
-    }
-
-    fn open(&self, node: NodeId, address: String) -> u64 {
-        let generation = self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Ok(mut s) = self.sessions.lock() {
-            s.insert(node, Session { generation, last_seen: Instant::now(), closed_at: None });
-        }
-        if !address.is_empty()
-            && let Ok(mut a) = self.addresses.lock()
-        {
-            a.insert(node, address);
-        }
-        generation
-    }
-
-    fn seen(&self, node: NodeId, generation: u64) {
-        if let Ok(mut s) = self.sessions.lock()
-            && let Some(sess) = s.get_mut(&node).filter(|s| s.generation == generation)
-        {
-            sess.last_seen = Instant::now();
-        }
-    }
-
-    fn closed(&self, node: NodeId, generation: u64) {
-        if let Ok(mut s) = self.sessions.lock()
-            && let Some(sess) = s.get_mut(&node).filter(|s| s.generation == generation)
-        {
-            sess.closed_at = Some(Instant::now());
-        }
-    }
-
-    fn current(&self, node: NodeId, generation: u64) -> bool {
-        self.sessions.lock().map(|s| s.get(&node).is_some_and(|x| x.generation == generation)).unwrap_or(false)
-    }
-
-    fn address(&self, node: NodeId) -> Option<String> {
-        self.addresses.lock().ok().and_then(|a| a.get(&node).cloned())
-    }
-
-    /// Nodes to propose down now, given the nodes the state holds as not down.
-    fn overdue(&self, up: &[NodeId]) -> Vec<(NodeId, String)> {
-        let now = Instant::now();
-        let since = self.leader_since.lock().ok().and_then(|l| *l).unwrap_or(now);
-        let Ok(sessions) = self.sessions.lock() else { return Vec::new() };
-        let t = self.timeouts;
-        let mut out = Vec::new();
-        for id in up {
-            match sessions.get(id) {
-                Some(s) if s.closed_at.is_some_and(|c| now.duration_since(c) >= t.reconnect_grace) => {
-                    out.push((*id, "its agent's stream closed and did not come back".to_string()))
-                }
-                Some(s) if now.duration_since(s.last_seen) >= t.node_down => out.push((
-                    *id,
-                    format!("no word from its agent for {} ms", now.duration_since(s.last_seen).as_millis()),
-                )),
-                None if now.duration_since(since) >= t.node_down => {
-                    out.push((*id, "its agent did not connect to the new leader".to_string()))
-                }
-                _ => {}
-            }
-        }
-        out
-    }
-}
+use crate::context::{Shared, now};
+use crate::hub::Routed;
+pub use crate::hub::{AgentHub, AgentTimeouts};
 
 /// Watches liveness on the leader and proposes overdue nodes down.
 pub async fn liveness_loop(shared: Arc<Shared>) {
@@ -382,6 +217,7 @@ fn not_leader(shared: &Shared) -> v1::ServerMessage {
 /// Run one agent session; returns the stream of messages to the agent.
 pub async fn session(
     shared: Arc<Shared>,
+    who: tessera_core::acl::Principal,
     mut inbound: tonic::Streaming<v1::AgentMessage>,
 ) -> Result<mpsc::Receiver<Result<v1::ServerMessage, Status>>, Status> {
     let (tx, rx) = mpsc::channel(1024);
@@ -394,6 +230,8 @@ pub async fn session(
         return Err(Status::invalid_argument("payload: the first message of a session must be Register"));
     };
     let info = NodeInfo::try_from(&reg).map_err(Status::from)?;
+    // An agent's certificate names its node: it registers that node and no other.
+    shared.auth.authorize(&who, tessera_core::acl::Rpc::AgentSession, tessera_core::acl::Resource::Node(&info.name))?;
     let name = info.name.clone();
     // A known node counts as heard from before its registration is even proposed, so the
     // liveness loop cannot judge it down in between.

@@ -73,6 +73,23 @@ pub struct ServerConfig {
     /// holds a cluster.
     #[serde(default)]
     pub restore_from: Option<PathBuf>,
+    /// CA bundle (PEM) that client, agent and peer certificates must chain to; may hold two
+    /// CAs while one replaces the other.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// This server's certificate (PEM), naming `tessera://server/<id>`.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Run without TLS: nobody is authenticated. Only for a laptop or a benchmark.
+    #[serde(default)]
+    pub insecure: bool,
+    /// A file holding the secret of the first admin token. Founding servers given it
+    /// bootstrap ACLs with it once (the same file on each), instead of `tessera acl bootstrap`.
+    #[serde(default)]
+    pub acl_bootstrap_token_file: Option<PathBuf>,
 }
 
 fn default_heartbeat_ms() -> u64 {
@@ -114,12 +131,17 @@ impl ServerConfig {
             fence_ms: default_fence_ms(),
             node_down_ms: default_node_down_ms(),
             restore_from: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            insecure: false,
+            acl_bootstrap_token_file: None,
         }
     }
 
     /// The agent protocol's timing.
-    pub fn agent_timeouts(&self) -> crate::agents::AgentTimeouts {
-        crate::agents::AgentTimeouts {
+    pub fn agent_timeouts(&self) -> crate::hub::AgentTimeouts {
+        crate::hub::AgentTimeouts {
             heartbeat: std::time::Duration::from_millis(self.heartbeat_ms),
             fence: std::time::Duration::from_millis(self.fence_ms),
             node_down: std::time::Duration::from_millis(self.node_down_ms),
@@ -145,10 +167,35 @@ impl ServerConfig {
         self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
     }
 
+    /// The TLS files, when all three are given.
+    pub fn tls_files(&self) -> Option<tessera_tls::TlsFiles> {
+        match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (Some(ca), Some(cert), Some(key)) => {
+                Some(tessera_tls::TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() })
+            }
+            _ => None,
+        }
+    }
+
     /// Check every setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.id == 0 {
             return Err(err("id", "must not be 0"));
+        }
+        let tls_given = [&self.tls_ca, &self.tls_cert, &self.tls_key].iter().filter(|f| f.is_some()).count();
+        if self.insecure && tls_given > 0 {
+            return Err(err("insecure", "give either the TLS files or insecure, not both"));
+        }
+        if !self.insecure && tls_given < 3 {
+            let missing = [("tls_ca", &self.tls_ca), ("tls_cert", &self.tls_cert), ("tls_key", &self.tls_key)]
+                .into_iter()
+                .find(|(_, f)| f.is_none())
+                .map_or("tls_ca", |(n, _)| n);
+            return Err(err(
+                missing,
+                "a server runs with mutual TLS: give tls_ca, tls_cert and tls_key (`tessera certs` makes them), \
+                 or run with --insecure (no authentication at all)",
+            ));
         }
         if self.tick_ms == 0 || self.tick_ms > 10_000 {
             return Err(err("tick_ms", "must be 1 to 10000"));
@@ -225,6 +272,12 @@ mod tests {
     #[test]
     fn validation_names_the_field() {
         let mut c = ServerConfig::new(1, "127.0.0.1:7001".parse().unwrap(), "d".into());
+        assert_eq!(c.validate().unwrap_err().field, "tls_ca", "TLS is the default");
+        c.tls_ca = Some("ca.pem".into());
+        assert_eq!(c.validate().unwrap_err().field, "tls_cert");
+        c.insecure = true;
+        assert_eq!(c.validate().unwrap_err().field, "insecure");
+        c.tls_ca = None;
         c.validate().unwrap();
         c.initial_cluster = parse_initial_cluster("2=127.0.0.1:7002").unwrap();
         assert_eq!(c.validate().unwrap_err().field, "initial_cluster");
@@ -241,7 +294,7 @@ mod tests {
         assert!(e.field.ends_with("line 4"), "{e}");
         std::fs::write(
             &f,
-            "id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"d\"\n[initial_cluster]\n1 = \"127.0.0.1:1\"\n",
+            "id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"d\"\ninsecure = true\n[initial_cluster]\n1 = \"127.0.0.1:1\"\n",
         )
         .unwrap();
         let c = ServerConfig::from_file(&f).unwrap();

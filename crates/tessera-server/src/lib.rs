@@ -9,7 +9,11 @@
 
 pub mod agents;
 pub mod api;
+pub mod auth;
+pub mod clock;
 pub mod config;
+pub mod context;
+pub mod hub;
 pub mod live;
 pub mod logs;
 pub mod raft_loop;
@@ -32,7 +36,7 @@ use tokio::sync::{Notify, broadcast};
 
 pub use config::{ConfigError, ServerConfig};
 
-use crate::api::Shared;
+use crate::context::Shared;
 use crate::raft_loop::Request;
 use crate::sm::{Members, ServerSm};
 use crate::transport::{MAX_RAFT_MESSAGE, Transport};
@@ -57,6 +61,9 @@ pub enum ServerError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Grpc(String),
+    /// The TLS files could not be used.
+    #[error(transparent)]
+    Tls(#[from] tessera_tls::TlsError),
     /// The metrics endpoint could not start.
     #[error("metrics endpoint {addr}: {message}")]
     Metrics {
@@ -74,6 +81,28 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     cfg.validate()?;
+    let security = match cfg.tls_files() {
+        None => {
+            tracing::warn!(
+                "running WITHOUT TLS (--insecure): anyone who reaches this port can run any command on every GPU host"
+            );
+            tessera_tls::Security::Insecure
+        }
+        Some(files) => {
+            let tls = tessera_tls::Tls::load(files)?;
+            let me = tessera_core::acl::Principal::Server { id: cfg.id };
+            if tls.identity() != me {
+                return Err(ServerError::Config(ConfigError {
+                    field: "tls_cert".into(),
+                    message: format!("the certificate names {}, not server/{}", tls.identity().audit_name(), cfg.id),
+                }));
+            }
+            // Reloaded on SIGHUP and when the files change; open connections are not dropped.
+            tls.watch(Duration::from_secs(1));
+            tessera_tls::Security::Tls(tls)
+        }
+    };
+    let auth = Arc::new(auth::Auth::new(security.is_tls()));
     let dir = cfg.data_dir.join("raft");
     let storage_err = |source| ServerError::Storage { dir: dir.display().to_string(), source };
     std::fs::create_dir_all(&cfg.data_dir)
@@ -102,7 +131,7 @@ pub async fn run(
     let mut members = Members { addresses: cfg.initial_cluster.clone() };
     members.addresses.insert(cfg.id, cfg.advertise_addr());
     let (agent_feed, agent_events) = tokio::sync::mpsc::unbounded_channel();
-    let sm = ServerSm::new(members, events.clone()).with_agent_feed(agent_feed);
+    let sm = ServerSm::new(members, events.clone()).with_agent_feed(agent_feed).with_auth(auth.clone());
     if fresh && voters.is_empty() && cfg.join.is_none() {
         return Err(ServerError::Config(ConfigError {
             field: "initial_cluster".into(),
@@ -117,7 +146,7 @@ pub async fn run(
     let node = RaftNode::new(node_cfg, store, sm, &tracing_logger()).map_err(|e| ServerError::Raft(e.to_string()))?;
     let known = node.state_machine().members.addresses.clone();
 
-    let transport = Arc::new(Transport::new(cfg.id, tokio::runtime::Handle::current()));
+    let transport = Arc::new(Transport::new(cfg.id, tokio::runtime::Handle::current(), security.clone()));
     let (raft, raft_tx, raft_thread) = raft_loop::spawn(node, transport.clone(), Duration::from_millis(cfg.tick_ms));
     transport.set_raft(raft_tx.clone());
     for (id, addr) in known.into_iter().chain(cfg.initial_cluster.clone()) {
@@ -134,10 +163,15 @@ pub async fn run(
         logs: logs::LogStore::default(),
         live: live::LiveView::default(),
         leader_read_channel: std::sync::Mutex::new(None),
+        security: security.clone(),
+        auth: auth.clone(),
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<v1::job_service_server::JobServiceServer<api::Jobs>>().await;
+    if let Some(file) = cfg.acl_bootstrap_token_file.clone() {
+        tokio::spawn(api::acl::bootstrap_from_file(shared.clone(), file));
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -155,18 +189,21 @@ pub async fn run(
 
     tracing::info!(id = cfg.id, listen = %cfg.listen, data_dir = %cfg.data_dir.display(), "server started");
     let result = tonic::transport::Server::builder()
+        .layer(auth::AuthLayer(auth.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(v1::job_service_server::JobServiceServer::new(api::Jobs(shared.clone())))
         .add_service(v1::node_service_server::NodeServiceServer::new(api::Nodes(shared.clone())))
         .add_service(v1::cluster_service_server::ClusterServiceServer::new(api::Cluster(shared.clone())))
         .add_service(v1::agent_service_server::AgentServiceServer::new(api::Agents(shared.clone())))
+        .add_service(v1::acl_service_server::AclServiceServer::new(api::AclRpc(shared.clone())))
+        .add_service(v1::tenant_service_server::TenantServiceServer::new(api::Tenants(shared.clone())))
         .add_service(
             v1::raft_service_server::RaftServiceServer::new(api::RaftRpc(shared.clone()))
                 .max_decoding_message_size(MAX_RAFT_MESSAGE)
                 .max_encoding_message_size(MAX_RAFT_MESSAGE),
         )
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(security.incoming(listener), shutdown)
         .await
         .map_err(|e| ServerError::Grpc(e.to_string()));
     for t in tasks {
@@ -194,7 +231,7 @@ async fn placement_loop(shared: Arc<Shared>, interval: Duration) {
                 let state = &n.state_machine().state;
                 metrics::gauge!("tessera_jobs_pending").set(state.pending_jobs().len() as f64);
                 metrics::gauge!("tessera_attempts_live").set(state.live_attempts().len() as f64);
-                plan(state, api::now(), &PlanLimits::default()).plan
+                plan(state, clock::now(), &PlanLimits::default()).plan
             })
             .await;
         let Ok(p) = planned else { return };
@@ -269,11 +306,8 @@ async fn join_cluster(shared: Arc<Shared>, join: String, me: String) {
 }
 
 async fn try_join(shared: &Shared, join: &str, me: &str) -> Result<(), String> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{join}"))
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| e.to_string())?;
+    let ep = shared.security.endpoint(join).map_err(|e| e.to_string())?;
+    let ch = shared.security.connect(&ep).await.map_err(|e| e.to_string())?;
     let mut client = v1::cluster_service_client::ClusterServiceClient::new(ch);
     let status = client.status(v1::StatusRequest {}).await.map_err(|e| e.message().to_string())?.into_inner();
     for m in &status.members {

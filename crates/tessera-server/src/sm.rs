@@ -78,12 +78,21 @@ pub struct ServerSm {
     /// Every applied entry's events, for the agent router: a channel that never drops any
     /// (a broadcast drops entries for a receiver that falls behind).
     agent_feed: Option<tokio::sync::mpsc::UnboundedSender<std::sync::Arc<Applied>>>,
+    /// The token index to refresh when tokens change.
+    auth: Option<std::sync::Arc<crate::auth::Auth>>,
 }
 
 impl ServerSm {
     /// An empty state; applied events go to `events`.
     pub fn new(members: Members, events: broadcast::Sender<std::sync::Arc<Applied>>) -> ServerSm {
-        ServerSm { state: State::new(), members, events, apply_time: std::time::Duration::ZERO, agent_feed: None }
+        ServerSm {
+            state: State::new(),
+            members,
+            events,
+            apply_time: std::time::Duration::ZERO,
+            agent_feed: None,
+            auth: None,
+        }
     }
 }
 
@@ -92,6 +101,19 @@ impl ServerSm {
     pub fn with_agent_feed(mut self, feed: tokio::sync::mpsc::UnboundedSender<std::sync::Arc<Applied>>) -> ServerSm {
         self.agent_feed = Some(feed);
         self
+    }
+
+    /// Keep `auth`'s token index equal to the replicated tokens.
+    pub fn with_auth(mut self, auth: std::sync::Arc<crate::auth::Auth>) -> ServerSm {
+        auth.refresh(self.state.acl());
+        self.auth = Some(auth);
+        self
+    }
+
+    fn refresh_auth(&self) {
+        if let Some(a) = &self.auth {
+            a.refresh(self.state.acl());
+        }
     }
 }
 
@@ -120,6 +142,9 @@ impl StateMachine for ServerSm {
         }
         match result {
             Ok(events) => {
+                if events.iter().any(|e| matches!(e, Event::AclChanged { .. })) {
+                    self.refresh_auth();
+                }
                 if !events.is_empty() {
                     let applied = std::sync::Arc::new(Applied { index, events: events.clone() });
                     if let Some(feed) = &self.agent_feed {
@@ -151,6 +176,7 @@ impl StateMachine for ServerSm {
         if data.is_empty() {
             // The snapshot a new cluster starts from: the empty state, members as configured.
             self.state = State::new();
+            self.refresh_auth();
             return Ok(());
         }
         let (len, rest) = data.split_first_chunk::<4>().ok_or("snapshot shorter than its header")?;
@@ -158,6 +184,7 @@ impl StateMachine for ServerSm {
         let members = rest.get(..len).ok_or("snapshot member list truncated")?;
         self.members = serde_json::from_slice(members).map_err(|e| format!("snapshot member list: {e}"))?;
         self.state = State::restore(&rest[len..]).map_err(|e| e.to_string())?;
+        self.refresh_auth();
         Ok(())
     }
 

@@ -13,7 +13,6 @@ use tessera_proto::v1::raft_service_client::RaftServiceClient;
 use tessera_raft::eraftpb::Message;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
-use tonic::transport::Endpoint;
 
 use crate::raft_loop::Request;
 
@@ -29,14 +28,16 @@ struct Peer {
 pub struct Transport {
     id: u64,
     runtime: Handle,
+    security: tessera_tls::Security,
     raft: Mutex<Option<Sender<Request>>>,
     peers: Mutex<BTreeMap<u64, Peer>>,
 }
 
 impl Transport {
-    /// A transport for server `id`, spawning its peer tasks on `runtime`.
-    pub fn new(id: u64, runtime: Handle) -> Transport {
-        Transport { id, runtime, raft: Mutex::new(None), peers: Mutex::new(BTreeMap::new()) }
+    /// A transport for server `id`, spawning its peer tasks on `runtime`, connecting with
+    /// `security` (TLS with this server's certificate, or plain with `--insecure`).
+    pub fn new(id: u64, runtime: Handle, security: tessera_tls::Security) -> Transport {
+        Transport { id, runtime, security, raft: Mutex::new(None), peers: Mutex::new(BTreeMap::new()) }
     }
 
     /// Where failures are reported (set once the Raft thread exists).
@@ -67,7 +68,7 @@ impl Transport {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let raft = self.raft.lock().ok().and_then(|r| r.clone());
-        self.runtime.spawn(peer_task(self.id, id, address.clone(), rx, raft));
+        self.runtime.spawn(peer_task(self.id, id, address.clone(), rx, raft, self.security.clone()));
         peers.insert(id, Peer { address, tx });
     }
 
@@ -104,20 +105,21 @@ async fn peer_task(
     address: String,
     mut rx: mpsc::UnboundedReceiver<(Message, bool)>,
     raft: Option<Sender<Request>>,
+    security: tessera_tls::Security,
 ) {
     let report = |r: Request| {
         if let Some(tx) = &raft {
             let _ = tx.send(r);
         }
     };
-    let endpoint = match Endpoint::from_shared(format!("http://{address}")) {
+    let endpoint = match security.endpoint(&address) {
         Ok(e) => e.connect_timeout(Duration::from_secs(1)).timeout(Duration::from_secs(10)).tcp_nodelay(true),
         Err(e) => {
             tracing::error!(peer = to, %address, error = %e, "bad peer address; no messages will reach it");
             return;
         }
     };
-    let mut client = RaftServiceClient::new(endpoint.connect_lazy())
+    let mut client = RaftServiceClient::new(security.connect_lazy(&endpoint))
         .max_encoding_message_size(MAX_RAFT_MESSAGE)
         .max_decoding_message_size(MAX_RAFT_MESSAGE);
     while let Some(first) = rx.recv().await {

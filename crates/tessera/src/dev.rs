@@ -215,9 +215,16 @@ fn print_banner(cluster: &Cluster, data: &DataDir, leader: u64, nodes: &[v1::Nod
         );
     }
     let addrs = cluster.servers.values().cloned().collect::<Vec<_>>().join(",");
+    let certs = data.path().join("certs");
     println!();
-    println!("Point the CLI at it:");
+    println!("Point the CLI at it (mutual TLS, a throwaway CA and an admin certificate in {}):", certs.display());
     println!("  export TESSERA_SERVER={addrs}");
+    println!(
+        "  export TESSERA_CA={} TESSERA_CERT={} TESSERA_KEY={}",
+        certs.join("ca.pem").display(),
+        certs.join("user-admin.pem").display(),
+        certs.join("user-admin-key.pem").display()
+    );
     println!(
         "  tessera job submit --shards 2 --gpus 1 -- python3 {} --steps 200 --step-seconds 0.1",
         trainer.display()
@@ -225,7 +232,9 @@ fn print_banner(cluster: &Cluster, data: &DataDir, leader: u64, nodes: &[v1::Nod
     println!("  tessera job list; tessera node list; tessera cluster status");
     if let Some(first) = cluster.servers.values().next() {
         println!("or any gRPC client (reflection is on):");
-        println!("  grpcurl -plaintext {first} tessera.v1.ClusterService/Status");
+        println!(
+            "  grpcurl -cacert $TESSERA_CA -cert $TESSERA_CERT -key $TESSERA_KEY {first} tessera.v1.ClusterService/Status"
+        );
     }
     if let Some(h) = cluster.agents.first().and_then(|a| a.http) {
         println!("Simulated GPUs take faults for testing: curl '{h}/simulate/xid?gpu=0&xid=79'");
@@ -393,9 +402,12 @@ impl Cluster {
         let (stop_servers, _) = watch::channel(false);
         let (stop_agents, _) = watch::channel(false);
         let mut exits = Exits { rx: exit_rx, servers: BTreeSet::new(), agents: BTreeSet::new() };
+        let certs = dev_certs(&data.join("certs"))?;
         for (id, (listener, addr)) in listeners {
             let mut cfg = tessera_server::ServerConfig::new(id, addr, data.join(format!("server-{id}")));
             cfg.initial_cluster = servers.clone();
+            let files = tessera_tls::TlsFiles::in_dir(&certs, &format!("server-{id}"));
+            (cfg.tls_ca, cfg.tls_cert, cfg.tls_key) = (Some(files.ca), Some(files.cert), Some(files.key));
             cfg.validate().map_err(|e| format!("server {id}: {e}"))?;
             let mut stop = stop_servers.subscribe();
             let shutdown = async move {
@@ -431,6 +443,7 @@ impl Cluster {
                 labels: BTreeMap::new(),
                 work_dir: work_dir.clone(),
                 log_cap_bytes: 64 * 1024 * 1024,
+                security: load_tls(&certs, &format!("agent-{}", plan.name))?,
             };
             let (kill_tx, kill_rx) = oneshot::channel();
             let (dead_tx, dead_rx) = oneshot::channel();
@@ -446,7 +459,7 @@ impl Cluster {
                 killed: AtomicBool::new(false),
             });
         }
-        let api = Api::new(&addrs)?;
+        let api = Api::new(&addrs, &load_tls(&certs, "user-admin")?)?;
         Ok((Cluster { servers, agents, stop_servers, stop_agents, api }, exits))
     }
 
@@ -542,6 +555,39 @@ impl Cluster {
         }
         if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
     }
+}
+
+/// The dev cluster's throwaway CA and certificates, in `dir` (made on first start, reused
+/// with a kept --data-dir): one per server (127.0.0.1 and localhost), one per agent, and an
+/// admin user's for the CLI.
+fn dev_certs(dir: &Path) -> Result<PathBuf, String> {
+    use tessera_core::acl::{Principal, Role};
+    use tessera_tls::issue::{Ca, write_pair};
+    if dir.join("user-admin.pem").exists() {
+        return Ok(dir.to_path_buf());
+    }
+    let (ca, files) = Ca::create("Tessera dev CA (throwaway)", 30).map_err(|e| e.to_string())?;
+    write_pair(dir, "ca", &files).map_err(|e| e.to_string())?;
+    let hosts = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+    let mut wanted: Vec<(Principal, String, Vec<String>)> =
+        (1..=3).map(|id| (Principal::Server { id }, format!("server-{id}"), hosts.clone())).collect();
+    for n in &NODES {
+        wanted.push((Principal::Agent { node: n.name.to_string() }, format!("agent-{}", n.name), Vec::new()));
+    }
+    let admin =
+        Principal::User { name: "admin".into(), role: Some(Role::Admin), tenants: Default::default(), token: None };
+    wanted.push((admin, "user-admin".into(), Vec::new()));
+    for (who, stem, hosts) in wanted {
+        let issued = ca.issue(&who, &hosts, 30).map_err(|e| e.to_string())?;
+        write_pair(dir, &stem, &issued).map_err(|e| e.to_string())?;
+    }
+    Ok(dir.to_path_buf())
+}
+
+fn load_tls(dir: &Path, stem: &str) -> Result<tessera_tls::Security, String> {
+    tessera_tls::Tls::load(tessera_tls::TlsFiles::in_dir(dir, stem))
+        .map(tessera_tls::Security::Tls)
+        .map_err(|e| e.to_string())
 }
 
 /// Listeners for the three servers: 127.0.0.1:7001-7003 (the CLI's default) when free, else

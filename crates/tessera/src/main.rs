@@ -39,6 +39,12 @@ enum Command {
     Node(cli::node::NodeArgs),
     /// Inspect the scheduler servers, change membership, save a snapshot.
     Cluster(cli::cluster::ClusterArgs),
+    /// Create a CA and issue server, agent and user certificates (mutual TLS).
+    Certs(cli::certs::CertsArgs),
+    /// Bootstrap ACLs; create, list and revoke tokens.
+    Acl(cli::acl::AclArgs),
+    /// Create, change and list tenants; their quotas, priority caps and usage.
+    Tenant(cli::tenant::TenantArgs),
     /// Print a shell completion script: `tessera completions bash > /etc/bash_completion.d/tessera`.
     Completions {
         /// The shell.
@@ -95,6 +101,18 @@ struct AgentArgs {
     /// Cap per log stream of one attempt, MiB.
     #[arg(long, default_value_t = 256)]
     log_cap_mib: u64,
+    /// CA bundle (PEM) the servers' certificates must chain to.
+    #[arg(long, env = "TESSERA_CA")]
+    ca: Option<PathBuf>,
+    /// This agent's certificate (PEM, from `tessera certs agent NODE`); names its node.
+    #[arg(long, env = "TESSERA_CERT")]
+    cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "TESSERA_KEY")]
+    key: Option<PathBuf>,
+    /// Connect without TLS, to servers started with --insecure.
+    #[arg(long)]
+    insecure: bool,
 }
 
 /// Flags override the config file; the config file overrides defaults.
@@ -135,6 +153,21 @@ struct ServerArgs {
     /// server the same file.
     #[arg(long)]
     restore_from: Option<PathBuf>,
+    /// CA bundle (PEM) that client, agent and peer certificates must chain to.
+    #[arg(long, env = "TESSERA_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// This server's certificate (PEM, from `tessera certs server ID`).
+    #[arg(long, env = "TESSERA_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "TESSERA_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Run WITHOUT TLS: nobody is authenticated (a laptop, a benchmark). Logs a warning.
+    #[arg(long)]
+    insecure: bool,
+    /// A file holding the first admin token's secret: founding servers bootstrap ACLs with it.
+    #[arg(long)]
+    acl_bootstrap_token_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -176,6 +209,9 @@ fn main() -> ExitCode {
         Command::Job(args) => cli::run(cli::job::run(args)),
         Command::Node(args) => cli::run(cli::node::run(args)),
         Command::Cluster(args) => cli::run(cli::cluster::run(args)),
+        Command::Certs(args) => cli::certs::run(args),
+        Command::Acl(args) => cli::run(cli::acl::run(args)),
+        Command::Tenant(args) => cli::run(cli::tenant::run(args)),
         Command::Completions { shell } => cli::completions(shell, Cli::command()),
     }
 }
@@ -220,6 +256,21 @@ fn server_config(a: ServerArgs) -> Result<tessera_server::ServerConfig, String> 
     if let Some(v) = a.restore_from {
         cfg.restore_from = Some(v);
     }
+    if let Some(v) = a.tls_ca {
+        cfg.tls_ca = Some(v);
+    }
+    if let Some(v) = a.tls_cert {
+        cfg.tls_cert = Some(v);
+    }
+    if let Some(v) = a.tls_key {
+        cfg.tls_key = Some(v);
+    }
+    if a.insecure {
+        cfg.insecure = true;
+    }
+    if let Some(v) = a.acl_bootstrap_token_file {
+        cfg.acl_bootstrap_token_file = Some(v);
+    }
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)
 }
@@ -253,7 +304,51 @@ fn agent(a: AgentArgs) -> ExitCode {
         eprintln!("error: --price: must be a non-negative number of dollars");
         return ExitCode::from(EXIT_INVALID);
     }
-    let name = a.name.clone().unwrap_or_else(|| {
+    let security = match (&a.ca, &a.cert, &a.key, a.insecure) {
+        (None, None, None, true) => tessera_tls::Security::Insecure,
+        (Some(ca), Some(cert), Some(key), false) => {
+            let files = tessera_tls::TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() };
+            match tessera_tls::Tls::load(files) {
+                Ok(t) => tessera_tls::Security::Tls(t),
+                Err(e) => {
+                    eprintln!("error: --ca/--cert/--key: {e}");
+                    return ExitCode::from(EXIT_INVALID);
+                }
+            }
+        }
+        (_, _, _, true) => {
+            eprintln!("error: --insecure: give either it or --ca/--cert/--key, not both");
+            return ExitCode::from(EXIT_INVALID);
+        }
+        _ => {
+            eprintln!(
+                "error: an agent connects with mutual TLS: give --ca, --cert and --key (tessera certs agent NODE makes \
+                 them), or --insecure for servers started with --insecure"
+            );
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    // The certificate names the node; --name, if given, must agree.
+    let cert_node = match &security {
+        tessera_tls::Security::Tls(t) => match t.identity() {
+            tessera_core::acl::Principal::Agent { node } => Some(node),
+            other => {
+                eprintln!(
+                    "error: --cert: {} is not an agent certificate (tessera certs agent NODE)",
+                    other.audit_name()
+                );
+                return ExitCode::from(EXIT_INVALID);
+            }
+        },
+        tessera_tls::Security::Insecure => None,
+    };
+    if let (Some(n), Some(c)) = (&a.name, &cert_node)
+        && n != c
+    {
+        eprintln!("error: --name {n}: the certificate is for node {c}");
+        return ExitCode::from(EXIT_INVALID);
+    }
+    let name = a.name.clone().or(cert_node).unwrap_or_else(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "localhost".into())
@@ -271,6 +366,7 @@ fn agent(a: AgentArgs) -> ExitCode {
         labels,
         work_dir: a.work_dir,
         log_cap_bytes: a.log_cap_mib.saturating_mul(1024 * 1024),
+        security,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,

@@ -79,7 +79,7 @@ enum SnapshotCommand {
 
 /// Run `tessera cluster ...`.
 pub async fn run(args: ClusterArgs) -> CliResult {
-    let servers = Servers::new(&args.client.server)?;
+    let servers = Servers::from_opts(&args.client)?;
     let out = args.client.output;
     match args.command {
         ClusterCommand::Status => status(&servers, out).await,
@@ -204,7 +204,7 @@ fn bad_snapshot(m: String) -> RpcError {
 }
 
 /// Stream the snapshot from one server into `tmp`, checking it as it comes.
-async fn download(ch: tonic::transport::Channel, tmp: &Path) -> Result<v1::SnapshotHeader, RpcError> {
+async fn download(ch: super::connect::Conn, tmp: &Path) -> Result<v1::SnapshotHeader, RpcError> {
     let mut stream = ClusterServiceClient::new(ch).snapshot(v1::SnapshotRequest {}).await?.into_inner();
     let header = match stream.message().await? {
         Some(v1::SnapshotResponse { chunk: Some(v1::snapshot_response::Chunk::Header(h)) }) => h,

@@ -54,13 +54,63 @@ pub fn about(what: impl Into<String>) -> impl FnOnce(Status) -> RpcError {
     }
 }
 
-/// The addresses to try, in order.
+/// A connection to one server, with the token (if any) on every call.
+pub type Conn = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+
+/// Adds `authorization: Bearer <secret>` to every request.
+#[derive(Debug, Clone, Default)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The addresses to try, in order, and how to talk to them.
 #[derive(Debug, Clone)]
 pub struct Servers {
     addrs: Vec<(String, Endpoint)>,
+    security: tessera_tls::Security,
+    bearer: Bearer,
+}
+
+/// TLS (or not) from the client options: all of --ca/--cert/--key, or --insecure.
+pub fn security(o: &super::ClientOpts) -> Result<tessera_tls::Security, CliError> {
+    match (&o.ca, &o.cert, &o.key, o.insecure) {
+        (None, None, None, true) => Ok(tessera_tls::Security::Insecure),
+        (_, _, _, true) => Err(CliError::Invalid("--insecure: give either it or --ca/--cert/--key, not both".into())),
+        (Some(ca), Some(cert), Some(key), false) => {
+            let files = tessera_tls::TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() };
+            tessera_tls::Tls::load(files)
+                .map(tessera_tls::Security::Tls)
+                .map_err(|e| CliError::Invalid(format!("--ca/--cert/--key: {e}")))
+        }
+        _ => Err(CliError::Invalid(
+            "the servers use mutual TLS: give --ca, --cert and --key (or $TESSERA_CA, $TESSERA_CERT, \
+             $TESSERA_KEY; `tessera dev` prints them), or --insecure for servers started with --insecure"
+                .into(),
+        )),
+    }
 }
 
 impl Servers {
+    /// The servers, TLS and token the client options name.
+    pub fn from_opts(o: &super::ClientOpts) -> Result<Servers, CliError> {
+        let mut s = Servers::new(&o.server)?;
+        s.security = security(o)?;
+        if let Some(t) = o.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+            let v = format!("Bearer {t}")
+                .parse()
+                .map_err(|_| CliError::Invalid("--token: not a token secret (printable ASCII)".into()))?;
+            s.bearer = Bearer(Some(v));
+        }
+        Ok(s)
+    }
+
     /// Check the addresses (`HOST:PORT`, or `http://HOST:PORT`); empty means the defaults.
     pub fn new(list: &[String]) -> Result<Servers, CliError> {
         let given: Vec<String> = list.iter().map(|a| a.trim().to_string()).filter(|a| !a.is_empty()).collect();
@@ -77,7 +127,7 @@ impl Servers {
             let ep = Endpoint::from_shared(uri).map_err(|_| bad())?.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true);
             addrs.push((a, ep));
         }
-        Ok(Servers { addrs })
+        Ok(Servers { addrs, security: tessera_tls::Security::Insecure, bearer: Bearer::default() })
     }
 
     /// The addresses, as given.
@@ -91,14 +141,14 @@ impl Servers {
     /// next; any other status ends the call with the matching error.
     pub async fn call<T, F, Fut>(&self, timeout: Option<Duration>, mut f: F) -> Result<T, CliError>
     where
-        F: FnMut(Channel) -> Fut,
+        F: FnMut(Conn) -> Fut,
         Fut: Future<Output = Result<T, RpcError>>,
     {
         let mut failures = Vec::new();
         let mut all_connect = true;
         for (addr, ep) in &self.addrs {
-            let channel = match ep.connect().await {
-                Ok(c) => c,
+            let channel = match self.security.connect(ep).await {
+                Ok(c) => Conn::new(c, self.bearer.clone()),
                 Err(e) => {
                     failures.push(format!("{addr} ({})", describe_transport(&e)));
                     continue;
@@ -150,6 +200,10 @@ pub fn status_error(s: &Status) -> CliError {
         Code::NotFound => CliError::NotFound(if m.is_empty() { "not found".into() } else { m }),
         Code::FailedPrecondition => CliError::Failed(m),
         Code::DeadlineExceeded => CliError::Failed(format!("timed out: {m}")),
+        Code::PermissionDenied => CliError::Failed(format!("permission denied: {m}")),
+        Code::Unauthenticated => {
+            CliError::Failed(format!("not authenticated: {m} (give --token, or a user certificate)"))
+        }
         code => CliError::Failed(format!("server error ({}): {m}", code_name(code))),
     }
 }

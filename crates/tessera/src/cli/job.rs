@@ -166,7 +166,7 @@ struct SubmitArgs {
 
 /// Run `tessera job ...`.
 pub async fn run(args: JobArgs) -> CliResult {
-    let servers = Servers::new(&args.client.server)?;
+    let servers = Servers::from_opts(&args.client)?;
     let out = args.client.output;
     match args.command {
         JobCommand::Submit(a) => submit(&servers, a, out).await,
@@ -694,7 +694,7 @@ fn output_status(s: &tonic::Status) -> String {
 /// One poll of a followed job on the server of its stream, which notices a server that keeps
 /// the stream open but stopped answering: the job when it answered, None after an error worth
 /// ignoring, Err(why) when the stream should be opened again (elsewhere).
-async fn poll_job(ch: &tonic::transport::Channel, id: u64, silent: &mut u32) -> Result<Option<v1::Job>, String> {
+async fn poll_job(ch: &super::connect::Conn, id: u64, silent: &mut u32) -> Result<Option<v1::Job>, String> {
     let mut client = JobServiceClient::new(ch.clone());
     let get = client.get_job(v1::GetJobRequest { job_id: id, consistency: 0 });
     match tokio::time::timeout(POLL_TIMEOUT, get).await {

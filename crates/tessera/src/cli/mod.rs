@@ -16,11 +16,14 @@
 //! Exit codes (0 success, 1 failed, 2 invalid input, 3 not found) and the JSON shapes of
 //! `-o json` are documented for users in `docs/cli.md`; keep it true with every change here.
 
+pub mod acl;
+pub mod certs;
 pub mod cluster;
 pub mod connect;
 pub mod job;
 pub mod node;
 pub mod output;
+pub mod tenant;
 
 use std::process::ExitCode;
 
@@ -35,6 +38,8 @@ pub const EXIT_NOT_FOUND: u8 = 3;
 pub const CLIENT_AFTER_HELP: &str = "\
 Servers: --server HOST:PORT[,HOST:PORT...] (repeatable), else $TESSERA_SERVER, else
 127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003; each is tried in turn until one answers.
+TLS: --ca/--cert/--key (or $TESSERA_CA, $TESSERA_CERT, $TESSERA_KEY); --token or $TESSERA_TOKEN
+adds an ACL token; --insecure for servers started with --insecure.
 
 Exit codes: 0 success; 1 the operation failed (server error, no server reachable, or for
 watch: the job failed or was cancelled); 2 invalid input (bad flag, invalid spec, request
@@ -57,6 +62,21 @@ pub struct ClientOpts {
     /// Output format: readable text (table) or stable JSON (json).
     #[arg(long, short = 'o', value_enum, default_value_t = output::Format::Table, global = true)]
     pub output: output::Format,
+    /// CA bundle (PEM) the servers' certificates must chain to.
+    #[arg(long, env = "TESSERA_CA", global = true, value_name = "FILE")]
+    pub ca: Option<std::path::PathBuf>,
+    /// Your certificate (PEM), from `tessera certs user`.
+    #[arg(long, env = "TESSERA_CERT", global = true, value_name = "FILE")]
+    pub cert: Option<std::path::PathBuf>,
+    /// Your certificate's private key (PEM).
+    #[arg(long, env = "TESSERA_KEY", global = true, value_name = "FILE")]
+    pub key: Option<std::path::PathBuf>,
+    /// ACL token secret, sent as `authorization: Bearer ...`; it decides what you may do.
+    #[arg(long, env = "TESSERA_TOKEN", global = true, value_name = "SECRET", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Talk to servers started with --insecure (plain TCP, no certificates).
+    #[arg(long, env = "TESSERA_INSECURE", global = true)]
+    pub insecure: bool,
 }
 
 /// Why a client command did not succeed; each maps to one exit code.

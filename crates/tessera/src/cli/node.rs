@@ -86,7 +86,7 @@ enum NodeCommand {
 
 /// Run `tessera node ...`.
 pub async fn run(args: NodeArgs) -> CliResult {
-    let servers = Servers::new(&args.client.server)?;
+    let servers = Servers::from_opts(&args.client)?;
     let out = args.client.output;
     match args.command {
         NodeCommand::List => list(&servers, out).await,

@@ -13,14 +13,15 @@ pub(crate) struct Api {
 
 impl Api {
     /// Lazy connections to `addrs` (no traffic until the first call).
-    pub fn new(addrs: &[String]) -> Result<Api, String> {
+    pub fn new(addrs: &[String], security: &tessera_tls::Security) -> Result<Api, String> {
         let mut servers = Vec::new();
         for a in addrs {
-            let ch = tonic::transport::Endpoint::from_shared(format!("http://{a}"))
+            let ep = security
+                .endpoint(a)
                 .map_err(|e| format!("{a}: {e}"))?
                 .connect_timeout(Duration::from_secs(1))
-                .timeout(Duration::from_secs(10))
-                .connect_lazy();
+                .timeout(Duration::from_secs(10));
+            let ch = security.connect_lazy(&ep);
             servers.push((a.clone(), ch));
         }
         Ok(Api { servers })

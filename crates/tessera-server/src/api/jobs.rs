@@ -1,0 +1,356 @@
+//! `JobService`: submit, read, cancel and watch jobs, and follow their logs. A submitter acts
+//! only on its tenants' jobs; env values are shown only to the job's tenant and to admins.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tessera_core::acl::{Resource, Rpc};
+use tessera_core::command::{Command, Event};
+use tessera_core::model::JobId;
+use tessera_proto::convert::{job_state_from_proto, job_to_proto, spec_from_proto};
+use tessera_proto::v1;
+use tokio::sync::broadcast;
+use tonic::{Request, Response, Status};
+
+use crate::auth::note;
+use crate::context::{BoxStream, Shared, forwarded, job_id, leader_unreachable, principal};
+
+/// `JobService`.
+pub struct Jobs(pub Arc<Shared>);
+
+#[tonic::async_trait]
+impl v1::job_service_server::JobService for Jobs {
+    async fn submit_job(&self, req: Request<v1::SubmitJobRequest>) -> Result<Response<v1::SubmitJobResponse>, Status> {
+        let who = principal(&req);
+        let spec =
+            spec_from_proto(req.get_ref().spec.clone().ok_or_else(|| Status::invalid_argument("spec: required"))?)
+                .map_err(|e| tessera_proto::convert::spec_error_to_status(&e))?;
+        self.0.authorize(&req, Rpc::SubmitJob, Resource::Tenant(&spec.tenant))?;
+        note(&req, format!("tenant {}", spec.tenant));
+        let req_ref = &req;
+        let req = req_ref.get_ref().clone();
+        // An unset priority takes the tenant's default, decided at apply like everything else.
+        let priority_defaulted = req.spec.as_ref().is_some_and(|s| s.priority.is_none());
+        let key = (!req.idempotency_key.is_empty()).then_some(req.idempotency_key);
+        let cmd =
+            Command::SubmitJob { spec, idempotency_key: key, priority_defaulted, submitted_by: Some(who.audit_name()) };
+        let events = self.0.write(&cmd).await?;
+        let revision = self.0.raft.status().applied;
+        for e in events {
+            if let Event::JobSubmitted { job, deduplicated } = e {
+                note(req_ref, format!("job {}", job.0));
+                return Ok(Response::new(v1::SubmitJobResponse { job_id: job.0, deduplicated, revision }));
+            }
+        }
+        Err(Status::internal("the submission applied without creating a job"))
+    }
+
+    async fn get_job(&self, req: Request<v1::GetJobRequest>) -> Result<Response<v1::GetJobResponse>, Status> {
+        if let Some(ch) = self.0.leader_for_read(&req, req.get_ref().consistency) {
+            match v1::job_service_client::JobServiceClient::new(ch).get_job(forwarded(*req.get_ref(), &req)).await {
+                Err(s) if leader_unreachable(&s) => {}
+                other => return other,
+            }
+        }
+        let id = job_id(req.get_ref().job_id)?;
+        let job = self.0.read(req.get_ref().consistency, move |s| s.job(id).map(|j| job_to_proto(j, s))).await?;
+        let mut job = job.ok_or_else(|| Status::not_found(format!("no job {id}")))?;
+        self.0.authorize(&req, Rpc::GetJob, Resource::Tenant(job_tenant(&job)))?;
+        redact(&req, &mut job);
+        self.0.live.overlay_job(&mut job);
+        Ok(Response::new(v1::GetJobResponse { job: Some(job) }))
+    }
+
+    async fn list_jobs(&self, req: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
+        if let Some(ch) = self.0.leader_for_read(&req, req.get_ref().consistency) {
+            match v1::job_service_client::JobServiceClient::new(ch)
+                .list_jobs(forwarded(req.get_ref().clone(), &req))
+                .await
+            {
+                Err(s) if leader_unreachable(&s) => {}
+                other => return other,
+            }
+        }
+        let who = principal(&req);
+        let readable = who.readable_tenants().cloned();
+        if readable.is_some() && !req.get_ref().tenant.is_empty() {
+            self.0.authorize(&req, Rpc::GetJob, Resource::Tenant(&req.get_ref().tenant))?;
+        }
+        let req = req.into_inner();
+        let mut states = Vec::new();
+        for (i, s) in req.states.iter().enumerate() {
+            if let Some(s) = job_state_from_proto(*s, &format!("states[{i}]")).map_err(Status::from)? {
+                states.push(s);
+            }
+        }
+        let page_size = match req.page_size {
+            0 => 100,
+            n if n <= 1000 => n as usize,
+            n => return Err(Status::invalid_argument(format!("page_size: {n} is more than 1000"))),
+        };
+        let after: u64 = if req.page_token.is_empty() {
+            0
+        } else {
+            req.page_token.parse().map_err(|_| Status::invalid_argument("page_token: not a token from this server"))?
+        };
+        let (tenant, finished, shards) = (req.tenant, req.include_finished, req.include_shards);
+        let (jobs, next) = self
+            .0
+            .read(req.consistency, move |s| {
+                let mut out = Vec::new();
+                let mut next = String::new();
+                for job in s.jobs().range(JobId(after + 1)..).map(|(_, j)| j) {
+                    let wanted = if states.is_empty() {
+                        finished || !job.state.is_terminal()
+                    } else {
+                        states.contains(&job.state)
+                    };
+                    if !wanted
+                        || (!tenant.is_empty() && job.spec.tenant != tenant)
+                        || readable.as_ref().is_some_and(|r| !r.contains(&job.spec.tenant))
+                    {
+                        continue;
+                    }
+                    if out.len() == page_size {
+                        next = (job.id.0 - 1).to_string();
+                        break;
+                    }
+                    let mut p = job_to_proto(job, s);
+                    if !shards {
+                        p.shards.clear();
+                    }
+                    out.push(p);
+                }
+                (out, next)
+            })
+            .await?;
+        let mut jobs = jobs;
+        for j in &mut jobs {
+            redact_for(&who, j);
+            self.0.live.overlay_job(j);
+        }
+        Ok(Response::new(v1::ListJobsResponse { jobs, next_page_token: next }))
+    }
+
+    async fn cancel_job(&self, req: Request<v1::CancelJobRequest>) -> Result<Response<v1::CancelJobResponse>, Status> {
+        let id = job_id(req.get_ref().job_id)?;
+        note(&req, format!("job {id}"));
+        let tenant = self.0.read(0, move |s| s.job(id).map(|j| j.spec.tenant.clone())).await?;
+        let tenant = tenant.ok_or_else(|| Status::not_found(format!("no job {id}")))?;
+        self.0.authorize(&req, Rpc::CancelJob, Resource::Tenant(&tenant))?;
+        let req = req.into_inner();
+        let reason = (!req.reason.is_empty()).then_some(req.reason);
+        match self.0.write(&Command::CancelJob { job: id, reason }).await {
+            Ok(_) => {}
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                let state = self.0.read(0, move |s| s.job(id).map(|j| j.state)).await?;
+                if let Some(state) = state.filter(|s| s.is_terminal()) {
+                    return Ok(Response::new(v1::CancelJobResponse {
+                        state: v1::JobState::from(state) as i32,
+                        already_finished: true,
+                    }));
+                }
+                return Err(s);
+            }
+            Err(s) => return Err(s),
+        }
+        let state = self
+            .0
+            .read(0, move |s| s.job(id).map(|j| j.state))
+            .await?
+            .ok_or_else(|| Status::not_found("job vanished"))?;
+        Ok(Response::new(v1::CancelJobResponse { state: v1::JobState::from(state) as i32, already_finished: false }))
+    }
+
+    type WatchJobStream = BoxStream<v1::WatchJobResponse>;
+
+    async fn watch_job(&self, req: Request<v1::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        if let Some(ch) = self.0.leader_for_read(&req, 0) {
+            // Progress lives on the leader: pass its stream through.
+            match v1::job_service_client::JobServiceClient::new(ch).watch_job(forwarded(*req.get_ref(), &req)).await {
+                Err(s) if leader_unreachable(&s) => {}
+                Err(s) => return Err(s),
+                Ok(r) => return Ok(Response::new(Box::pin(r.into_inner()))),
+            }
+        }
+        let id = job_id(req.get_ref().job_id)?;
+        let who = principal(&req);
+        // Subscribe before the first read so nothing applied in between is missed.
+        let mut rx = self.0.events.subscribe();
+        let shared = self.0.clone();
+        let first = shared.read(0, move |s| s.job(id).map(|j| job_to_proto(j, s))).await?;
+        let mut first = first.ok_or_else(|| Status::not_found(format!("no job {id}")))?;
+        self.0.authorize(&req, Rpc::WatchJob, Resource::Tenant(job_tenant(&first)))?;
+        redact_for(&who, &mut first);
+        shared.live.overlay_job(&mut first);
+        let (tx, out) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut done = first.state >= v1::JobState::Succeeded as i32;
+            let mut last = first.clone();
+            if tx.send(Ok(v1::WatchJobResponse { job: Some(first), event: None })).await.is_err() || done {
+                return;
+            }
+            // Every applied change to the job (read from the state), and once a second its
+            // progress from the heartbeats (the last state read, overlaid again: no Raft-thread
+            // work for a watcher while nothing is applied).
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            while !done {
+                let reread = tokio::select! {
+                    r = rx.recv() => match r {
+                        Ok(applied) => applied.events.iter().any(|e| event_job(e) == Some(id)),
+                        Err(broadcast::error::RecvError::Lagged(_)) => true,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = tick.tick() => false,
+                };
+                let mut job = if reread {
+                    let Ok(Some(job)) = shared
+                        .read(v1::ReadConsistency::Stale as i32, move |s| s.job(id).map(|j| job_to_proto(j, s)))
+                        .await
+                    else {
+                        return;
+                    };
+                    job
+                } else {
+                    last.clone()
+                };
+                redact_for(&who, &mut job);
+                shared.live.overlay_job(&mut job);
+                if job == last {
+                    continue;
+                }
+                last = job.clone();
+                done = job.state >= v1::JobState::Succeeded as i32;
+                if tx.send(Ok(v1::WatchJobResponse { job: Some(job), event: None })).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+    }
+
+    type JobLogsStream = BoxStream<v1::JobLogsResponse>;
+
+    async fn job_logs(&self, req: Request<v1::JobLogsRequest>) -> Result<Response<Self::JobLogsStream>, Status> {
+        let id = job_id(req.get_ref().job_id)?;
+        let status = self.0.raft.status();
+        if status.role != tessera_raft::StateRole::Leader {
+            // Output lives on the leader: pass the stream through from it (it checks again).
+            let ch = self.0.leader_channel().await?;
+            let fwd = forwarded(*req.get_ref(), &req);
+            let stream = v1::job_service_client::JobServiceClient::new(ch).job_logs(fwd).await?.into_inner();
+            return Ok(Response::new(Box::pin(stream)));
+        }
+        let tenant = self.0.read(0, move |s| s.job(id).map(|j| j.spec.tenant.clone())).await?;
+        let tenant = tenant.ok_or_else(|| Status::not_found(format!("no job {id}")))?;
+        self.0.authorize(&req, Rpc::JobLogs, Resource::Tenant(&tenant))?;
+        let req = req.into_inner();
+        let streams: Vec<i32> = match v1::LogSelection::try_from(req.streams) {
+            Ok(v1::LogSelection::Stdout) => vec![1],
+            Ok(v1::LogSelection::Stderr) => vec![2],
+            Ok(_) => vec![1, 2],
+            Err(_) => return Err(Status::invalid_argument(format!("streams: {} is not a LogSelection", req.streams))),
+        };
+        let mut rx = self.0.logs.subscribe();
+        let kept = self.0.logs.read(id, req.shard_index, req.attempt, &streams, req.tail_bytes);
+        let shared = self.0.clone();
+        let (tx, out) = tokio::sync::mpsc::channel(256);
+        let to_msg = |c: &crate::logs::Chunk| v1::JobLogsResponse {
+            shard_index: c.owner.shard,
+            attempt_id: c.attempt_id,
+            attempt: c.owner.attempt,
+            stream: c.stream,
+            offset: c.offset,
+            data: c.data.clone(),
+        };
+        tokio::spawn(async move {
+            let mut sent: std::collections::BTreeMap<(u64, i32), u64> = std::collections::BTreeMap::new();
+            for c in &kept {
+                sent.insert((c.attempt_id, c.stream), c.offset + c.data.len() as u64);
+                if tx.send(Ok(to_msg(c))).await.is_err() {
+                    return;
+                }
+            }
+            if !req.follow {
+                return;
+            }
+            let min_attempt: std::collections::BTreeMap<u32, u32> =
+                kept.iter().map(|c| (c.owner.shard, c.owner.attempt)).collect();
+            let mut finished_at: Option<tokio::time::Instant> = None;
+            let mut check = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    got = rx.recv() => {
+                        let c = match got {
+                            Ok(c) => c,
+                            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                            Err(broadcast::error::RecvError::Closed) => return,
+                        };
+                        let wanted = c.owner.job == id
+                            && req.shard_index.is_none_or(|s| c.owner.shard == s)
+                            && streams.contains(&c.stream)
+                            && match req.attempt {
+                                Some(n) => c.owner.attempt == n,
+                                None => min_attempt.get(&c.owner.shard).is_none_or(|m| c.owner.attempt >= *m),
+                            };
+                        let end = sent.entry((c.attempt_id, c.stream)).or_insert(0);
+                        if !wanted || c.offset + (c.data.len() as u64) <= *end {
+                            continue;
+                        }
+                        *end = c.offset + c.data.len() as u64;
+                        if tx.send(Ok(to_msg(&c))).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ = check.tick() => {
+                        if let Some(t) = finished_at {
+                            // The final output of an attempt arrives just before its exit.
+                            if t.elapsed() > Duration::from_secs(1) {
+                                return;
+                            }
+                        } else if shared.read(v1::ReadConsistency::Stale as i32, move |s| s.job(id).is_none_or(|j| j.state.is_terminal())).await.unwrap_or(true) {
+                            finished_at = Some(tokio::time::Instant::now());
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+    }
+}
+
+fn event_job(e: &Event) -> Option<JobId> {
+    match e {
+        Event::JobSubmitted { job, .. }
+        | Event::JobStateChanged { job, .. }
+        | Event::ShardAssigned { job, .. }
+        | Event::StopRequested { job, .. }
+        | Event::ShardStateChanged { job, .. }
+        | Event::CheckpointRecorded { job, .. }
+        | Event::PlacementRejected { job, .. } => Some(*job),
+        _ => None,
+    }
+}
+
+fn job_tenant(job: &v1::Job) -> &str {
+    job.spec.as_ref().map_or("", |s| s.tenant.as_str())
+}
+
+/// What env values look like to those who may not see them.
+pub const REDACTED: &str = "(redacted)";
+
+/// Hide the job's env values from a principal that may not see them (keys stay visible).
+fn redact_for(who: &tessera_core::acl::Principal, job: &mut v1::Job) {
+    if who.may_see_env(job_tenant(job)) {
+        return;
+    }
+    if let Some(spec) = job.spec.as_mut() {
+        for v in spec.env.values_mut() {
+            *v = REDACTED.to_string();
+        }
+    }
+}
+
+fn redact<T>(req: &Request<T>, job: &mut v1::Job) {
+    redact_for(&principal(req), job);
+}

@@ -1,0 +1,108 @@
+//! `TenantService`: create, change, list and show tenants with their usage. Writes are admin
+//! only; a submitter sees its own tenants.
+
+use std::sync::Arc;
+
+use tessera_core::acl::{Resource, Rpc};
+use tessera_core::command::{Command, TenantWrite};
+use tessera_proto::convert::tenant_to_proto;
+use tessera_proto::v1;
+use tonic::{Request, Response, Status};
+
+use crate::auth::note;
+use crate::context::{Shared, now, principal};
+
+/// `TenantService`.
+pub struct Tenants(pub Arc<Shared>);
+
+impl Tenants {
+    async fn get(&self, name: String) -> Result<v1::Tenant, Status> {
+        let n = name.clone();
+        self.0
+            .read(0, move |s| s.tenants().get(&n).map(|t| tenant_to_proto(t, s, now())))
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no tenant {name}")))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::tenant_service_server::TenantService for Tenants {
+    async fn set_tenant(&self, req: Request<v1::SetTenantRequest>) -> Result<Response<v1::SetTenantResponse>, Status> {
+        let r = req.get_ref().clone();
+        note(&req, format!("tenant {}", r.name));
+        let mode = match v1::TenantWriteMode::try_from(r.mode) {
+            Ok(v1::TenantWriteMode::Upsert) => TenantWrite::Upsert,
+            Ok(v1::TenantWriteMode::Create) => TenantWrite::Create,
+            Ok(v1::TenantWriteMode::Update) => TenantWrite::Update,
+            Err(_) => return Err(Status::invalid_argument(format!("mode: {} is not a TenantWriteMode", r.mode))),
+        };
+        // SetTenant replaces every setting: start from the tenant as it is (or the defaults),
+        // change what the request gives. Create and Update are checked again at apply.
+        let n = r.name.clone();
+        let current = self.0.read(0, move |s| s.tenants().get(&n).cloned()).await?;
+        let base = current.unwrap_or_else(|| tessera_core::model::Tenant::new(&r.name, now()));
+        let prio = |field: &str, v: Option<u32>| -> Result<Option<u16>, Status> {
+            v.map(|p| u16::try_from(p).map_err(|_| Status::invalid_argument(format!("{field}: {p} is above 1000"))))
+                .transpose()
+        };
+        let zero_clears_u = |v: Option<u64>, old: Option<u64>| match v {
+            Some(0) => None,
+            Some(q) => Some(q),
+            None => old,
+        };
+        let zero_clears_f = |v: Option<f64>, old: Option<f64>| match v {
+            Some(0.0) => None,
+            Some(q) => Some(q),
+            None => old,
+        };
+        let mut cloud =
+            if r.replace_cloud_gpu_hours_quota { Default::default() } else { base.cloud_gpu_hours_quota.clone() };
+        for (k, v) in r.cloud_gpu_hours_quota {
+            if v == 0.0 {
+                cloud.remove(&k);
+            } else {
+                cloud.insert(k, v);
+            }
+        }
+        let cmd = Command::SetTenant {
+            name: r.name.clone(),
+            weight: r.weight.unwrap_or(base.weight),
+            gpu_quota: zero_clears_u(r.gpu_quota, base.gpu_quota),
+            max_priority: prio("max_priority", r.max_priority)?.or(base.max_priority),
+            default_priority: prio("default_priority", r.default_priority)?.or(base.default_priority),
+            gpu_hours_quota: zero_clears_f(r.gpu_hours_quota, base.gpu_hours_quota),
+            cloud_gpu_hours_quota: cloud,
+            gpu_hours_window_ms: r
+                .gpu_hours_window_seconds
+                .map_or(base.gpu_hours_window_ms, |s| s.saturating_mul(1000)),
+            mode,
+        };
+        self.0.write(&cmd).await?;
+        Ok(Response::new(v1::SetTenantResponse { tenant: Some(self.get(r.name).await?) }))
+    }
+
+    async fn list_tenants(
+        &self,
+        req: Request<v1::ListTenantsRequest>,
+    ) -> Result<Response<v1::ListTenantsResponse>, Status> {
+        let readable = principal(&req).readable_tenants().cloned();
+        let tenants = self
+            .0
+            .read(0, move |s| {
+                let t = now();
+                s.tenants()
+                    .values()
+                    .filter(|x| readable.as_ref().is_none_or(|r| r.contains(&x.name)))
+                    .map(|x| tenant_to_proto(x, s, t))
+                    .collect()
+            })
+            .await?;
+        Ok(Response::new(v1::ListTenantsResponse { tenants }))
+    }
+
+    async fn get_tenant(&self, req: Request<v1::GetTenantRequest>) -> Result<Response<v1::GetTenantResponse>, Status> {
+        let name = req.get_ref().name.clone();
+        self.0.authorize(&req, Rpc::GetTenant, Resource::Tenant(&name))?;
+        Ok(Response::new(v1::GetTenantResponse { tenant: Some(self.get(name).await?) }))
+    }
+}

@@ -1,0 +1,205 @@
+//! What every service of one server shares: the Raft handle, the peers, the agents' hub, the
+//! leader's live view and logs, this server's TLS, and the ways to write, read and reach the
+//! leader. The services (`api::*`) and the agents' side (`agents`) build on it; it depends on
+//! neither.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tessera_core::State;
+use tessera_core::acl::{Principal, Resource, Rpc};
+use tessera_core::command::{Command, Event};
+use tessera_core::model::{JobId, NodeId};
+use tessera_proto::convert::rejection_to_status;
+use tessera_proto::v1;
+use tessera_raft::node::ProposeError;
+use tokio::sync::{Notify, broadcast};
+use tokio_stream::Stream;
+use tonic::{Request, Status};
+
+use crate::raft_loop::RaftHandle;
+use crate::sm::{Applied, Outcome, encode_entry};
+use crate::transport::Transport;
+
+/// How long a write may wait for its entry to apply, elections included.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub use crate::clock::now;
+
+/// State shared by every service of one server.
+pub struct Shared {
+    /// This server's id.
+    pub id: u64,
+    /// The Raft thread.
+    pub raft: RaftHandle,
+    /// Peers.
+    pub transport: Arc<Transport>,
+    /// Applied events.
+    pub events: broadcast::Sender<Arc<Applied>>,
+    /// Wakes the placement loop.
+    pub plan_now: Arc<Notify>,
+    /// The agents' sessions and liveness (meaningful on the leader).
+    pub agents: crate::hub::AgentHub,
+    /// Shard output sent by the agents (kept on the leader).
+    pub logs: crate::logs::LogStore,
+    /// Progress and telemetry from the agents' heartbeats (kept on the leader).
+    pub live: crate::live::LiveView,
+    /// A connection to the leader for passing reads on, by the leader's address.
+    pub leader_read_channel: std::sync::Mutex<Option<(String, tonic::transport::Channel)>>,
+    /// TLS (or not) for connections to other servers.
+    pub security: tessera_tls::Security,
+    /// Who may do what: the token index and the decision.
+    pub auth: Arc<crate::auth::Auth>,
+}
+
+/// Marks a request one server passed to the leader, so it is never passed on again.
+pub const FORWARDED: &str = "x-tessera-forwarded";
+
+/// `msg` as a request passed on to the leader, on behalf of the principal of `original`
+/// (the leader believes that header only from a server certificate).
+pub fn forwarded<T, U>(msg: T, original: &Request<U>) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    if let Some(p) = original.extensions().get::<Principal>() {
+        crate::auth::set_on_behalf(r.metadata_mut(), p);
+    }
+    if let Some(a) = original.metadata().get("authorization") {
+        r.metadata_mut().insert("authorization", a.clone());
+    }
+    r
+}
+
+/// The principal the auth layer found for a request (`Insecure` where no layer ran, as in
+/// unit tests that call a service directly).
+pub fn principal<T>(req: &Request<T>) -> Principal {
+    req.extensions().get::<Principal>().cloned().unwrap_or(Principal::Insecure)
+}
+
+/// Whether a read passed to the leader failed in a way worth answering locally instead.
+pub fn leader_unreachable(s: &Status) -> bool {
+    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
+}
+
+pub fn unavailable(e: ProposeError) -> Status {
+    match e {
+        ProposeError::Invalid(m) => Status::failed_precondition(m),
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
+impl Shared {
+    /// Propose a command and wait for its outcome; retries while no leader is known.
+    pub async fn write(&self, cmd: &Command) -> Result<Vec<Event>, Status> {
+        let started = std::time::Instant::now();
+        let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+        let mut backoff = Duration::from_millis(20);
+        let result = loop {
+            match self.raft.propose(encode_entry(cmd, now())).await {
+                Err(ProposeError::NoLeader) if tokio::time::Instant::now() + backoff < deadline => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                other => break other,
+            }
+        };
+        metrics::histogram!("tessera_proposal_seconds", "kind" => cmd.kind()).record(started.elapsed().as_secs_f64());
+        match result.map_err(unavailable)? {
+            Outcome::Applied(events) => {
+                self.plan_now.notify_one();
+                Ok(events)
+            }
+            Outcome::Rejected(r) => Err(rejection_to_status(&r)),
+            Outcome::Undecodable(m) => Err(Status::internal(m)),
+        }
+    }
+
+    /// On a follower, a connection to the leader, for reads that should show the leader's live
+    /// view (progress, telemetry). None on the leader, for stale reads (they are answered
+    /// locally by definition), for a request already passed on once, and with no known leader.
+    pub fn leader_for_read<T>(&self, req: &Request<T>, consistency: i32) -> Option<tonic::transport::Channel> {
+        if consistency == v1::ReadConsistency::Stale as i32 || req.metadata().contains_key(FORWARDED) {
+            return None;
+        }
+        let s = self.raft.status();
+        if s.role == tessera_raft::StateRole::Leader || s.leader == 0 {
+            return None;
+        }
+        let addr = self.transport.peers().get(&s.leader).cloned()?;
+        let mut cached = self.leader_read_channel.lock().ok()?;
+        if let Some((a, ch)) = cached.as_ref()
+            && *a == addr
+        {
+            return Some(ch.clone());
+        }
+        let ep = self.security.endpoint(&addr).ok()?.connect_timeout(Duration::from_secs(1)).timeout(WRITE_TIMEOUT);
+        let ch = self.security.connect_lazy(&ep);
+        *cached = Some((addr, ch.clone()));
+        Some(ch)
+    }
+
+    /// A connection to the current leader, for the few calls only it can answer.
+    pub async fn leader_channel(&self) -> Result<tonic::transport::Channel, Status> {
+        let leader = self.raft.status().leader;
+        let addr = self
+            .transport
+            .peers()
+            .get(&leader)
+            .cloned()
+            .ok_or_else(|| Status::unavailable("no leader is known; retry"))?;
+        let ep = self.security.endpoint(&addr).map_err(|e| Status::internal(e.to_string()))?;
+        self.security.connect(&ep).await.map_err(|e| Status::unavailable(format!("leader at {addr} unreachable: {e}")))
+    }
+
+    /// Read the state: linearizable by default, or this server's applied state.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        consistency: i32,
+        f: impl FnOnce(&State) -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        if consistency == v1::ReadConsistency::Stale as i32 {
+            return self
+                .raft
+                .local(move |n| f(&n.state_machine().state))
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()));
+        }
+        let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+        let f = Arc::new(std::sync::Mutex::new(Some(f)));
+        loop {
+            let g = f.clone();
+            let r = self.raft.read(move |sm| g.lock().ok().and_then(|mut g| g.take()).map(|f| f(&sm.state))).await;
+            match r {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => return Err(Status::internal("read ran twice")),
+                Err(ProposeError::Timeout | ProposeError::NoLeader) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+    }
+}
+
+pub fn job_id(id: u64) -> Result<JobId, Status> {
+    if id == 0 { Err(Status::invalid_argument("job_id: required (non-zero)")) } else { Ok(JobId(id)) }
+}
+
+pub fn find_node(state: &State, r: &Option<v1::NodeRef>) -> Result<NodeId, Status> {
+    let node = match r.as_ref().and_then(|r| r.node.as_ref()) {
+        Some(v1::node_ref::Node::Id(id)) => state.node(NodeId(*id)).map(|n| n.id),
+        Some(v1::node_ref::Node::Name(name)) => state.node_by_name(name).map(|n| n.id),
+        None => return Err(Status::invalid_argument("node: required (id or name)")),
+    };
+    node.ok_or_else(|| Status::not_found(format!("no node {r:?}")))
+}
+
+/// A boxed response stream.
+pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+impl Shared {
+    /// The handler-level check, once the resource is known: the same decision the auth layer
+    /// made for the rpc, now for this resource.
+    pub fn authorize<T>(&self, req: &Request<T>, rpc: Rpc, res: Resource<'_>) -> Result<(), Status> {
+        self.auth.authorize(&principal(req), rpc, res)
+    }
+}

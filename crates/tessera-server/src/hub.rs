@@ -1,0 +1,178 @@
+//! The leader's in-memory view of its agents: each node's session generation, when it was last
+//! heard from, where its agent listens, and the route to its session's outbox. Liveness never
+//! enters the log; `agents` turns overdue nodes into node-down proposals.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tessera_core::model::{AttemptId, NodeId};
+use tessera_proto::v1;
+use tokio::sync::mpsc;
+
+/// Timing of the agent protocol.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentTimeouts {
+    /// How often agents send a heartbeat.
+    pub heartbeat: Duration,
+    /// How long an agent keeps shards running without an acknowledged message.
+    pub fence: Duration,
+    /// How long the leader waits without hearing from a node before it proposes it down
+    /// (longer than `fence`).
+    pub node_down: Duration,
+    /// How long a node whose stream closed has to reconnect before it is proposed down.
+    pub reconnect_grace: Duration,
+}
+
+impl Default for AgentTimeouts {
+    fn default() -> Self {
+        AgentTimeouts {
+            heartbeat: Duration::from_secs(1),
+            fence: Duration::from_secs(3),
+            node_down: Duration::from_secs(4),
+            reconnect_grace: Duration::from_secs(1),
+        }
+    }
+}
+
+pub(crate) struct Session {
+    generation: u64,
+    last_seen: Instant,
+    closed_at: Option<Instant>,
+}
+
+/// The leader's view of its agents.
+pub struct AgentHub {
+    pub(crate) timeouts: AgentTimeouts,
+    pub(crate) sessions: Mutex<BTreeMap<NodeId, Session>>,
+    /// Where each node's agent can be reached (MASTER_ADDR of the jobs it leads).
+    addresses: Mutex<BTreeMap<NodeId, String>>,
+    generation: std::sync::atomic::AtomicU64,
+    pub(crate) leader_since: Mutex<Option<Instant>>,
+    /// Where the router delivers each connected node's messages (see [`route_loop`]).
+    routes: Mutex<HashMap<NodeId, Route>>,
+}
+
+/// Messages for one agent, each assignment keyed by its attempt (so a session sends it once).
+pub(crate) type Routed = Vec<(Option<AttemptId>, v1::ServerMessage)>;
+
+struct Route {
+    generation: u64,
+    tx: mpsc::UnboundedSender<Routed>,
+}
+
+impl AgentHub {
+    /// A hub with these timeouts.
+    pub fn new(timeouts: AgentTimeouts) -> AgentHub {
+        AgentHub {
+            timeouts,
+            sessions: Mutex::new(BTreeMap::new()),
+            addresses: Mutex::new(BTreeMap::new()),
+            generation: std::sync::atomic::AtomicU64::new(1),
+            leader_since: Mutex::new(None),
+            routes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn add_route(&self, node: NodeId, generation: u64) -> mpsc::UnboundedReceiver<Routed> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        if let Ok(mut r) = self.routes.lock() {
+            r.insert(node, Route { generation, tx });
+        }
+        rx
+    }
+
+    pub(crate) fn remove_route(&self, node: NodeId, generation: u64) {
+        if let Ok(mut r) = self.routes.lock()
+            && r.get(&node).is_some_and(|r| r.generation == generation)
+        {
+            r.remove(&node);
+        }
+    }
+
+    pub(crate) fn routed_nodes(&self) -> HashSet<NodeId> {
+        self.routes.lock().map(|r| r.keys().copied().collect()).unwrap_or_default()
+    }
+
+    /// Hand each node's messages to its session; a node whose session ended is dropped.
+    pub(crate) fn deliver(&self, msgs: HashMap<NodeId, Routed>) {
+        let Ok(mut routes) = self.routes.lock() else { return };
+        for (node, m) in msgs {
+            if let Some(r) = routes.get(&node)
+                && r.tx.send(m).is_err()
+            {
+                routes.remove(&node);
+            }
+        }
+    }
+
+    /// End every session's event feed (this server is no longer the leader: they close, and
+    /// the agents reconnect to the new one).
+    pub(crate) fn drop_routes(&self) {
+        if let Ok(mut r) = self.routes.lock() {
+            r.clear();
+        }
+    }
+
+    pub(crate) fn open(&self, node: NodeId, address: String) -> u64 {
+        let generation = self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut s) = self.sessions.lock() {
+            s.insert(node, Session { generation, last_seen: Instant::now(), closed_at: None });
+        }
+        if !address.is_empty()
+            && let Ok(mut a) = self.addresses.lock()
+        {
+            a.insert(node, address);
+        }
+        generation
+    }
+
+    pub(crate) fn seen(&self, node: NodeId, generation: u64) {
+        if let Ok(mut s) = self.sessions.lock()
+            && let Some(sess) = s.get_mut(&node).filter(|s| s.generation == generation)
+        {
+            sess.last_seen = Instant::now();
+        }
+    }
+
+    pub(crate) fn closed(&self, node: NodeId, generation: u64) {
+        if let Ok(mut s) = self.sessions.lock()
+            && let Some(sess) = s.get_mut(&node).filter(|s| s.generation == generation)
+        {
+            sess.closed_at = Some(Instant::now());
+        }
+    }
+
+    pub(crate) fn current(&self, node: NodeId, generation: u64) -> bool {
+        self.sessions.lock().map(|s| s.get(&node).is_some_and(|x| x.generation == generation)).unwrap_or(false)
+    }
+
+    pub(crate) fn address(&self, node: NodeId) -> Option<String> {
+        self.addresses.lock().ok().and_then(|a| a.get(&node).cloned())
+    }
+
+    /// Nodes to propose down now, given the nodes the state holds as not down.
+    pub(crate) fn overdue(&self, up: &[NodeId]) -> Vec<(NodeId, String)> {
+        let now = Instant::now();
+        let since = self.leader_since.lock().ok().and_then(|l| *l).unwrap_or(now);
+        let Ok(sessions) = self.sessions.lock() else { return Vec::new() };
+        let t = self.timeouts;
+        let mut out = Vec::new();
+        for id in up {
+            match sessions.get(id) {
+                Some(s) if s.closed_at.is_some_and(|c| now.duration_since(c) >= t.reconnect_grace) => {
+                    out.push((*id, "its agent's stream closed and did not come back".to_string()))
+                }
+                Some(s) if now.duration_since(s.last_seen) >= t.node_down => out.push((
+                    *id,
+                    format!("no word from its agent for {} ms", now.duration_since(s.last_seen).as_millis()),
+                )),
+                None if now.duration_since(since) >= t.node_down => {
+                    out.push((*id, "its agent did not connect to the new leader".to_string()))
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+}
