@@ -466,4 +466,54 @@ async fn every_rpc_and_role_over_mutual_tls() {
         }
     }
     println!("revocation refused on all 3 servers {} ms after it was acknowledged", revoked_at.elapsed().as_millis());
+
+    // The CLI over mutual TLS, with and without tokens.
+    let cli = |args: &[&str], token: Option<&str>| {
+        let mut cmd = std::process::Command::new(tessera_tests::tessera_bin());
+        cmd.args(args)
+            .env("TESSERA_SERVER", addrs.join(","))
+            .env("TESSERA_CA", c.join("ca.pem"))
+            .env("TESSERA_CERT", c.join("user-bare.pem"))
+            .env("TESSERA_KEY", c.join("user-bare-key.pem"))
+            .env_remove("TESSERA_INSECURE")
+            .env_remove("TESSERA_TOKEN");
+        if let Some(t) = token {
+            cmd.env("TESSERA_TOKEN", t);
+        }
+        let out = cmd.output().expect("run tessera");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code_, out, err) =
+        cli(&["tenant", "create", "nlp", "--weight", "3", "--max-priority", "high", "-o", "json"], Some(&root));
+    assert_eq!(code_, Some(0), "{err}");
+    let t: serde_json::Value = serde_json::from_str(&out).expect("tenant json");
+    assert_eq!((t["weight"].as_u64(), t["max_priority"].as_u64()), (Some(3), Some(750)), "{out}");
+    let (code_, _, err) = cli(&["tenant", "create", "nlp"], Some(&root));
+    assert_ne!(code_, Some(0), "a second create of one tenant succeeded: {err}");
+    let (code_, _, err) = cli(&["job", "submit", "--tenant", "nlp", "--gpus", "1", "--", "true"], Some(&ml));
+    assert_eq!(code_, Some(1), "{err}");
+    assert!(err.contains("permission denied"), "{err}");
+    let (code_, out, err) =
+        cli(&["job", "submit", "--tenant", "ml", "--gpus", "1", "-o", "json", "--", "true"], Some(&ml));
+    assert_eq!(code_, Some(0), "{err}");
+    assert!(out.contains("\"job_id\""), "{out}");
+    let (code_, out, err) = cli(&["acl", "token", "list", "-o", "json"], Some(&root));
+    assert_eq!(code_, Some(0), "{err}");
+    assert!(out.contains("ml-ci") && !out.contains("secret"), "{out}");
+    let (code_, out, err) = cli(&["tenant", "usage", "-o", "json"], Some(&ml));
+    assert_eq!(code_, Some(0), "{err}");
+    let usage: Vec<serde_json::Value> = serde_json::from_str(&out).expect("usage json");
+    assert_eq!(usage.iter().map(|t| t["name"].as_str().unwrap_or("")).collect::<Vec<_>>(), vec!["ml"], "{out}");
+    let (code_, _, err) = cli(&["cluster", "status"], None);
+    assert_eq!(code_, Some(1), "{err}");
+    assert!(err.contains("not authenticated"), "{err}");
+    let (code_, _, err) = cli(&["cluster", "status"], Some("not-a-token"));
+    assert!(code_ == Some(1) && err.contains("not authenticated"), "{err}");
+    for s in &mut servers {
+        s.kill();
+    }
 }

@@ -1,7 +1,8 @@
 //! Tessera's public gRPC API, generated from the `.proto` files under `proto/tessera/v1` (package
 //! `tessera.v1`). Those files are the API and its documentation; this crate gives Rust the
-//! messages, the tonic clients and servers of the five services (`JobService`, `NodeService`,
-//! `ClusterService`, `AgentService`, and the internal `RaftService`), and the encoded file
+//! messages, the tonic clients and servers of the seven services (`JobService`, `NodeService`,
+//! `ClusterService`, `AclService`, `TenantService`, `AgentService`, and the internal
+//! `RaftService`), and the encoded file
 //! descriptor set that the servers hand to gRPC reflection so that grpcurl and clients in other
 //! languages work.
 //!
@@ -84,6 +85,19 @@ mod tests {
             ),
             ("tessera.v1.AgentService", vec![("Session", true, true)]),
             ("tessera.v1.RaftService", vec![("Send", false, false)]),
+            (
+                "tessera.v1.AclService",
+                vec![
+                    ("Bootstrap", false, false),
+                    ("CreateToken", false, false),
+                    ("ListTokens", false, false),
+                    ("RevokeToken", false, false),
+                ],
+            ),
+            (
+                "tessera.v1.TenantService",
+                vec![("SetTenant", false, false), ("ListTenants", false, false), ("GetTenant", false, false)],
+            ),
         ]);
 
         let mut found: BTreeMap<String, BTreeSet<(String, bool, bool)>> = BTreeMap::new();

@@ -75,7 +75,7 @@ pub struct ClientOpts {
     #[arg(long, env = "TESSERA_TOKEN", global = true, value_name = "SECRET", hide_env_values = true)]
     pub token: Option<String>,
     /// Talk to servers started with --insecure (plain TCP, no certificates).
-    #[arg(long, env = "TESSERA_INSECURE", global = true)]
+    #[arg(long, env = "TESSERA_INSECURE", global = true, value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure: bool,
 }
 
