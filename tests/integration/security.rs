@@ -517,3 +517,48 @@ async fn every_rpc_and_role_over_mutual_tls() {
         s.kill();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn founding_servers_bootstrap_acls_from_a_token_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let c = dir.path().join("certs");
+    certs(&c, &["ca"]);
+    certs(&c, &["server", "1", "--host", "127.0.0.1"]);
+    certs(&c, &["user", "ops"]);
+    let secret = "bootstrap-secret-0123456789abcdef";
+    let file = dir.path().join("root.token");
+    std::fs::write(&file, format!("{secret}\n")).expect("token file");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let f = |n: &str| c.join(n).display().to_string();
+    let args = vec![
+        "--initial-cluster".to_string(),
+        format!("1={addr}"),
+        "--tls-ca".into(),
+        f("ca.pem"),
+        "--tls-cert".into(),
+        f("server-1.pem"),
+        "--tls-key".into(),
+        f("server-1-key.pem"),
+        "--acl-bootstrap-token-file".into(),
+        file.display().to_string(),
+    ];
+    let server = ServerProc::start(1, &addr, &dir.path().join("s1"), &args);
+    // The file's secret becomes the first admin token; a second bootstrap is refused.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let tokens = loop {
+        let r = v1::acl_service_client::AclServiceClient::new(conn(&addr, &c, "user-ops", Some(secret)))
+            .list_tokens(v1::ListTokensRequest {})
+            .await;
+        if let Ok(r) = r {
+            break r.into_inner().tokens;
+        }
+        assert!(Instant::now() < deadline, "the token file's secret never worked: {r:?}\n{}", server.log_tail());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(tokens.len(), 1, "{tokens:?}");
+    assert_eq!((tokens[0].role.as_str(), tokens[0].created_by.as_str()), ("admin", "config/acl_bootstrap_token_file"));
+    let again = v1::acl_service_client::AclServiceClient::new(conn(&addr, &c, "user-ops", None))
+        .bootstrap(v1::AclBootstrapRequest::default())
+        .await;
+    assert_eq!(code(again), Code::PermissionDenied);
+}

@@ -68,6 +68,12 @@ pub async fn run(
     cloud_opts: CloudOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    // New certificates (SIGHUP, or the files changing) apply to the next connection; the open
+    // stream and the running shards carry on.
+    let _watch = match &cfg.security {
+        tessera_tls::Security::Tls(tls) => Some(tls.watch(std::time::Duration::from_secs(1))),
+        tessera_tls::Security::Insecure => None,
+    };
     let metadata = match cloud_opts.kind {
         cloud::CloudKind::None => None,
         kind => {
