@@ -103,7 +103,7 @@ impl Auth {
     }
 
     /// The principal of a request from `peer` with these headers.
-    pub fn authenticate(&self, peer: Option<&PeerInfo>, meta: &MetadataMap) -> Result<Principal, Status> {
+    pub fn authenticate(&self, peer: Option<&PeerInfo>, meta: &http::HeaderMap) -> Result<Principal, Status> {
         let cert = match peer.and_then(|p| p.identity.as_ref()) {
             None if self.tls => return Err(Status::unauthenticated("a client certificate is required")),
             None => None,
@@ -180,10 +180,34 @@ fn outcome_of(resp: &http::Response<Body>) -> tonic::Code {
         .map_or(tonic::Code::Ok, tonic::Code::from_i32)
 }
 
+/// The outcome label of a gRPC code (static, so counting allocates nothing).
+fn outcome_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "ok",
+        Cancelled => "cancelled",
+        Unknown => "unknown",
+        InvalidArgument => "invalid_argument",
+        DeadlineExceeded => "deadline_exceeded",
+        NotFound => "not_found",
+        AlreadyExists => "already_exists",
+        PermissionDenied => "permission_denied",
+        ResourceExhausted => "resource_exhausted",
+        FailedPrecondition => "failed_precondition",
+        Aborted => "aborted",
+        OutOfRange => "out_of_range",
+        Unimplemented => "unimplemented",
+        Internal => "internal",
+        Unavailable => "unavailable",
+        DataLoss => "data_loss",
+        Unauthenticated => "unauthenticated",
+    }
+}
+
 fn record(who: &str, rpc: Option<Rpc>, path: &str, resource: &str, code: tonic::Code) {
     let name = rpc.map_or("unknown", Rpc::name);
-    let outcome = format!("{code:?}");
-    metrics::counter!("tessera_rpc_total", "rpc" => name, "outcome" => outcome.clone()).increment(1);
+    let outcome = outcome_name(code);
+    metrics::counter!("tessera_rpc_total", "rpc" => name, "outcome" => outcome).increment(1);
     if rpc.is_none_or(Rpc::is_write) || matches!(code, tonic::Code::PermissionDenied | tonic::Code::Unauthenticated) {
         tracing::info!(target: "tessera::audit", who, rpc = name, path, resource, outcome, "audit");
     }
@@ -205,8 +229,7 @@ where
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
         let path = req.uri().path().to_string();
         let rpc = Rpc::from_path(&path);
-        let meta = MetadataMap::from_headers(req.headers().clone());
-        let decided = self.auth.authenticate(req.extensions().get::<PeerInfo>(), &meta).and_then(|p| {
+        let decided = self.auth.authenticate(req.extensions().get::<PeerInfo>(), req.headers()).and_then(|p| {
             let rpc = rpc.ok_or_else(|| Status::unimplemented(format!("no rpc {path}")))?;
             self.auth.authorize(&p, rpc, Resource::Any)?;
             Ok(p)
@@ -216,7 +239,7 @@ where
             Err(status) => {
                 let who = self
                     .auth
-                    .authenticate(req.extensions().get::<PeerInfo>(), &meta)
+                    .authenticate(req.extensions().get::<PeerInfo>(), req.headers())
                     .map_or_else(|_| "unauthenticated".to_string(), |p| p.audit_name());
                 record(&who, rpc, &path, "", status.code());
                 return Box::pin(async move { Ok(status.into_http()) });
@@ -248,10 +271,14 @@ mod tests {
         PeerInfo { remote: None, identity: Some(Ok(p)) }
     }
 
-    fn bearer(secret: &str) -> MetadataMap {
+    fn bearer(secret: &str) -> http::HeaderMap {
         let mut m = MetadataMap::new();
         m.insert("authorization", MetadataValue::try_from(format!("Bearer {secret}")).unwrap());
-        m
+        m.into_headers()
+    }
+
+    fn none() -> http::HeaderMap {
+        http::HeaderMap::new()
     }
 
     fn acl_with(secret: &str, expires: Option<Timestamp>) -> Acl {
@@ -278,23 +305,21 @@ mod tests {
         auth.refresh(&acl_with("s3cret", None));
         let user = Principal::User { name: "bob".into(), role: None, tenants: Default::default(), token: None };
         // A user certificate alone, and with a token.
-        assert_eq!(auth.authenticate(Some(&peer(user.clone())), &MetadataMap::new()).unwrap(), user);
+        assert_eq!(auth.authenticate(Some(&peer(user.clone())), &none()).unwrap(), user);
         let p = auth.authenticate(Some(&peer(user.clone())), &bearer("s3cret")).unwrap();
         assert!(matches!(p, Principal::User { role: Some(Role::Viewer), token: Some(_), .. }));
         // Unknown tokens and no certificate at all are refused.
         let e = auth.authenticate(Some(&peer(user.clone())), &bearer("nope")).unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
-        assert_eq!(auth.authenticate(None, &MetadataMap::new()).unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert_eq!(auth.authenticate(None, &none()).unwrap_err().code(), tonic::Code::Unauthenticated);
         let bad = PeerInfo { remote: None, identity: Some(Err("no identity".into())) };
-        assert_eq!(
-            auth.authenticate(Some(&bad), &MetadataMap::new()).unwrap_err().code(),
-            tonic::Code::Unauthenticated
-        );
+        assert_eq!(auth.authenticate(Some(&bad), &none()).unwrap_err().code(), tonic::Code::Unauthenticated);
         // Only a server's word about whom it forwards for is taken.
         let mut fwd = MetadataMap::new();
         let admin =
             Principal::User { name: "root".into(), role: Some(Role::Admin), tenants: Default::default(), token: None };
         set_on_behalf(&mut fwd, &admin);
+        let fwd = fwd.into_headers();
         assert_eq!(auth.authenticate(Some(&peer(Principal::Server { id: 2 })), &fwd).unwrap(), admin);
         assert_eq!(auth.authenticate(Some(&peer(user.clone())), &fwd).unwrap(), user);
         // Expired tokens are refused; revoking (a refresh without it) ends a token at once.
@@ -308,9 +333,26 @@ mod tests {
     }
 
     #[test]
+    fn every_rpc_of_the_api_is_known_to_the_decision() {
+        use prost::Message as _;
+        let set = prost_types::FileDescriptorSet::decode(tessera_proto::FILE_DESCRIPTOR_SET).unwrap();
+        let mut n = 0;
+        for file in &set.file {
+            for service in &file.service {
+                for m in &service.method {
+                    let path = format!("/tessera.v1.{}/{}", service.name(), m.name());
+                    assert!(Rpc::from_path(&path).is_some(), "{path} has no acl::Rpc: every request to it is refused");
+                    n += 1;
+                }
+            }
+        }
+        assert_eq!(n + 2, Rpc::ALL.len(), "acl::Rpc lists an rpc the API does not have");
+    }
+
+    #[test]
     fn insecure_servers_take_plain_connections() {
         let auth = Auth::new(false);
-        assert_eq!(auth.authenticate(None, &MetadataMap::new()).unwrap(), Principal::Insecure);
+        assert_eq!(auth.authenticate(None, &none()).unwrap(), Principal::Insecure);
         assert!(auth.authorize(&Principal::Insecure, Rpc::SubmitJob, Resource::Any).is_ok());
         auth.refresh(&acl_with("s", None));
         assert_eq!(
