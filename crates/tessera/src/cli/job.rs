@@ -348,6 +348,7 @@ fn print_job(job: &v1::Job) -> Result<(), CliError> {
             if job.cancel_requested && job.state == v1::JobState::Running as i32 { ", cancel requested" } else { "" }
         ),
         format!("tenant:       {}", spec.tenant),
+        format!("submitted by: {}", if job.submitted_by.is_empty() { "-" } else { &job.submitted_by }),
         format!("priority:     {}", output::priority(spec.priority.unwrap_or(500))),
         format!(
             "shards:       {} x {} GPU{}",
