@@ -273,11 +273,13 @@ impl Rpc {
         }
     }
 
-    /// Does it change the state (and so belong in the audit log)?
+    /// Does it change the state, or open an agent's session (which then reports starts, exits
+    /// and checkpoints for its node), and so belong in the audit log?
     pub fn is_write(self) -> bool {
         matches!(
             self,
-            Rpc::SubmitJob
+            Rpc::AgentSession
+                | Rpc::SubmitJob
                 | Rpc::CancelJob
                 | Rpc::DrainNode
                 | Rpc::UndrainNode

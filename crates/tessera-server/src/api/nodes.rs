@@ -8,6 +8,7 @@ use tessera_proto::convert::node_to_proto;
 use tessera_proto::v1;
 use tonic::{Request, Response, Status};
 
+use crate::auth::note;
 use crate::context::{Shared, find_node, forwarded, leader_unreachable, now};
 
 /// `NodeService`.
@@ -102,6 +103,7 @@ impl v1::node_service_server::NodeService for Nodes {
     }
 
     async fn drain_node(&self, req: Request<v1::DrainNodeRequest>) -> Result<Response<v1::DrainNodeResponse>, Status> {
+        note(&req, node_label(&req.get_ref().node));
         let req = req.into_inner();
         let deadline = req.deadline_seconds.map(|s| now().plus_secs(s));
         let node = self
@@ -114,6 +116,7 @@ impl v1::node_service_server::NodeService for Nodes {
         &self,
         req: Request<v1::UndrainNodeRequest>,
     ) -> Result<Response<v1::UndrainNodeResponse>, Status> {
+        note(&req, node_label(&req.get_ref().node));
         let node = self.node_write(req.into_inner().node, |node| Command::UndrainNode { node }).await?;
         Ok(Response::new(v1::UndrainNodeResponse { node: Some(node) }))
     }
@@ -122,6 +125,7 @@ impl v1::node_service_server::NodeService for Nodes {
         &self,
         req: Request<v1::ClearGpuHealthRequest>,
     ) -> Result<Response<v1::ClearGpuHealthResponse>, Status> {
+        note(&req, node_label(&req.get_ref().node));
         let req = req.into_inner();
         let r = req.node.clone();
         let (id, all) = self
@@ -137,5 +141,14 @@ impl v1::node_service_server::NodeService for Nodes {
         }
         let node = self.0.read(0, move |s| s.node(id).map(|n| node_to_proto(n, s))).await?;
         Ok(Response::new(v1::ClearGpuHealthResponse { node }))
+    }
+}
+
+/// How the audit log names the node a request names.
+fn node_label(r: &Option<v1::NodeRef>) -> String {
+    match r.as_ref().and_then(|r| r.node.as_ref()) {
+        Some(v1::node_ref::Node::Id(id)) => format!("node {id}"),
+        Some(v1::node_ref::Node::Name(n)) => format!("node {n}"),
+        None => "node (none)".into(),
     }
 }
