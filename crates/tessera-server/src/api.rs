@@ -173,17 +173,43 @@ impl Shared {
     }
 }
 
-fn job_id(id: u64) -> Result<JobId, Status> {
+/// The job a request names: 0 is "unset" in proto3, so it is refused.
+pub fn job_id(id: u64) -> Result<JobId, Status> {
     if id == 0 { Err(Status::invalid_argument("job_id: required (non-zero)")) } else { Ok(JobId(id)) }
 }
 
-fn find_node(state: &State, r: &Option<v1::NodeRef>) -> Result<NodeId, Status> {
+/// The node a request names, by id or by name.
+pub fn find_node(state: &State, r: &Option<v1::NodeRef>) -> Result<NodeId, Status> {
     let node = match r.as_ref().and_then(|r| r.node.as_ref()) {
         Some(v1::node_ref::Node::Id(id)) => state.node(NodeId(*id)).map(|n| n.id),
         Some(v1::node_ref::Node::Name(name)) => state.node_by_name(name).map(|n| n.id),
         None => return Err(Status::invalid_argument("node: required (id or name)")),
     };
     node.ok_or_else(|| Status::not_found(format!("no node {r:?}")))
+}
+
+/// One page of a listing, from a request's `page_size` and `page_token`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    /// Items per page: 100 when unset, at most 1000.
+    pub size: usize,
+    /// The first id the page may hold (the token is the last id of the page before).
+    pub first: u64,
+}
+
+/// Check a listing's `page_size` and `page_token` (a token is the last id of the page before).
+pub fn page(page_size: u32, page_token: &str) -> Result<Page, Status> {
+    let size = match page_size {
+        0 => 100,
+        n if n <= 1000 => n as usize,
+        n => return Err(Status::invalid_argument(format!("page_size: {n} is more than 1000"))),
+    };
+    let after: u64 = if page_token.is_empty() {
+        0
+    } else {
+        page_token.parse().map_err(|_| Status::invalid_argument("page_token: not a token from this server"))?
+    };
+    Ok(Page { size, first: after + 1 })
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -237,23 +263,14 @@ impl v1::job_service_server::JobService for Jobs {
                 states.push(s);
             }
         }
-        let page_size = match req.page_size {
-            0 => 100,
-            n if n <= 1000 => n as usize,
-            n => return Err(Status::invalid_argument(format!("page_size: {n} is more than 1000"))),
-        };
-        let after: u64 = if req.page_token.is_empty() {
-            0
-        } else {
-            req.page_token.parse().map_err(|_| Status::invalid_argument("page_token: not a token from this server"))?
-        };
+        let Page { size: page_size, first } = page(req.page_size, &req.page_token)?;
         let (tenant, finished, shards) = (req.tenant, req.include_finished, req.include_shards);
         let (jobs, next) = self
             .0
             .read(req.consistency, move |s| {
                 let mut out = Vec::new();
                 let mut next = String::new();
-                for job in s.jobs().range(JobId(after + 1)..).map(|(_, j)| j) {
+                for job in s.jobs().range(JobId(first)..).map(|(_, j)| j) {
                     let wanted = if states.is_empty() {
                         finished || !job.state.is_terminal()
                     } else {
@@ -502,16 +519,7 @@ impl v1::node_service_server::NodeService for Nodes {
             }
         }
         let req = req.into_inner();
-        let page_size = match req.page_size {
-            0 => 100,
-            n if n <= 1000 => n as usize,
-            n => return Err(Status::invalid_argument(format!("page_size: {n} is more than 1000"))),
-        };
-        let after: u64 = if req.page_token.is_empty() {
-            0
-        } else {
-            req.page_token.parse().map_err(|_| Status::invalid_argument("page_token: not a token from this server"))?
-        };
+        let Page { size: page_size, first } = page(req.page_size, &req.page_token)?;
         let cloud = tessera_proto::convert::cloud_from_proto(req.cloud, "cloud").map_err(Status::from)?;
         let (region, labels, states) = (req.region, req.labels, req.states);
         let (nodes, next) = self
@@ -519,7 +527,7 @@ impl v1::node_service_server::NodeService for Nodes {
             .read(req.consistency, move |s| {
                 let mut out = Vec::new();
                 let mut next = String::new();
-                for n in s.nodes().range(NodeId(after + 1)..).map(|(_, n)| n) {
+                for n in s.nodes().range(NodeId(first)..).map(|(_, n)| n) {
                     let p = node_to_proto(n, s);
                     let keep = (states.is_empty() || states.contains(&p.state))
                         && cloud.is_none_or(|c| c == n.info.cloud)
