@@ -20,6 +20,8 @@ use crate::mutate::{Mutator, Rng};
 
 /// Most inputs kept in a target's corpus.
 const MAX_CORPUS: usize = 4096;
+/// The stack the targets run on: a tokio worker's, where the server decodes what it receives.
+pub const STACK_BYTES: usize = 2 * 1024 * 1024;
 /// An input that takes longer than this is a finding too (a hang in waiting).
 pub const SLOW_INPUT: Duration = Duration::from_secs(5);
 
@@ -181,6 +183,7 @@ pub fn run(target: &Target, opts: &Options, mut progress: impl FnMut(u64)) -> Re
     if corpus.is_empty() {
         corpus.push(Vec::new());
     }
+    let seeds = corpus.len();
     progress(executions);
 
     let done = |executions: u64| {
@@ -191,12 +194,29 @@ pub fn run(target: &Target, opts: &Options, mut progress: impl FnMut(u64)) -> Re
             let base = &corpus[rng.below(corpus.len())];
             let other = &corpus[rng.below(corpus.len())];
             let mut input = base.clone();
-            mutator.mutate(&mut rng, &mut input, other);
+            let framed = match target.protobuf_after {
+                Some(skip) if input.len() >= skip && rng.one_in(2) => {
+                    let mut body = input.split_off(skip);
+                    let ok = mutator.mutate_proto(&mut rng, &mut body, 0);
+                    input.extend(body);
+                    ok
+                }
+                _ => false,
+            };
+            if !framed {
+                mutator.mutate(&mut rng, &mut input, other);
+            }
+            input.truncate(target.max_len);
             if let Some(sig) = exec(&input, &mut executions)
                 && seen.insert(sig)
-                && corpus.len() < MAX_CORPUS
             {
-                corpus.push(input);
+                if corpus.len() < MAX_CORPUS {
+                    corpus.push(input);
+                } else {
+                    // Full: the new input takes the place of one found earlier (seeds stay).
+                    let i = seeds + rng.below(corpus.len() - seeds);
+                    corpus[i] = input;
+                }
             }
             if opts.iterations.is_some_and(|n| executions >= n) {
                 break;

@@ -46,6 +46,9 @@ pub struct Target {
     pub dictionary: &'static [&'static [u8]],
     /// Largest input the driver builds.
     pub max_len: usize,
+    /// Inputs are protobuf messages after this many bytes (the selector of `grpc_requests`):
+    /// the driver then also mutates them field by field, keeping the framing valid.
+    pub protobuf_after: Option<usize>,
 }
 
 /// Every target, in the order the driver runs them.
@@ -56,6 +59,7 @@ pub const ALL: &[Target] = &[
         seeds: seeds::spec_toml,
         dictionary: seeds::DICT_TOML,
         max_len: 16 * 1024,
+        protobuf_after: None,
     },
     Target {
         name: "spec_one_line",
@@ -63,6 +67,7 @@ pub const ALL: &[Target] = &[
         seeds: seeds::spec_one_line,
         dictionary: seeds::DICT_ONE_LINE,
         max_len: 4 * 1024,
+        protobuf_after: None,
     },
     Target {
         name: "grpc_requests",
@@ -70,6 +75,7 @@ pub const ALL: &[Target] = &[
         seeds: seeds::grpc_requests,
         dictionary: seeds::DICT_PROTO,
         max_len: 16 * 1024,
+        protobuf_after: Some(1),
     },
     Target {
         name: "progress_line",
@@ -77,6 +83,7 @@ pub const ALL: &[Target] = &[
         seeds: seeds::progress_line,
         dictionary: seeds::DICT_JSON,
         max_len: 80 * 1024,
+        protobuf_after: None,
     },
     Target {
         name: "cloud_metadata",
@@ -84,6 +91,7 @@ pub const ALL: &[Target] = &[
         seeds: seeds::cloud_metadata,
         dictionary: seeds::DICT_JSON,
         max_len: 16 * 1024,
+        protobuf_after: None,
     },
     Target {
         name: "raft_message",
@@ -91,6 +99,7 @@ pub const ALL: &[Target] = &[
         seeds: seeds::raft_message,
         dictionary: seeds::DICT_PROTO,
         max_len: 64 * 1024,
+        protobuf_after: Some(0),
     },
     Target {
         name: "command_decode",
@@ -98,6 +107,7 @@ pub const ALL: &[Target] = &[
         seeds: seeds::command_decode,
         dictionary: seeds::DICT_JSON,
         max_len: 16 * 1024,
+        protobuf_after: None,
     },
     Target {
         name: "snapshot_restore",
@@ -105,6 +115,7 @@ pub const ALL: &[Target] = &[
         seeds: seeds::snapshot_restore,
         dictionary: seeds::DICT_JSON,
         max_len: 32 * 1024,
+        protobuf_after: None,
     },
 ];
 

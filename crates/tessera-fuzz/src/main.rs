@@ -3,6 +3,7 @@
 //! ```text
 //! tessera-fuzz [--seconds N] [--iterations N] [--target NAME]... [--seed S] [--findings DIR]
 //! tessera-fuzz --list
+//! tessera-fuzz --target NAME --input FILE   # run one input again (a finding), panics shown
 //! tessera-fuzz --write-corpus DIR      # the seeds as files, DIR/<target>/seed-N, for cargo fuzz
 //! ```
 //!
@@ -33,12 +34,13 @@ struct Args {
     findings: PathBuf,
     list: bool,
     write_corpus: Option<PathBuf>,
+    input: Option<PathBuf>,
     worker: bool,
     record_after: Option<u64>,
 }
 
 const USAGE: &str = "usage: tessera-fuzz [--seconds N (per target, default 10)] [--iterations N] \
-[--target NAME]... [--seed S] [--findings DIR] | --list | --write-corpus DIR";
+[--target NAME]... [--seed S] [--findings DIR] | --list | --write-corpus DIR | --target NAME --input FILE";
 
 fn parse_args() -> Result<Args, String> {
     let findings = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
@@ -50,6 +52,7 @@ fn parse_args() -> Result<Args, String> {
         findings: findings.join("fuzz-findings"),
         list: false,
         write_corpus: None,
+        input: None,
         worker: false,
         record_after: None,
     };
@@ -88,6 +91,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--findings" => a.findings = PathBuf::from(value("--findings")?),
             "--write-corpus" => a.write_corpus = Some(PathBuf::from(value("--write-corpus")?)),
+            "--input" => a.input = Some(PathBuf::from(value("--input")?)),
             "--list" => a.list = true,
             "--worker" => a.worker = true,
             "--record-after" => {
@@ -121,6 +125,9 @@ fn main() -> ExitCode {
     if let Some(dir) = &args.write_corpus {
         return write_corpus(dir, &args.targets);
     }
+    if let Some(file) = &args.input {
+        return replay(&args, file);
+    }
     if args.worker {
         return worker(&args);
     }
@@ -147,6 +154,31 @@ fn write_corpus(dir: &std::path::Path, targets: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Run one saved input through its target on a server-sized stack, with the panic shown.
+fn replay(args: &Args, file: &std::path::Path) -> ExitCode {
+    let [name] = args.targets.as_slice() else {
+        eprintln!("--input: name the one target it is for with --target");
+        return ExitCode::from(2);
+    };
+    let Some(t) = target(name) else { return ExitCode::from(2) };
+    let data = match std::fs::read(file) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("{}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    println!("{name}: {} bytes: {}", data.len(), hex(&data, 96));
+    let run = std::thread::Builder::new().stack_size(driver::STACK_BYTES).spawn(move || (t.probe)(&data));
+    match run.map(|h| h.join()) {
+        Ok(Ok(_)) => {
+            println!("{name}: no panic");
+            ExitCode::SUCCESS
+        }
+        _ => ExitCode::FAILURE,
+    }
+}
+
 /// In the child: run one target, report progress and findings on stdout, one line each.
 fn worker(args: &Args) -> ExitCode {
     let Some(t) = args.targets.first().and_then(|n| target(n)) else { return ExitCode::from(2) };
@@ -163,11 +195,19 @@ fn worker(args: &Args) -> ExitCode {
         findings_dir: Some(args.findings.clone()),
         record: args.record_after.map(|n| (n, pending)),
     };
-    let mut out = std::io::stdout().lock();
-    let report = driver::run(t, &opts, |n| {
-        let _ = writeln!(out, "progress {n}");
-        let _ = out.flush();
+    // On a thread with the stack of a tokio worker (2 MiB), where the server decodes requests:
+    // input nested deeply enough to overflow it is a finding, as it would be in the server.
+    let run = std::thread::Builder::new().stack_size(driver::STACK_BYTES).spawn(move || {
+        let mut out = std::io::stdout().lock();
+        driver::run(t, &opts, |n| {
+            let _ = writeln!(out, "progress {n}");
+            let _ = out.flush();
+        })
     });
+    let report = match run.map(|h| h.join()) {
+        Ok(Ok(report)) => report,
+        _ => return ExitCode::from(3),
+    };
     let mut out = std::io::stdout().lock();
     for f in &report.findings {
         let path = f.path.as_ref().map_or_else(|| "-".to_string(), |p| p.display().to_string());

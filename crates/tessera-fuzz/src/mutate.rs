@@ -159,6 +159,148 @@ impl Mutator<'_> {
     }
 }
 
+/// Edge values for varint fields.
+const EDGE_VARINTS: [u64; 12] = [
+    0,
+    1,
+    127,
+    128,
+    0x7fff_ffff,
+    0x8000_0000,
+    0xffff_ffff,
+    0x1_0000_0000,
+    0x7fff_ffff_ffff_ffff,
+    0x8000_0000_0000_0000,
+    u64::MAX - 1,
+    u64::MAX,
+];
+
+/// One field of a protobuf message, as the wire format has it.
+#[derive(Debug, Clone)]
+enum Field {
+    Varint(u64, u64),
+    Fixed64(u64, [u8; 8]),
+    Bytes(u64, Vec<u8>),
+    Fixed32(u64, [u8; 4]),
+}
+
+fn read_varint(data: &[u8], pos: &mut usize) -> Option<u64> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = *data.get(*pos)?;
+        *pos += 1;
+        value |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+fn write_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// The fields of `data` if it is a well-formed protobuf message without groups.
+fn parse_fields(data: &[u8]) -> Option<Vec<Field>> {
+    let mut pos = 0;
+    let mut fields = Vec::new();
+    while pos < data.len() {
+        let tag = read_varint(data, &mut pos)?;
+        let number = tag >> 3;
+        if number == 0 {
+            return None;
+        }
+        fields.push(match tag & 7 {
+            0 => Field::Varint(number, read_varint(data, &mut pos)?),
+            1 => Field::Fixed64(number, data.get(pos..pos + 8)?.try_into().ok().inspect(|_| pos += 8)?),
+            2 => {
+                let len = usize::try_from(read_varint(data, &mut pos)?).ok()?;
+                let bytes = data.get(pos..pos.checked_add(len)?)?.to_vec();
+                pos += len;
+                Field::Bytes(number, bytes)
+            }
+            5 => Field::Fixed32(number, data.get(pos..pos + 4)?.try_into().ok().inspect(|_| pos += 4)?),
+            _ => return None,
+        });
+    }
+    Some(fields)
+}
+
+fn encode_fields(fields: &[Field]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for f in fields {
+        match f {
+            Field::Varint(n, v) => {
+                write_varint(&mut out, n << 3);
+                write_varint(&mut out, *v);
+            }
+            Field::Fixed64(n, b) => {
+                write_varint(&mut out, (n << 3) | 1);
+                out.extend_from_slice(b);
+            }
+            Field::Bytes(n, b) => {
+                write_varint(&mut out, (n << 3) | 2);
+                write_varint(&mut out, b.len() as u64);
+                out.extend_from_slice(b);
+            }
+            Field::Fixed32(n, b) => {
+                write_varint(&mut out, (n << 3) | 5);
+                out.extend_from_slice(b);
+            }
+        }
+    }
+    out
+}
+
+impl Mutator<'_> {
+    /// A mutation that keeps the protobuf framing valid: a field's value becomes an edge value, a
+    /// dictionary token or a mutated copy (nested messages recursively), or a field is repeated
+    /// or dropped; the lengths are written again. False when `input` is not a protobuf message.
+    pub fn mutate_proto(&self, rng: &mut Rng, input: &mut Vec<u8>, depth: u32) -> bool {
+        let Some(mut fields) = parse_fields(input) else { return false };
+        if fields.is_empty() {
+            let number = 1 + rng.below(16) as u64;
+            fields.push(Field::Varint(number, EDGE_VARINTS[rng.below(EDGE_VARINTS.len())]));
+        } else {
+            let i = rng.below(fields.len());
+            match rng.below(8) {
+                0 => {
+                    fields.remove(i);
+                }
+                1 => {
+                    let copy = fields[i].clone();
+                    fields.insert(rng.below(fields.len() + 1), copy);
+                }
+                _ => match &mut fields[i] {
+                    Field::Varint(_, v) => {
+                        *v = if rng.one_in(3) { rng.next_u64() } else { EDGE_VARINTS[rng.below(EDGE_VARINTS.len())] }
+                    }
+                    Field::Fixed64(_, b) => *b = rng.next_u64().to_le_bytes(),
+                    Field::Fixed32(_, b) => *b = (rng.next_u64() as u32).to_le_bytes(),
+                    Field::Bytes(_, b) => {
+                        let nested = depth < 4 && rng.one_in(2) && self.mutate_proto(rng, b, depth + 1);
+                        if !nested {
+                            if rng.one_in(3) && !self.dictionary.is_empty() {
+                                *b = self.dictionary[rng.below(self.dictionary.len())].to_vec();
+                            } else {
+                                let other = b.clone();
+                                self.once(rng, b, &other);
+                            }
+                        }
+                    }
+                },
+            }
+        }
+        *input = encode_fields(&fields);
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,5 +329,25 @@ mod tests {
             m.mutate(&mut rng, &mut input, &[b'y'; 100]);
             assert!(input.len() <= 64);
         }
+    }
+}
+
+#[cfg(test)]
+mod proto_tests {
+    use super::*;
+
+    #[test]
+    fn protobuf_mutations_keep_the_framing() {
+        // field 1 = 150, field 2 = "testing", field 3 = { field 1 = 1 }
+        let msg = b"\x08\x96\x01\x12\x07testing\x1a\x02\x08\x01".to_vec();
+        assert_eq!(encode_fields(&parse_fields(&msg).unwrap()), msg);
+        let m = Mutator { dictionary: &[b"18446744073709551615"], max_len: 1024 };
+        let mut rng = Rng::new(3);
+        for _ in 0..1000 {
+            let mut input = msg.clone();
+            assert!(m.mutate_proto(&mut rng, &mut input, 0));
+            assert!(parse_fields(&input).is_some(), "{input:?}");
+        }
+        assert!(!m.mutate_proto(&mut rng, &mut b"\x0b\x0c".to_vec(), 0), "groups are not parsed");
     }
 }

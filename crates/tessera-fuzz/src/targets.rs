@@ -631,26 +631,24 @@ fn raft_bytes(bytes: &[u8], sig: Sig) -> Sig {
     if m.from != PEER || m.to != SERVER {
         return sig.add("misaddressed");
     }
-    let mut sig = sig.add(&format!("{:?}", m.get_msg_type()));
+    // Which outcomes the entries had, as a set: their order and number are not news.
+    let mut seen = 0u64;
     for e in m.get_entries().iter().take(8) {
-        sig = match e.get_entry_type() {
-            eraftpb::EntryType::EntryNormal if e.data.is_empty() => sig.add("empty entry"),
-            eraftpb::EntryType::EntryNormal => {
-                let mut sm = server_sm();
-                match sm.apply(fixture().applied_index() + 1, &e.data) {
-                    tessera_server::sm::Outcome::Applied(ev) => sig.add("applied").num(ev.len().min(4) as u64),
-                    tessera_server::sm::Outcome::Rejected(_) => sig.add("rejected"),
-                    tessera_server::sm::Outcome::Undecodable(_) => sig.add("undecodable entry"),
-                }
-            }
+        seen |= match e.get_entry_type() {
+            eraftpb::EntryType::EntryNormal if e.data.is_empty() => 1,
+            eraftpb::EntryType::EntryNormal => match server_sm().apply(fixture().applied_index() + 1, &e.data) {
+                tessera_server::sm::Outcome::Applied(_) => 2,
+                tessera_server::sm::Outcome::Rejected(_) => 4,
+                tessera_server::sm::Outcome::Undecodable(_) => 8,
+            },
             eraftpb::EntryType::EntryConfChange => {
                 let mut cc = eraftpb::ConfChange::default();
-                let ok = protobuf::Message::merge_from_bytes(&mut cc, &e.data).is_ok();
-                sig.add("conf change").num(u64::from(ok))
+                if protobuf::Message::merge_from_bytes(&mut cc, &e.data).is_ok() { 16 } else { 32 }
             }
-            eraftpb::EntryType::EntryConfChangeV2 => sig.add("conf change v2"),
+            eraftpb::EntryType::EntryConfChangeV2 => 64,
         };
     }
+    let mut sig = sig.add(&format!("{:?}", m.get_msg_type())).num(seen);
     if m.has_snapshot() && !m.get_snapshot().get_data().is_empty() {
         let mut sm = server_sm();
         sig = match sm.restore(m.get_snapshot().get_data()) {
@@ -677,6 +675,18 @@ fn server_sm() -> ServerSm {
 // Log entries and snapshots
 // ---------------------------------------------------------------------------------------------
 
+/// The kind of a serde error, without what it quotes of the input: "missing field `node`"
+/// stays whole, "invalid type: string \"abc\", expected u64" loses "abc".
+fn error_class(m: &str) -> &str {
+    let m = m.split(" at line").next().unwrap_or(m);
+    let m = m.split('"').next().unwrap_or(m);
+    if m.starts_with("unknown variant") || m.starts_with("unknown field") {
+        m.split('`').next().unwrap_or(m)
+    } else {
+        m
+    }
+}
+
 pub(crate) fn command_decode(data: &[u8]) -> u64 {
     use tessera_core::command::DecodeError;
     match Command::decode(data) {
@@ -685,7 +695,7 @@ pub(crate) fn command_decode(data: &[u8]) -> u64 {
         Err(DecodeError::UnknownVersion(_)) => Sig::new("unknown version").done(),
         Err(DecodeError::Malformed(m)) => {
             // serde's message says what was expected where: "missing field `node`".
-            Sig::new("malformed").add(m.split(" at line").next().unwrap_or("")).done()
+            Sig::new("malformed").add(error_class(&m)).done()
         }
     }
 }
@@ -696,7 +706,7 @@ pub(crate) fn snapshot_restore(data: &[u8]) -> u64 {
         Ok(state) => state,
         Err(SnapshotError::UnknownVersion(_)) => return Sig::new("unknown version").done(),
         Err(SnapshotError::Malformed(m)) => {
-            return Sig::new("malformed").add(m.split(" at line").next().unwrap_or("")).done();
+            return Sig::new("malformed").add(error_class(&m)).done();
         }
         Err(SnapshotError::Inconsistent(m)) => return Sig::new("inconsistent").add(&m).done(),
     };
