@@ -1054,8 +1054,30 @@ impl State {
 
     // ----- invariants --------------------------------------------------------------------
 
-    /// Check every invariant; the first broken one is described.
+    /// Check every invariant; the first broken one is described. It never panics, whatever the
+    /// state holds: it also judges snapshots from files and from peers.
     pub fn check_invariants(&self) -> Result<(), String> {
+        // The shape every index relies on: each job, node and tenant is stored under its own
+        // id or name, and each shard and GPU sits at the position its index says.
+        for (id, job) in &self.jobs {
+            if job.id != *id {
+                return Err(format!("jobs.{}.id is {}", id.0, job.id.0));
+            }
+            if let Some((i, s)) = job.shards.iter().enumerate().find(|(i, s)| s.index as usize != *i) {
+                return Err(format!("jobs.{}.shards[{i}].index is {}", id.0, s.index));
+            }
+        }
+        for (id, node) in &self.nodes {
+            if node.id != *id {
+                return Err(format!("nodes.{}.id is {}", id.0, node.id.0));
+            }
+            if let Some((i, g)) = node.gpus.iter().enumerate().find(|(i, g)| g.index as usize != *i) {
+                return Err(format!("nodes.{}.gpus[{i}].index is {}", id.0, g.index));
+            }
+        }
+        if let Some((name, t)) = self.tenants.iter().find(|(name, t)| t.name != **name) {
+            return Err(format!("tenants.{name}.name is {}", t.name));
+        }
         let mut held = 0usize;
         for node in self.nodes.values() {
             let mut cpu = 0;
@@ -1064,9 +1086,8 @@ impl State {
             for gpu in &node.gpus {
                 let Some(a) = gpu.holder else { continue };
                 held += 1;
-                let r = self.live.get(&a).ok_or_else(|| format!("{} GPU {} held by dead {a}", node.id, gpu.index))?;
-                let job = &self.jobs[&r.job];
-                let shard = &job.shards[r.shard as usize];
+                let (job, shard) =
+                    self.attempt(a).ok_or_else(|| format!("{} GPU {} held by dead {a}", node.id, gpu.index))?;
                 let att = shard
                     .attempt
                     .as_ref()

@@ -463,6 +463,39 @@ fn snapshot_restore_and_hash() {
     assert!(State::restore(b"not json").is_err());
 }
 
+/// Found by the snapshot_restore fuzz target: a snapshot whose shard index or job key disagreed
+/// with where the shard or job was stored made `check_invariants` index out of bounds (a panic
+/// on `--restore-from`, and on a snapshot from a peer). Each is refused, naming the field.
+#[test]
+fn snapshots_with_misplaced_entries_are_refused_naming_them() {
+    let mut sim = Sim::new();
+    sim.node(n("a"));
+    let j = sim.submit(spec(2, 2));
+    sim.round();
+    let snapshot: serde_json::Value = serde_json::from_slice(&sim.state.snapshot()).unwrap();
+    let refused = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = snapshot.clone();
+        edit(&mut v["state"]);
+        match State::restore(&serde_json::to_vec(&v).unwrap()) {
+            Err(crate::state::SnapshotError::Inconsistent(m)) => m,
+            other => panic!("expected an inconsistent snapshot, got {other:?}"),
+        }
+    };
+    let key = j.0.to_string();
+    let m = refused(&|s| s["jobs"][&key]["shards"][1]["index"] = 2.into());
+    assert!(m.contains(&format!("jobs.{key}.shards[1].index is 2")), "{m}");
+    let m = refused(&|s| {
+        let job = s["jobs"][&key].take();
+        s["jobs"].as_object_mut().unwrap().remove(&key);
+        s["jobs"]["7"] = job;
+    });
+    assert!(m.contains(&format!("jobs.7.id is {key}")), "{m}");
+    let m = refused(&|s| s["nodes"]["1"]["gpus"][0]["index"] = 5.into());
+    assert!(m.contains("nodes.1.gpus[0].index is 5"), "{m}");
+    let m = refused(&|s| s["tenants"]["default"]["name"] = "other".into());
+    assert!(m.contains("tenants.default.name is other"), "{m}");
+}
+
 #[test]
 fn register_validates_input() {
     let mut sim = Sim::new();
