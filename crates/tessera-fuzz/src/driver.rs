@@ -191,7 +191,9 @@ pub fn run(target: &Target, opts: &Options, mut progress: impl FnMut(u64)) -> Re
     };
     while !done(executions) {
         for _ in 0..256 {
-            let base = &corpus[rng.below(corpus.len())];
+            // A seed one time in four: seeds are the shapes (every request kind, every command),
+            // and a corpus grown from a few of them would crowd the rest out.
+            let base = if rng.one_in(4) { &corpus[rng.below(seeds)] } else { &corpus[rng.below(corpus.len())] };
             let other = &corpus[rng.below(corpus.len())];
             let mut input = base.clone();
             let framed = match target.protobuf_after {
