@@ -90,7 +90,8 @@ pub fn install_panic_hook() {
     }));
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+/// The panic's message and where it happened.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> (String, String) {
     let text = if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {
@@ -99,12 +100,13 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         "a panic without a message".to_string()
     };
     let place = LAST_PANIC.lock().ok().and_then(|mut l| l.take()).unwrap_or_default();
-    if place.is_empty() { text } else { format!("{text} (at {place})") }
+    (text, place)
 }
 
-/// The same panic at another value: the message without its digits, cut short.
-fn panic_key(message: &str) -> String {
-    message.chars().filter(|c| !c.is_ascii_digit()).take(160).collect()
+/// The same panic at another value: the same place, and the message without its digits.
+fn panic_key(text: &str, place: &str) -> String {
+    let text: String = text.chars().filter(|c| !c.is_ascii_digit()).take(160).collect();
+    format!("{place} {text}")
 }
 
 /// FNV-1a of an input, for file names.
@@ -150,12 +152,15 @@ pub fn run(target: &Target, opts: &Options, mut progress: impl FnMut(u64)) -> Re
         let t = Instant::now();
         let outcome = catch_unwind(AssertUnwindSafe(|| (target.probe)(input)));
         let took = t.elapsed();
-        let message = match outcome {
+        let (text, place) = match outcome {
             Ok(sig) if took <= SLOW_INPUT => return Some(sig),
-            Ok(_) => format!("slow input: {} ms (limit {} ms)", took.as_millis(), SLOW_INPUT.as_millis()),
+            Ok(_) => {
+                (format!("slow input: {} ms (limit {} ms)", took.as_millis(), SLOW_INPUT.as_millis()), String::new())
+            }
             Err(payload) => panic_message(payload.as_ref()),
         };
-        let key = panic_key(&message);
+        let key = panic_key(&text, &place);
+        let message = if place.is_empty() { text } else { format!("{text} (at {place})") };
         match findings.get_mut(&key) {
             Some(f) => {
                 f.count += 1;

@@ -218,6 +218,8 @@ fn apply_to_fixture(cmd: Command, sig: Sig) -> Sig {
             if let Err(broken) = state.check_invariants() {
                 panic!("an applied command broke an invariant: {broken}");
             }
+            // What the leader does after every write: plan, and apply the plan.
+            plan_and_apply(&mut state);
             sig.add("applied").num(events.len().min(4) as u64)
         }
         Err(r) => {
@@ -226,6 +228,21 @@ fn apply_to_fixture(cmd: Command, sig: Sig) -> Sig {
             sig.add("rejected").add(&format!("{:?}", status.code()))
         }
     }
+}
+
+/// One placement round on `state`, as the leader's placement loop runs it, with small limits.
+fn plan_and_apply(state: &mut State) -> bool {
+    let limits = PlanLimits { max_shards: 256, max_preemptions: 4, max_victim_candidates: 16 };
+    let out = plan(state, NOW, &limits);
+    if out.plan.is_empty() {
+        return false;
+    }
+    let index = state.applied_index() + 1;
+    let applied = state.apply(Command::ApplyPlan { plan: out.plan }, ApplyContext { index, now: NOW }).is_ok();
+    if let Err(broken) = state.check_invariants() {
+        panic!("applying a plan broke an invariant: {broken}");
+    }
+    applied
 }
 
 fn status_sig(sig: Sig, s: &tonic::Status) -> Sig {
@@ -636,11 +653,17 @@ fn raft_bytes(bytes: &[u8], sig: Sig) -> Sig {
     for e in m.get_entries().iter().take(8) {
         seen |= match e.get_entry_type() {
             eraftpb::EntryType::EntryNormal if e.data.is_empty() => 1,
-            eraftpb::EntryType::EntryNormal => match server_sm().apply(fixture().applied_index() + 1, &e.data) {
-                tessera_server::sm::Outcome::Applied(_) => 2,
-                tessera_server::sm::Outcome::Rejected(_) => 4,
-                tessera_server::sm::Outcome::Undecodable(_) => 8,
-            },
+            eraftpb::EntryType::EntryNormal => {
+                let mut sm = server_sm();
+                match sm.apply(fixture().applied_index() + 1, &e.data) {
+                    tessera_server::sm::Outcome::Applied(_) => {
+                        plan_and_apply(&mut sm.state);
+                        2
+                    }
+                    tessera_server::sm::Outcome::Rejected(_) => 4,
+                    tessera_server::sm::Outcome::Undecodable(_) => 8,
+                }
+            }
             eraftpb::EntryType::EntryConfChange => {
                 let mut cc = eraftpb::ConfChange::default();
                 if protobuf::Message::merge_from_bytes(&mut cc, &e.data).is_ok() { 16 } else { 32 }
@@ -723,17 +746,7 @@ pub(crate) fn snapshot_restore(data: &[u8]) -> u64 {
     for node in state.nodes().values() {
         node_to_proto(node, &state);
     }
-    let limits = PlanLimits { max_shards: 256, max_preemptions: 4, max_victim_candidates: 16 };
-    let now = tessera_core::Timestamp(crate::fixture::NOW.0);
-    let out = plan(&state, now, &limits);
-    let mut sig = Sig::new("restored").num(state.jobs().len().min(4) as u64).num(state.nodes().len().min(4) as u64);
-    if !out.plan.is_empty() {
-        let mut next = state.clone();
-        let index = next.applied_index() + 1;
-        sig = match next.apply(Command::ApplyPlan { plan: out.plan }, ApplyContext { index, now }) {
-            Ok(ev) => sig.add("planned").num(ev.len().min(4) as u64),
-            Err(_) => sig.add("plan refused"),
-        };
-    }
-    sig.done()
+    let sig = Sig::new("restored").num(state.jobs().len().min(4) as u64).num(state.nodes().len().min(4) as u64);
+    let mut next = state;
+    sig.num(u64::from(plan_and_apply(&mut next))).done()
 }
