@@ -351,17 +351,8 @@ impl MetadataClient {
         if reply.status != 200 {
             return Err(CloudError::Status { path: AWS_TOKEN_PATH.into(), status: reply.status });
         }
-        let token = text(AWS_TOKEN_PATH, "token", &reply.body, 4096)?;
-        // The service echoes the lifetime it granted; trust it only to shorten ours.
-        let granted = match reply.headers.get(AWS_TOKEN_TTL_HEADER) {
-            None => AWS_TOKEN_TTL_SECS,
-            Some(v) => v
-                .to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or_else(|| malformed(AWS_TOKEN_PATH, AWS_TOKEN_TTL_HEADER, "is not a number of seconds"))?
-                .min(AWS_TOKEN_TTL_SECS),
-        };
+        let ttl = reply.headers.get(AWS_TOKEN_TTL_HEADER).map(|v| v.as_bytes());
+        let (token, granted) = parse_aws_token(&reply.body, ttl)?;
         *slot = Some(AwsToken::new(token.clone(), granted, Instant::now()));
         Ok(token)
     }
@@ -392,8 +383,7 @@ impl MetadataClient {
         if reply.status != 200 {
             return Err(CloudError::Status { path: path.into(), status: reply.status });
         }
-        let field = path.rsplit('/').next().unwrap_or(path);
-        text(path, field, &reply.body, MAX_VALUE_BYTES)
+        parse_aws_value(path, &reply.body)
     }
 
     async fn aws_discover(&self) -> Result<CloudInfo, CloudError> {
@@ -416,118 +406,163 @@ impl MetadataClient {
             200 => {}
             status => return Err(CloudError::Status { path: path.into(), status }),
         }
-        let doc = json(path, &reply.body)?;
-        if !doc.is_object() {
-            return Err(malformed(path, "body", "is not a JSON object"));
-        }
-        let action =
-            str_field(path, &doc, "action", "action")?.ok_or_else(|| malformed(path, "action", "is missing"))?;
-        let action = value(path, "action", action)?;
-        let time = str_field(path, &doc, "time", "time")?.ok_or_else(|| malformed(path, "time", "is missing"))?;
-        let deadline = date::parse_rfc3339_utc(time).map_err(|m| malformed(path, "time", m))?;
-        Ok(Some(Notice {
-            kind: NoticeKind::AwsInstanceAction,
-            deadline_unix_ms: deadline,
-            event_id: format!("aws:{action}:{time}"),
-            detail: action,
-        }))
+        parse_aws_instance_action(&reply.body).map(Some)
     }
 
     // ---- Azure ----
 
-    async fn azure_get(&self, path: &str) -> Result<Value, CloudError> {
+    async fn azure_get(&self, path: &str) -> Result<Bytes, CloudError> {
         let reply = self.send(Method::GET, path, &[("metadata", "true")], None).await?;
         if reply.status != 200 {
             return Err(CloudError::Status { path: path.into(), status: reply.status });
         }
-        json(path, &reply.body)
+        Ok(reply.body)
     }
 
     async fn azure_discover(&self) -> Result<CloudInfo, CloudError> {
-        let path = AZURE_INSTANCE;
-        let doc = self.azure_get(path).await?;
-        let compute = match doc.get("compute") {
-            Some(c) if c.is_object() => c,
-            Some(_) => return Err(malformed(path, "compute", "is not an object")),
-            None => return Err(malformed(path, "compute", "is missing")),
-        };
-        let required = |key: &str| -> Result<String, CloudError> {
-            let field = format!("compute.{key}");
-            let v = str_field(path, compute, key, &field)?.ok_or_else(|| malformed(path, &field, "is missing"))?;
-            value(path, &field, v)
-        };
-        let instance_type = required("vmSize")?;
-        let region = required("location")?;
-        let instance_id = required("vmId")?;
-        let zone = match str_field(path, compute, "zone", "compute.zone")?.unwrap_or("") {
-            "" => format!("{region}-0"),
-            z => format!("{region}-{}", value(path, "compute.zone", z)?),
-        };
-        let zone = value(path, "compute.zone", &zone)?;
-        let priority = str_field(path, compute, "priority", "compute.priority")?.unwrap_or("");
-        let spot = match priority.to_ascii_lowercase().as_str() {
-            "spot" | "low" => true,
-            "" | "regular" => false,
-            _ => {
-                return Err(malformed(
-                    path,
-                    "compute.priority",
-                    format!("'{}' is not Spot, Low, Regular or empty", shown(priority)),
-                ));
-            }
-        };
-        Ok(CloudInfo { region, zone, instance_type, spot, instance_id })
+        parse_azure_instance(&self.azure_get(AZURE_INSTANCE).await?)
     }
 
     async fn azure_notice(&self) -> Result<Option<Notice>, CloudError> {
-        let path = AZURE_EVENTS;
-        let doc = self.azure_get(path).await?;
-        if !doc.is_object() {
-            return Err(malformed(path, "body", "is not a JSON object"));
-        }
-        let events = match doc.get("Events") {
-            Some(Value::Array(events)) => events,
-            Some(_) => return Err(malformed(path, "Events", "is not an array")),
-            None => return Err(malformed(path, "Events", "is missing")),
-        };
-        for (i, event) in events.iter().enumerate() {
-            let at = |key: &str| format!("Events[{i}].{key}");
-            if !event.is_object() {
-                return Err(malformed(path, format!("Events[{i}]"), "is not an object"));
-            }
-            let event_type = str_field(path, event, "EventType", &at("EventType"))?
-                .ok_or_else(|| malformed(path, at("EventType"), "is missing"))?;
-            let kind = match event_type {
-                "Preempt" => NoticeKind::AzurePreempt,
-                "Terminate" => NoticeKind::AzureTerminate,
-                _ => continue,
-            };
-            let event_id = str_field(path, event, "EventId", &at("EventId"))?
-                .ok_or_else(|| malformed(path, at("EventId"), "is missing"))?;
-            let event_id = value(path, &at("EventId"), event_id)?;
-            let not_before = str_field(path, event, "NotBefore", &at("NotBefore"))?.unwrap_or("");
-            let deadline_unix_ms = if not_before.is_empty() {
-                // Blank NotBefore: the event has started. A Spot eviction still leaves Azure's minimum notice.
-                match kind {
-                    NoticeKind::AzurePreempt => now_unix_ms() + AZURE_PREEMPT_DEFAULT_NOTICE.as_millis() as u64,
-                    _ => now_unix_ms(),
-                }
-            } else {
-                date::parse_rfc1123(not_before).map_err(|m| malformed(path, at("NotBefore"), m))?
-            };
-            let status = str_field(path, event, "EventStatus", &at("EventStatus"))?.unwrap_or("");
-            let description = str_field(path, event, "Description", &at("Description"))?.unwrap_or("");
-            let mut detail = event_type.to_string();
-            if !status.is_empty() {
-                detail = format!("{detail} ({})", shown(status));
-            }
-            if !description.is_empty() {
-                detail = format!("{detail}: {}", shown_long(description));
-            }
-            return Ok(Some(Notice { kind, deadline_unix_ms, event_id, detail }));
-        }
-        Ok(None)
+        parse_azure_events(&self.azure_get(AZURE_EVENTS).await?, now_unix_ms())
     }
+}
+
+// ---- The answers' parsers: pure, bytes in, so the fuzz targets (crates/tessera-fuzz) and the
+// tests reach every check without a server.
+
+/// The IMDSv2 token from the body of a 200 answer to `PUT` [`AWS_TOKEN_PATH`], and the lifetime
+/// to use it for: the [`AWS_TOKEN_TTL_HEADER`] the service echoed (`ttl_header`), trusted only to
+/// shorten [`AWS_TOKEN_TTL_SECS`].
+pub fn parse_aws_token(body: &[u8], ttl_header: Option<&[u8]>) -> Result<(String, u64), CloudError> {
+    let token = text(AWS_TOKEN_PATH, "token", body, 4096)?;
+    let granted = match ttl_header {
+        None => AWS_TOKEN_TTL_SECS,
+        Some(v) => std::str::from_utf8(v)
+            .ok()
+            .filter(|v| v.is_ascii())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| malformed(AWS_TOKEN_PATH, AWS_TOKEN_TTL_HEADER, "is not a number of seconds"))?
+            .min(AWS_TOKEN_TTL_SECS),
+    };
+    Ok((token, granted))
+}
+
+/// A plain-text AWS metadata value (instance type, region, zone, id, life cycle) from the body of
+/// a 200 answer to `path`; errors name the last segment of the path as the field.
+pub fn parse_aws_value(path: &str, body: &[u8]) -> Result<String, CloudError> {
+    let field = path.rsplit('/').next().unwrap_or(path);
+    text(path, field, body, MAX_VALUE_BYTES)
+}
+
+/// The spot interruption notice in the body of a 200 answer to [`AWS_INSTANCE_ACTION`]:
+/// `{"action": "terminate", "time": "2026-11-26T12:34:56Z"}`.
+pub fn parse_aws_instance_action(body: &[u8]) -> Result<Notice, CloudError> {
+    let path = AWS_INSTANCE_ACTION;
+    let doc = json(path, body)?;
+    if !doc.is_object() {
+        return Err(malformed(path, "body", "is not a JSON object"));
+    }
+    let action = str_field(path, &doc, "action", "action")?.ok_or_else(|| malformed(path, "action", "is missing"))?;
+    let action = value(path, "action", action)?;
+    let time = str_field(path, &doc, "time", "time")?.ok_or_else(|| malformed(path, "time", "is missing"))?;
+    let deadline = date::parse_rfc3339_utc(time).map_err(|m| malformed(path, "time", m))?;
+    Ok(Notice {
+        kind: NoticeKind::AwsInstanceAction,
+        deadline_unix_ms: deadline,
+        event_id: format!("aws:{action}:{time}"),
+        detail: action,
+    })
+}
+
+/// The host's placement from the Azure instance metadata document ([`AZURE_INSTANCE`]).
+pub fn parse_azure_instance(body: &[u8]) -> Result<CloudInfo, CloudError> {
+    let path = AZURE_INSTANCE;
+    let doc = json(path, body)?;
+    let compute = match doc.get("compute") {
+        Some(c) if c.is_object() => c,
+        Some(_) => return Err(malformed(path, "compute", "is not an object")),
+        None => return Err(malformed(path, "compute", "is missing")),
+    };
+    let required = |key: &str| -> Result<String, CloudError> {
+        let field = format!("compute.{key}");
+        let v = str_field(path, compute, key, &field)?.ok_or_else(|| malformed(path, &field, "is missing"))?;
+        value(path, &field, v)
+    };
+    let instance_type = required("vmSize")?;
+    let region = required("location")?;
+    let instance_id = required("vmId")?;
+    let zone = match str_field(path, compute, "zone", "compute.zone")?.unwrap_or("") {
+        "" => format!("{region}-0"),
+        z => format!("{region}-{}", value(path, "compute.zone", z)?),
+    };
+    let zone = value(path, "compute.zone", &zone)?;
+    let priority = str_field(path, compute, "priority", "compute.priority")?.unwrap_or("");
+    let spot = match priority.to_ascii_lowercase().as_str() {
+        "spot" | "low" => true,
+        "" | "regular" => false,
+        _ => {
+            return Err(malformed(
+                path,
+                "compute.priority",
+                format!("'{}' is not Spot, Low, Regular or empty", shown(priority)),
+            ));
+        }
+    };
+    Ok(CloudInfo { region, zone, instance_type, spot, instance_id })
+}
+
+/// The first Preempt or Terminate event of an Azure Scheduled Events document ([`AZURE_EVENTS`]);
+/// other event types are ignored. An event with a blank NotBefore has started: its deadline is
+/// `now_unix_ms` (plus Azure's minimum notice for a Spot eviction).
+pub fn parse_azure_events(body: &[u8], now_unix_ms: u64) -> Result<Option<Notice>, CloudError> {
+    let path = AZURE_EVENTS;
+    let doc = json(path, body)?;
+    if !doc.is_object() {
+        return Err(malformed(path, "body", "is not a JSON object"));
+    }
+    let events = match doc.get("Events") {
+        Some(Value::Array(events)) => events,
+        Some(_) => return Err(malformed(path, "Events", "is not an array")),
+        None => return Err(malformed(path, "Events", "is missing")),
+    };
+    for (i, event) in events.iter().enumerate() {
+        let at = |key: &str| format!("Events[{i}].{key}");
+        if !event.is_object() {
+            return Err(malformed(path, format!("Events[{i}]"), "is not an object"));
+        }
+        let event_type = str_field(path, event, "EventType", &at("EventType"))?
+            .ok_or_else(|| malformed(path, at("EventType"), "is missing"))?;
+        let kind = match event_type {
+            "Preempt" => NoticeKind::AzurePreempt,
+            "Terminate" => NoticeKind::AzureTerminate,
+            _ => continue,
+        };
+        let event_id = str_field(path, event, "EventId", &at("EventId"))?
+            .ok_or_else(|| malformed(path, at("EventId"), "is missing"))?;
+        let event_id = value(path, &at("EventId"), event_id)?;
+        let not_before = str_field(path, event, "NotBefore", &at("NotBefore"))?.unwrap_or("");
+        let deadline_unix_ms = if not_before.is_empty() {
+            // Blank NotBefore: the event has started. A Spot eviction still leaves Azure's minimum notice.
+            match kind {
+                NoticeKind::AzurePreempt => now_unix_ms + AZURE_PREEMPT_DEFAULT_NOTICE.as_millis() as u64,
+                _ => now_unix_ms,
+            }
+        } else {
+            date::parse_rfc1123(not_before).map_err(|m| malformed(path, at("NotBefore"), m))?
+        };
+        let status = str_field(path, event, "EventStatus", &at("EventStatus"))?.unwrap_or("");
+        let description = str_field(path, event, "Description", &at("Description"))?.unwrap_or("");
+        let mut detail = event_type.to_string();
+        if !status.is_empty() {
+            detail = format!("{detail} ({})", shown(status));
+        }
+        if !description.is_empty() {
+            detail = format!("{detail}: {}", shown_long(description));
+        }
+        return Ok(Some(Notice { kind, deadline_unix_ms, event_id, detail }));
+    }
+    Ok(None)
 }
 
 fn now_unix_ms() -> u64 {

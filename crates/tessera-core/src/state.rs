@@ -56,6 +56,10 @@ mod pairs {
     }
 }
 
+/// Highest price a node may report, micro-dollars per GPU-hour ($10,000): the planner adds up
+/// price times GPUs over a whole gang, which must not overflow.
+pub const MAX_PRICE_MICROS_PER_GPU_HOUR: u64 = 10_000_000_000;
+
 /// Snapshot encoding this build writes.
 pub const SNAPSHOT_VERSION: u32 = 1;
 
@@ -194,6 +198,52 @@ fn check_tenant_settings(t: &Tenant) -> Result<(), String> {
     Ok(())
 }
 
+/// What a registration must keep to: names and strings bounded, at most 64 GPUs, a price the
+/// planner can add up. Checked when an agent registers and on every restored node.
+fn check_node_info(info: &NodeInfo) -> Result<(), Rejection> {
+    if !valid_name(&info.name, 253) {
+        return Err(Rejection::InvalidArgument {
+            field: "name",
+            message: "must be 1 to 253 characters of letters, digits, '.', '_' and '-'".into(),
+        });
+    }
+    bounded("region", &info.region, limits::MAX_SHORT_STRING)?;
+    bounded("zone", &info.zone, limits::MAX_SHORT_STRING)?;
+    bounded("instance_type", &info.instance_type, limits::MAX_SHORT_STRING)?;
+    bounded("agent_version", &info.agent_version, limits::MAX_SHORT_STRING)?;
+    if info.price_micros_per_gpu_hour > MAX_PRICE_MICROS_PER_GPU_HOUR {
+        return Err(Rejection::InvalidArgument {
+            field: "price_micros_per_gpu_hour",
+            message: format!(
+                "{} is more than {MAX_PRICE_MICROS_PER_GPU_HOUR} (${} per GPU-hour)",
+                info.price_micros_per_gpu_hour,
+                MAX_PRICE_MICROS_PER_GPU_HOUR / 1_000_000
+            ),
+        });
+    }
+    if info.gpus.len() > limits::MAX_GPUS_PER_SHARD as usize {
+        return Err(Rejection::InvalidArgument {
+            field: "gpus",
+            message: format!("{} GPUs reported; at most {} per node", info.gpus.len(), limits::MAX_GPUS_PER_SHARD),
+        });
+    }
+    for g in &info.gpus {
+        bounded("gpus.uuid", &g.uuid, limits::MAX_SHORT_STRING)?;
+        bounded("gpus.model", &g.model, limits::MAX_SHORT_STRING)?;
+    }
+    if info.labels.len() > limits::MAX_LIST_ITEMS {
+        return Err(Rejection::InvalidArgument {
+            field: "labels",
+            message: format!("at most {} labels", limits::MAX_LIST_ITEMS),
+        });
+    }
+    for (k, v) in &info.labels {
+        bounded("labels", k, limits::MAX_SHORT_STRING)?;
+        bounded("labels", v, limits::MAX_SHORT_STRING)?;
+    }
+    Ok(())
+}
+
 impl State {
     /// An empty cluster.
     pub fn new() -> State {
@@ -298,6 +348,7 @@ impl State {
             return Err(SnapshotError::UnknownVersion(snap.v));
         }
         let mut state = snap.state;
+        state.check_contents()?;
         state.rebuild_indexes()?;
         state.check_invariants().map_err(SnapshotError::Inconsistent)?;
         Ok(state)
@@ -307,6 +358,22 @@ impl State {
     /// that applied the same log have the same hash.
     pub fn hash(&self) -> u64 {
         self.snapshot().iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    }
+
+    /// What a command would have checked on its way in: every way into the state ends in
+    /// `JobSpec::validate`, and every node in the registration's bounds. A snapshot from a file
+    /// or a peer has been through neither.
+    fn check_contents(&self) -> Result<(), SnapshotError> {
+        for (id, job) in &self.jobs {
+            if let Err(e) = job.spec.validate() {
+                let fe = &e.errors[0];
+                return Err(SnapshotError::Inconsistent(format!("jobs.{}.spec.{}: {}", id.0, fe.field, fe.message)));
+            }
+        }
+        for (id, node) in &self.nodes {
+            check_node_info(&node.info).map_err(|r| SnapshotError::Inconsistent(format!("nodes.{}.info.{r}", id.0)))?;
+        }
+        Ok(())
     }
 
     fn rebuild_indexes(&mut self) -> Result<(), SnapshotError> {
@@ -648,36 +715,7 @@ impl State {
     }
 
     fn register(&mut self, info: NodeInfo, index: u64, now: Timestamp, ev: &mut Vec<Event>) -> Result<(), Rejection> {
-        if !valid_name(&info.name, 253) {
-            return Err(Rejection::InvalidArgument {
-                field: "name",
-                message: "must be 1 to 253 characters of letters, digits, '.', '_' and '-'".into(),
-            });
-        }
-        bounded("region", &info.region, limits::MAX_SHORT_STRING)?;
-        bounded("zone", &info.zone, limits::MAX_SHORT_STRING)?;
-        bounded("instance_type", &info.instance_type, limits::MAX_SHORT_STRING)?;
-        bounded("agent_version", &info.agent_version, limits::MAX_SHORT_STRING)?;
-        if info.gpus.len() > limits::MAX_GPUS_PER_SHARD as usize {
-            return Err(Rejection::InvalidArgument {
-                field: "gpus",
-                message: format!("{} GPUs reported; at most {} per node", info.gpus.len(), limits::MAX_GPUS_PER_SHARD),
-            });
-        }
-        for g in &info.gpus {
-            bounded("gpus.uuid", &g.uuid, limits::MAX_SHORT_STRING)?;
-            bounded("gpus.model", &g.model, limits::MAX_SHORT_STRING)?;
-        }
-        if info.labels.len() > limits::MAX_LIST_ITEMS {
-            return Err(Rejection::InvalidArgument {
-                field: "labels",
-                message: format!("at most {} labels", limits::MAX_LIST_ITEMS),
-            });
-        }
-        for (k, v) in &info.labels {
-            bounded("labels", k, limits::MAX_SHORT_STRING)?;
-            bounded("labels", v, limits::MAX_SHORT_STRING)?;
-        }
+        check_node_info(&info)?;
 
         let existing = self.node_names.get(&info.name).copied();
         let Some(id) = existing else {
@@ -1215,8 +1253,46 @@ impl State {
 
     // ----- invariants --------------------------------------------------------------------
 
-    /// Check every invariant; the first broken one is described.
+    /// Check every invariant; the first broken one is described. It never panics, whatever the
+    /// state holds: it also judges snapshots from files and from peers.
     pub fn check_invariants(&self) -> Result<(), String> {
+        // The shape every index relies on: each job, node and tenant is stored under its own
+        // id or name, and each shard and GPU sits at the position its index says.
+        for (id, job) in &self.jobs {
+            if job.id != *id {
+                return Err(format!("jobs.{}.id is {}", id.0, job.id.0));
+            }
+            if job.shards.len() != job.spec.shards as usize {
+                return Err(format!(
+                    "jobs.{}.shards has {} shards, its spec {}",
+                    id.0,
+                    job.shards.len(),
+                    job.spec.shards
+                ));
+            }
+            if let Some((i, s)) = job.shards.iter().enumerate().find(|(i, s)| s.index as usize != *i) {
+                return Err(format!("jobs.{}.shards[{i}].index is {}", id.0, s.index));
+            }
+        }
+        for (id, node) in &self.nodes {
+            if node.id != *id {
+                return Err(format!("nodes.{}.id is {}", id.0, node.id.0));
+            }
+            if node.gpus.len() != node.info.gpus.len() {
+                return Err(format!(
+                    "nodes.{}.gpus has {} GPUs, its info {}",
+                    id.0,
+                    node.gpus.len(),
+                    node.info.gpus.len()
+                ));
+            }
+            if let Some((i, g)) = node.gpus.iter().enumerate().find(|(i, g)| g.index as usize != *i) {
+                return Err(format!("nodes.{}.gpus[{i}].index is {}", id.0, g.index));
+            }
+        }
+        if let Some((name, t)) = self.tenants.iter().find(|(name, t)| t.name != **name) {
+            return Err(format!("tenants.{name}.name is {}", t.name));
+        }
         let mut held = 0usize;
         for node in self.nodes.values() {
             let mut cpu = 0;
@@ -1225,9 +1301,8 @@ impl State {
             for gpu in &node.gpus {
                 let Some(a) = gpu.holder else { continue };
                 held += 1;
-                let r = self.live.get(&a).ok_or_else(|| format!("{} GPU {} held by dead {a}", node.id, gpu.index))?;
-                let job = &self.jobs[&r.job];
-                let shard = &job.shards[r.shard as usize];
+                let (job, shard) =
+                    self.attempt(a).ok_or_else(|| format!("{} GPU {} held by dead {a}", node.id, gpu.index))?;
                 let att = shard
                     .attempt
                     .as_ref()

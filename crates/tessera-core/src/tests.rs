@@ -488,6 +488,88 @@ fn snapshot_restore_and_hash() {
     assert!(State::restore(b"not json").is_err());
 }
 
+/// Found by the snapshot_restore fuzz target: a snapshot whose shard index or job key disagreed
+/// with where the shard or job was stored made `check_invariants` index out of bounds (a panic
+/// on `--restore-from`, and on a snapshot from a peer). Each is refused, naming the field.
+#[test]
+fn snapshots_with_misplaced_entries_are_refused_naming_them() {
+    let mut sim = Sim::new();
+    sim.node(n("a"));
+    let j = sim.submit(spec(2, 2));
+    sim.round();
+    let snapshot: serde_json::Value = serde_json::from_slice(&sim.state.snapshot()).unwrap();
+    let refused = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = snapshot.clone();
+        edit(&mut v["state"]);
+        match State::restore(&serde_json::to_vec(&v).unwrap()) {
+            Err(crate::state::SnapshotError::Inconsistent(m)) => m,
+            other => panic!("expected an inconsistent snapshot, got {other:?}"),
+        }
+    };
+    let key = j.0.to_string();
+    let m = refused(&|s| s["jobs"][&key]["shards"][1]["index"] = 2.into());
+    assert!(m.contains(&format!("jobs.{key}.shards[1].index is 2")), "{m}");
+    let m = refused(&|s| {
+        let job = s["jobs"][&key].take();
+        s["jobs"].as_object_mut().unwrap().remove(&key);
+        s["jobs"]["7"] = job;
+    });
+    assert!(m.contains(&format!("jobs.7.id is {key}")), "{m}");
+    let m = refused(&|s| s["nodes"]["1"]["gpus"][0]["index"] = 5.into());
+    assert!(m.contains("nodes.1.gpus[0].index is 5"), "{m}");
+    let m = refused(&|s| s["tenants"]["default"]["name"] = "other".into());
+    assert!(m.contains("tenants.default.name is other"), "{m}");
+}
+
+/// Found by the snapshot_restore fuzz target: a restored spec was never validated, and its
+/// GPUs per shard times the shards per node overflowed in the planner; a restored node's price
+/// times a gang's GPUs too. A snapshot is held to what the commands check on the way in.
+#[test]
+fn snapshots_are_held_to_what_commands_check() {
+    let mut sim = Sim::new();
+    sim.node(n("a"));
+    let j = sim.submit(spec(2, 2));
+    sim.round();
+    let snapshot: serde_json::Value = serde_json::from_slice(&sim.state.snapshot()).unwrap();
+    let refused = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = snapshot.clone();
+        edit(&mut v["state"]);
+        match State::restore(&serde_json::to_vec(&v).unwrap()) {
+            Err(crate::state::SnapshotError::Inconsistent(m)) => m,
+            Ok(restored) => {
+                // What the server does next: it plans.
+                plan(&restored, Timestamp(sim.now), &PlanLimits::default());
+                panic!("an out-of-bounds snapshot was restored")
+            }
+            Err(other) => panic!("expected an inconsistent snapshot, got {other}"),
+        }
+    };
+    let key = j.0.to_string();
+    let m = refused(&|s| s["jobs"][&key]["spec"]["resources"]["gpus"] = 2_147_483_648u64.into());
+    assert!(m.starts_with(&format!("jobs.{key}.spec.resources.gpus: ")), "{m}");
+    let m = refused(&|s| s["nodes"]["1"]["info"]["price_micros_per_gpu_hour"] = u64::MAX.into());
+    assert!(m.starts_with("nodes.1.info.price_micros_per_gpu_hour: "), "{m}");
+    let m = refused(&|s| s["jobs"][&key]["spec"]["shards"] = 3.into());
+    assert!(m.contains(&format!("jobs.{key}.shards has 2 shards, its spec 3")), "{m}");
+}
+
+/// The same price from an agent's registration: refused, naming the field, so that no node
+/// the planner cannot add up enters the state.
+#[test]
+fn a_price_the_planner_cannot_add_up_is_refused() {
+    let mut sim = Sim::new();
+    let mut dear = n("dear");
+    dear.price = u64::MAX / 4;
+    let err = sim.apply(Command::RegisterNode { info: info(&dear) }).unwrap_err();
+    assert!(err.to_string().starts_with("price_micros_per_gpu_hour: "), "{err}");
+    let mut top = n("top");
+    top.price = crate::state::MAX_PRICE_MICROS_PER_GPU_HOUR;
+    sim.node(top);
+    sim.submit(spec(1, 8));
+    let (out, _) = sim.round();
+    assert_eq!(out.plan.shard_count(), 1);
+}
+
 #[test]
 fn register_validates_input() {
     let mut sim = Sim::new();

@@ -432,6 +432,37 @@ async fn log_chunk(shared: &Shared, c: v1::LogChunk) -> Result<(), Status> {
     Ok(())
 }
 
+/// The command an agent's report of `node` becomes in the log: a shard started or exited, a
+/// checkpoint, a GPU's health, a spot notice. None for what the session handles itself
+/// (heartbeats, log chunks, a second Register).
+pub fn report_command(node: NodeId, report: In) -> Option<Command> {
+    Some(match report {
+        In::ShardStarted(s) => Command::ShardStarted { attempt: AttemptId(s.attempt_id) },
+        In::ShardExited(e) => Command::ShardExited {
+            attempt: AttemptId(e.attempt_id),
+            exit: match e.termination {
+                Some(v1::shard_exited::Termination::ExitCode(c)) => ExitStatus { code: Some(c), signal: None },
+                Some(v1::shard_exited::Termination::Signal(s)) => ExitStatus { code: None, signal: Some(s) },
+                None => ExitStatus { code: None, signal: None },
+            },
+            node_fault: e.node_fault,
+            message: (!e.message.is_empty()).then_some(e.message),
+        },
+        In::CheckpointReport(c) => {
+            Command::RecordCheckpoint { attempt: AttemptId(c.attempt_id), step: c.step, uri: c.uri }
+        }
+        In::GpuHealthReport(g) => {
+            Command::SetGpuHealth { node, gpu: g.gpu_index, healthy: g.healthy, reason: g.reason }
+        }
+        In::SpotNotice(n) => Command::DrainNode {
+            node,
+            reason: DrainReason::SpotInterruption,
+            deadline: (n.deadline_unix_ms > 0).then_some(Timestamp(n.deadline_unix_ms)),
+        },
+        In::Register(_) | In::Heartbeat(_) | In::LogChunk(_) => return None,
+    })
+}
+
 /// Turn the agent's reports into commands, acknowledging each once applied.
 async fn read_reports(
     shared: Arc<Shared>,
@@ -473,27 +504,9 @@ async fn read_reports(
                 let _ = tx.send(Ok(ack(seq, result))).await;
                 continue;
             }
-            Some(In::ShardStarted(s)) => Command::ShardStarted { attempt: AttemptId(s.attempt_id) },
-            Some(In::ShardExited(e)) => Command::ShardExited {
-                attempt: AttemptId(e.attempt_id),
-                exit: match e.termination {
-                    Some(v1::shard_exited::Termination::ExitCode(c)) => ExitStatus { code: Some(c), signal: None },
-                    Some(v1::shard_exited::Termination::Signal(s)) => ExitStatus { code: None, signal: Some(s) },
-                    None => ExitStatus { code: None, signal: None },
-                },
-                node_fault: e.node_fault,
-                message: (!e.message.is_empty()).then_some(e.message),
-            },
-            Some(In::CheckpointReport(c)) => {
-                Command::RecordCheckpoint { attempt: AttemptId(c.attempt_id), step: c.step, uri: c.uri }
-            }
-            Some(In::GpuHealthReport(g)) => {
-                Command::SetGpuHealth { node, gpu: g.gpu_index, healthy: g.healthy, reason: g.reason }
-            }
-            Some(In::SpotNotice(n)) => Command::DrainNode {
-                node,
-                reason: DrainReason::SpotInterruption,
-                deadline: (n.deadline_unix_ms > 0).then_some(Timestamp(n.deadline_unix_ms)),
+            Some(report) => match report_command(node, report) {
+                Some(cmd) => cmd,
+                None => continue,
             },
         };
         let result = shared.write(&cmd).await.map(|_| ());

@@ -91,9 +91,14 @@ impl LogStore {
     }
 
     /// Add output. Bytes already held are skipped (agents resend after reconnects); a gap
-    /// restarts the buffer at the new offset.
+    /// restarts the buffer at the new offset. A stream other than stdout (1) or stderr (2) is
+    /// ignored: the values come from the agent's `LogChunk.stream`, any `i32`.
     pub fn append(&self, attempt_id: u64, owner: Owner, stream: i32, offset: u64, data: &[u8]) {
-        let Some(i) = usize::try_from(stream - 1).ok().filter(|i| *i < 2) else { return };
+        let i = match stream {
+            1 => 0,
+            2 => 1,
+            _ => return,
+        };
         let Ok(mut inner) = self.inner.lock() else { return };
         let Inner { attempts, total } = &mut *inner;
         let log = attempts.entry(attempt_id).or_insert_with(|| AttemptLog { owner, streams: Default::default() });
@@ -212,6 +217,19 @@ mod tests {
         let r = s.read(JobId(1), None, Some(3), &[2], None);
         assert_eq!((r[0].offset, r[0].data.len()), (10, KEEP_BYTES));
         assert!(s.append_is_bounded_for_bad_streams());
+    }
+
+    /// Found by the grpc_requests fuzz target: a `LogChunk` with stream i32::MIN made
+    /// `stream - 1` overflow (a panic in debug builds).
+    #[test]
+    fn any_stream_number_from_the_wire_is_ignored_or_kept() {
+        let s = LogStore::default();
+        for stream in [i32::MIN, -1, 0, 3, i32::MAX] {
+            s.append(9, owner(9), stream, 0, b"ignored");
+        }
+        assert!(s.owner(9).is_none());
+        s.append(9, owner(9), 2, 0, b"kept");
+        assert_eq!(s.read(JobId(1), None, Some(9), &[1, 2], None)[0].data, b"kept");
     }
 
     impl LogStore {

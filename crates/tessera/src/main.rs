@@ -300,8 +300,9 @@ fn agent(a: AgentArgs) -> ExitCode {
             }
         }
     }
-    if !(a.price.is_finite() && a.price >= 0.0) {
-        eprintln!("error: --price: must be a non-negative number of dollars");
+    let max_price = tessera_core::state::MAX_PRICE_MICROS_PER_GPU_HOUR / 1_000_000;
+    if !(a.price.is_finite() && a.price >= 0.0 && a.price <= max_price as f64) {
+        eprintln!("error: --price: must be a number of dollars from 0 to {max_price}");
         return ExitCode::from(EXIT_INVALID);
     }
     let security = match (&a.ca, &a.cert, &a.key, a.insecure) {

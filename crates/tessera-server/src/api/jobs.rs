@@ -83,23 +83,14 @@ impl v1::job_service_server::JobService for Jobs {
                 states.push(s);
             }
         }
-        let page_size = match req.page_size {
-            0 => 100,
-            n if n <= 1000 => n as usize,
-            n => return Err(Status::invalid_argument(format!("page_size: {n} is more than 1000"))),
-        };
-        let after: u64 = if req.page_token.is_empty() {
-            0
-        } else {
-            req.page_token.parse().map_err(|_| Status::invalid_argument("page_token: not a token from this server"))?
-        };
+        let crate::context::Page { size: page_size, first } = crate::context::page(req.page_size, &req.page_token)?;
         let (tenant, finished, shards) = (req.tenant, req.include_finished, req.include_shards);
         let (jobs, next) = self
             .0
             .read(req.consistency, move |s| {
                 let mut out = Vec::new();
                 let mut next = String::new();
-                for job in s.jobs().range(JobId(after + 1)..).map(|(_, j)| j) {
+                for job in s.jobs().range(JobId(first)..).map(|(_, j)| j) {
                     let wanted = if states.is_empty() {
                         finished || !job.state.is_terminal()
                     } else {

@@ -18,3 +18,5 @@ pub use jobs::Jobs;
 pub use nodes::Nodes;
 pub use raft::RaftRpc;
 pub use tenants::Tenants;
+
+pub use crate::context::{Page, find_node, job_id, page};

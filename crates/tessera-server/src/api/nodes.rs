@@ -40,16 +40,7 @@ impl v1::node_service_server::NodeService for Nodes {
             }
         }
         let req = req.into_inner();
-        let page_size = match req.page_size {
-            0 => 100,
-            n if n <= 1000 => n as usize,
-            n => return Err(Status::invalid_argument(format!("page_size: {n} is more than 1000"))),
-        };
-        let after: u64 = if req.page_token.is_empty() {
-            0
-        } else {
-            req.page_token.parse().map_err(|_| Status::invalid_argument("page_token: not a token from this server"))?
-        };
+        let crate::context::Page { size: page_size, first } = crate::context::page(req.page_size, &req.page_token)?;
         let cloud = tessera_proto::convert::cloud_from_proto(req.cloud, "cloud").map_err(Status::from)?;
         let (region, labels, states) = (req.region, req.labels, req.states);
         let (nodes, next) = self
@@ -57,7 +48,7 @@ impl v1::node_service_server::NodeService for Nodes {
             .read(req.consistency, move |s| {
                 let mut out = Vec::new();
                 let mut next = String::new();
-                for n in s.nodes().range(NodeId(after + 1)..).map(|(_, n)| n) {
+                for n in s.nodes().range(NodeId(first)..).map(|(_, n)| n) {
                     let p = node_to_proto(n, s);
                     let keep = (states.is_empty() || states.contains(&p.state))
                         && cloud.is_none_or(|c| c == n.info.cloud)
