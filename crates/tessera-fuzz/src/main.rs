@@ -188,6 +188,11 @@ fn worker(args: &Args) -> ExitCode {
     }
     driver::install_panic_hook();
     let pending = pending_path(args, t.name);
+    if args.record_after.is_some()
+        && let Err(e) = std::fs::create_dir_all(&args.findings)
+    {
+        eprintln!("{}: {e}", args.findings.display());
+    }
     let opts = Options {
         time: args.iterations.is_none().then(|| Duration::from_secs_f64(args.seconds)),
         iterations: args.iterations,
@@ -324,7 +329,6 @@ fn parent(args: &Args) -> ExitCode {
     println!("{:<18} {:>12} {:>10} {:>8} {:>9}", "target", "executions", "exec/s", "corpus", "findings");
     let started = Instant::now();
     let mut total_findings = 0;
-    let mut notes = Vec::new();
     for name in &args.targets {
         let (heard, status) = match spawn_worker(args, name, args.iterations, None) {
             Ok(x) => x,
@@ -352,7 +356,6 @@ fn parent(args: &Args) -> ExitCode {
                 let path = match input {
                     Some(input) => {
                         let _ = std::fs::remove_file(&pending);
-                        notes.push(format!("{name}: input {}", hex(&input, 64)));
                         driver::save(&args.findings, name, &input)
                             .map_or_else(|e| format!("(not saved: {e})"), |p| p.display().to_string())
                     }
@@ -372,9 +375,6 @@ fn parent(args: &Args) -> ExitCode {
             }
         }
         total_findings += findings.len();
-    }
-    for n in notes {
-        println!("{n}");
     }
     println!("{} targets in {:.1} s, {total_findings} findings", args.targets.len(), started.elapsed().as_secs_f64());
     if total_findings > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }
