@@ -117,6 +117,14 @@ pub const ALL: &[Target] = &[
         max_len: 32 * 1024,
         protobuf_after: None,
     },
+    Target {
+        name: "peer_identity",
+        probe: targets::peer_identity,
+        seeds: seeds::peer_identity,
+        dictionary: seeds::DICT_JSON,
+        max_len: 8 * 1024,
+        protobuf_after: None,
+    },
 ];
 
 /// The target named `name`.
@@ -172,6 +180,13 @@ pub fn snapshot_restore(data: &[u8]) {
     targets::snapshot_restore(data);
 }
 
+/// What a peer presents about itself, picked by the first byte: a certificate's identity URIs
+/// (`tessera_tls::identity::from_der`), a forwarded principal (`x-tessera-on-behalf` JSON) run
+/// through `acl::authorize`, or an `authorization` header through the server's authenticator.
+pub fn peer_identity(data: &[u8]) {
+    targets::peer_identity(data);
+}
+
 /// A target as a plain function: any bytes in, a panic is a finding.
 pub type TargetFn = fn(&[u8]);
 
@@ -185,6 +200,7 @@ pub const TARGETS: &[(&str, TargetFn)] = &[
     ("raft_message", raft_message),
     ("command_decode", command_decode),
     ("snapshot_restore", snapshot_restore),
+    ("peer_identity", peer_identity),
 ];
 
 #[cfg(test)]

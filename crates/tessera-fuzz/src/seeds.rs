@@ -248,6 +248,34 @@ pub(crate) fn grpc_requests() -> Vec<Vec<u8>> {
         ),
         with_selector("GetJobRequest", v1::GetJobRequest { job_id: 1, consistency: 1 }.encode_to_vec()),
         with_selector(
+            "CreateTokenRequest",
+            v1::CreateTokenRequest {
+                name: "ml-ci".into(),
+                role: "submitter".into(),
+                tenants: vec!["nlp".into()],
+                ttl_seconds: 3600,
+            }
+            .encode_to_vec(),
+        ),
+        with_selector(
+            "RevokeTokenRequest",
+            v1::RevokeTokenRequest { accessor: "00000000-0000-4000-8000-000000000001".into() }.encode_to_vec(),
+        ),
+        with_selector(
+            "SetTenantRequest",
+            v1::SetTenantRequest {
+                name: "nlp".into(),
+                weight: Some(3),
+                gpu_hours_quota: Some(100.0),
+                cloud_gpu_hours_quota: [("azure".to_string(), 40.0)].into(),
+                max_priority: Some(750),
+                default_priority: Some(500),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
+        with_selector("GetTenantRequest", v1::GetTenantRequest { name: "nlp".into() }.encode_to_vec()),
+        with_selector(
             "ListJobsRequest",
             v1::ListJobsRequest {
                 states: vec![1, 2],
@@ -716,6 +744,46 @@ const fn concat_dict<const N: usize>(a: &[&'static [u8]], b: &[&'static [u8]]) -
     while j < b.len() {
         out[i + j] = b[j];
         j += 1;
+    }
+    out
+}
+
+/// A real certificate of each kind, the JSON of a forwarded principal, and bearer headers.
+pub(crate) fn peer_identity() -> Vec<Vec<u8>> {
+    use tessera_core::acl::{Principal, Role};
+    let mut out = Vec::new();
+    if let Ok((ca, _)) = tessera_tls::issue::Ca::create("fuzz CA", 1) {
+        let who = [
+            Principal::Server { id: 3 },
+            Principal::Agent { node: "aws-node-17".into() },
+            Principal::User {
+                name: "bob".into(),
+                role: Some(Role::Submitter),
+                tenants: ["ml".to_string()].into(),
+                token: None,
+            },
+        ];
+        for p in who {
+            let hosts = if matches!(p, Principal::Server { .. }) { vec!["127.0.0.1".to_string()] } else { Vec::new() };
+            if let Ok(issued) = ca.issue(&p, &hosts, 1) {
+                let der = rustls_pki_types::pem::PemObject::from_pem_slice(issued.cert_pem.as_bytes())
+                    .map(|c: rustls_pki_types::CertificateDer<'static>| c.to_vec());
+                if let Ok(der) = der {
+                    out.push([vec![0], der].concat());
+                }
+            }
+        }
+    }
+    for json in [
+        r#"{"kind":"user","name":"alice","role":"admin","tenants":[],"token":null}"#,
+        r#"{"kind":"user","name":"bob","role":"submitter","tenants":["ml"],"token":"x"}"#,
+        r#"{"kind":"server","id":2}"#,
+        r#"{"kind":"insecure"}"#,
+    ] {
+        out.push([&[1u8][..], json.as_bytes()].concat());
+    }
+    for h in ["Bearer fuzz-secret", "Bearer nope", "bearer fuzz-secret", "Basic abc"] {
+        out.push([&[2u8][..], h.as_bytes()].concat());
     }
     out
 }

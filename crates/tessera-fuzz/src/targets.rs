@@ -169,7 +169,7 @@ pub(crate) fn spec_one_line(data: &[u8]) -> u64 {
 // ---------------------------------------------------------------------------------------------
 
 /// The request messages, by the first byte of an input (modulo their number).
-pub(crate) const REQUESTS: [&str; 26] = [
+pub(crate) const REQUESTS: [&str; 30] = [
     "SubmitJobRequest",
     "GetJobRequest",
     "ListJobsRequest",
@@ -196,6 +196,10 @@ pub(crate) const REQUESTS: [&str; 26] = [
     "LogChunk",
     "RaftBatch",
     "ServerMessage",
+    "CreateTokenRequest",
+    "RevokeTokenRequest",
+    "SetTenantRequest",
+    "GetTenantRequest",
 ];
 
 /// The selector byte of a request message, for seeds.
@@ -416,6 +420,28 @@ pub(crate) fn request(name: &str, body: &[u8], sig: Sig) -> Result<Sig, Sig> {
         "SnapshotRequest" => {
             decode::<v1::SnapshotRequest>(body, sig)?;
             sig
+        }
+        "CreateTokenRequest" => {
+            let req: v1::CreateTokenRequest = decode(body, sig)?;
+            let (token, _secret) =
+                tessera_server::api::acl::token_from_request(req, "user/fuzz".into(), NOW).map_err(refused)?;
+            apply_to_fixture(Command::Acl { change: tessera_core::acl::AclChange::CreateToken { token } }, sig)
+        }
+        "RevokeTokenRequest" => {
+            let req: v1::RevokeTokenRequest = decode(body, sig)?;
+            let accessor = req.accessor.trim().to_string();
+            apply_to_fixture(Command::Acl { change: tessera_core::acl::AclChange::RevokeToken { accessor } }, sig)
+        }
+        "SetTenantRequest" => {
+            let req: v1::SetTenantRequest = decode(body, sig)?;
+            let current = state.tenants().get(&req.name);
+            let cmd = tessera_server::api::tenants::set_tenant_command(req, current, NOW).map_err(refused)?;
+            apply_to_fixture(cmd, sig)
+        }
+        "GetTenantRequest" => {
+            let req: v1::GetTenantRequest = decode(body, sig)?;
+            let found = state.tenants().get(&req.name).map(|t| tessera_proto::convert::tenant_to_proto(t, state, NOW));
+            sig.num(u64::from(found.is_some()))
         }
         "AgentMessage" => {
             let msg: v1::AgentMessage = decode(body, sig)?;
@@ -758,4 +784,68 @@ pub(crate) fn snapshot_restore(data: &[u8]) -> u64 {
     let sig = Sig::new("restored").num(state.jobs().len().min(4) as u64).num(state.nodes().len().min(4) as u64);
     let mut next = state;
     sig.num(u64::from(plan_and_apply(&mut next))).done()
+}
+
+/// What a peer presents about itself: a certificate (DER; its `tessera://` SAN URIs, read after
+/// the CA check), the principal a server forwards a request for (the JSON of
+/// `x-tessera-on-behalf`), or an `authorization` header; picked by the first byte.
+pub(crate) fn peer_identity(data: &[u8]) -> u64 {
+    use tessera_core::acl::{Principal, Resource, Rpc, authorize};
+    let Some((&selector, body)) = data.split_first() else { return 0 };
+    let sig = Sig::new("peer_identity");
+    match selector % 3 {
+        0 => match tessera_tls::identity::from_der(body) {
+            Ok(p) => {
+                let uris = tessera_tls::identity::uris(&p).expect("a parsed identity writes back");
+                let again = tessera_tls::identity::from_uris(uris.iter().map(String::as_str));
+                assert_eq!(again.as_ref(), Ok(&p), "an identity changed through its URIs");
+                sig.add("cert").add(&p.audit_name()).done()
+            }
+            Err(_) => sig.add("cert refused").done(),
+        },
+        1 => match serde_json::from_slice::<Principal>(body) {
+            Ok(p) => {
+                let mut allowed = 0u64;
+                for rpc in Rpc::ALL {
+                    for res in [Resource::Any, Resource::Tenant("ml"), Resource::Node("n"), Resource::Server(2)] {
+                        allowed += u64::from(authorize(&p, rpc, res, true).is_ok());
+                    }
+                }
+                sig.add("principal").num(allowed).done()
+            }
+            Err(_) => sig.add("principal refused").done(),
+        },
+        _ => {
+            let auth = bearer_auth();
+            let mut headers = http::HeaderMap::new();
+            let Ok(v) = http::HeaderValue::from_bytes(body) else { return sig.add("header refused").done() };
+            headers.insert("authorization", v);
+            match auth.authenticate(None, &headers) {
+                Ok(p) => sig.add("token").add(&p.audit_name()).done(),
+                Err(s) => sig.add("token refused").num(s.code() as u64).done(),
+            }
+        }
+    }
+}
+
+/// An insecure server's authenticator that knows one token, secret "fuzz-secret".
+fn bearer_auth() -> &'static tessera_server::auth::Auth {
+    static AUTH: std::sync::OnceLock<tessera_server::auth::Auth> = std::sync::OnceLock::new();
+    AUTH.get_or_init(|| {
+        let auth = tessera_server::auth::Auth::new(false);
+        let mut acl = tessera_core::acl::Acl { bootstrapped: true, ..Default::default() };
+        let t = tessera_core::acl::Token {
+            accessor: "00000000-0000-4000-8000-000000000001".into(),
+            name: "fuzz".into(),
+            role: tessera_core::acl::Role::Viewer,
+            tenants: Default::default(),
+            secret_sha256: tessera_core::acl::secret_hash("fuzz-secret"),
+            created: NOW,
+            expires: None,
+            created_by: String::new(),
+        };
+        acl.tokens.insert(t.accessor.clone(), t);
+        auth.refresh(&acl);
+        auth
+    })
 }

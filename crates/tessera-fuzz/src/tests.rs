@@ -62,6 +62,11 @@ fn snapshot_restore() {
 }
 
 #[test]
+fn peer_identity() {
+    fuzz("peer_identity");
+}
+
+#[test]
 fn every_target_is_listed_once_with_seeds_that_run_clean() {
     assert_eq!(ALL.len(), TARGETS.len());
     for (t, (name, run)) in ALL.iter().zip(TARGETS) {

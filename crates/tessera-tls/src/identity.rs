@@ -95,6 +95,11 @@ pub fn from_uris<'a>(list: impl IntoIterator<Item = &'a str>) -> Result<Principa
             if !tenants.is_empty() && role != Some(Role::Submitter) {
                 return Err("only a submitter certificate names tenants".into());
             }
+            // Found by the peer_identity fuzz target: such a certificate was read, though none
+            // is ever issued; refuse it as the issuer does.
+            if role == Some(Role::Submitter) && tenants.is_empty() {
+                return Err("a submitter certificate names at least one tenant".into());
+            }
             Ok(Principal::User { name, role, tenants, token: None })
         }
         Some(_) if role.is_some() || !tenants.is_empty() => {
@@ -155,6 +160,7 @@ mod tests {
             vec!["tessera://user/a", "tessera://role/admin", "tessera://role/viewer"],
             vec!["tessera://user/a", "tessera://role/root"],
             vec!["tessera://user/a", "tessera://role/viewer", "tessera://tenant/ml"],
+            vec!["tessera://user/a", "tessera://role/submitter"],
             vec!["tessera://agent/a b"],
             vec!["tessera://ghost/1"],
         ] {

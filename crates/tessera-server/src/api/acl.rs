@@ -28,10 +28,27 @@ fn token_to_proto(t: &Token) -> v1::AclToken {
     }
 }
 
+/// The token a `CreateTokenRequest` asks for, with a fresh secret (returned beside it; only its
+/// hash goes into the token). The rest is checked at apply, naming the field.
+pub fn token_from_request(
+    r: v1::CreateTokenRequest,
+    created_by: String,
+    now: tessera_core::Timestamp,
+) -> Result<(Token, String), Status> {
+    let role: Role = r.role.parse().map_err(|m: String| Status::invalid_argument(format!("role: {m}")))?;
+    Ok(new_token(r.name, role, r.tenants, r.ttl_seconds, created_by, now))
+}
+
 /// A new token with a fresh secret; returns it and the secret.
-fn new_token(name: String, role: Role, tenants: Vec<String>, ttl_seconds: u64, created_by: String) -> (Token, String) {
+fn new_token(
+    name: String,
+    role: Role,
+    tenants: Vec<String>,
+    ttl_seconds: u64,
+    created_by: String,
+    created: tessera_core::Timestamp,
+) -> (Token, String) {
     let secret = uuid::Uuid::new_v4().to_string();
-    let created = now();
     let token = Token {
         accessor: uuid::Uuid::new_v4().to_string(),
         name,
@@ -62,7 +79,7 @@ impl v1::acl_service_server::AclService for AclRpc {
     ) -> Result<Response<v1::CreateTokenResponse>, Status> {
         let who = principal(&req).audit_name();
         let name = if req.get_ref().name.is_empty() { "bootstrap".to_string() } else { req.get_ref().name.clone() };
-        let (token, secret) = new_token(name, Role::Admin, Vec::new(), 0, who);
+        let (token, secret) = new_token(name, Role::Admin, Vec::new(), 0, who, now());
         note(&req, format!("token {}", token.accessor));
         Ok(Response::new(self.create(token, secret, true).await?))
     }
@@ -72,9 +89,7 @@ impl v1::acl_service_server::AclService for AclRpc {
         req: Request<v1::CreateTokenRequest>,
     ) -> Result<Response<v1::CreateTokenResponse>, Status> {
         let who = principal(&req).audit_name();
-        let r = req.get_ref().clone();
-        let role: Role = r.role.parse().map_err(|m: String| Status::invalid_argument(format!("role: {m}")))?;
-        let (token, secret) = new_token(r.name, role, r.tenants, r.ttl_seconds, who);
+        let (token, secret) = token_from_request(req.get_ref().clone(), who, now())?;
         note(&req, format!("token {}", token.accessor));
         Ok(Response::new(self.create(token, secret, false).await?))
     }
@@ -128,7 +143,8 @@ pub async fn bootstrap_from_file(shared: Arc<Shared>, file: PathBuf) {
             return;
         }
         let mut token =
-            new_token("bootstrap".into(), Role::Admin, Vec::new(), 0, "config/acl_bootstrap_token_file".into()).0;
+            new_token("bootstrap".into(), Role::Admin, Vec::new(), 0, "config/acl_bootstrap_token_file".into(), now())
+                .0;
         token.secret_sha256 = secret_hash(&secret);
         match shared.write(&Command::Acl { change: AclChange::Bootstrap { token } }).await {
             Ok(_) => {

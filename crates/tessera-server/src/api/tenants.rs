@@ -30,53 +30,9 @@ impl v1::tenant_service_server::TenantService for Tenants {
     async fn set_tenant(&self, req: Request<v1::SetTenantRequest>) -> Result<Response<v1::SetTenantResponse>, Status> {
         let r = req.get_ref().clone();
         note(&req, format!("tenant {}", r.name));
-        let mode = match v1::TenantWriteMode::try_from(r.mode) {
-            Ok(v1::TenantWriteMode::Upsert) => TenantWrite::Upsert,
-            Ok(v1::TenantWriteMode::Create) => TenantWrite::Create,
-            Ok(v1::TenantWriteMode::Update) => TenantWrite::Update,
-            Err(_) => return Err(Status::invalid_argument(format!("mode: {} is not a TenantWriteMode", r.mode))),
-        };
-        // SetTenant replaces every setting: start from the tenant as it is (or the defaults),
-        // change what the request gives. Create and Update are checked again at apply.
         let n = r.name.clone();
         let current = self.0.read(0, move |s| s.tenants().get(&n).cloned()).await?;
-        let base = current.unwrap_or_else(|| tessera_core::model::Tenant::new(&r.name, now()));
-        let prio = |field: &str, v: Option<u32>| -> Result<Option<u16>, Status> {
-            v.map(|p| u16::try_from(p).map_err(|_| Status::invalid_argument(format!("{field}: {p} is above 1000"))))
-                .transpose()
-        };
-        let zero_clears_u = |v: Option<u64>, old: Option<u64>| match v {
-            Some(0) => None,
-            Some(q) => Some(q),
-            None => old,
-        };
-        let zero_clears_f = |v: Option<f64>, old: Option<f64>| match v {
-            Some(0.0) => None,
-            Some(q) => Some(q),
-            None => old,
-        };
-        let mut cloud =
-            if r.replace_cloud_gpu_hours_quota { Default::default() } else { base.cloud_gpu_hours_quota.clone() };
-        for (k, v) in r.cloud_gpu_hours_quota {
-            if v == 0.0 {
-                cloud.remove(&k);
-            } else {
-                cloud.insert(k, v);
-            }
-        }
-        let cmd = Command::SetTenant {
-            name: r.name.clone(),
-            weight: r.weight.unwrap_or(base.weight),
-            gpu_quota: zero_clears_u(r.gpu_quota, base.gpu_quota),
-            max_priority: prio("max_priority", r.max_priority)?.or(base.max_priority),
-            default_priority: prio("default_priority", r.default_priority)?.or(base.default_priority),
-            gpu_hours_quota: zero_clears_f(r.gpu_hours_quota, base.gpu_hours_quota),
-            cloud_gpu_hours_quota: cloud,
-            gpu_hours_window_ms: r
-                .gpu_hours_window_seconds
-                .map_or(base.gpu_hours_window_ms, |s| s.saturating_mul(1000)),
-            mode,
-        };
+        let cmd = set_tenant_command(r.clone(), current.as_ref(), now())?;
         self.0.write(&cmd).await?;
         Ok(Response::new(v1::SetTenantResponse { tenant: Some(self.get(r.name).await?) }))
     }
@@ -105,4 +61,56 @@ impl v1::tenant_service_server::TenantService for Tenants {
         self.0.authorize(&req, Rpc::GetTenant, Resource::Tenant(&name))?;
         Ok(Response::new(v1::GetTenantResponse { tenant: Some(self.get(name).await?) }))
     }
+}
+
+/// The `SetTenant` command a request makes of the tenant as it is (`current`, or the defaults
+/// for a new one): the fields the request gives replace the tenant's, 0 clears a quota, and the
+/// rest stay. Create and Update are checked again at apply.
+pub fn set_tenant_command(
+    r: v1::SetTenantRequest,
+    current: Option<&tessera_core::model::Tenant>,
+    now: tessera_core::Timestamp,
+) -> Result<Command, Status> {
+    let mode = match v1::TenantWriteMode::try_from(r.mode) {
+        Ok(v1::TenantWriteMode::Upsert) => TenantWrite::Upsert,
+        Ok(v1::TenantWriteMode::Create) => TenantWrite::Create,
+        Ok(v1::TenantWriteMode::Update) => TenantWrite::Update,
+        Err(_) => return Err(Status::invalid_argument(format!("mode: {} is not a TenantWriteMode", r.mode))),
+    };
+    let base = current.cloned().unwrap_or_else(|| tessera_core::model::Tenant::new(&r.name, now));
+    let prio = |field: &str, v: Option<u32>| -> Result<Option<u16>, Status> {
+        v.map(|p| u16::try_from(p).map_err(|_| Status::invalid_argument(format!("{field}: {p} is above 1000"))))
+            .transpose()
+    };
+    let zero_clears_u = |v: Option<u64>, old: Option<u64>| match v {
+        Some(0) => None,
+        Some(q) => Some(q),
+        None => old,
+    };
+    let zero_clears_f = |v: Option<f64>, old: Option<f64>| match v {
+        Some(0.0) => None,
+        Some(q) => Some(q),
+        None => old,
+    };
+    let mut cloud =
+        if r.replace_cloud_gpu_hours_quota { Default::default() } else { base.cloud_gpu_hours_quota.clone() };
+    for (k, v) in r.cloud_gpu_hours_quota {
+        if v == 0.0 {
+            cloud.remove(&k);
+        } else {
+            cloud.insert(k, v);
+        }
+    }
+    let cmd = Command::SetTenant {
+        name: r.name.clone(),
+        weight: r.weight.unwrap_or(base.weight),
+        gpu_quota: zero_clears_u(r.gpu_quota, base.gpu_quota),
+        max_priority: prio("max_priority", r.max_priority)?.or(base.max_priority),
+        default_priority: prio("default_priority", r.default_priority)?.or(base.default_priority),
+        gpu_hours_quota: zero_clears_f(r.gpu_hours_quota, base.gpu_hours_quota),
+        cloud_gpu_hours_quota: cloud,
+        gpu_hours_window_ms: r.gpu_hours_window_seconds.map_or(base.gpu_hours_window_ms, |s| s.saturating_mul(1000)),
+        mode,
+    };
+    Ok(cmd)
 }
