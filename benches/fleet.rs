@@ -1,5 +1,7 @@
 //! Simulated agents at fleet scale, in the load generator's process: thousands of agent streams
-//! multiplexed over a few HTTP/2 connections to the leader. Each registers a node with 8
+//! multiplexed over a few HTTP/2 connections to the leader ([`Conns::Shared`]), or each over a
+//! connection of its own, as real agents do ([`Conns::Own`]: under TLS each with its own agent
+//! certificate, since a certificate may register only the node it names). Each registers a node with 8
 //! simulated GPUs, sends a heartbeat with 8 GPU samples every second (at its own phase), and
 //! answers an assignment with ShardStarted at once, like an agent whose shard starts instantly.
 //! A shard runs until it is stopped (answered with ShardExited at once), or, if its job's
@@ -17,6 +19,7 @@ use anyhow::Context;
 use tessera_proto::v1;
 use tessera_proto::v1::agent_message::Payload as In;
 use tessera_proto::v1::server_message::Payload as Out;
+use tessera_tls::Security;
 use tokio::sync::{Mutex, Notify, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -127,7 +130,19 @@ fn heartbeat(now_ms: u64) -> v1::Heartbeat {
     }
 }
 
-/// Connections to every server, `conns` to each, shared by the simulated agents.
+/// How the simulated agents reach the servers.
+pub enum Conns {
+    /// This many plain connections to each server, opened at the start and shared by every
+    /// agent (their streams multiplexed over them).
+    Shared(usize),
+    /// Each agent a connection of its own to each server it talks to, opened when it first
+    /// does, with its own security (index = agent): TLS with its own agent certificate, or
+    /// plain.
+    Own(Vec<Security>),
+}
+
+/// The servers' addresses, and the connections to every server shared by the simulated agents
+/// (none when each has its own).
 struct Servers {
     addrs: Vec<String>,
     channels: Vec<Vec<tonic::transport::Channel>>,
@@ -154,6 +169,35 @@ impl Servers {
     }
 }
 
+/// One agent's own connections: its security, and its channel to each server once it has
+/// talked to that server.
+struct Own {
+    security: Security,
+    channels: Vec<Option<tonic::transport::Channel>>,
+}
+
+impl Own {
+    fn channel(&mut self, addrs: &[String], to: usize) -> Result<tonic::transport::Channel, String> {
+        if let Some(ch) = &self.channels[to] {
+            return Ok(ch.clone());
+        }
+        let ep = self
+            .security
+            .endpoint(&addrs[to])
+            .map_err(|e| format!("endpoint {}: {e}", addrs[to]))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true);
+        let ch = self.security.connect_lazy(&ep);
+        self.channels[to] = Some(ch.clone());
+        Ok(ch)
+    }
+}
+
+/// The name of simulated agent `i` of the fleet `prefix` (what its certificate must name).
+pub fn agent_name(prefix: &str, i: usize) -> String {
+    format!("{prefix}-{i:05}")
+}
+
 /// How one session attempt ended.
 enum Opened {
     Session(mpsc::Sender<v1::AgentMessage>, Box<tonic::Streaming<v1::ServerMessage>>),
@@ -162,11 +206,20 @@ enum Opened {
     Failed(String),
 }
 
-/// Connect `n` agents named `{prefix}-{i}` to the leader at `servers[leader]` over `conns`
-/// connections to each server, and return once every one is registered. Like real agents, they
+/// Connect `n` agents named [`agent_name`]`(prefix, i)` to the leader at `servers[leader]`
+/// the way `conns` says, and return once every one is registered. Like real agents, they
 /// reconnect (to the leader a server names, or to each server in turn) when a stream ends.
-pub async fn start(servers: &[String], leader: usize, prefix: &str, n: usize, conns: usize) -> anyhow::Result<Fleet> {
-    let servers = Arc::new(Servers::connect(servers, conns).await?);
+pub async fn start(servers: &[String], leader: usize, prefix: &str, n: usize, conns: Conns) -> anyhow::Result<Fleet> {
+    let (servers, mut own) = match conns {
+        Conns::Shared(k) => (Arc::new(Servers::connect(servers, k).await?), None),
+        Conns::Own(securities) => {
+            anyhow::ensure!(securities.len() == n, "{} securities for {n} agents", securities.len());
+            let servers = Arc::new(Servers { addrs: servers.to_vec(), channels: Vec::new() });
+            let k = servers.addrs.len();
+            let own = securities.into_iter().map(move |security| Own { security, channels: vec![None; k] });
+            (servers, Some(own))
+        }
+    };
     let stats = Arc::new(FleetStats::default());
     // Registrations are Raft writes: a bounded number in flight, like a fleet coming up.
     let gate = Arc::new(Semaphore::new(512));
@@ -177,8 +230,9 @@ pub async fn start(servers: &[String], leader: usize, prefix: &str, n: usize, co
         let held = Arc::new(std::sync::Mutex::new(HashMap::new()));
         let stall = Arc::new(Notify::new());
         let dead = Arc::new(AtomicBool::new(false));
-        let name = format!("{prefix}-{i:05}");
-        let me = Agent { i, name, stats, held: held.clone(), stall: stall.clone(), dead: dead.clone() };
+        let name = agent_name(prefix, i);
+        let own = own.as_mut().and_then(Iterator::next);
+        let mut me = Agent { i, name, own, stats, held: held.clone(), stall: stall.clone(), dead: dead.clone() };
         let task = tokio::spawn(async move {
             let permit = gate.acquire_owned().await;
             let (tx, inbound) = match me.open(&servers, leader).await {
@@ -243,6 +297,8 @@ pub async fn start(servers: &[String], leader: usize, prefix: &str, n: usize, co
 struct Agent {
     i: usize,
     name: String,
+    /// Its own connections, or None when it uses the shared ones.
+    own: Option<Own>,
     stats: Arc<FleetStats>,
     held: Held,
     stall: Arc<Notify>,
@@ -269,8 +325,14 @@ fn exited(attempt_id: u64, termination: v1::shard_exited::Termination) -> In {
 
 impl Agent {
     /// Open a session with the server `to`, registering with the attempts it runs.
-    async fn open(&self, servers: &Servers, to: usize) -> Opened {
-        let ch = servers.channels[to][self.i % servers.channels[to].len()].clone();
+    async fn open(&mut self, servers: &Servers, to: usize) -> Opened {
+        let ch = match &mut self.own {
+            None => servers.channels[to][self.i % servers.channels[to].len()].clone(),
+            Some(own) => match own.channel(&servers.addrs, to) {
+                Ok(ch) => ch,
+                Err(e) => return Opened::Failed(e),
+            },
+        };
         let running = self
             .held
             .lock()

@@ -22,6 +22,11 @@
 //!
 //! It prints one table of figures (median and spread over runs, next to the target), one of the
 //! CPU time and peak RSS of every process, and writes both as JSON (`--json`).
+//!
+//! `--tls on` runs everything over mutual TLS with a throwaway CA (servers, an admin client
+//! certificate, and one agent certificate per agent, simulated ones issued in memory);
+//! `--tls both` runs the cluster and fleet phases twice per run, plain and TLS, alternating
+//! which goes first, with " (TLS)" after the name of every figure of the TLS passes.
 
 mod fleet;
 
@@ -32,8 +37,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use tessera_core::acl::{Principal, Role};
 use tessera_proto::v1;
-use tessera_tests::{AgentProc, Cluster, channel, spec, wait_for_leader};
+use tessera_tests::{AgentProc, Cluster, secure_channel, spec, wait_for_leader_with};
+use tessera_tls::issue::{Ca, write_pair};
+use tessera_tls::{Security, Tls, TlsFiles};
+use tonic::transport::Channel;
 
 #[derive(Parser, Debug)]
 #[command(about = "Tessera's load generator: the figures P1-P7 on real processes")]
@@ -63,9 +72,14 @@ struct Args {
     /// Sequential submissions for the single-client latency.
     #[arg(long, default_value_t = 300)]
     single: usize,
-    /// Connections the simulated agents share.
+    /// Connections to each server the simulated agents share in plain passes (0: one of its own
+    /// per agent, as in TLS passes, which always use one per agent).
     #[arg(long, default_value_t = 8)]
     agent_conns: usize,
+    /// Plain TCP (off), mutual TLS (on), or both: the cluster and fleet phases once each way
+    /// per run, the first way alternating by run ("(TLS)" marks the TLS figures).
+    #[arg(long, value_enum, default_value_t = TlsMode::Off)]
+    tls: TlsMode,
     /// Submissions per second for P3.
     #[arg(long, default_value_t = 1000)]
     p3_rate: usize,
@@ -80,9 +94,19 @@ struct Args {
     json: PathBuf,
 }
 
+/// Whether the servers, agents and clients speak mutual TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+enum TlsMode {
+    Off,
+    On,
+    Both,
+}
+
 /// The flags with the quick or full defaults filled in.
 #[derive(Debug, Clone, serde::Serialize)]
 struct Scale {
+    tls: TlsMode,
     clients: usize,
     seconds: u64,
     runs: usize,
@@ -99,6 +123,7 @@ impl Scale {
     fn from(a: &Args) -> Scale {
         let pick = |v: Option<usize>, quick: usize, full: usize| v.unwrap_or(if a.full { full } else { quick });
         Scale {
+            tls: a.tls,
             clients: pick(a.clients, 64, 256),
             seconds: a.seconds.unwrap_or(if a.full { 10 } else { 3 }),
             runs: pick(a.runs, 1, 3).max(1),
@@ -125,7 +150,7 @@ struct Figure {
 /// CPU time and peak RSS of one process at the end of a phase.
 #[derive(serde::Serialize)]
 struct ProcessUse {
-    phase: &'static str,
+    phase: String,
     run: usize,
     process: String,
     cpu_s: f64,
@@ -136,11 +161,15 @@ struct ProcessUse {
 struct Report {
     figures: Vec<Figure>,
     processes: Vec<ProcessUse>,
+    /// Appended to every figure and phase name: " (TLS)" during a TLS pass of `--tls both`.
+    suffix: &'static str,
+    /// The passes in the order they ran ("run 0: cluster plain").
+    passes: Vec<String>,
 }
 
 impl Report {
     fn add(&mut self, id: &'static str, name: impl Into<String>, unit: &'static str, target: &'static str, v: f64) {
-        let name = name.into();
+        let name = format!("{}{}", name.into(), self.suffix);
         match self.figures.iter_mut().find(|f| f.id == id && f.name == name) {
             Some(f) => f.values.push(v),
             None => self.figures.push(Figure { id, name, unit, target, values: vec![v] }),
@@ -149,6 +178,7 @@ impl Report {
 
     fn process(&mut self, phase: &'static str, run: usize, process: impl Into<String>, pid: Option<u32>) {
         if let Some((cpu_s, peak_rss_mib)) = pid.and_then(fleet::cpu_and_peak_rss) {
+            let phase = format!("{phase}{}", self.suffix);
             self.processes.push(ProcessUse { phase, run, process: process.into(), cpu_s, peak_rss_mib });
         }
     }
@@ -177,16 +207,168 @@ fn ms(d: Duration) -> f64 {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Plain or mutual TLS
+// ---------------------------------------------------------------------------------------------
+
+/// A throwaway CA and the certificates of one load generator: servers 1-3 (host 127.0.0.1), an
+/// admin user for the clients and the real agent, as files in a temporary directory; the
+/// simulated agents' certificates are issued in memory, per fleet.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: Ca,
+    admin: Security,
+}
+
+/// How long the throwaway certificates are valid.
+const PKI_DAYS: u32 = 2;
+
+/// The real agent's node name (and certificate).
+const REAL_AGENT: &str = "real-agent";
+
+impl Pki {
+    fn create() -> anyhow::Result<Pki> {
+        let dir = tempfile::tempdir()?;
+        let (ca, files) = Ca::create("Tessera loadgen CA (throwaway)", PKI_DAYS)?;
+        write_pair(dir.path(), "ca", &files)?;
+        for id in 1..=3 {
+            let issued = ca.issue(&Principal::Server { id }, &["127.0.0.1".into()], PKI_DAYS)?;
+            write_pair(dir.path(), &format!("server-{id}"), &issued)?;
+        }
+        let admin = Principal::User {
+            name: "loadgen".into(),
+            role: Some(Role::Admin),
+            tenants: Default::default(),
+            token: None,
+        };
+        write_pair(dir.path(), "user-loadgen", &ca.issue(&admin, &[], PKI_DAYS)?)?;
+        let agent = Principal::Agent { node: REAL_AGENT.into() };
+        write_pair(dir.path(), &format!("agent-{REAL_AGENT}"), &ca.issue(&agent, &[], PKI_DAYS)?)?;
+        let admin = Security::Tls(Tls::load(TlsFiles::in_dir(dir.path(), "user-loadgen"))?);
+        Ok(Pki { dir, ca, admin })
+    }
+
+    /// One agent certificate per name, issued in memory (on every core: ECDSA key generation
+    /// is most of the cost).
+    fn agents(&self, names: &[String]) -> anyhow::Result<Vec<Security>> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(names.len().max(1));
+        let chunk = names.len().div_ceil(threads).max(1);
+        let ca = &self.ca;
+        let parts: Vec<anyhow::Result<Vec<Security>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = names
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter()
+                            .map(|node| {
+                                let issued = ca.issue(&Principal::Agent { node: node.clone() }, &[], PKI_DAYS)?;
+                                let tls = Tls::from_pem(ca.cert_pem(), &issued.cert_pem, &issued.key_pem)?;
+                                Ok(Security::Tls(tls))
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("issuing panicked")))).collect()
+        });
+        let mut all = Vec::with_capacity(names.len());
+        for p in parts {
+            all.extend(p?);
+        }
+        Ok(all)
+    }
+}
+
+/// How one pass reaches the servers: plain TCP, or mutual TLS with `Pki`'s certificates.
+#[derive(Clone)]
+struct Net {
+    /// What the clients (submitters, the drain, the leader lookups) connect with: nothing, or
+    /// the admin certificate.
+    client: Security,
+    pki: Option<Arc<Pki>>,
+}
+
+impl Net {
+    fn plain() -> Net {
+        Net { client: Security::Insecure, pki: None }
+    }
+
+    fn tls(pki: &Arc<Pki>) -> Net {
+        Net { client: pki.admin.clone(), pki: Some(pki.clone()) }
+    }
+
+    fn name(&self) -> &'static str {
+        if self.pki.is_some() { "TLS" } else { "plain" }
+    }
+
+    /// Three servers, each with its own certificate under TLS.
+    fn cluster(&self, extra: &[&str]) -> Cluster {
+        match &self.pki {
+            None => Cluster::start(3, extra),
+            Some(pki) => Cluster::start_tls(3, pki.dir.path(), extra),
+        }
+    }
+
+    /// A client's connection to `addr` (lazy).
+    fn channel(&self, addr: &str) -> Channel {
+        secure_channel(&self.client, addr)
+    }
+
+    async fn leader(&self, addrs: &[String], timeout: Duration) -> Option<u64> {
+        wait_for_leader_with(&self.client, addrs, timeout).await
+    }
+
+    /// The real agent's `--ca/--cert/--key`, or nothing (it then runs `--insecure`).
+    fn real_agent_args(&self) -> Vec<String> {
+        let Some(pki) = &self.pki else { return Vec::new() };
+        let f = TlsFiles::in_dir(pki.dir.path(), &format!("agent-{REAL_AGENT}"));
+        [("--ca", f.ca), ("--cert", f.cert), ("--key", f.key)]
+            .into_iter()
+            .flat_map(|(flag, p)| [flag.to_string(), p.display().to_string()])
+            .collect()
+    }
+
+    /// How `n` simulated agents named after `prefix` connect: their own certificates and
+    /// connections under TLS; plain, the `--agent-conns` shared connections (or their own with 0).
+    fn fleet_conns(&self, s: &Scale, prefix: &str, n: usize) -> anyhow::Result<fleet::Conns> {
+        Ok(match &self.pki {
+            None if s.agent_conns > 0 => fleet::Conns::Shared(s.agent_conns),
+            None => fleet::Conns::Own(vec![Security::Insecure; n]),
+            Some(pki) => {
+                let t = Instant::now();
+                let names: Vec<String> = (0..n).map(|i| fleet::agent_name(prefix, i)).collect();
+                let all = pki.agents(&names)?;
+                eprintln!("{n} agent certificates issued in {:.1} s", t.elapsed().as_secs_f64());
+                fleet::Conns::Own(all)
+            }
+        })
+    }
+}
+
+/// Raise the soft limit of open files to the hard one: a TLS fleet holds a connection per
+/// agent here and on the leader (the servers inherit the limit).
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => eprintln!("open files limit raised from {soft} to {hard}"),
+            Err(e) => eprintln!("open files limit stays at {soft}: {e}"),
+        },
+        Ok(_) | Err(_) => {}
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Phase 1: the cluster (P1, P5 leader kill)
 // ---------------------------------------------------------------------------------------------
 
 /// `clients` clients submitting to every server until `until`; returns acknowledged latencies.
-async fn submit_load(addrs: Vec<String>, clients: usize, until: Instant, tag: String) -> Vec<f64> {
+async fn submit_load(net: Net, addrs: Vec<String>, clients: usize, until: Instant, tag: String) -> Vec<f64> {
     let mut tasks = Vec::new();
     for c in 0..clients {
         let (addr, tag) = (addrs[c % addrs.len()].clone(), tag.clone());
+        let ch = net.channel(&addr);
         tasks.push(tokio::spawn(async move {
-            let mut client = v1::job_service_client::JobServiceClient::new(channel(&addr));
+            let mut client = v1::job_service_client::JobServiceClient::new(ch);
             let mut lat = Vec::new();
             let mut n = 0;
             while Instant::now() < until {
@@ -215,8 +397,8 @@ async fn submit_load(addrs: Vec<String>, clients: usize, until: Instant, tag: St
 }
 
 /// Kill the leader with kill -9 and time until a write is accepted again; restarts it after.
-async fn kill_leader(c: &mut Cluster, tag: &str) -> anyhow::Result<f64> {
-    let leader = wait_for_leader(&c.running_addrs(), Duration::from_secs(20)).await.context("no leader")?;
+async fn kill_leader(net: &Net, c: &mut Cluster, tag: &str) -> anyhow::Result<f64> {
+    let leader = net.leader(&c.running_addrs(), Duration::from_secs(20)).await.context("no leader")?;
     c.servers.get_mut(&leader).context("leader id")?.kill();
     let others = c.running_addrs();
     let t = Instant::now();
@@ -225,7 +407,7 @@ async fn kill_leader(c: &mut Cluster, tag: &str) -> anyhow::Result<f64> {
         // Short deadlines so a request stuck on the dead leader does not hide the recovery.
         let addr = &others[i % others.len()];
         i += 1;
-        let mut cl = v1::job_service_client::JobServiceClient::new(channel(addr));
+        let mut cl = v1::job_service_client::JobServiceClient::new(net.channel(addr));
         let mut req = tonic::Request::new(v1::SubmitJobRequest {
             spec: Some(spec("after-kill")),
             idempotency_key: format!("{tag}-{i}"),
@@ -243,21 +425,21 @@ async fn kill_leader(c: &mut Cluster, tag: &str) -> anyhow::Result<f64> {
     Ok(took)
 }
 
-async fn cluster_phase(s: &Scale, run: usize, report: &mut Report) -> anyhow::Result<()> {
-    let mut c = Cluster::start(3, &[]);
+async fn cluster_phase(s: &Scale, run: usize, net: &Net, report: &mut Report) -> anyhow::Result<()> {
+    let mut c = net.cluster(&[]);
     let addrs = c.running_addrs();
-    wait_for_leader(&addrs, Duration::from_secs(20)).await.context("no leader")?;
+    net.leader(&addrs, Duration::from_secs(20)).await.context("no leader")?;
 
     let start = Instant::now();
-    let lat =
-        sorted(submit_load(addrs.clone(), s.clients, start + Duration::from_secs(s.seconds), format!("r{run}")).await);
+    let until = start + Duration::from_secs(s.seconds);
+    let lat = sorted(submit_load(net.clone(), addrs.clone(), s.clients, until, format!("r{run}")).await);
     let rate = lat.len() as f64 / start.elapsed().as_secs_f64();
     let clients = s.clients;
     report.add("P1", format!("submissions acknowledged, {clients} clients"), "/s", ">= 15,000", rate);
     report.add("P1", format!("submit latency p50, {clients} clients"), "ms", "", pct(&lat, 0.5));
     report.add("P1", format!("submit latency p99, {clients} clients"), "ms", "<= 50", pct(&lat, 0.99));
 
-    let mut client = v1::job_service_client::JobServiceClient::new(channel(&addrs[0]));
+    let mut client = v1::job_service_client::JobServiceClient::new(net.channel(&addrs[0]));
     let mut single = Vec::new();
     for n in 0..s.single {
         let t = Instant::now();
@@ -269,16 +451,16 @@ async fn cluster_phase(s: &Scale, run: usize, report: &mut Report) -> anyhow::Re
     report.add("P1", "submit latency p50, one client", "ms", "<= 2", pct(&sorted(single), 0.5));
 
     for k in 0..s.kills {
-        let took = kill_leader(&mut c, &format!("r{run}-kill{k}")).await?;
+        let took = kill_leader(net, &mut c, &format!("r{run}-kill{k}")).await?;
         report.add("P5", "leader kill -9 -> write accepted, idle", "ms", "<= 1,000", took);
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     for k in 0..s.kills {
         let addrs = c.running_addrs();
         let until = Instant::now() + Duration::from_secs(3);
-        let load = tokio::spawn(submit_load(addrs, s.clients, until, format!("r{run}-load{k}")));
+        let load = tokio::spawn(submit_load(net.clone(), addrs, s.clients, until, format!("r{run}-load{k}")));
         tokio::time::sleep(Duration::from_millis(1000)).await;
-        let took = kill_leader(&mut c, &format!("r{run}-lkill{k}")).await?;
+        let took = kill_leader(net, &mut c, &format!("r{run}-lkill{k}")).await?;
         report.add(
             "P5",
             format!("leader kill -9 -> write accepted, {clients} clients loading"),
@@ -290,7 +472,7 @@ async fn cluster_phase(s: &Scale, run: usize, report: &mut Report) -> anyhow::Re
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     report.servers("cluster", run, &c);
-    eprintln!("run {run}: cluster phase done");
+    eprintln!("run {run}: cluster phase done ({})", net.name());
     Ok(())
 }
 
@@ -304,6 +486,7 @@ fn gang_spec(name: &str) -> v1::JobSpec {
 
 /// Submit `n` jobs built by `make` from `clients` clients; returns their ids.
 async fn submit_many(
+    net: &Net,
     addrs: &[String],
     clients: usize,
     n: usize,
@@ -313,9 +496,9 @@ async fn submit_many(
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for w in 0..clients.max(1) {
-        let (addr, next, make) = (addrs[w % addrs.len()].clone(), next.clone(), make.clone());
+        let (ch, next, make) = (net.channel(&addrs[w % addrs.len()]), next.clone(), make.clone());
         tasks.push(tokio::spawn(async move {
-            let mut cl = v1::job_service_client::JobServiceClient::new(channel(&addr));
+            let mut cl = v1::job_service_client::JobServiceClient::new(ch);
             let mut ids = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -345,14 +528,14 @@ async fn submit_many(
     ids
 }
 
-async fn cancel_many(addrs: &[String], clients: usize, ids: Vec<u64>) {
+async fn cancel_many(net: &Net, addrs: &[String], clients: usize, ids: Vec<u64>) {
     let ids = Arc::new(ids);
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for w in 0..clients.max(1) {
-        let (addr, next, ids) = (addrs[w % addrs.len()].clone(), next.clone(), ids.clone());
+        let (ch, next, ids) = (net.channel(&addrs[w % addrs.len()]), next.clone(), ids.clone());
         tasks.push(tokio::spawn(async move {
-            let mut cl = v1::job_service_client::JobServiceClient::new(channel(&addr));
+            let mut cl = v1::job_service_client::JobServiceClient::new(ch);
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&job_id) = ids.get(i) else { return };
@@ -386,6 +569,7 @@ async fn wait_until(timeout: Duration, done: impl Fn() -> bool) -> bool {
 /// Fill the fleet with `jobs` jobs of `shards` shards each; (seconds, shards assigned, acks/s).
 async fn fill(
     s: &Scale,
+    net: &Net,
     addrs: &[String],
     stats: &fleet::FleetStats,
     jobs: usize,
@@ -397,11 +581,11 @@ async fn fill(
     let t = Instant::now();
     let deadline = t + Duration::from_secs(s.fill_timeout);
     let submit = tokio::spawn({
-        let addrs = addrs.to_vec();
+        let (net, addrs) = (net.clone(), addrs.to_vec());
         let clients = s.clients;
         async move {
             let t = Instant::now();
-            let ids = submit_many(&addrs, clients, jobs, make, deadline).await;
+            let ids = submit_many(&net, &addrs, clients, jobs, make, deadline).await;
             (ids, t.elapsed())
         }
     });
@@ -423,9 +607,9 @@ fn report_fill(report: &mut Report, what: &str, shards: usize, gpus: usize, took
 }
 
 /// Cancel `ids` and wait until the agents have stopped `shards` shards.
-async fn free(s: &Scale, addrs: &[String], stats: &fleet::FleetStats, ids: Vec<u64>, shards: u64) {
+async fn free(s: &Scale, net: &Net, addrs: &[String], stats: &fleet::FleetStats, ids: Vec<u64>, shards: u64) {
     let ended = stats.ended.load(Ordering::Relaxed);
-    cancel_many(addrs, s.clients, ids).await;
+    cancel_many(net, addrs, s.clients, ids).await;
     let freed = || stats.ended.load(Ordering::Relaxed) - ended >= shards;
     if !wait_until(Duration::from_secs(s.fill_timeout.max(60) * 2), freed).await {
         eprintln!("not every cancelled shard was stopped in time; the next figures start from a fuller fleet");
@@ -436,12 +620,19 @@ async fn free(s: &Scale, addrs: &[String], stats: &fleet::FleetStats, ids: Vec<u
 
 /// P3: `rate` single-GPU jobs per second for `seconds`, each running 1 s on its agent; the
 /// latency from sending the submission to its agent getting the assignment.
-async fn steady_submissions(addrs: &[String], stats: &Arc<fleet::FleetStats>, rate: usize, seconds: u64, run: usize) {
+async fn steady_submissions(
+    net: &Net,
+    addrs: &[String],
+    stats: &Arc<fleet::FleetStats>,
+    rate: usize,
+    seconds: u64,
+    run: usize,
+) {
     let n = rate * seconds as usize;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let clients: Vec<_> =
-        (0..16).map(|i| v1::job_service_client::JobServiceClient::new(channel(&addrs[i % addrs.len()]))).collect();
+        (0..16).map(|i| v1::job_service_client::JobServiceClient::new(net.channel(&addrs[i % addrs.len()]))).collect();
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
         tick.tick().await;
@@ -502,31 +693,35 @@ fn warnings(c: &Cluster) -> String {
     out
 }
 
-async fn fleet_phase(s: &Scale, run: usize, report: &mut Report) -> anyhow::Result<()> {
-    let c = Cluster::start(3, &[]);
-    let result = fleet_measure(s, run, report, &c).await;
+async fn fleet_phase(s: &Scale, run: usize, net: &Net, report: &mut Report) -> anyhow::Result<()> {
+    let c = net.cluster(&[]);
+    let result = fleet_measure(s, run, net, report, &c).await;
     if result.is_err() {
         eprintln!("{}", warnings(&c));
     }
     result
 }
 
-async fn fleet_measure(s: &Scale, run: usize, report: &mut Report, c: &Cluster) -> anyhow::Result<()> {
+async fn fleet_measure(s: &Scale, run: usize, net: &Net, report: &mut Report, c: &Cluster) -> anyhow::Result<()> {
     let addrs = c.running_addrs();
-    let leader = wait_for_leader(&addrs, Duration::from_secs(20)).await.context("no leader")?;
+    let leader = net.leader(&addrs, Duration::from_secs(20)).await.context("no leader")?;
     let leader_addr = c.servers[&leader].addr.clone();
     let leader_pid = c.servers[&leader].pid().context("leader pid")?;
     let n = s.agents;
 
     // One real agent process, drained so that it only samples and reports (P7).
-    let real = AgentProc::start("real-agent", &addrs, "8xH100-80GB", c.dir.path(), &[]);
+    let agent_args = net.real_agent_args();
+    let agent_args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
+    let real = AgentProc::start(REAL_AGENT, &addrs, "8xH100-80GB", c.dir.path(), &agent_args);
+    let prefix = format!("sim{run}");
+    let conns = net.fleet_conns(s, &prefix, n)?;
     let t = Instant::now();
     let leader_index = addrs.iter().position(|a| *a == leader_addr).unwrap_or(0);
-    let mut fleet = fleet::start(&addrs, leader_index, &format!("sim{run}"), n, s.agent_conns).await?;
+    let mut fleet = fleet::start(&addrs, leader_index, &prefix, n, conns).await?;
     report.add("", format!("agents registered, {n} agents"), "/s", "", n as f64 / t.elapsed().as_secs_f64());
-    let mut nodes = v1::node_service_client::NodeServiceClient::new(channel(&leader_addr));
+    let mut nodes = v1::node_service_client::NodeServiceClient::new(net.channel(&leader_addr));
     let drain = v1::DrainNodeRequest {
-        node: Some(v1::NodeRef { node: Some(v1::node_ref::Node::Name("real-agent".into())) }),
+        node: Some(v1::NodeRef { node: Some(v1::node_ref::Node::Name(REAL_AGENT.into())) }),
         deadline_seconds: None,
         reason: "loadgen: measured idle".into(),
     };
@@ -559,19 +754,27 @@ async fn fleet_measure(s: &Scale, run: usize, report: &mut Report, c: &Cluster) 
     report.add("P4", "heartbeat handling p99", "ms", "<= 10", pct(&hb, 0.99));
     report.add("P7", "agent CPU, 8 simulated GPUs at 1 Hz", "% core", "<= 0.2", (acpu1 - acpu0) / secs * 100.0);
     report.add("P7", "agent peak RSS", "MiB", "<= 20", arss);
-    eprintln!("run {run}: {n} agents connected, heartbeats measured");
+    eprintln!("run {run}: {n} agents connected, heartbeats measured ({})", net.name());
 
     // P2: every GPU, first with 4x8-GPU gangs, then with single-GPU jobs.
     let gangs = n / 4;
-    let (took, got, _, ids) =
-        fill(s, &addrs, &fleet.stats, gangs, 4, Arc::new(move |i| (gang_spec("gang"), format!("r{run}-gang-{i}"))))
-            .await;
+    let (took, got, _, ids) = fill(
+        s,
+        net,
+        &addrs,
+        &fleet.stats,
+        gangs,
+        4,
+        Arc::new(move |i| (gang_spec("gang"), format!("r{run}-gang-{i}"))),
+    )
+    .await;
     report_fill(report, "4x8-GPU gangs", gangs * 4, gangs * 32, took, got);
     eprintln!("run {run}: gangs filled {got} shards in {took:.1} s");
-    free(s, &addrs, &fleet.stats, ids, got).await;
+    free(s, net, &addrs, &fleet.stats, ids, got).await;
 
     let (took, got, acks, ids) =
-        fill(s, &addrs, &fleet.stats, n * 8, 1, Arc::new(move |i| (spec("fill"), format!("r{run}-fill-{i}")))).await;
+        fill(s, net, &addrs, &fleet.stats, n * 8, 1, Arc::new(move |i| (spec("fill"), format!("r{run}-fill-{i}"))))
+            .await;
     report_fill(report, "single-GPU jobs", n * 8, n * 8, took, got);
     report.add("P2", "single-GPU jobs: submissions acknowledged meanwhile", "/s", "", acks);
     eprintln!("run {run}: single-GPU jobs filled {got} shards in {took:.1} s");
@@ -579,8 +782,8 @@ async fn fleet_measure(s: &Scale, run: usize, report: &mut Report, c: &Cluster) 
     // P3: half the fleet free, then a steady stream of short jobs.
     let half: Vec<u64> = ids.iter().copied().step_by(2).collect();
     let count = half.len() as u64;
-    free(s, &addrs, &fleet.stats, half, count).await;
-    steady_submissions(&addrs, &fleet.stats, s.p3_rate, s.seconds, run).await;
+    free(s, net, &addrs, &fleet.stats, half, count).await;
+    steady_submissions(net, &addrs, &fleet.stats, s.p3_rate, s.seconds, run).await;
     let lat = sorted(std::mem::take(&mut *fleet.stats.assign_ms.lock().map_err(|_| anyhow::anyhow!("poisoned"))?));
     let missing = fleet.stats.submitted_at.lock().map(|m| m.len()).unwrap_or(0);
     report.add("P3", format!("submit -> assigned p50, {}/s, fleet half full", s.p3_rate), "ms", "", pct(&lat, 0.5));
@@ -633,10 +836,10 @@ fn disk_bytes(dir: &Path) -> u64 {
 }
 
 /// Until a linearizable read of `job` and a write both succeed through `addr`.
-async fn serving(addr: &str, job: u64, timeout: Duration) -> anyhow::Result<()> {
+async fn serving(net: &Net, addr: &str, job: u64, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        let mut cl = v1::job_service_client::JobServiceClient::new(channel(addr));
+        let mut cl = v1::job_service_client::JobServiceClient::new(net.channel(addr));
         let mut read = tonic::Request::new(v1::GetJobRequest { job_id: job, ..Default::default() });
         read.set_timeout(Duration::from_millis(500));
         if cl.get_job(read).await.is_ok() {
@@ -659,15 +862,16 @@ async fn serving(addr: &str, job: u64, timeout: Duration) -> anyhow::Result<()> 
 async fn restart_phase(
     s: &Scale,
     run: usize,
+    net: &Net,
     report: &mut Report,
     snapshot: &Path,
     logical: u64,
 ) -> anyhow::Result<()> {
     let file = snapshot.display().to_string();
-    let mut c = Cluster::start(3, &["--restore-from", &file]);
+    let mut c = net.cluster(&["--restore-from", &file]);
     let addrs = c.running_addrs();
-    wait_for_leader(&addrs, Duration::from_secs(120)).await.context("no leader after the restore")?;
-    serving(&addrs[0], 1, Duration::from_secs(60)).await?;
+    net.leader(&addrs, Duration::from_secs(120)).await.context("no leader after the restore")?;
+    serving(net, &addrs[0], 1, Duration::from_secs(60)).await?;
     let jobs = s.restart_jobs;
     let disk = c.servers.keys().map(|id| disk_bytes(&c.dir.path().join(format!("s{id}")))).max().unwrap_or(0);
     report.add(
@@ -689,7 +893,7 @@ async fn restart_phase(
     let addrs = c.running_addrs();
     let mut waits = Vec::new();
     for a in &addrs {
-        waits.push(serving(a, 1, Duration::from_secs(120)));
+        waits.push(serving(net, a, 1, Duration::from_secs(120)));
     }
     for w in waits {
         w.await?;
@@ -716,9 +920,12 @@ fn print_report(s: &Scale, r: &Report, path: &Path) -> anyhow::Result<()> {
         (pct(&v, 0.5), v.first().copied().unwrap_or(f64::NAN), v.last().copied().unwrap_or(f64::NAN))
     };
     println!(
-        "\nruns {}, {} clients, {} agents, {} jobs for the restart, {} s phases",
-        s.runs, s.clients, s.agents, s.restart_jobs, s.seconds
+        "\nruns {}, {} clients, {} agents, {} jobs for the restart, {} s phases, TLS {:?}",
+        s.runs, s.clients, s.agents, s.restart_jobs, s.seconds, s.tls
     );
+    if s.tls == TlsMode::Both {
+        println!("passes in order: {}", r.passes.join("; "));
+    }
     println!("{:<4} {:<72} {:>11} {:>11} {:>11} {:<7} {:<10}", "", "figure", "median", "min", "max", "unit", "target");
     for f in &r.figures {
         let (m, lo, hi) = stats(f);
@@ -737,7 +944,7 @@ fn print_report(s: &Scale, r: &Report, path: &Path) -> anyhow::Result<()> {
                 "median": m, "min": lo, "max": hi, "runs": f.values})
         })
         .collect();
-    let json = serde_json::json!({"scale": s, "figures": figures, "processes": r.processes});
+    let json = serde_json::json!({"scale": s, "passes": r.passes, "figures": figures, "processes": r.processes});
     std::fs::write(path, serde_json::to_vec_pretty(&json)?).with_context(|| format!("write {}", path.display()))?;
     println!("\nwritten to {}", path.display());
     Ok(())
@@ -754,6 +961,21 @@ async fn main() -> anyhow::Result<()> {
     }
     let phase = |p: &str| args.phases.iter().any(|x| x == p);
     let mut report = Report::default();
+
+    // The ways each run goes: plain, TLS, or both (the first alternating by run).
+    let ways: Vec<Net> = if s.tls == TlsMode::Off {
+        vec![Net::plain()]
+    } else {
+        raise_open_files_limit();
+        let t = Instant::now();
+        let pki = Arc::new(Pki::create().context("the throwaway CA")?);
+        eprintln!("throwaway CA and certificates in {} ({:.1} s)", pki.dir.path().display(), t.elapsed().as_secs_f64());
+        match s.tls {
+            TlsMode::On => vec![Net::tls(&pki)],
+            _ => vec![Net::plain(), Net::tls(&pki)],
+        }
+    };
+    let both = ways.len() > 1;
 
     // The history for P6, built once through the same commands the log carries.
     let history = if s.restart_jobs > 0 && phase("restart") {
@@ -776,22 +998,33 @@ async fn main() -> anyhow::Result<()> {
 
     // A phase that fails ends the benchmark, but what was measured before it is reported.
     let mut failed = None;
-    for run in 0..s.runs {
-        if phase("cluster")
-            && let Err(e) = cluster_phase(&s, run, &mut report).await
-        {
-            failed = Some(e.context(format!("run {run}, cluster phase")));
-            break;
+    'runs: for run in 0..s.runs {
+        let mut order: Vec<&Net> = ways.iter().collect();
+        if run % 2 == 1 {
+            order.reverse();
         }
-        if s.agents > 0
-            && phase("fleet")
-            && let Err(e) = fleet_phase(&s, run, &mut report).await
-        {
-            failed = Some(e.context(format!("run {run}, fleet phase")));
-            break;
+        for which in ["cluster", "fleet"] {
+            if !phase(which) || (which == "fleet" && s.agents == 0) {
+                continue;
+            }
+            for net in &order {
+                report.suffix = if both && net.pki.is_some() { " (TLS)" } else { "" };
+                report.passes.push(format!("run {run}: {which} {}", net.name()));
+                let result = match which {
+                    "cluster" => cluster_phase(&s, run, net, &mut report).await,
+                    _ => fleet_phase(&s, run, net, &mut report).await,
+                };
+                if let Err(e) = result {
+                    failed = Some(e.context(format!("run {run}, {which} phase ({})", net.name())));
+                    break 'runs;
+                }
+            }
         }
+        // The restart once per run: over TLS with `--tls on`, plain otherwise.
+        report.suffix = "";
+        let net = if s.tls == TlsMode::On { ways[0].clone() } else { Net::plain() };
         if let Some((_, path, logical)) = &history
-            && let Err(e) = restart_phase(&s, run, &mut report, path, *logical).await
+            && let Err(e) = restart_phase(&s, run, &net, &mut report, path, *logical).await
         {
             failed = Some(e.context(format!("run {run}, restart phase")));
             break;

@@ -197,12 +197,30 @@ pub struct Cluster {
 impl Cluster {
     /// Start `n` servers forming a new cluster, with extra server arguments.
     pub fn start(n: u64, extra: &[&str]) -> Cluster {
+        Cluster::start_with(n, extra, |_| Vec::new())
+    }
+
+    /// Start `n` servers forming a new cluster over mutual TLS: server `id` gets
+    /// `<certs>/ca.pem`, `<certs>/server-<id>.pem` and `<certs>/server-<id>-key.pem` (as
+    /// `tessera certs server <id> --host 127.0.0.1 --dir <certs>` writes them).
+    pub fn start_tls(n: u64, certs: &Path, extra: &[&str]) -> Cluster {
+        Cluster::start_with(n, extra, |id| {
+            let files = tessera_tls::TlsFiles::in_dir(certs, &format!("server-{id}"));
+            [("--tls-ca", files.ca), ("--tls-cert", files.cert), ("--tls-key", files.key)]
+                .into_iter()
+                .flat_map(|(flag, path)| [flag.to_string(), path.display().to_string()])
+                .collect()
+        })
+    }
+
+    fn start_with(n: u64, extra: &[&str], per_server: impl Fn(u64) -> Vec<String>) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let addrs: BTreeMap<u64, String> = (1..=n).map(|i| (i, format!("127.0.0.1:{}", free_port()))).collect();
         let initial = addrs.iter().map(|(i, a)| format!("{i}={a}")).collect::<Vec<_>>().join(",");
         let mut servers = BTreeMap::new();
         for (id, addr) in &addrs {
             let mut args = vec!["--initial-cluster".to_string(), initial.clone()];
+            args.extend(per_server(*id));
             args.extend(extra.iter().map(|s| s.to_string()));
             servers.insert(*id, ServerProc::start(*id, addr, &dir.path().join(format!("s{id}")), &args));
         }
@@ -222,17 +240,12 @@ impl Cluster {
 
 /// Connect to a server (lazily; calls fail fast while it is down).
 pub fn channel(addr: &str) -> Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_secs(15))
-        .connect_lazy()
+    secure_channel(&tessera_tls::Security::Insecure, addr)
 }
 
-/// Connect to a server over mutual TLS with the certificate `<dir>/<stem>.pem` (lazily).
-pub fn tls_channel(addr: &str, dir: &Path, stem: &str) -> Channel {
-    let tls = tessera_tls::Tls::load(tessera_tls::TlsFiles::in_dir(dir, stem)).expect("load TLS files");
-    let sec = tessera_tls::Security::Tls(tls);
+/// Connect to a server with `sec`: plain like [`channel`], or over mutual TLS with the
+/// certificate it holds (lazily; calls fail fast while the server is down).
+pub fn secure_channel(sec: &tessera_tls::Security, addr: &str) -> Channel {
     let ep = sec
         .endpoint(addr)
         .expect("endpoint")
@@ -241,13 +254,24 @@ pub fn tls_channel(addr: &str, dir: &Path, stem: &str) -> Channel {
     sec.connect_lazy(&ep)
 }
 
+/// Connect to a server over mutual TLS with the certificate `<dir>/<stem>.pem` (lazily).
+pub fn tls_channel(addr: &str, dir: &Path, stem: &str) -> Channel {
+    let tls = tessera_tls::Tls::load(tessera_tls::TlsFiles::in_dir(dir, stem)).expect("load TLS files");
+    secure_channel(&tessera_tls::Security::Tls(tls), addr)
+}
+
 /// The leader as the running servers see it (a majority must agree), within `timeout`.
 pub async fn wait_for_leader(addrs: &[String], timeout: Duration) -> Option<u64> {
+    wait_for_leader_with(&tessera_tls::Security::Insecure, addrs, timeout).await
+}
+
+/// [`wait_for_leader`], asking with `sec` (plain, or TLS with its certificate).
+pub async fn wait_for_leader_with(sec: &tessera_tls::Security, addrs: &[String], timeout: Duration) -> Option<u64> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         let mut votes: BTreeMap<u64, usize> = BTreeMap::new();
         for a in addrs {
-            let mut c = v1::cluster_service_client::ClusterServiceClient::new(channel(a));
+            let mut c = v1::cluster_service_client::ClusterServiceClient::new(secure_channel(sec, a));
             if let Ok(r) = c.status(v1::StatusRequest {}).await
                 && let Some(l) = r.into_inner().leader_id
             {

@@ -562,3 +562,59 @@ async fn founding_servers_bootstrap_acls_from_a_token_file() {
         .await;
     assert_eq!(code(again), Code::PermissionDenied);
 }
+
+/// The helpers the load generator runs its TLS passes with: `Cluster::start_tls` (each server
+/// its own certificate files), a client with a certificate from memory (`Tls::from_pem`) through
+/// `secure_channel`, and a simulated agent with its own in-memory agent certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_start_tls_with_clients_and_agents_from_memory() {
+    use tessera_core::acl::Principal;
+    use tessera_tls::issue::{Ca, write_pair};
+    use tessera_tls::{Security, Tls};
+
+    let certs = tempfile::tempdir().expect("temp dir");
+    let (ca, files) = Ca::create("test CA", 1).expect("ca");
+    write_pair(certs.path(), "ca", &files).expect("write ca");
+    for id in 1..=3 {
+        let issued = ca.issue(&Principal::Server { id }, &["127.0.0.1".into()], 1).expect("server");
+        write_pair(certs.path(), &format!("server-{id}"), &issued).expect("write server");
+    }
+    let from_memory = |who: Principal| {
+        let issued = ca.issue(&who, &[], 1).expect("issue");
+        Security::Tls(Tls::from_pem(ca.cert_pem(), &issued.cert_pem, &issued.key_pem).expect("from memory"))
+    };
+    let admin = from_memory(Principal::User {
+        name: "admin".into(),
+        role: Some(tessera_core::acl::Role::Admin),
+        tenants: Default::default(),
+        token: None,
+    });
+    let c = tessera_tests::Cluster::start_tls(3, certs.path(), &[]);
+    let addrs = c.running_addrs();
+    let leader = tessera_tests::wait_for_leader_with(&admin, &addrs, Duration::from_secs(30)).await;
+    let leader = leader.unwrap_or_else(|| panic!("no leader over TLS\n{}", c.logs()));
+    assert!(
+        tessera_tests::wait_for_leader(&addrs, Duration::from_millis(500)).await.is_none(),
+        "a plaintext client got an answer from a TLS server"
+    );
+    let mut jobs = v1::job_service_client::JobServiceClient::new(tessera_tests::secure_channel(&admin, &addrs[0]));
+    let req = v1::SubmitJobRequest { spec: Some(tessera_tests::spec("tls")), idempotency_key: "tls-1".into() };
+    jobs.submit_job(req).await.expect("the admin certificate submits");
+
+    // An agent certificate from memory registers its node with the leader.
+    let agent = from_memory(Principal::Agent { node: "sim-00000".into() });
+    let ch = tessera_tests::secure_channel(&agent, &c.servers[&leader].addr);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let register = v1::agent_message::Payload::Register(tessera_tests::sim_register("sim-00000"));
+    tx.send(v1::AgentMessage { seq: 1, payload: Some(register) }).await.expect("queue");
+    let mut stream = v1::agent_service_client::AgentServiceClient::new(ch)
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("session")
+        .into_inner();
+    let first = stream.message().await.expect("first message");
+    assert!(
+        matches!(first, Some(v1::ServerMessage { payload: Some(v1::server_message::Payload::Registered(_)) })),
+        "{first:?}"
+    );
+}

@@ -7,6 +7,8 @@
 //! - [`Tls`]: the CA bundle, certificate and key of one process, loaded into rustls server and
 //!   client configurations, and reloaded when the files change or on SIGHUP. A reload changes
 //!   what new connections use; connections already open (agent streams, Raft links) go on.
+//!   [`Tls::from_pem`] takes the PEM text from memory instead (no reload), for a program that
+//!   holds thousands of identities, like the load generator's simulated agents.
 //! - [`Security`]: TLS or `--insecure`, with the server's acceptor ([`Security::incoming`],
 //!   handshakes off the accept loop, the peer's identity parsed once per connection) and the
 //!   clients' connector ([`Security::connect`], which also checks that the far end holds a
@@ -99,23 +101,39 @@ fn load(files: &TlsFiles) -> Result<Loaded, TlsError> {
         .map_err(file_err(&files.ca))?
         .collect::<Result<_, _>>()
         .map_err(file_err(&files.ca))?;
-    if cas.is_empty() {
-        return Err(TlsError::File { path: files.ca.display().to_string(), message: "holds no certificate".into() });
-    }
-    let mut roots = RootCertStore::empty();
-    for c in cas {
-        roots.add(c).map_err(|e| TlsError::Config(format!("CA bundle {}: {e}", files.ca.display())))?;
-    }
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .map_err(file_err(&files.cert))?
         .collect::<Result<_, _>>()
         .map_err(file_err(&files.cert))?;
-    let Some(leaf) = chain.first() else {
-        return Err(TlsError::File { path: files.cert.display().to_string(), message: "holds no certificate".into() });
-    };
-    let identity =
-        identity::from_der(leaf).map_err(|m| TlsError::Config(format!("certificate {}: {m}", files.cert.display())))?;
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(file_err(&files.key))?;
+    let name = |p: &Path| p.display().to_string();
+    build(cas, chain, key, [&name(&files.ca), &name(&files.cert), &name(&files.key)], stamp)
+}
+
+fn pem_err(what: &'static str) -> impl Fn(rustls_pki_types::pem::Error) -> TlsError {
+    move |e| TlsError::Config(format!("{what}: {e}"))
+}
+
+/// The configurations for a CA bundle, a certificate chain and its key; `names` (CA,
+/// certificate, key) say where they came from in errors.
+fn build(
+    cas: Vec<CertificateDer<'static>>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    [ca_name, cert_name, key_name]: [&str; 3],
+    stamp: Vec<Option<(SystemTime, u64)>>,
+) -> Result<Loaded, TlsError> {
+    if cas.is_empty() {
+        return Err(TlsError::File { path: ca_name.to_string(), message: "holds no certificate".into() });
+    }
+    let mut roots = RootCertStore::empty();
+    for c in cas {
+        roots.add(c).map_err(|e| TlsError::Config(format!("CA bundle {ca_name}: {e}")))?;
+    }
+    let Some(leaf) = chain.first() else {
+        return Err(TlsError::File { path: cert_name.to_string(), message: "holds no certificate".into() });
+    };
+    let identity = identity::from_der(leaf).map_err(|m| TlsError::Config(format!("certificate {cert_name}: {m}")))?;
     let roots = Arc::new(roots);
     let bad = |e: rustls::Error| TlsError::Config(e.to_string());
     let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
@@ -126,9 +144,7 @@ fn load(files: &TlsFiles) -> Result<Loaded, TlsError> {
         .map_err(bad)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain.clone(), key.clone_key())
-        .map_err(|e| {
-            TlsError::Config(format!("certificate {} and key {}: {e}", files.cert.display(), files.key.display()))
-        })?;
+        .map_err(|e| TlsError::Config(format!("certificate {cert_name} and key {key_name}: {e}")))?;
     server.alpn_protocols = vec![b"h2".to_vec()];
     let mut client = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -140,9 +156,11 @@ fn load(files: &TlsFiles) -> Result<Loaded, TlsError> {
     Ok(Loaded { server: Arc::new(server), client: Arc::new(client), identity, stamp })
 }
 
-/// One process's TLS material, reloadable.
+/// One process's TLS material: reloadable when it came from files ([`Tls::load`]), fixed when
+/// it came from memory ([`Tls::from_pem`]).
 pub struct Tls {
-    files: TlsFiles,
+    /// None for material given in memory: nothing to reload from.
+    files: Option<TlsFiles>,
     current: RwLock<Arc<Loaded>>,
 }
 
@@ -156,7 +174,24 @@ impl Tls {
     /// Load the files; errors name the file.
     pub fn load(files: TlsFiles) -> Result<Arc<Tls>, TlsError> {
         let loaded = load(&files)?;
-        Ok(Arc::new(Tls { files, current: RwLock::new(Arc::new(loaded)) }))
+        Ok(Arc::new(Tls { files: Some(files), current: RwLock::new(Arc::new(loaded)) }))
+    }
+
+    /// TLS material from PEM text in memory: the CA bundle, the certificate (maybe followed by
+    /// intermediates) and its key. For programs that hold many identities at once (the load
+    /// generator's thousands of simulated agents) and would otherwise write a file pair for
+    /// each. It is not reloadable: there are no files to watch, [`Tls::reload`] does nothing
+    /// and [`Tls::watch`] ends at once.
+    pub fn from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Arc<Tls>, TlsError> {
+        let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(ca_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(pem_err("CA bundle PEM"))?;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(pem_err("certificate PEM"))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(pem_err("key PEM"))?;
+        let loaded = build(cas, chain, key, ["CA bundle PEM", "certificate PEM", "key PEM"], Vec::new())?;
+        Ok(Arc::new(Tls { files: None, current: RwLock::new(Arc::new(loaded)) }))
     }
 
     fn current(&self) -> Arc<Loaded> {
@@ -171,9 +206,9 @@ impl Tls {
         self.current().identity.clone()
     }
 
-    /// The files.
-    pub fn files(&self) -> &TlsFiles {
-        &self.files
+    /// The files; None for material given in memory ([`Tls::from_pem`]).
+    pub fn files(&self) -> Option<&TlsFiles> {
+        self.files.as_ref()
     }
 
     pub(crate) fn server_config(&self) -> Arc<ServerConfig> {
@@ -185,12 +220,14 @@ impl Tls {
     }
 
     /// Load the files again if they changed (or `force`); keeps the old material when the new
-    /// files do not load. Returns whether new material is in use.
+    /// files do not load. Returns whether new material is in use: always `Ok(false)` for
+    /// material given in memory ([`Tls::from_pem`]), which has no files to load again.
     pub fn reload(&self, force: bool) -> Result<bool, TlsError> {
-        if !force && self.files.stamp() == self.current().stamp {
+        let Some(files) = &self.files else { return Ok(false) };
+        if !force && files.stamp() == self.current().stamp {
             return Ok(false);
         }
-        let loaded = load(&self.files)?;
+        let loaded = load(files)?;
         let was = self.current().identity.clone();
         if loaded.identity != was {
             return Err(TlsError::Config(format!(
@@ -207,10 +244,15 @@ impl Tls {
     }
 
     /// Watch the files: reload on SIGHUP and when they change (checked every `every`). The
-    /// task ends when the last other reference to `self` is dropped.
+    /// task ends when the last other reference to `self` is dropped, and at once for material
+    /// given in memory ([`Tls::from_pem`]).
     pub fn watch(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
         let weak = Arc::downgrade(self);
+        let from_files = self.files.is_some();
         tokio::spawn(async move {
+            if !from_files {
+                return;
+            }
             let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
             loop {
                 let forced = tokio::select! {
@@ -219,7 +261,10 @@ impl Tls {
                 };
                 let Some(tls) = weak.upgrade() else { return };
                 match tls.reload(forced) {
-                    Ok(true) => tracing::info!(cert = %tls.files.cert.display(), "TLS certificates reloaded"),
+                    Ok(true) => {
+                        let cert = tls.files.as_ref().map(|f| f.cert.display().to_string()).unwrap_or_default();
+                        tracing::info!(%cert, "TLS certificates reloaded");
+                    }
                     Ok(false) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, "TLS certificates not reloaded; the previous ones stay in use")

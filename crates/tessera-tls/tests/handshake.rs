@@ -89,3 +89,46 @@ async fn rotation_through_a_two_ca_bundle_keeps_open_connections() {
     let _ = stop.send(());
     let _ = server.await;
 }
+
+#[tokio::test]
+async fn material_from_memory_handshakes_and_does_not_reload() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    let (ca, f) = Ca::create("memory CA", 1).expect("ca");
+    write_pair(d, "ca", &f).expect("write ca");
+    write_pair(d, "server-1", &ca.issue(&Principal::Server { id: 1 }, &["127.0.0.1".into()], 1).expect("server"))
+        .expect("write server");
+    let server_tls = Tls::load(TlsFiles::in_dir(d, "server-1")).expect("server files");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let (_reporter, health_service) = tonic_health::server::health_reporter();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server =
+        tokio::spawn(tonic::transport::Server::builder().add_service(health_service).serve_with_incoming_shutdown(
+            Security::Tls(server_tls).incoming(listener),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+
+    let agent = Principal::Agent { node: "sim-00001".into() };
+    let issued = ca.issue(&agent, &[], 1).expect("agent");
+    let tls = Tls::from_pem(ca.cert_pem(), &issued.cert_pem, &issued.key_pem).expect("from memory");
+    assert_eq!(tls.identity(), agent);
+    assert!(tls.files().is_none());
+    assert!(!tls.reload(true).expect("a reload of memory material is a no-op"));
+    assert!(tls.watch(Duration::from_millis(10)).await.is_ok(), "watching memory material ends at once");
+    let sec = Security::Tls(tls);
+    health(&sec, &addr).await.expect("a client with material from memory is served");
+    let lazy = sec.connect_lazy(&sec.endpoint(&addr).expect("endpoint"));
+    health_on(lazy).await.expect("and lazily");
+
+    // Errors say which piece is wrong.
+    let e = Tls::from_pem(ca.cert_pem(), "not a certificate", &issued.key_pem).expect_err("bad cert");
+    assert!(e.to_string().contains("certificate"), "{e}");
+    let e = Tls::from_pem("", &issued.cert_pem, &issued.key_pem).expect_err("no CA");
+    assert!(e.to_string().contains("CA bundle"), "{e}");
+
+    let _ = stop.send(());
+    let _ = server.await;
+}
