@@ -135,7 +135,7 @@ pub enum Conns {
     /// This many plain connections to each server, opened at the start and shared by every
     /// agent (their streams multiplexed over them).
     Shared(usize),
-    /// Each agent a connection of its own to each server it talks to, opened when it first
+    /// Each agent a connection of its own to the server it talks to, opened when it first
     /// does, with its own security (index = agent): TLS with its own agent certificate, or
     /// plain.
     Own(Vec<Security>),
@@ -169,18 +169,23 @@ impl Servers {
     }
 }
 
-/// One agent's own connections: its security, and its channel to each server once it has
-/// talked to that server.
+/// One agent's own connection: its security, and its channel to the server it talks to now.
+/// Moving to another server (a redirect, a lost leader) drops the channel to the one it left,
+/// so an agent holds one connection, as a real agent does: 10,000 agents that each kept one to
+/// an old and one to a new leader ran out of file descriptors.
 struct Own {
     security: Security,
-    channels: Vec<Option<tonic::transport::Channel>>,
+    current: Option<(usize, tonic::transport::Channel)>,
 }
 
 impl Own {
     fn channel(&mut self, addrs: &[String], to: usize) -> Result<tonic::transport::Channel, String> {
-        if let Some(ch) = &self.channels[to] {
+        if let Some((at, ch)) = &self.current
+            && *at == to
+        {
             return Ok(ch.clone());
         }
+        self.current = None;
         let ep = self
             .security
             .endpoint(&addrs[to])
@@ -188,7 +193,7 @@ impl Own {
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
         let ch = self.security.connect_lazy(&ep);
-        self.channels[to] = Some(ch.clone());
+        self.current = Some((to, ch.clone()));
         Ok(ch)
     }
 }
@@ -215,8 +220,7 @@ pub async fn start(servers: &[String], leader: usize, prefix: &str, n: usize, co
         Conns::Own(securities) => {
             anyhow::ensure!(securities.len() == n, "{} securities for {n} agents", securities.len());
             let servers = Arc::new(Servers { addrs: servers.to_vec(), channels: Vec::new() });
-            let k = servers.addrs.len();
-            let own = securities.into_iter().map(move |security| Own { security, channels: vec![None; k] });
+            let own = securities.into_iter().map(|security| Own { security, current: None });
             (servers, Some(own))
         }
     };
@@ -274,7 +278,7 @@ pub async fn start(servers: &[String], leader: usize, prefix: &str, n: usize, co
 struct Agent {
     i: usize,
     name: String,
-    /// Its own connections, or None when it uses the shared ones.
+    /// Its own connection, or None when it uses the shared ones.
     own: Option<Own>,
     stats: Arc<FleetStats>,
     held: Held,
