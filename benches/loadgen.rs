@@ -695,6 +695,12 @@ async fn agent_failure(fleet: &mut fleet::Fleet, how: fleet::Failure) -> anyhow:
     Ok(last.map_or(f64::NAN, |l| ms(l.duration_since(t))))
 }
 
+/// How many times a server became leader, after the first, by the servers' logs.
+fn leader_changes(c: &Cluster) -> usize {
+    let elected = |l: &&str| l.contains("raft role changed") && l.contains("Leader");
+    c.servers.values().map(|s| s.log().lines().filter(elected).count()).sum::<usize>().saturating_sub(1)
+}
+
 /// The servers' role changes and snapshots, and the first of their warnings and errors, for a
 /// phase that failed.
 fn warnings(c: &Cluster) -> String {
@@ -789,6 +795,7 @@ async fn fleet_measure(s: &Scale, run: usize, net: &Net, report: &mut Report, c:
 
     let lost = fleet.stats.streams_lost.load(Ordering::Relaxed) as f64;
     report.add("", "agent streams the servers ended (the agents reconnected)", "", "0", lost);
+    report.add("", "leader changes after the first election", "", "0", leader_changes(c) as f64);
     report.servers("fleet", run, c);
     report.process("fleet", run, "agent (real process, 8 simulated GPUs)", real.pid());
     report.process("fleet", run, format!("loadgen ({n} simulated agents, clients)"), Some(std::process::id()));
