@@ -135,7 +135,7 @@ pub enum Conns {
     /// This many plain connections to each server, opened at the start and shared by every
     /// agent (their streams multiplexed over them).
     Shared(usize),
-    /// Each agent a connection of its own to each server it talks to, opened when it first
+    /// Each agent a connection of its own to the server it talks to, opened when it first
     /// does, with its own security (index = agent): TLS with its own agent certificate, or
     /// plain.
     Own(Vec<Security>),
@@ -169,18 +169,23 @@ impl Servers {
     }
 }
 
-/// One agent's own connections: its security, and its channel to each server once it has
-/// talked to that server.
+/// One agent's own connection: its security, and its channel to the server it talks to now.
+/// Moving to another server (a redirect, a lost leader) drops the channel to the one it left,
+/// so an agent holds one connection, as a real agent does: 10,000 agents that each kept one to
+/// an old and one to a new leader ran out of file descriptors.
 struct Own {
     security: Security,
-    channels: Vec<Option<tonic::transport::Channel>>,
+    current: Option<(usize, tonic::transport::Channel)>,
 }
 
 impl Own {
     fn channel(&mut self, addrs: &[String], to: usize) -> Result<tonic::transport::Channel, String> {
-        if let Some(ch) = &self.channels[to] {
+        if let Some((at, ch)) = &self.current
+            && *at == to
+        {
             return Ok(ch.clone());
         }
+        self.current = None;
         let ep = self
             .security
             .endpoint(&addrs[to])
@@ -188,7 +193,7 @@ impl Own {
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
         let ch = self.security.connect_lazy(&ep);
-        self.channels[to] = Some(ch.clone());
+        self.current = Some((to, ch.clone()));
         Ok(ch)
     }
 }
@@ -215,8 +220,7 @@ pub async fn start(servers: &[String], leader: usize, prefix: &str, n: usize, co
         Conns::Own(securities) => {
             anyhow::ensure!(securities.len() == n, "{} securities for {n} agents", securities.len());
             let servers = Arc::new(Servers { addrs: servers.to_vec(), channels: Vec::new() });
-            let k = servers.addrs.len();
-            let own = securities.into_iter().map(move |security| Own { security, channels: vec![None; k] });
+            let own = securities.into_iter().map(|security| Own { security, current: None });
             (servers, Some(own))
         }
     };
@@ -235,13 +239,12 @@ pub async fn start(servers: &[String], leader: usize, prefix: &str, n: usize, co
         let mut me = Agent { i, name, own, stats, held: held.clone(), stall: stall.clone(), dead: dead.clone() };
         let task = tokio::spawn(async move {
             let permit = gate.acquire_owned().await;
-            let (tx, inbound) = match me.open(&servers, leader).await {
-                Opened::Session(tx, inbound) => (tx, *inbound),
-                Opened::Redirect(_) => {
-                    let _ = ready.send(Err(anyhow::anyhow!("agent {}: not the leader", me.name))).await;
-                    return;
-                }
-                Opened::Failed(e) => {
+            // A leader change while the fleet registers sends it to the new leader, like the
+            // reconnections below.
+            let mut target = leader;
+            let (tx, inbound) = match me.session(&servers, &mut target).await {
+                Ok(s) => s,
+                Err(e) => {
                     let _ = ready.send(Err(anyhow::anyhow!("agent {}: {e}", me.name))).await;
                     return;
                 }
@@ -250,34 +253,12 @@ pub async fn start(servers: &[String], leader: usize, prefix: &str, n: usize, co
             me.stats.registered.fetch_add(1, Ordering::Relaxed);
             let _ = ready.send(Ok(())).await;
             me.run(tx, inbound).await;
-            let mut target = leader;
             loop {
                 if me.dead.load(Ordering::Relaxed) {
                     return;
                 }
                 me.stats.streams_lost.fetch_add(1, Ordering::Relaxed);
-                // Like a real agent: try again at once, then each server in turn.
-                let mut tries = 0usize;
-                let (tx, inbound) = loop {
-                    match me.open(&servers, target).await {
-                        Opened::Session(tx, inbound) => break (tx, *inbound),
-                        Opened::Redirect(Some(addr)) => {
-                            target = servers
-                                .addrs
-                                .iter()
-                                .position(|a| *a == addr)
-                                .unwrap_or((target + 1) % servers.addrs.len());
-                        }
-                        Opened::Redirect(None) | Opened::Failed(_) => {
-                            target = (target + 1) % servers.addrs.len();
-                            tokio::time::sleep(Duration::from_millis(100 + (me.i as u64 % 100))).await;
-                        }
-                    }
-                    tries += 1;
-                    if tries > 600 {
-                        return;
-                    }
-                };
+                let Ok((tx, inbound)) = me.session(&servers, &mut target).await else { return };
                 me.run(tx, inbound).await;
             }
         });
@@ -297,7 +278,7 @@ pub async fn start(servers: &[String], leader: usize, prefix: &str, n: usize, co
 struct Agent {
     i: usize,
     name: String,
-    /// Its own connections, or None when it uses the shared ones.
+    /// Its own connection, or None when it uses the shared ones.
     own: Option<Own>,
     stats: Arc<FleetStats>,
     held: Held,
@@ -324,6 +305,34 @@ fn exited(attempt_id: u64, termination: v1::shard_exited::Termination) -> In {
 }
 
 impl Agent {
+    /// Open a session with the leader, starting at the server `target`. Like a real agent: try
+    /// at once the server a refusal names as the leader, otherwise each server in turn after
+    /// 100-200 ms; give up after 600 tries with the last error. `target` ends at the server that
+    /// accepted.
+    async fn session(
+        &mut self,
+        servers: &Servers,
+        target: &mut usize,
+    ) -> Result<(mpsc::Sender<v1::AgentMessage>, tonic::Streaming<v1::ServerMessage>), String> {
+        let mut last = String::new();
+        for _ in 0..=600 {
+            last = match self.open(servers, *target).await {
+                Opened::Session(tx, inbound) => return Ok((tx, *inbound)),
+                Opened::Redirect(Some(addr)) => {
+                    *target =
+                        servers.addrs.iter().position(|a| *a == addr).unwrap_or((*target + 1) % servers.addrs.len());
+                    last = format!("not the leader (it named {addr})");
+                    continue;
+                }
+                Opened::Redirect(None) => "not the leader (no leader known)".into(),
+                Opened::Failed(e) => e,
+            };
+            *target = (*target + 1) % servers.addrs.len();
+            tokio::time::sleep(Duration::from_millis(100 + (self.i as u64 % 100))).await;
+        }
+        Err(last)
+    }
+
     /// Open a session with the server `to`, registering with the attempts it runs.
     async fn open(&mut self, servers: &Servers, to: usize) -> Opened {
         let ch = match &mut self.own {

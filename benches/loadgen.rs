@@ -86,6 +86,11 @@ struct Args {
     /// Longest wait for the fleet to fill (P2); past it the rate is over what was assigned.
     #[arg(long, default_value_t = 120)]
     fill_timeout: u64,
+    /// What the fleet phase measures: everything (all), or only registration and the steady
+    /// heartbeats (heartbeats: P4 and P7, a few seconds; the fills, P3 and the agent failures
+    /// take minutes at 10,000 agents).
+    #[arg(long, value_enum, default_value_t = FleetSteps::All)]
+    fleet_steps: FleetSteps,
     /// Phases to run, of cluster, fleet and restart.
     #[arg(long, value_delimiter = ',', default_value = "cluster,fleet,restart")]
     phases: Vec<String>,
@@ -103,10 +108,19 @@ enum TlsMode {
     Both,
 }
 
+/// How much of the fleet phase runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+enum FleetSteps {
+    Heartbeats,
+    All,
+}
+
 /// The flags with the quick or full defaults filled in.
 #[derive(Debug, Clone, serde::Serialize)]
 struct Scale {
     tls: TlsMode,
+    fleet_steps: FleetSteps,
     clients: usize,
     seconds: u64,
     runs: usize,
@@ -124,6 +138,7 @@ impl Scale {
         let pick = |v: Option<usize>, quick: usize, full: usize| v.unwrap_or(if a.full { full } else { quick });
         Scale {
             tls: a.tls,
+            fleet_steps: a.fleet_steps,
             clients: pick(a.clients, 64, 256),
             seconds: a.seconds.unwrap_or(if a.full { 10 } else { 3 }),
             runs: pick(a.runs, 1, 3).max(1),
@@ -341,6 +356,18 @@ impl Net {
                 fleet::Conns::Own(all)
             }
         })
+    }
+}
+
+/// SIGINT or SIGTERM, whichever comes first; its name.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
     }
 }
 
@@ -668,6 +695,12 @@ async fn agent_failure(fleet: &mut fleet::Fleet, how: fleet::Failure) -> anyhow:
     Ok(last.map_or(f64::NAN, |l| ms(l.duration_since(t))))
 }
 
+/// How many times a server became leader, after the first, by the servers' logs.
+fn leader_changes(c: &Cluster) -> usize {
+    let elected = |l: &&str| l.contains("raft role changed") && l.contains("Leader");
+    c.servers.values().map(|s| s.log().lines().filter(elected).count()).sum::<usize>().saturating_sub(1)
+}
+
 /// The servers' role changes and snapshots, and the first of their warnings and errors, for a
 /// phase that failed.
 fn warnings(c: &Cluster) -> String {
@@ -756,6 +789,32 @@ async fn fleet_measure(s: &Scale, run: usize, net: &Net, report: &mut Report, c:
     report.add("P7", "agent peak RSS", "MiB", "<= 20", arss);
     eprintln!("run {run}: {n} agents connected, heartbeats measured ({})", net.name());
 
+    if s.fleet_steps == FleetSteps::All {
+        fleet_load(s, run, net, report, &addrs, &mut fleet).await?;
+    }
+
+    let lost = fleet.stats.streams_lost.load(Ordering::Relaxed) as f64;
+    report.add("", "agent streams the servers ended (the agents reconnected)", "", "0", lost);
+    report.add("", "leader changes after the first election", "", "0", leader_changes(c) as f64);
+    report.servers("fleet", run, c);
+    report.process("fleet", run, "agent (real process, 8 simulated GPUs)", real.pid());
+    report.process("fleet", run, format!("loadgen ({n} simulated agents, clients)"), Some(std::process::id()));
+    drop(fleet);
+    Ok(())
+}
+
+/// The fleet under load, after the heartbeats: P2 (filling every GPU), P3 (steady submissions
+/// with the fleet half full) and P5 (an agent killed, one cut off).
+async fn fleet_load(
+    s: &Scale,
+    run: usize,
+    net: &Net,
+    report: &mut Report,
+    addrs: &[String],
+    fleet: &mut fleet::Fleet,
+) -> anyhow::Result<()> {
+    let n = s.agents;
+    let addrs = addrs.to_vec();
     // P2: every GPU, first with 4x8-GPU gangs, then with single-GPU jobs.
     let gangs = n / 4;
     let (took, got, _, ids) = fill(
@@ -804,17 +863,10 @@ async fn fleet_measure(s: &Scale, run: usize, net: &Net, report: &mut Report, c:
             f64::NAN
         })
     };
-    let killed = or_nan(agent_failure(&mut fleet, fleet::Failure::Killed).await);
+    let killed = or_nan(agent_failure(fleet, fleet::Failure::Killed).await);
     report.add("P5", format!("agent killed -> its shards assigned elsewhere, {n} agents"), "ms", "<= 3,000", killed);
-    let cut = or_nan(agent_failure(&mut fleet, fleet::Failure::CutOff).await);
+    let cut = or_nan(agent_failure(fleet, fleet::Failure::CutOff).await);
     report.add("P5", format!("agent cut off (no FIN) -> shards assigned elsewhere, {n} agents"), "ms", "<= 5,000", cut);
-
-    let lost = fleet.stats.streams_lost.load(Ordering::Relaxed) as f64;
-    report.add("", "agent streams the servers ended (the agents reconnected)", "", "0", lost);
-    report.servers("fleet", run, c);
-    report.process("fleet", run, "agent (real process, 8 simulated GPUs)", real.pid());
-    report.process("fleet", run, format!("loadgen ({n} simulated agents, clients)"), Some(std::process::id()));
-    drop(fleet);
     Ok(())
 }
 
@@ -996,40 +1048,45 @@ async fn main() -> anyhow::Result<()> {
         None
     };
 
-    // A phase that fails ends the benchmark, but what was measured before it is reported.
-    let mut failed = None;
-    'runs: for run in 0..s.runs {
-        let mut order: Vec<&Net> = ways.iter().collect();
-        if run % 2 == 1 {
-            order.reverse();
-        }
-        for which in ["cluster", "fleet"] {
-            if !phase(which) || (which == "fleet" && s.agents == 0) {
-                continue;
+    // A phase that fails ends the benchmark, and so does SIGINT or SIGTERM (`timeout`), but what
+    // was measured before is reported; the processes of the phase cut short are killed.
+    let work = async {
+        for run in 0..s.runs {
+            let mut order: Vec<&Net> = ways.iter().collect();
+            if run % 2 == 1 {
+                order.reverse();
             }
-            for net in &order {
-                report.suffix = if both && net.pki.is_some() { " (TLS)" } else { "" };
-                report.passes.push(format!("run {run}: {which} {}", net.name()));
-                let result = match which {
-                    "cluster" => cluster_phase(&s, run, net, &mut report).await,
-                    _ => fleet_phase(&s, run, net, &mut report).await,
-                };
-                if let Err(e) = result {
-                    failed = Some(e.context(format!("run {run}, {which} phase ({})", net.name())));
-                    break 'runs;
+            for which in ["cluster", "fleet"] {
+                if !phase(which) || (which == "fleet" && s.agents == 0) {
+                    continue;
+                }
+                for net in &order {
+                    report.suffix = if both && net.pki.is_some() { " (TLS)" } else { "" };
+                    report.passes.push(format!("run {run}: {which} {}", net.name()));
+                    let result = match which {
+                        "cluster" => cluster_phase(&s, run, net, &mut report).await,
+                        _ => fleet_phase(&s, run, net, &mut report).await,
+                    };
+                    if let Err(e) = result {
+                        return Some(e.context(format!("run {run}, {which} phase ({})", net.name())));
+                    }
                 }
             }
+            // The restart once per run: over TLS with `--tls on`, plain otherwise.
+            report.suffix = "";
+            let net = if s.tls == TlsMode::On { ways[0].clone() } else { Net::plain() };
+            if let Some((_, path, logical)) = &history
+                && let Err(e) = restart_phase(&s, run, &net, &mut report, path, *logical).await
+            {
+                return Some(e.context(format!("run {run}, restart phase")));
+            }
         }
-        // The restart once per run: over TLS with `--tls on`, plain otherwise.
-        report.suffix = "";
-        let net = if s.tls == TlsMode::On { ways[0].clone() } else { Net::plain() };
-        if let Some((_, path, logical)) = &history
-            && let Err(e) = restart_phase(&s, run, &net, &mut report, path, *logical).await
-        {
-            failed = Some(e.context(format!("run {run}, restart phase")));
-            break;
-        }
-    }
+        None
+    };
+    let failed = tokio::select! {
+        failed = work => failed,
+        signal = stop_signal() => Some(anyhow::anyhow!("stopped by {signal}")),
+    };
     print_report(&s, &report, &args.json)?;
     match failed {
         Some(e) => Err(e),
