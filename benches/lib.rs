@@ -1,5 +1,5 @@
 //! Fixtures shared by Tessera's benchmarks: fleets and job mixes at the scale of
-//! `../shared/design/targets.md` (10,000 nodes x 8 GPUs), built through the same commands the
+//! `docs/targets.md` (10,000 nodes x 8 GPUs), built through the same commands the
 //! Raft log carries.
 
 use std::collections::BTreeMap;

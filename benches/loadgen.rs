@@ -1,4 +1,4 @@
-//! Load generator: the figures P1-P7 of `../shared/design/targets.md`, measured on real
+//! Load generator: the figures P1-P7 of `docs/targets.md`, measured on real
 //! `tessera server` and `tessera agent` processes on loopback. It starts everything itself (the
 //! release binary beside it: build with `cargo build --release -p tessera -p tessera-benches`)
 //! and stops it when it ends.
