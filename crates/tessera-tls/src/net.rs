@@ -148,12 +148,10 @@ impl Security {
                                 Ok(Ok(s)) => s,
                                 Ok(Err(e)) => {
                                     tracing::debug!(%remote, error = %e, "TLS handshake refused");
-                                    metrics_refused();
                                     return;
                                 }
                                 Err(_) => {
                                     tracing::debug!(%remote, "TLS handshake timed out");
-                                    metrics_refused();
                                     return;
                                 }
                             };
@@ -196,11 +194,6 @@ impl Security {
             Security::Tls(tls) => ep.connect_with_connector_lazy(Connector { tls: tls.clone() }),
         }
     }
-}
-
-fn metrics_refused() {
-    // A counter the servers export; harmless where no recorder is installed.
-    tracing::trace!("tls handshake refused");
 }
 
 /// Dials TLS with the current client configuration, and refuses a far end whose certificate
