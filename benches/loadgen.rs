@@ -332,6 +332,16 @@ impl Net {
         wait_for_leader_with(&self.client, addrs, timeout).await
     }
 
+    /// A CLI's `--ca/--cert/--key` (the admin user), or `--insecure`.
+    fn cli_args(&self) -> Vec<String> {
+        let Some(pki) = &self.pki else { return vec!["--insecure".into()] };
+        let f = TlsFiles::in_dir(pki.dir.path(), "user-loadgen");
+        [("--ca", f.ca), ("--cert", f.cert), ("--key", f.key)]
+            .into_iter()
+            .flat_map(|(flag, p)| [flag.to_string(), p.display().to_string()])
+            .collect()
+    }
+
     /// The real agent's `--ca/--cert/--key`, or nothing (it then runs `--insecure`).
     fn real_agent_args(&self) -> Vec<String> {
         let Some(pki) = &self.pki else { return Vec::new() };
@@ -452,6 +462,55 @@ async fn kill_leader(net: &Net, c: &mut Cluster, tag: &str) -> anyhow::Result<f6
     Ok(took)
 }
 
+/// How long after `t` one of `addrs` first names a leader other than `old`, polling every 10 ms.
+async fn elected(net: &Net, addrs: &[String], old: u64, t: Instant) -> Option<f64> {
+    let mut clients: Vec<_> =
+        addrs.iter().map(|a| v1::cluster_service_client::ClusterServiceClient::new(net.channel(a))).collect();
+    while t.elapsed() < Duration::from_secs(30) {
+        for c in clients.iter_mut() {
+            let mut req = tonic::Request::new(v1::StatusRequest {});
+            req.set_timeout(Duration::from_millis(200));
+            if let Ok(r) = c.status(req).await
+                && let Some(l) = r.into_inner().leader_id
+                && l != old
+                && l != 0
+            {
+                return Some(ms(t.elapsed()));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+/// P9: kill -9 the leader and at once run `tessera job submit` with every server listed, the
+/// dead one first. How long after the kill the CLI returned, and how long after the survivors
+/// first named the new leader; restarts the killed server after.
+async fn cli_submit_after_kill(net: &Net, c: &mut Cluster, tag: &str) -> anyhow::Result<(f64, f64)> {
+    let leader = net.leader(&c.running_addrs(), Duration::from_secs(20)).await.context("no leader")?;
+    let dead = c.servers.get(&leader).context("leader id")?.addr.clone();
+    let mut servers = vec![dead];
+    servers.extend(c.servers.values().filter(|s| s.id != leader).map(|s| s.addr.clone()));
+    let mut args: Vec<String> = ["job", "submit"].map(String::from).to_vec();
+    args.extend(net.cli_args());
+    args.extend(["--server".into(), servers.join(","), "--name".into(), tag.into(), "-o".into(), "json".into()]);
+    args.extend(["--".into(), "true".into()]);
+    c.servers.get_mut(&leader).context("leader id")?.kill();
+    let t = Instant::now();
+    let others = c.running_addrs();
+    let election = elected(net, &others, leader, t);
+    let cli = tokio::process::Command::new(tessera_tests::tessera_bin()).args(&args).kill_on_drop(true).output();
+    let (election, out) = tokio::join!(election, cli);
+    let returned = ms(t.elapsed());
+    let out = out.context("run tessera job submit")?;
+    c.servers.get_mut(&leader).context("leader id")?.restart();
+    if !out.status.success() {
+        bail!("tessera job submit after the leader kill failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let election = election.context("no new leader named within 30 s")?;
+    Ok((returned, returned - election))
+}
+
 async fn cluster_phase(s: &Scale, run: usize, net: &Net, report: &mut Report) -> anyhow::Result<()> {
     let mut c = net.cluster(&[]);
     let addrs = c.running_addrs();
@@ -496,6 +555,12 @@ async fn cluster_phase(s: &Scale, run: usize, net: &Net, report: &mut Report) ->
             took,
         );
         let _ = load.await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    for k in 0..s.kills {
+        let (returned, after_election) = cli_submit_after_kill(net, &mut c, &format!("r{run}-cli{k}")).await?;
+        report.add("P9", "leader kill -9 -> CLI job submit returned", "ms", "", returned);
+        report.add("P9", "CLI job submit returned after the new leader was named", "ms", "<= 1,000", after_election);
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     report.servers("cluster", run, &c);

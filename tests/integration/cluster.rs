@@ -71,6 +71,53 @@ async fn leader_kill_then_restart_loses_nothing() {
     assert_eq!(job_ids(&c.servers[&first].addr, false).await.unwrap().len(), acked.len());
 }
 
+/// A submission that a follower forwarded to a leader that then froze and died is proposed
+/// again by that follower once it sees the leader change: the client's one call succeeds (it
+/// used to wait out the ten-second write timeout and fail UNAVAILABLE), and the job exists
+/// once. Then the CLI submits through a list that starts with the dead server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_forwarded_to_a_dying_leader_is_proposed_again_once() {
+    let mut c = Cluster::start(3, &[]);
+    let old = leader(&c).await;
+    let follower = c.servers.values().find(|s| s.id != old).unwrap().addr.clone();
+    let mut client = v1::job_service_client::JobServiceClient::new(channel(&follower));
+    // A first write through the follower: it knows the leader and its connection is warm.
+    let req = |key: &str| v1::SubmitJobRequest { spec: Some(tessera_tests::spec(key)), idempotency_key: key.into() };
+    client.submit_job(req("warm")).await.expect("a write through the follower");
+    // Freeze the leader (its sockets stay open, so nothing tells the follower), submit through
+    // the follower, then kill the leader.
+    c.servers[&old].signal("STOP");
+    let pending = tokio::spawn(async move { client.submit_job(req("through-failover")).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.servers.get_mut(&old).unwrap().kill();
+    let job = match pending.await.unwrap() {
+        Ok(r) => r.into_inner().job_id,
+        Err(s) => panic!("the forwarded submission failed: {s}\n{}", c.logs()),
+    };
+    let logs = c.logs();
+    assert!(logs.contains("proposed again after the leader changed"), "no re-proposal logged\n{logs}");
+    // The CLI, told about the dead server first, reaches a live one.
+    let servers = c.servers.values().map(|s| s.addr.clone()).collect::<Vec<_>>().join(",");
+    let out = tessera_tests::tessera(&[
+        "job",
+        "submit",
+        "--insecure",
+        "--server",
+        &servers,
+        "--name",
+        "cli-after-kill",
+        "-o",
+        "json",
+        "--",
+        "true",
+    ]);
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), c.logs());
+    converge(&c).await;
+    let ids = job_ids(&follower, false).await.unwrap();
+    assert_eq!(ids.len(), 3, "warm-up, the forwarded submission and the CLI's: {ids:?}");
+    assert!(ids.contains(&job));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loop_while_clients_submit_loses_no_acknowledged_job() {
     kill_loop(20).await;

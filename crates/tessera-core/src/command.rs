@@ -268,6 +268,13 @@ impl Command {
         Ok(env.cmd)
     }
 
+    /// Whether applying this command twice does what applying it once does, so that a proposal
+    /// whose outcome is unknown (its leader died) may be proposed again: a submission with an
+    /// idempotency key (the second finds the first's job).
+    pub fn repeatable(&self) -> bool {
+        matches!(self, Command::SubmitJob { idempotency_key: Some(_), .. })
+    }
+
     /// A short name for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -45,6 +45,11 @@ pub enum ProposeError {
     /// The entry did not apply in time. It may still apply later: the outcome is unknown.
     #[error("timed out before the entry was applied; the outcome is unknown")]
     Timeout,
+    /// The leader changed (or was lost) before the entry applied here: a proposal forwarded to
+    /// a leader that died is lost, one it had replicated may still apply. The outcome is
+    /// unknown; retry where repeating is safe (an idempotency key), at once.
+    #[error("the leader changed before the entry was applied; the outcome is unknown")]
+    LeaderChanged,
     /// The request is not valid in the current membership.
     #[error("{0}")]
     Invalid(String),
@@ -208,6 +213,8 @@ pub struct RaftNode<S: LogStore, M: StateMachine> {
     reads: BTreeMap<u64, Pending<ReadFn<M>>>,
     ready_reads: VecDeque<(u64, ReadFn<M>)>,
     role: StateRole,
+    /// The leader as of the last Ready cycle (0: none known).
+    leader: u64,
 }
 
 fn context(node: u64, id: u64) -> Vec<u8> {
@@ -269,6 +276,7 @@ impl<S: LogStore, M: StateMachine> RaftNode<S, M> {
             reads: BTreeMap::new(),
             ready_reads: VecDeque::new(),
             role: StateRole::Follower,
+            leader: 0,
         })
     }
 
@@ -418,11 +426,15 @@ impl<S: LogStore, M: StateMachine> RaftNode<S, M> {
             return Ok(out);
         }
         let mut rd = self.raw.ready();
-        if let Some(ss) = rd.ss()
-            && ss.raft_state != self.role
-        {
-            self.role = ss.raft_state;
-            out.role = Some(ss.raft_state);
+        if let Some(ss) = rd.ss() {
+            if ss.raft_state != self.role {
+                self.role = ss.raft_state;
+                out.role = Some(ss.raft_state);
+            }
+            if ss.leader_id != self.leader {
+                self.leader = ss.leader_id;
+                self.fail_waiting(ProposeError::LeaderChanged);
+            }
         }
         // A leader may send before it persists (raft thesis 10.2.1); followers send after.
         out.messages.extend(rd.take_messages());
@@ -547,6 +559,22 @@ impl<S: LogStore, M: StateMachine> RaftNode<S, M> {
             }
         }
         Ok(())
+    }
+
+    /// Fail every proposal and read waiting here: they went to a leader that is gone (or
+    /// this server was the leader), so nothing will answer them until they time out. Entries
+    /// already in this server's log still apply; their callers retry with the same key.
+    fn fail_waiting(&mut self, why: ProposeError) {
+        let n = self.proposals.len() + self.reads.len();
+        for (_, p) in std::mem::take(&mut self.proposals) {
+            (p.respond)(Err(why.clone()));
+        }
+        for (_, p) in std::mem::take(&mut self.reads) {
+            (p.respond)(Err(why.clone()));
+        }
+        if n > 0 {
+            tracing::info!(failed = n, leader = self.leader, "leader changed; waiting proposals and reads failed");
+        }
     }
 
     fn run_reads(&mut self) {

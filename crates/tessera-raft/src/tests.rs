@@ -261,6 +261,38 @@ fn a_partitioned_leader_commits_nothing_and_the_cluster_converges() {
     assert!(!matches!(done(&lost), Some(Ok(_))), "the cut-off proposal reported success");
 }
 
+/// A proposal forwarded to a leader that died is lost. Its caller hears so once the follower
+/// knows the leader is gone, not after the request timeout (200 ticks), and a retry on the
+/// new leader commits.
+#[test]
+fn a_proposal_forwarded_to_a_dead_leader_fails_when_the_leader_changes() {
+    let mut net = Net::new(3, 1000);
+    let old = net.elect();
+    let follower = *net.nodes.keys().find(|id| **id != old).unwrap();
+    net.isolate(old);
+    let lost = net.propose(follower, b"lost");
+    let read: Arc<Mutex<Option<Result<(), ProposeError>>>> = Arc::new(Mutex::new(None));
+    let r = read.clone();
+    net.nodes.get_mut(&follower).unwrap().read(Box::new(move |sm| *r.lock().unwrap() = Some(sm.map(|_| ()))));
+    let mut ticks = 0;
+    while done(&lost).is_none() && ticks < 150 {
+        net.run(1);
+        ticks += 1;
+    }
+    assert_eq!(done(&lost), Some(Err(ProposeError::LeaderChanged)), "after {ticks} ticks");
+    assert!(ticks <= 60, "the lost proposal waited {ticks} ticks (election timeout is 10-20)");
+    assert_eq!(*read.lock().unwrap(), Some(Err(ProposeError::LeaderChanged)));
+    let new = net.elect();
+    assert_ne!(new, old);
+    let again = net.propose(follower, b"lost");
+    net.run(3);
+    assert!(matches!(done(&again), Some(Ok(_))), "the retry: {:?}", done(&again));
+    net.heal();
+    net.run(100);
+    net.assert_converged();
+    assert_eq!(net.logs()[&old].iter().filter(|e| e.as_slice() == b"lost").count(), 1);
+}
+
 #[test]
 fn dropped_and_reordered_messages_still_agree() {
     let mut net = Net::new(5, 50);

@@ -89,16 +89,19 @@ pub fn unavailable(e: ProposeError) -> Status {
 }
 
 impl Shared {
-    /// Propose a command and wait for its outcome; retries while no leader is known.
+    /// Propose a command and wait for its outcome. It is proposed again while no leader is
+    /// known, and, for a command that may be applied twice ([`Command::repeatable`]), when the
+    /// leader changed before it applied; any other write whose leader changed fails at once
+    /// with UNAVAILABLE (its outcome unknown) instead of waiting out [`WRITE_TIMEOUT`].
     pub async fn write(&self, cmd: &Command) -> Result<Vec<Event>, Status> {
         let started = std::time::Instant::now();
         let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
-        let mut backoff = Duration::from_millis(20);
         let result = loop {
             match self.raft.propose(encode_entry(cmd, now())).await {
-                Err(ProposeError::NoLeader) if tokio::time::Instant::now() + backoff < deadline => {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                Err(ProposeError::NoLeader) if self.until_leader(deadline).await => {}
+                Err(ProposeError::LeaderChanged) if cmd.repeatable() && self.until_leader(deadline).await => {
+                    tracing::info!(kind = cmd.kind(), "proposed again after the leader changed");
+                    metrics::counter!("tessera_proposals_repeated_total", "kind" => cmd.kind()).increment(1);
                 }
                 other => break other,
             }
@@ -112,6 +115,19 @@ impl Shared {
             Outcome::Rejected(r) => Err(rejection_to_status(&r)),
             Outcome::Undecodable(m) => Err(Status::internal(m)),
         }
+    }
+
+    /// Wait until a leader is known (a proposal made then reaches it), at most until
+    /// `deadline`; false when the deadline came first. At least a short pause, so that a
+    /// status not yet updated cannot spin the caller.
+    async fn until_leader(&self, deadline: tokio::time::Instant) -> bool {
+        let pause = Duration::from_millis(10);
+        if tokio::time::Instant::now() + pause >= deadline {
+            return false;
+        }
+        tokio::time::sleep(pause).await;
+        let mut status = self.raft.watch_status();
+        tokio::time::timeout_at(deadline, status.wait_for(|s| s.leader != 0)).await.is_ok_and(|r| r.is_ok())
     }
 
     /// On a follower, a connection to the leader, for reads that should show the leader's live
@@ -172,9 +188,8 @@ impl Shared {
             match r {
                 Ok(Some(v)) => return Ok(v),
                 Ok(None) => return Err(Status::internal("read ran twice")),
-                Err(ProposeError::Timeout | ProposeError::NoLeader) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                Err(ProposeError::Timeout | ProposeError::NoLeader | ProposeError::LeaderChanged)
+                    if self.until_leader(deadline).await => {}
                 Err(e) => return Err(unavailable(e)),
             }
         }

@@ -20,6 +20,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// on a write after about ten seconds themselves.
 pub const UNARY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long [`Servers::call_repeatable`] keeps trying while the servers answer UNAVAILABLE:
+/// an election takes about a second, a few under load.
+pub const FAILOVER_WAIT: Duration = Duration::from_secs(15);
+
 /// What a call on one server can end in, besides success.
 #[derive(Debug)]
 pub enum RpcError {
@@ -144,6 +148,40 @@ impl Servers {
         F: FnMut(Conn) -> Fut,
         Fut: Future<Output = Result<T, RpcError>>,
     {
+        self.round(timeout, &mut f).await.map_err(|(e, _)| e)
+    }
+
+    /// Like [`Servers::call`], for calls that may safely run twice (reads, and writes with an
+    /// idempotency key): while some server answered UNAVAILABLE (an election is running, or a
+    /// write's leader died before it applied), every server is tried again, for up to
+    /// [`FAILOVER_WAIT`]. Where no server could be reached at all, it fails at once.
+    pub async fn call_repeatable<T, F, Fut>(&self, timeout: Option<Duration>, mut f: F) -> Result<T, CliError>
+    where
+        F: FnMut(Conn) -> Fut,
+        Fut: Future<Output = Result<T, RpcError>>,
+    {
+        let deadline = std::time::Instant::now() + FAILOVER_WAIT;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.round(timeout, &mut f).await {
+                Ok(v) => return Ok(v),
+                Err((e, true)) if std::time::Instant::now() + pause < deadline => {
+                    tracing::debug!(error = %e, "no server could answer; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(250));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    /// One pass over the servers; on failure, the error and whether a server answered (so a
+    /// later pass may succeed).
+    async fn round<T, F, Fut>(&self, timeout: Option<Duration>, f: &mut F) -> Result<T, (CliError, bool)>
+    where
+        F: FnMut(Conn) -> Fut,
+        Fut: Future<Output = Result<T, RpcError>>,
+    {
         let mut failures = Vec::new();
         let mut all_connect = true;
         for (addr, ep) in &self.addrs {
@@ -172,12 +210,12 @@ impl Servers {
                     all_connect = false;
                     failures.push(format!("{addr} ({})", describe_status(&s)));
                 }
-                Err(RpcError::Status(s)) => return Err(status_error(&s)),
-                Err(RpcError::Fatal(e)) => return Err(e),
+                Err(RpcError::Status(s)) => return Err((status_error(&s), false)),
+                Err(RpcError::Fatal(e)) => return Err((e, false)),
             }
         }
         let what = if all_connect { "could not reach any server" } else { "no server could answer" };
-        Err(CliError::Failed(format!("{what}: {}", failures.join(", "))))
+        Err((CliError::Failed(format!("{what}: {}", failures.join(", "))), !all_connect))
     }
 }
 
@@ -283,6 +321,37 @@ mod tests {
             RpcError::Fatal(CliError::NotFound(m)) => assert_eq!(m, "job 7 not found"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A call that may run twice goes round the servers again while they answer UNAVAILABLE
+    /// (an election); one that may not gives up after one round.
+    #[tokio::test]
+    async fn repeatable_calls_go_round_again_while_servers_are_unavailable() {
+        // A server that accepts connections; the calls below answer for it.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((sock, _)) = listener.accept().await {
+                held.push(sock);
+            }
+        });
+        let s = Servers::new(std::slice::from_ref(&addr)).unwrap();
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let answer = || {
+            let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move { if n < 2 { Err(RpcError::Status(Status::unavailable("no leader"))) } else { Ok(n) } }
+        };
+        let once: Result<usize, CliError> = s.call(None, |_ch| answer()).await;
+        assert!(matches!(&once, Err(CliError::Failed(m)) if m.contains("no server could answer")), "{once:?}");
+        calls.store(0, std::sync::atomic::Ordering::SeqCst);
+        let again = s.call_repeatable(None, |_ch| answer()).await;
+        assert_eq!(again.unwrap(), 2, "answered on the third round");
+        // Other statuses are final at once.
+        let refused: Result<(), CliError> =
+            s.call_repeatable(None, |_ch| async { Err(RpcError::Status(Status::not_found("no job"))) }).await;
+        assert!(matches!(refused, Err(CliError::NotFound(_))));
+        server.abort();
     }
 
     #[tokio::test]

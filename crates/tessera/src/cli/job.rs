@@ -211,10 +211,10 @@ fn submission_spec(a: &SubmitArgs) -> Result<tessera_core::JobSpec, CliError> {
     line.to_spec().map_err(|e| CliError::Invalid(e.to_string()))
 }
 
-/// A key unique to this invocation: retrying on the next server cannot submit twice.
+/// A key unique to this invocation (a UUIDv7: time-ordered, 74 random bits): retrying on the
+/// next server, or after the leader died, cannot submit twice.
 fn fresh_key() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    format!("tessera-cli-{}-{nanos:x}", std::process::id())
+    uuid::Uuid::now_v7().to_string()
 }
 
 #[derive(serde::Serialize)]
@@ -228,7 +228,7 @@ async fn submit(servers: &Servers, a: SubmitArgs, out: Format) -> CliResult {
     let key = a.idempotency_key.clone().unwrap_or_else(fresh_key);
     let wire = v1::JobSpec::from(&spec);
     let resp = servers
-        .call(Some(UNARY_TIMEOUT), |ch| {
+        .call_repeatable(Some(UNARY_TIMEOUT), |ch| {
             let req = v1::SubmitJobRequest { spec: Some(wire.clone()), idempotency_key: key.clone() };
             async move { Ok(JobServiceClient::new(ch).submit_job(req).await?.into_inner()) }
         })
@@ -256,7 +256,7 @@ struct ListJson {
 
 async fn list(servers: &Servers, all: bool, tenant: Option<String>, out: Format) -> CliResult {
     let jobs = servers
-        .call(Some(UNARY_TIMEOUT), |ch| {
+        .call_repeatable(Some(UNARY_TIMEOUT), |ch| {
             let tenant = tenant.clone().unwrap_or_default();
             async move {
                 let mut c = JobServiceClient::new(ch);
@@ -414,7 +414,7 @@ struct CancelJson {
 
 async fn cancel(servers: &Servers, id: u64, reason: Option<String>, out: Format) -> CliResult {
     let r = servers
-        .call(Some(UNARY_TIMEOUT), |ch| {
+        .call_repeatable(Some(UNARY_TIMEOUT), |ch| {
             let req = v1::CancelJobRequest { job_id: id, reason: reason.clone().unwrap_or_default() };
             async move {
                 Ok(JobServiceClient::new(ch).cancel_job(req).await.map_err(about(format!("job {id}")))?.into_inner())
