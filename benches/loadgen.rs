@@ -516,12 +516,26 @@ async fn cluster_phase(s: &Scale, run: usize, net: &Net, report: &mut Report) ->
     let addrs = c.running_addrs();
     net.leader(&addrs, Duration::from_secs(20)).await.context("no leader")?;
 
+    let servers_cpu = |c: &Cluster| -> f64 {
+        c.servers.values().filter_map(|s| s.pid().and_then(fleet::cpu_and_peak_rss)).map(|(cpu, _)| cpu).sum()
+    };
+    let cpu0 = servers_cpu(&c);
     let start = Instant::now();
     let until = start + Duration::from_secs(s.seconds);
     let lat = sorted(submit_load(net.clone(), addrs.clone(), s.clients, until, format!("r{run}")).await);
     let rate = lat.len() as f64 / start.elapsed().as_secs_f64();
+    let cpu = servers_cpu(&c) - cpu0;
     let clients = s.clients;
     report.add("P1", format!("submissions acknowledged, {clients} clients"), "/s", ">= 15,000", rate);
+    // What the servers spend per write, apart from the load generator's own work (its TLS
+    // clients share these cores): the cost TLS adds on a real server.
+    report.add(
+        "P1",
+        format!("servers' CPU per 1,000 acknowledged submissions, {clients} clients"),
+        "core-ms",
+        "",
+        cpu * 1e6 / lat.len().max(1) as f64,
+    );
     report.add("P1", format!("submit latency p50, {clients} clients"), "ms", "", pct(&lat, 0.5));
     report.add("P1", format!("submit latency p99, {clients} clients"), "ms", "<= 50", pct(&lat, 0.99));
 

@@ -148,13 +148,14 @@ impl Servers {
         F: FnMut(Conn) -> Fut,
         Fut: Future<Output = Result<T, RpcError>>,
     {
-        self.round(timeout, &mut f).await.map_err(|(e, _)| e)
+        self.round(timeout, &mut f, false).await.map_err(|(e, _)| e)
     }
 
     /// Like [`Servers::call`], for calls that may safely run twice (reads, and writes with an
     /// idempotency key): while some server answered UNAVAILABLE (an election is running, or a
     /// write's leader died before it applied), every server is tried again, for up to
-    /// [`FAILOVER_WAIT`]. Where no server could be reached at all, it fails at once.
+    /// [`FAILOVER_WAIT`]. A connection that breaks during the call (the server died) also
+    /// moves on to the next server. Where no server could be reached at all, it fails at once.
     pub async fn call_repeatable<T, F, Fut>(&self, timeout: Option<Duration>, mut f: F) -> Result<T, CliError>
     where
         F: FnMut(Conn) -> Fut,
@@ -163,7 +164,7 @@ impl Servers {
         let deadline = std::time::Instant::now() + FAILOVER_WAIT;
         let mut pause = Duration::from_millis(50);
         loop {
-            match self.round(timeout, &mut f).await {
+            match self.round(timeout, &mut f, true).await {
                 Ok(v) => return Ok(v),
                 Err((e, true)) if std::time::Instant::now() + pause < deadline => {
                     tracing::debug!(error = %e, "no server could answer; trying again");
@@ -176,8 +177,13 @@ impl Servers {
     }
 
     /// One pass over the servers; on failure, the error and whether a server answered (so a
-    /// later pass may succeed).
-    async fn round<T, F, Fut>(&self, timeout: Option<Duration>, f: &mut F) -> Result<T, (CliError, bool)>
+    /// later pass may succeed). `repeatable`: a broken connection moves on too.
+    async fn round<T, F, Fut>(
+        &self,
+        timeout: Option<Duration>,
+        f: &mut F,
+        repeatable: bool,
+    ) -> Result<T, (CliError, bool)>
     where
         F: FnMut(Conn) -> Fut,
         Fut: Future<Output = Result<T, RpcError>>,
@@ -206,7 +212,7 @@ impl Servers {
             };
             match result {
                 Ok(v) => return Ok(v),
-                Err(RpcError::Status(s)) if retryable(&s) => {
+                Err(RpcError::Status(s)) if retryable(&s) || (repeatable && broken(&s)) => {
                     all_connect = false;
                     failures.push(format!("{addr} ({})", describe_status(&s)));
                 }
@@ -222,6 +228,13 @@ impl Servers {
 /// Is this a status another server may answer differently?
 pub fn retryable(s: &Status) -> bool {
     s.code() == Code::Unavailable
+}
+
+/// Did the connection break during the call (tonic's "transport error": the server died or
+/// reset it)? Whether the call took effect is unknown, so only a repeatable call moves on.
+pub fn broken(s: &Status) -> bool {
+    matches!(s.code(), Code::Unknown | Code::Cancelled) && s.message().contains("transport error")
+        || s.code() == Code::Cancelled && s.message().contains("h2 protocol error")
 }
 
 /// A short description of a status, for lists of failures.
@@ -317,6 +330,9 @@ mod tests {
         );
         assert!(retryable(&Status::unavailable("no leader")));
         assert!(!retryable(&Status::internal("x")));
+        assert!(broken(&Status::unknown("transport error")));
+        assert!(!broken(&Status::unknown("the handler failed")));
+        assert!(!broken(&Status::unavailable("transport error")), "UNAVAILABLE is retryable anyway");
         match about("job 7")(Status::not_found("no job 7")) {
             RpcError::Fatal(CliError::NotFound(m)) => assert_eq!(m, "job 7 not found"),
             other => panic!("{other:?}"),
