@@ -14,7 +14,7 @@ use crate::model::{
     AttemptId, DEFAULT_GPU_HOURS_WINDOW_MS, DrainReason, JobId, JobState, NodeId, NodeInfo, NodeState, ShardState,
     StopReason, Timestamp,
 };
-use crate::planner::Plan;
+use crate::placement::Plan;
 use crate::spec::{JobSpec, SpecError};
 
 /// The command encoding this build writes. It reads every version up to this one.

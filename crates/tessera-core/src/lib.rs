@@ -11,12 +11,14 @@
 //! - [`model`]: the domain types.
 //! - [`command`]: the versioned commands of the log, the events they produce, rejections.
 //! - [`state`]: [`State::apply`], snapshot and restore, the invariants.
+//! - [`placement`]: what a [`Plan`] is, and the constraints both the planner and apply check.
 //! - [`planner`]: [`planner::plan`], gangs, constraints, topology, packing, fair share,
 //!   quotas, backfill and preemption.
 
 pub mod acl;
 pub mod command;
 pub mod model;
+pub mod placement;
 pub mod planner;
 pub mod spec;
 pub mod state;

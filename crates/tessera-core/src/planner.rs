@@ -31,57 +31,10 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Job, JobId, Node, NodeId, NodeInfo, ShardState, Timestamp};
+use crate::placement::info_admits;
+pub use crate::placement::{GangPlacement, Plan, Preemption, ShardPlacement, node_admits, span_ok};
 use crate::spec::{Cloud, JobSpec, SpotPolicy};
 use crate::state::State;
-
-/// One shard's planned placement.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct ShardPlacement {
-    /// Shard index.
-    pub shard: u32,
-    /// Node.
-    pub node: NodeId,
-    /// GPU indices on the node.
-    pub gpus: Vec<u32>,
-}
-
-/// All pending shards of one job, placed together.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct GangPlacement {
-    /// Job.
-    pub job: JobId,
-    /// Its pending shards.
-    pub shards: Vec<ShardPlacement>,
-}
-
-/// Stop these lower-priority jobs so that `job` can run once their GPUs are free.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Preemption {
-    /// The job that needs room.
-    pub job: JobId,
-    /// Jobs to stop and requeue.
-    pub victims: Vec<JobId>,
-}
-
-/// A plan: applied as one command.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-pub struct Plan {
-    /// Gangs to place.
-    pub placements: Vec<GangPlacement>,
-    /// Preemptions to start.
-    pub preemptions: Vec<Preemption>,
-}
-
-impl Plan {
-    /// Nothing to do.
-    pub fn is_empty(&self) -> bool {
-        self.placements.is_empty() && self.preemptions.is_empty()
-    }
-    /// Shards placed by this plan.
-    pub fn shard_count(&self) -> usize {
-        self.placements.iter().map(|g| g.shards.len()).sum()
-    }
-}
 
 /// Why a job is still waiting after a planning round.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,35 +99,6 @@ impl Default for PlanLimits {
 
 /// Hours of future use charged for each GPU a tenant holds now, when ordering tenants.
 const FAIR_SHARE_LOOKAHEAD_HOURS: f64 = 1.0;
-
-// ---------------------------------------------------------------------------------------------
-// Constraints shared with apply
-// ---------------------------------------------------------------------------------------------
-
-/// Does the node (ignoring its GPUs and state) meet the job's cloud, region, label and spot
-/// constraints?
-pub fn node_admits(spec: &JobSpec, node: &Node) -> bool {
-    info_admits(spec, &node.info)
-}
-
-fn info_admits(spec: &JobSpec, info: &NodeInfo) -> bool {
-    let p = &spec.placement;
-    (p.clouds.is_empty() || p.clouds.contains(&info.cloud))
-        && (p.regions.is_empty() || p.regions.contains(&info.region))
-        && p.labels.iter().all(|(k, v)| info.labels.get(k) == Some(v))
-        && match p.spot {
-            SpotPolicy::Avoid => !info.spot,
-            SpotPolicy::Require => info.spot,
-            SpotPolicy::Allow | SpotPolicy::Prefer => true,
-        }
-}
-
-/// Does a set of nodes stay within one cloud and region, as far as the spec requires?
-pub fn span_ok<'a>(spec: &JobSpec, mut infos: impl Iterator<Item = &'a NodeInfo>) -> bool {
-    let Some(first) = infos.next() else { return true };
-    let p = &spec.placement;
-    infos.all(|i| p.span_clouds || (i.cloud == first.cloud && (p.span_regions || i.region == first.region)))
-}
 
 // ---------------------------------------------------------------------------------------------
 // Capacity view

@@ -27,7 +27,7 @@ use crate::model::{
     Attempt, AttemptId, Checkpoint, DrainReason, Gpu, GpuHealth, Job, JobId, JobState, MAX_GPU_HOURS_WINDOW_MS,
     MIN_GPU_HOURS_WINDOW_MS, Node, NodeId, NodeInfo, NodeState, Shard, ShardState, StopReason, Tenant, Timestamp,
 };
-use crate::planner::{GangPlacement, Plan, Preemption, node_admits, span_ok};
+use crate::placement::{GangPlacement, Plan, Preemption, node_admits, span_ok};
 use crate::spec::{Cloud, limits};
 
 /// Longest idempotency key accepted, in bytes.
