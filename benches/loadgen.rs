@@ -91,7 +91,10 @@ struct Args {
     /// take minutes at 10,000 agents).
     #[arg(long, value_enum, default_value_t = FleetSteps::All)]
     fleet_steps: FleetSteps,
-    /// Phases to run, of cluster, fleet and restart.
+    /// Seconds the depth phase submits into one fresh cluster (P8) [quick 60, full 300].
+    #[arg(long)]
+    depth_seconds: Option<u64>,
+    /// Phases to run, of cluster, fleet, restart and depth (depth is not in the default).
     #[arg(long, value_delimiter = ',', default_value = "cluster,fleet,restart")]
     phases: Vec<String>,
     /// Where to write the JSON report.
@@ -131,6 +134,7 @@ struct Scale {
     agent_conns: usize,
     p3_rate: usize,
     fill_timeout: u64,
+    depth_seconds: u64,
 }
 
 impl Scale {
@@ -149,6 +153,7 @@ impl Scale {
             agent_conns: a.agent_conns,
             p3_rate: a.p3_rate.max(1),
             fill_timeout: a.fill_timeout,
+            depth_seconds: a.depth_seconds.unwrap_or(if a.full { 300 } else { 60 }).max(20),
         }
     }
 }
@@ -579,6 +584,110 @@ async fn cluster_phase(s: &Scale, run: usize, net: &Net, report: &mut Report) ->
     }
     report.servers("cluster", run, &c);
     eprintln!("run {run}: cluster phase done ({})", net.name());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Depth (P8, and P9's window): a fresh cluster filling with pending jobs
+// ---------------------------------------------------------------------------------------------
+
+/// Like [`submit_load`], but every acknowledgement with its time since `t0` (s) and latency (ms).
+async fn submit_load_timed(
+    net: Net,
+    addrs: Vec<String>,
+    clients: usize,
+    t0: Instant,
+    until: Instant,
+    tag: String,
+) -> Vec<(f64, f64)> {
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (addr, tag) = (addrs[c % addrs.len()].clone(), tag.clone());
+        let ch = net.channel(&addr);
+        tasks.push(tokio::spawn(async move {
+            let mut client = v1::job_service_client::JobServiceClient::new(ch);
+            let mut acks = Vec::new();
+            let mut n = 0;
+            while Instant::now() < until {
+                let t = Instant::now();
+                let mut req = tonic::Request::new(v1::SubmitJobRequest {
+                    spec: Some(spec("depth")),
+                    idempotency_key: format!("{tag}-c{c}-{n}"),
+                });
+                req.set_timeout(Duration::from_secs(2));
+                if client.submit_job(req).await.is_ok() {
+                    acks.push((t0.elapsed().as_secs_f64(), ms(t.elapsed())));
+                } else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                n += 1;
+            }
+            acks
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap_or_default());
+    }
+    all
+}
+
+/// Acknowledgements per second and p99 latency of those sent in `[from, to)` seconds.
+fn window(acks: &[(f64, f64)], from: f64, to: f64) -> (f64, f64) {
+    let lat = sorted(acks.iter().filter(|(at, _)| *at >= from && *at < to).map(|(_, l)| *l).collect());
+    (lat.len() as f64 / (to - from), pct(&lat, 0.99))
+}
+
+/// P8: `--clients` clients submit into a fresh cluster without agents for `--depth-seconds`, so
+/// every job stays pending and the queue only deepens: the rate in the first and the last
+/// stretch (a minute, or a third of a shorter run), the worst 10-second p99. Then P9's window:
+/// 10 s more of the same load with the leader killed 3 s in, against the last stretch's rate.
+async fn depth_phase(s: &Scale, run: usize, net: &Net, report: &mut Report) -> anyhow::Result<()> {
+    let mut c = net.cluster(&[]);
+    let addrs = c.running_addrs();
+    net.leader(&addrs, Duration::from_secs(20)).await.context("no leader")?;
+    let secs = s.depth_seconds as f64;
+    let t0 = Instant::now();
+    let until = t0 + Duration::from_secs(s.depth_seconds);
+    let acks = submit_load_timed(net.clone(), addrs.clone(), s.clients, t0, until, format!("r{run}-depth")).await;
+    let stretch = 60f64.min(secs / 3.0).floor();
+    let (first, _) = window(&acks, 0.0, stretch);
+    let (last, _) = window(&acks, secs - stretch, secs);
+    let worst_p99 = (0..(secs / 10.0) as usize)
+        .map(|w| window(&acks, w as f64 * 10.0, (w + 1) as f64 * 10.0).1)
+        .fold(f64::NAN, f64::max);
+    let all = sorted(acks.iter().map(|(_, l)| *l).collect());
+    let clients = s.clients;
+    report.add("P8", format!("depth: submissions/s, first {stretch} s, {clients} clients"), "/s", ">= 15,000", first);
+    report.add("P8", format!("depth: submissions/s, last {stretch} s"), "/s", "", last);
+    report.add("P8", "depth: last stretch's rate / first's", "%", ">= 90", last / first * 100.0);
+    report.add("P8", "depth: p99, worst 10 s window", "ms", "<= 50", worst_p99);
+    report.add("P8", "depth: p99, whole run", "ms", "<= 50", pct(&all, 0.99));
+    report.add("P8", format!("depth: jobs pending after {secs} s"), "jobs", ">= 1,000,000 (300 s)", acks.len() as f64);
+    report.servers("depth", run, &c);
+
+    // P9's window: the same load for 10 s, the leader killed 3 s in.
+    let t1 = Instant::now();
+    let load = tokio::spawn(submit_load_timed(
+        net.clone(),
+        addrs.clone(),
+        s.clients,
+        t1,
+        t1 + Duration::from_secs(10),
+        format!("r{run}-depthkill"),
+    ));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let leader = net.leader(&addrs, Duration::from_secs(5)).await.context("no leader before the kill")?;
+    c.servers.get_mut(&leader).context("leader id")?.kill();
+    let during = load.await.context("the load")?;
+    report.add(
+        "P9",
+        "submissions/s over 10 s holding a leader kill / steady rate",
+        "%",
+        ">= 70",
+        during.len() as f64 / 10.0 / last * 100.0,
+    );
+    eprintln!("run {run}: depth phase done ({}), {} jobs pending", net.name(), acks.len());
     Ok(())
 }
 
@@ -1086,8 +1195,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let s = Scale::from(&args);
     for p in &args.phases {
-        if !["cluster", "fleet", "restart"].contains(&p.as_str()) {
-            bail!("--phases: unknown phase {p:?} (cluster, fleet, restart)");
+        if !["cluster", "fleet", "restart", "depth"].contains(&p.as_str()) {
+            bail!("--phases: unknown phase {p:?} (cluster, fleet, restart, depth)");
         }
     }
     let phase = |p: &str| args.phases.iter().any(|x| x == p);
@@ -1135,7 +1244,7 @@ async fn main() -> anyhow::Result<()> {
             if run % 2 == 1 {
                 order.reverse();
             }
-            for which in ["cluster", "fleet"] {
+            for which in ["cluster", "fleet", "depth"] {
                 if !phase(which) || (which == "fleet" && s.agents == 0) {
                     continue;
                 }
@@ -1144,6 +1253,7 @@ async fn main() -> anyhow::Result<()> {
                     report.passes.push(format!("run {run}: {which} {}", net.name()));
                     let result = match which {
                         "cluster" => cluster_phase(&s, run, net, &mut report).await,
+                        "depth" => depth_phase(&s, run, net, &mut report).await,
                         _ => fleet_phase(&s, run, net, &mut report).await,
                     };
                     if let Err(e) = result {
