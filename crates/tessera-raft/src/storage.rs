@@ -124,5 +124,7 @@ pub fn bootstrap_cluster_from<S: LogStore>(store: &mut S, voters: &[u64], data: 
     Ok(())
 }
 
+#[cfg(test)]
+pub(crate) mod durable_suite;
 pub mod mem;
 pub mod sled_store;
