@@ -126,5 +126,6 @@ pub fn bootstrap_cluster_from<S: LogStore>(store: &mut S, voters: &[u64], data: 
 
 #[cfg(test)]
 pub(crate) mod durable_suite;
+pub mod engine_store;
 pub mod mem;
 pub mod sled_store;

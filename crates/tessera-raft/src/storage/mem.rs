@@ -296,6 +296,12 @@ impl SizeBudget {
         SizeBudget { max: max.unwrap_or(raft::util::NO_LIMIT), used: 0, taken: 0 }
     }
 
+    /// The bytes still allowed (None: no limit). A reader that cuts early by this bound cuts
+    /// where `admit` would.
+    pub(super) fn remaining(&self) -> Option<u64> {
+        (self.max != raft::util::NO_LIMIT).then(|| self.max.saturating_sub(self.used))
+    }
+
     /// Whether `e` goes into the answer; once false, stop.
     pub(super) fn admit(&mut self, e: &Entry) -> bool {
         if self.max == raft::util::NO_LIMIT {
