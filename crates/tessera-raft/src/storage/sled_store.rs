@@ -15,7 +15,12 @@
 //! writes, each whole.
 //!
 //! Durability: [`LogStore::flush`] is the only fsync this store asks for; sled's periodic
-//! background flush is turned off. (sled also flushes when the database is dropped.)
+//! background flush is turned off. (sled also flushes when the database is dropped.) On Linux,
+//! sled 0.34's flush ends in `sync_file_range`, not in an fsync: what it wrote survives a
+//! kill -9 (the page cache does), but neither the file's metadata (its growing length) nor
+//! the disk's write cache is flushed, so a power cut can lose entries acknowledged since the
+//! last fsync (sled fsyncs when it truncates a segment or closes). docs/performance.md, "Log
+//! store: sled against raft-engine", measures the cost of adding the fdatasync.
 //!
 //! Reads: the first and last index, the term of every entry (as runs of equal terms), the hard
 //! state, the conf state and the latest snapshot are kept in memory; `entries` reads the tree.
