@@ -68,10 +68,12 @@ const KEY_SNAPSHOT_FILE: &str = "snapshot_file";
 /// The layout described in the module docs.
 const FORMAT: u8 = 1;
 /// Engine log files are rotated at this size; only whole files are ever removed.
-pub const TARGET_FILE_SIZE: u64 = 32 << 20;
-/// raft-engine purges nothing until its files hold more than this (it also keeps up to 1.5
-/// times as much in purged files for reuse, which spares a new file's metadata updates).
-pub const PURGE_THRESHOLD: u64 = 256 << 20;
+pub const TARGET_FILE_SIZE: u64 = 16 << 20;
+/// raft-engine purges nothing until its files hold more than this. It also keeps up to 1.5
+/// times as much in purged files for reuse (a reused file spares the metadata updates of a new
+/// one). A live log larger than this (more than 100,000 entries of 600 bytes) makes the purge
+/// copy the live entries of the oldest files forward instead of only deleting files.
+pub const PURGE_THRESHOLD: u64 = 64 << 20;
 /// Entries read from the engine at a time when `entries` asks for many.
 const READ_CHUNK: u64 = 1024;
 /// A flush slower than this is logged.
@@ -178,27 +180,58 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(|e| engine(format!("syncing the directory {}: {e}", dir.display())))
 }
 
+/// What the background purges of engine files did so far.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PurgeStats {
+    /// Calls of `purge_expired_files`.
+    pub runs: u64,
+    /// Calls that removed engine bytes.
+    pub purged: u64,
+    /// Engine bytes they removed in all.
+    pub bytes: u64,
+    /// Their time in all.
+    pub total: Duration,
+    /// The longest one.
+    pub longest: Duration,
+}
+
 /// Calls raft-engine's `purge_expired_files` on a thread of its own when asked.
 struct Purger {
     tx: Option<mpsc::SyncSender<()>>,
     thread: Option<JoinHandle<()>>,
+    stats: Arc<Mutex<PurgeStats>>,
 }
 
 impl Purger {
     fn start(eng: Arc<Engine>) -> Result<Purger, StoreError> {
         // One request waiting is enough: a purge looks at everything there is.
         let (tx, rx) = mpsc::sync_channel::<()>(1);
+        let stats = Arc::new(Mutex::new(PurgeStats::default()));
+        let shared = stats.clone();
         let thread = std::thread::Builder::new()
             .name("log-purge".into())
             .spawn(move || {
                 while rx.recv().is_ok() {
                     let started = Instant::now();
-                    let before = eng.get_used_size();
-                    match eng.purge_expired_files() {
+                    let before = eng.get_used_size() as u64;
+                    let result = eng.purge_expired_files();
+                    let took = started.elapsed();
+                    let after = eng.get_used_size() as u64;
+                    {
+                        let mut s = shared.lock().unwrap_or_else(PoisonError::into_inner);
+                        s.runs += 1;
+                        if after < before {
+                            s.purged += 1;
+                            s.bytes += before - after;
+                        }
+                        s.total += took;
+                        s.longest = s.longest.max(took);
+                    }
+                    match result {
                         Ok(_) => tracing::debug!(
-                            ms = started.elapsed().as_millis() as u64,
+                            ms = took.as_millis() as u64,
                             bytes_before = before,
-                            bytes_after = eng.get_used_size(),
+                            bytes_after = after,
                             "raft log files purged"
                         ),
                         Err(e) => {
@@ -208,7 +241,7 @@ impl Purger {
                 }
             })
             .map_err(|e| engine(format!("starting the log purge thread: {e}")))?;
-        Ok(Purger { tx: Some(tx), thread: Some(thread) })
+        Ok(Purger { tx: Some(tx), thread: Some(thread), stats })
     }
 
     fn request(&self) {
@@ -299,7 +332,20 @@ fn key_name(key: &str) -> String {
     format!("{ENGINE_DIR}/{key}")
 }
 
-fn engine_config(dir: &Path) -> Result<Config, StoreError> {
+/// The sizes the engine rotates and purges its files at.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tuning {
+    pub(crate) target_file_size: u64,
+    pub(crate) purge_threshold: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Tuning {
+        Tuning { target_file_size: TARGET_FILE_SIZE, purge_threshold: PURGE_THRESHOLD }
+    }
+}
+
+fn engine_config(dir: &Path, tuning: Tuning) -> Result<Config, StoreError> {
     let dir = dir.to_str().ok_or_else(|| engine(format!("{} is not valid UTF-8", dir.display())))?;
     Ok(Config {
         dir: dir.to_owned(),
@@ -307,8 +353,8 @@ fn engine_config(dir: &Path) -> Result<Config, StoreError> {
         // else fails the open.
         recovery_mode: RecoveryMode::TolerateTailCorruption,
         recovery_threads: 2,
-        target_file_size: ReadableSize(TARGET_FILE_SIZE),
-        purge_threshold: ReadableSize(PURGE_THRESHOLD),
+        target_file_size: ReadableSize(tuning.target_file_size),
+        purge_threshold: ReadableSize(tuning.purge_threshold),
         ..Config::default()
     })
 }
@@ -320,12 +366,16 @@ impl EngineStore {
     /// not decode, a snapshot file is missing or damaged, or the log has a gap, and with
     /// [`StoreError::Engine`] if raft-engine cannot open it (e.g. another process holds it).
     pub fn open(dir: &Path) -> Result<EngineStore, StoreError> {
+        EngineStore::open_tuned(dir, Tuning::default())
+    }
+
+    pub(crate) fn open_tuned(dir: &Path, tuning: Tuning) -> Result<EngineStore, StoreError> {
         let engine_dir = dir.join(ENGINE_DIR);
         let snap_dir = dir.join(SNAPSHOT_DIR);
         for d in [&engine_dir, &snap_dir] {
             fs::create_dir_all(d).map_err(|e| engine(format!("creating {}: {e}", d.display())))?;
         }
-        let eng = Engine::open(engine_config(&engine_dir)?).map_err(|e| match e {
+        let eng = Engine::open(engine_config(&engine_dir, tuning)?).map_err(|e| match e {
             raft_engine::Error::Corruption(_) | raft_engine::Error::Codec(_) => {
                 StoreError::Corrupt { what: ENGINE_DIR.into(), detail: e.to_string() }
             }
@@ -469,6 +519,11 @@ impl EngineStore {
     /// snapshot file).
     pub fn engine_bytes(&self) -> usize {
         self.engine.get_used_size()
+    }
+
+    /// What the background purges of engine files did since the store opened.
+    pub fn purge_stats(&self) -> PurgeStats {
+        *self.purger.stats.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn snapshot_index(&self) -> u64 {
@@ -1027,7 +1082,7 @@ mod tests {
 
     /// Open the engine alone, as a damaged disk or another program would leave it.
     fn raw_engine(dir: &Path) -> Engine {
-        Engine::open(engine_config(&dir.join(ENGINE_DIR)).unwrap()).unwrap()
+        Engine::open(engine_config(&dir.join(ENGINE_DIR), Tuning::default()).unwrap()).unwrap()
     }
 
     fn tamper(dir: &Path, f: impl FnOnce(&mut LogBatch)) {
@@ -1172,6 +1227,46 @@ mod tests {
             assert_eq!(s.latest_snapshot().unwrap().get_data(), data);
         }
         assert_eq!(raw_engine(d.path()).first_index(GROUP), Some(4), "the compaction is durable");
+    }
+
+    #[test]
+    fn compacted_engine_files_are_purged_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let tuning = Tuning { target_file_size: 256 << 10, purge_threshold: 1 << 20 };
+        let mut s = EngineStore::open_tuned(dir.path(), tuning).unwrap();
+        s.set_conf_state(&ConfState { voters: vec![1], ..Default::default() }).unwrap();
+        let data = vec![b'x'; 1000];
+        let mut rng = 1u64;
+        let mut written = 0;
+        // 6 MiB of entries that do not compress, a compaction every 500.
+        for i in 1..=6000u64 {
+            let mut data = data.clone();
+            for b in data.iter_mut() {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                *b = rng as u8;
+            }
+            written += data.len();
+            s.append(&[Entry { index: i, term: 1, data: data.into(), ..Default::default() }]).unwrap();
+            s.set_hard_state(&hs(1, 1, i)).unwrap();
+            if i % 500 == 0 {
+                s.save_snapshot(format!("at {i}").into_bytes(), i - 100, &ConfState::default()).unwrap();
+            }
+            s.flush().unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.purge_stats().purged == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let stats = s.purge_stats();
+        assert!(stats.purged > 0 && stats.bytes > 0, "{stats:?}");
+        assert!(s.engine_bytes() < written / 2, "{} engine bytes left of {written} written", s.engine_bytes());
+        assert_eq!(all(&s).len(), 100);
+        drop(s);
+        let s = EngineStore::open_tuned(dir.path(), tuning).unwrap();
+        assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (5901, 6000));
+        assert_eq!(s.latest_snapshot().unwrap().get_data(), b"at 6000");
     }
 
     // ---- kill -9 ----
