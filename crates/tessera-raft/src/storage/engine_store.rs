@@ -67,6 +67,8 @@ const KEY_SNAPSHOT_META: &str = "snapshot_meta";
 const KEY_SNAPSHOT_FILE: &str = "snapshot_file";
 /// The layout described in the module docs.
 const FORMAT: u8 = 1;
+/// The files of a sled database, which `SledStore` keeps in the same kind of directory.
+const SLED_FILES: [&str; 2] = ["conf", "db"];
 /// Engine log files are rotated at this size; only whole files are ever removed.
 pub const TARGET_FILE_SIZE: u64 = 16 << 20;
 /// raft-engine purges nothing until its files hold more than this. It also keeps up to 1.5
@@ -375,12 +377,23 @@ impl EngineStore {
         for d in [&engine_dir, &snap_dir] {
             fs::create_dir_all(d).map_err(|e| engine(format!("creating {}: {e}", d.display())))?;
         }
-        let eng = Engine::open(engine_config(&engine_dir, tuning)?).map_err(|e| match e {
-            raft_engine::Error::Corruption(_) | raft_engine::Error::Codec(_) => {
-                StoreError::Corrupt { what: ENGINE_DIR.into(), detail: e.to_string() }
+        // A store reopened at once may find the engine's directory lock (a flock) still held
+        // for a moment, e.g. by a child process this one forked and that has not exec'd yet
+        // (seen once in the tests, which spawn the kill -9 children). SledStore waits too.
+        let mut attempts = 0;
+        let eng = loop {
+            match Engine::open(engine_config(&engine_dir, tuning)?) {
+                Ok(eng) => break eng,
+                Err(e) if attempts < 50 && e.to_string().contains("Failed to lock file") => {
+                    attempts += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e @ (raft_engine::Error::Corruption(_) | raft_engine::Error::Codec(_))) => {
+                    return Err(StoreError::Corrupt { what: ENGINE_DIR.into(), detail: e.to_string() });
+                }
+                Err(e) => return Err(engine(format!("opening {}: {e}", engine_dir.display()))),
             }
-            e => engine(format!("opening {}: {e}", engine_dir.display())),
-        })?;
+        };
         let eng = Arc::new(eng);
 
         let get = |k: &str| eng.get(GROUP, k.as_bytes());
@@ -388,6 +401,14 @@ impl EngineStore {
             && [KEY_FORMAT, KEY_HARD_STATE, KEY_CONF_STATE, KEY_SNAPSHOT_META, KEY_SNAPSHOT_FILE]
                 .iter()
                 .all(|k| get(k).is_none());
+        // A server switched from sled in place must not start over with an empty log (it
+        // would come up as a new member): its state has to be copied across first.
+        if fresh && SLED_FILES.iter().all(|f| dir.join(f).is_file()) {
+            return Err(StoreError::Invalid(format!(
+                "{} holds a sled database (SledStore): copy its state into a new EngineStore first",
+                dir.display()
+            )));
+        }
         match get(KEY_FORMAT) {
             // The format record is the first thing a new store writes, before any snapshot
             // file: an engine without it beside snapshot files lost its log (raft-engine
@@ -1227,6 +1248,20 @@ mod tests {
             assert_eq!(s.latest_snapshot().unwrap().get_data(), data);
         }
         assert_eq!(raw_engine(d.path()).first_index(GROUP), Some(4), "the compaction is durable");
+    }
+
+    #[test]
+    fn a_directory_holding_a_sled_store_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = crate::storage::sled_store::SledStore::open_with_voters(dir.path(), &[1]).unwrap();
+            s.append(&conformance::entries(1..=3, 1)).unwrap();
+            s.flush().unwrap();
+        }
+        match EngineStore::open(dir.path()) {
+            Err(StoreError::Invalid(msg)) => assert!(msg.contains("sled"), "{msg}"),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
     }
 
     #[test]
