@@ -103,6 +103,11 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Compacted entries are removed in the background this many at a time (one sled batch each),
+/// with this pause between batches (see `adopt_snapshot`).
+const REMOVE_CHUNK: u64 = 1_000;
+const REMOVE_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// sled's page cache (its default is 1 GiB). The log is read back mostly at its tail, to
 /// replicate what was just appended: a small cache serves that.
 const CACHE_BYTES: u64 = 128 << 20;
@@ -484,14 +489,25 @@ impl LogStore for SledStore {
         self.snapshot = Some(snap);
         // The entries it covers are never read again (the log now starts after it) and a
         // restart drops any that are left: remove them without holding up the Raft thread.
+        // A sled batch holds sled's global write lock while it applies, which stops every
+        // other write (the Raft thread's appends): one batch of the 100,000 entries between
+        // two snapshots held it for hundreds of ms. Small batches, with a pause between them,
+        // let the Raft thread in.
         let entries = self.entries.clone();
         let remove = move || {
-            let mut batch = sled::Batch::default();
-            for i in first..=index {
-                batch.remove(&key(i)[..]);
-            }
-            if let Err(e) = entries.apply_batch(batch) {
-                tracing::warn!(error = %e, "removing compacted log entries failed; the next start removes them");
+            let mut from = first;
+            while from <= index {
+                let to = index.min(from + REMOVE_CHUNK - 1);
+                let mut batch = sled::Batch::default();
+                for i in from..=to {
+                    batch.remove(&key(i)[..]);
+                }
+                if let Err(e) = entries.apply_batch(batch) {
+                    tracing::warn!(error = %e, "removing compacted log entries failed; the next start removes them");
+                    return;
+                }
+                from = to + 1;
+                std::thread::sleep(REMOVE_PAUSE);
             }
         };
         if std::thread::Builder::new().name("compact".into()).spawn(remove).is_err() {
