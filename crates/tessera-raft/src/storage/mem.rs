@@ -2,8 +2,9 @@
 //!
 //! [`MemStore`] keeps everything in memory and its `flush` does nothing: a "crashed" node in a
 //! test keeps its `MemStore` value and restarts over it, as if every write had been flushed.
-//! It follows the same rules as [`super::sled_store::SledStore`] (the conformance suite at the
-//! end of this file runs against both), so a test written over it holds for the real store.
+//! It follows the same rules as [`super::sled_store::SledStore`] and
+//! [`super::engine_store::EngineStore`] (the conformance suite at the end of this file runs
+//! against each), so a test written over it holds for the real stores.
 //!
 //! The checks the stores share (what `append` accepts, how `entries` limits its size, how the
 //! errors map to raft-rs's, the terms of the log kept as runs) live here too, as `pub(super)`
