@@ -4,8 +4,11 @@
 //! Writes may be buffered; [`LogStore::flush`] is the durability point. The driver calls it
 //! once per `Ready`, before it sends messages that acknowledge the entries or applies them.
 //!
-//! Two stores: [`sled_store::SledStore`] for servers, [`mem::MemStore`] for tests. Both follow
-//! the rules below (one conformance suite runs against both). Their `raft::Storage` reads
+//! Three stores: [`sled_store::SledStore`] for servers, [`engine_store::EngineStore`] over TiKV's
+//! raft-engine (measured against sled in docs/performance.md, "Log store: sled against
+//! raft-engine"; a server could switch by opening it instead), and [`mem::MemStore`] for tests.
+//! All follow the rules below (one conformance suite runs against each, and the durable ones
+//! also pass `durable_suite`: reopen, background snapshot, kill -9). Their `raft::Storage` reads
 //! follow raft-rs's `MemStorage`: the log holds `first_index()..=last_index()`, and
 //! `first_index() - 1` is the latest snapshot's index (0 without one), whose term `term()`
 //! still answers; below it `term`/`entries` fail with `StorageError::Compacted`, past
@@ -124,5 +127,8 @@ pub fn bootstrap_cluster_from<S: LogStore>(store: &mut S, voters: &[u64], data: 
     Ok(())
 }
 
+#[cfg(test)]
+pub(crate) mod durable_suite;
+pub mod engine_store;
 pub mod mem;
 pub mod sled_store;

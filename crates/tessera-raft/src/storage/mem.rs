@@ -2,11 +2,13 @@
 //!
 //! [`MemStore`] keeps everything in memory and its `flush` does nothing: a "crashed" node in a
 //! test keeps its `MemStore` value and restarts over it, as if every write had been flushed.
-//! It follows the same rules as [`super::sled_store::SledStore`] (the conformance suite at the
-//! end of this file runs against both), so a test written over it holds for the real store.
+//! It follows the same rules as [`super::sled_store::SledStore`] and
+//! [`super::engine_store::EngineStore`] (the conformance suite at the end of this file runs
+//! against each), so a test written over it holds for the real stores.
 //!
-//! The checks both stores share (what `append` accepts, how `entries` limits its size, how the
-//! errors map to raft-rs's) live here too, as `pub(super)` helpers.
+//! The checks the stores share (what `append` accepts, how `entries` limits its size, how the
+//! errors map to raft-rs's, the terms of the log kept as runs) live here too, as `pub(super)`
+//! helpers.
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
@@ -295,6 +297,12 @@ impl SizeBudget {
         SizeBudget { max: max.unwrap_or(raft::util::NO_LIMIT), used: 0, taken: 0 }
     }
 
+    /// The bytes still allowed (None: no limit). A reader that cuts early by this bound cuts
+    /// where `admit` would.
+    pub(super) fn remaining(&self) -> Option<u64> {
+        (self.max != raft::util::NO_LIMIT).then(|| self.max.saturating_sub(self.used))
+    }
+
     /// Whether `e` goes into the answer; once false, stop.
     pub(super) fn admit(&mut self, e: &Entry) -> bool {
         if self.max == raft::util::NO_LIMIT {
@@ -306,6 +314,46 @@ impl SizeBudget {
         }
         self.taken += 1;
         true
+    }
+}
+
+/// The terms of the entries in the log, as runs: `(first index of the run, term)`, by index.
+/// The last run extends to the last index. Callers keep the indexes they ask about in the log.
+/// The durable stores keep it in memory so that `term()` never reads the disk.
+#[derive(Debug, Default)]
+pub(super) struct TermRuns {
+    runs: Vec<(u64, u64)>,
+}
+
+impl TermRuns {
+    /// The term of `idx` (an index in the log).
+    pub(super) fn term_of(&self, idx: u64) -> u64 {
+        let i = self.runs.partition_point(|&(start, _)| start <= idx);
+        i.checked_sub(1).map_or(0, |i| self.runs[i].1)
+    }
+
+    /// Record entry `idx` (the next index) with `term`.
+    pub(super) fn push(&mut self, idx: u64, term: u64) {
+        match self.runs.last() {
+            Some(&(_, t)) if t == term => {}
+            _ => self.runs.push((idx, term)),
+        }
+    }
+
+    /// Forget the entries from `idx` on.
+    pub(super) fn truncate_from(&mut self, idx: u64) {
+        let keep = self.runs.partition_point(|&(start, _)| start < idx);
+        self.runs.truncate(keep);
+    }
+
+    /// Forget the entries up to `idx` included.
+    pub(super) fn compact_to(&mut self, idx: u64) {
+        let i = self.runs.partition_point(|&(start, _)| start <= idx);
+        if i == 0 {
+            return;
+        }
+        self.runs.drain(..i - 1);
+        self.runs[0].0 = idx + 1;
     }
 }
 
@@ -581,6 +629,24 @@ mod tests {
     #[test]
     fn conformance() {
         conformance::run_all(MemStore::new);
+    }
+
+    #[test]
+    fn term_runs() {
+        let mut t = TermRuns::default();
+        for (i, term) in [(1, 1), (2, 1), (3, 2), (4, 2), (5, 2), (6, 5)] {
+            t.push(i, term);
+        }
+        assert_eq!(t.runs, vec![(1, 1), (3, 2), (6, 5)]);
+        assert_eq!([1, 2, 3, 5, 6].map(|i| t.term_of(i)), [1, 1, 2, 2, 5]);
+        t.compact_to(3);
+        assert_eq!(t.runs, vec![(4, 2), (6, 5)]);
+        t.compact_to(4);
+        assert_eq!(t.runs, vec![(5, 2), (6, 5)]);
+        t.truncate_from(6);
+        assert_eq!(t.runs, vec![(5, 2)]);
+        t.truncate_from(5);
+        assert!(t.runs.is_empty());
     }
 
     #[test]

@@ -15,7 +15,12 @@
 //! writes, each whole.
 //!
 //! Durability: [`LogStore::flush`] is the only fsync this store asks for; sled's periodic
-//! background flush is turned off. (sled also flushes when the database is dropped.)
+//! background flush is turned off. (sled also flushes when the database is dropped.) On Linux,
+//! sled 0.34's flush ends in `sync_file_range`, not in an fsync: what it wrote survives a
+//! kill -9 (the page cache does), but neither the file's metadata (its growing length) nor
+//! the disk's write cache is flushed, so a power cut can lose entries acknowledged since the
+//! last fsync (sled fsyncs when it truncates a segment or closes). docs/performance.md, "Log
+//! store: sled against raft-engine", measures the cost of adding the fdatasync.
 //!
 //! Reads: the first and last index, the term of every entry (as runs of equal terms), the hard
 //! state, the conf state and the latest snapshot are kept in memory; `entries` reads the tree.
@@ -31,8 +36,8 @@ use raft::{GetEntriesContext, RaftState, Storage};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use super::mem::{
-    SizeBudget, check_append, check_apply_snapshot, check_entries_range, check_save_snapshot, check_term_range,
-    new_snapshot, raft_err, snapshot_for_request, snapshot_index_term,
+    SizeBudget, TermRuns, check_append, check_apply_snapshot, check_entries_range, check_save_snapshot,
+    check_term_range, new_snapshot, raft_err, snapshot_for_request, snapshot_index_term,
 };
 use super::{LogStore, SnapshotWriter, StoreError};
 
@@ -97,6 +102,11 @@ fn decode<M: Message>(what: impl fmt::Display, bytes: &[u8]) -> Result<M, StoreE
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Compacted entries are removed in the background this many at a time (one sled batch each),
+/// with this pause between batches (see `adopt_snapshot`).
+const REMOVE_CHUNK: u64 = 1_000;
+const REMOVE_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// sled's page cache (its default is 1 GiB). The log is read back mostly at its tail, to
 /// replicate what was just appended: a small cache serves that.
@@ -479,14 +489,25 @@ impl LogStore for SledStore {
         self.snapshot = Some(snap);
         // The entries it covers are never read again (the log now starts after it) and a
         // restart drops any that are left: remove them without holding up the Raft thread.
+        // A sled batch holds sled's global write lock while it applies, which stops every
+        // other write (the Raft thread's appends): one batch of the 100,000 entries between
+        // two snapshots held it for hundreds of ms. Small batches, with a pause between them,
+        // let the Raft thread in.
         let entries = self.entries.clone();
         let remove = move || {
-            let mut batch = sled::Batch::default();
-            for i in first..=index {
-                batch.remove(&key(i)[..]);
-            }
-            if let Err(e) = entries.apply_batch(batch) {
-                tracing::warn!(error = %e, "removing compacted log entries failed; the next start removes them");
+            let mut from = first;
+            while from <= index {
+                let to = index.min(from + REMOVE_CHUNK - 1);
+                let mut batch = sled::Batch::default();
+                for i in from..=to {
+                    batch.remove(&key(i)[..]);
+                }
+                if let Err(e) = entries.apply_batch(batch) {
+                    tracing::warn!(error = %e, "removing compacted log entries failed; the next start removes them");
+                    return;
+                }
+                from = to + 1;
+                std::thread::sleep(REMOVE_PAUSE);
             }
         };
         if std::thread::Builder::new().name("compact".into()).spawn(remove).is_err() {
@@ -506,192 +527,47 @@ impl LogStore for SledStore {
     }
 }
 
-/// The terms of the entries in the log, as runs: `(first index of the run, term)`, by index.
-/// The last run extends to the last index. Callers keep the indexes they ask about in the log.
-#[derive(Debug, Default)]
-struct TermRuns {
-    runs: Vec<(u64, u64)>,
-}
-
-impl TermRuns {
-    /// The term of `idx` (an index in the log).
-    fn term_of(&self, idx: u64) -> u64 {
-        let i = self.runs.partition_point(|&(start, _)| start <= idx);
-        i.checked_sub(1).map_or(0, |i| self.runs[i].1)
-    }
-
-    /// Record entry `idx` (the next index) with `term`.
-    fn push(&mut self, idx: u64, term: u64) {
-        match self.runs.last() {
-            Some(&(_, t)) if t == term => {}
-            _ => self.runs.push((idx, term)),
-        }
-    }
-
-    /// Forget the entries from `idx` on.
-    fn truncate_from(&mut self, idx: u64) {
-        let keep = self.runs.partition_point(|&(start, _)| start < idx);
-        self.runs.truncate(keep);
-    }
-
-    /// Forget the entries up to `idx` included.
-    fn compact_to(&mut self, idx: u64) {
-        let i = self.runs.partition_point(|&(start, _)| start <= idx);
-        if i == 0 {
-            return;
-        }
-        self.runs.drain(..i - 1);
-        self.runs[0].0 = idx + 1;
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Child, Command, Stdio};
-    use std::time::{Duration, Instant};
+    use std::path::Path;
 
-    use raft::eraftpb::{ConfState, Entry, HardState};
-    use raft::{GetEntriesContext, Storage};
+    use raft::Storage;
+    use raft::eraftpb::ConfState;
 
     use super::*;
+    use crate::storage::durable_suite::{self, Durable, all, hs};
     use crate::storage::mem::conformance;
 
-    fn all(s: &SledStore) -> Vec<Entry> {
-        s.entries(s.first_index().unwrap(), s.last_index().unwrap() + 1, None, GetEntriesContext::empty(false)).unwrap()
+    impl Durable for SledStore {
+        fn open(dir: &Path) -> Result<Self, StoreError> {
+            SledStore::open(dir)
+        }
+        fn open_with_voters(dir: &Path, voters: &[u64]) -> Result<Self, StoreError> {
+            SledStore::open_with_voters(dir, voters)
+        }
+        fn is_empty(&self) -> bool {
+            SledStore::is_empty(self)
+        }
     }
 
     #[test]
     fn conformance() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut n = 0;
-        conformance::run_all(|voters: &[u64]| {
-            n += 1;
-            SledStore::open_with_voters(&dir.path().join(n.to_string()), voters).unwrap()
-        });
-    }
-
-    #[test]
-    fn term_runs() {
-        let mut t = TermRuns::default();
-        for (i, term) in [(1, 1), (2, 1), (3, 2), (4, 2), (5, 2), (6, 5)] {
-            t.push(i, term);
-        }
-        assert_eq!(t.runs, vec![(1, 1), (3, 2), (6, 5)]);
-        assert_eq!([1, 2, 3, 5, 6].map(|i| t.term_of(i)), [1, 1, 2, 2, 5]);
-        t.compact_to(3);
-        assert_eq!(t.runs, vec![(4, 2), (6, 5)]);
-        t.compact_to(4);
-        assert_eq!(t.runs, vec![(5, 2), (6, 5)]);
-        t.truncate_from(6);
-        assert_eq!(t.runs, vec![(5, 2)]);
-        t.truncate_from(5);
-        assert!(t.runs.is_empty());
-    }
-
-    fn hs(term: u64, vote: u64, commit: u64) -> HardState {
-        HardState { term, vote, commit, ..Default::default() }
+        durable_suite::conformance::<SledStore>();
     }
 
     #[test]
     fn a_snapshot_written_in_the_background_is_adopted_and_survives_a_restart() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = conformance::entries(1..=30, 1);
-        let cs = ConfState { voters: vec![1, 2, 3], ..Default::default() };
-        {
-            let mut s = SledStore::open_with_voters(dir.path(), &[1, 2, 3]).unwrap();
-            s.append(&log).unwrap();
-            s.set_hard_state(&hs(1, 1, 25)).unwrap();
-            s.flush().unwrap();
-            let snap = new_snapshot(b"state at 20".to_vec(), 20, 1, &cs);
-            // Written on another thread while the log is still whole.
-            let write = s.snapshot_writer().unwrap();
-            let written = std::thread::spawn(move || write(&snap).map(|w| (w, snap))).join().unwrap().unwrap();
-            assert!(written.0, "the writer keeps a newer snapshot");
-            assert_eq!(s.first_index().unwrap(), 1, "nothing is compacted before it is adopted");
-            assert!(s.adopt_snapshot(written.1.clone()).unwrap());
-            assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (21, 30));
-            assert_eq!(all(&s), log[20..].to_vec());
-            assert!(!s.adopt_snapshot(written.1).unwrap(), "an older or equal one is not adopted");
-            // A writer never replaces a newer stored snapshot with an older one.
-            let older = new_snapshot(b"state at 10".to_vec(), 10, 1, &cs);
-            assert!(!s.snapshot_writer().unwrap()(&older).unwrap());
-        }
-        // Whether or not the background removal of compacted entries finished, a restart
-        // finds the snapshot and the log after it.
-        let s = SledStore::open(dir.path()).unwrap();
-        assert_eq!(s.latest_snapshot().unwrap().get_data(), b"state at 20");
-        assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (21, 30));
-        assert_eq!(all(&s), log[20..].to_vec());
+        durable_suite::a_snapshot_written_in_the_background_is_adopted_and_survives_a_restart::<SledStore>();
     }
 
     #[test]
     fn reopen_keeps_what_was_flushed() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = conformance::entries(1..=20, 1);
-        log.extend(conformance::entries(21..=30, 2));
-        let cs = ConfState { voters: vec![1, 2, 3], learners: vec![7], ..Default::default() };
-        {
-            let mut s = SledStore::open_with_voters(dir.path(), &[1, 2, 3]).unwrap();
-            s.append(&log).unwrap();
-            s.set_hard_state(&hs(2, 3, 25)).unwrap();
-            s.set_conf_state(&cs).unwrap();
-            s.save_snapshot(b"state at 12".to_vec(), 12, &cs).unwrap();
-            s.flush().unwrap();
-        }
-        let snap = {
-            let s = SledStore::open_with_voters(dir.path(), &[9]).unwrap();
-            assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (13, 30));
-            assert_eq!(all(&s), log[12..].to_vec());
-            assert_eq!(s.term(12).unwrap(), 1);
-            assert_eq!(s.term(21).unwrap(), 2);
-            let st = s.initial_state().unwrap();
-            assert_eq!(st.hard_state, hs(2, 3, 25));
-            assert_eq!(st.conf_state, cs, "bootstrap keeps the stored conf state");
-            let snap = s.latest_snapshot().unwrap();
-            assert_eq!(snap.get_data(), b"state at 12");
-            assert_eq!((snap.get_metadata().index, snap.get_metadata().term), (12, 1));
-            assert_eq!(snap.get_metadata().get_conf_state(), &cs);
-            assert_eq!(s.snapshot(0, 2).unwrap(), snap);
-            snap
-        };
-        // An installed snapshot, then an overwritten suffix, survive too.
-        let leader = conformance::snapshot(40, 3, &[1, 2], b"leader state");
-        {
-            let mut s = SledStore::open(dir.path()).unwrap();
-            s.apply_snapshot(&leader).unwrap();
-            s.append(&conformance::entries(41..=45, 3)).unwrap();
-            s.append(&conformance::entries(43..=44, 4)).unwrap();
-            s.flush().unwrap();
-        }
-        let s = SledStore::open(dir.path()).unwrap();
-        assert_ne!(s.latest_snapshot().unwrap(), snap);
-        assert_eq!(s.latest_snapshot().unwrap(), leader);
-        assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (41, 44));
-        let mut want = conformance::entries(41..=42, 3);
-        want.extend(conformance::entries(43..=44, 4));
-        assert_eq!(all(&s), want);
-        assert_eq!([40, 41, 43, 44].map(|i| s.term(i).unwrap()), [3, 3, 4, 4]);
-        let st = s.initial_state().unwrap();
-        assert_eq!(st.hard_state, hs(3, 3, 40));
-        assert_eq!(st.conf_state.voters, vec![1, 2]);
+        durable_suite::reopen_keeps_what_was_flushed::<SledStore>();
     }
 
     #[test]
     fn open_empty_and_bootstrap() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let s = SledStore::open(&dir.path().join("joiner")).unwrap();
-            assert!(s.is_empty());
-            assert!(!s.initial_state().unwrap().initialized());
-        }
-        {
-            let s = SledStore::open_with_voters(&dir.path().join("new"), &[1, 2, 3]).unwrap();
-            assert!(!s.is_empty());
-            assert_eq!(s.initial_state().unwrap().conf_state.voters, vec![1, 2, 3]);
-        }
-        let s = SledStore::open(&dir.path().join("new")).unwrap();
-        assert_eq!(s.initial_state().unwrap().conf_state.voters, vec![1, 2, 3]);
+        durable_suite::open_empty_and_bootstrap::<SledStore>();
     }
 
     /// Write raw bytes into the store's trees, as a damaged disk would.
@@ -773,162 +649,16 @@ mod tests {
 
     // ---- kill -9 ----
 
-    const KILL9_DIR: &str = "TESSERA_RAFT_KILL9_DIR";
-
-    /// The payload of entry `index` at `term`: deterministic, so the parent can check it.
-    fn payload(index: u64, term: u64) -> Vec<u8> {
-        let len = (index * 7919 % 600) as usize;
-        let mut v = format!("{index}:{term}:").into_bytes();
-        v.extend((0..len).map(|i| (i as u64 ^ index) as u8));
-        v
-    }
-
-    fn snapshot_payload(index: u64) -> Vec<u8> {
-        format!("snapshot at {index}").into_bytes().repeat(50)
-    }
-
-    fn xorshift(state: &mut u64) -> u64 {
-        *state ^= *state << 13;
-        *state ^= *state >> 7;
-        *state ^= *state << 17;
-        *state
-    }
-
-    /// How many entries below `last` the child's commit index lags; it overwrites at most the
-    /// last 2, so it never overwrites a committed entry and snapshots stay in the log.
-    const COMMIT_LAG: u64 = 4;
-
-    /// Run by [`kill9_loop`] in a child process, which it kills: append batches, sometimes
-    /// overwrite the tail with a new term or compact, flush, then print `acked <last_index>`.
+    /// Run by [`kill9_loop`] in a child process, which it kills.
     #[test]
     #[ignore = "child process of kill9_loop"]
     fn kill9_child() {
-        let Some(dir) = std::env::var_os(KILL9_DIR) else { return };
-        let mut s = SledStore::open_with_voters(Path::new(&dir), &[1]).unwrap();
-        let mut term = s.initial_state().unwrap().hard_state.term.max(s.term(s.last_index().unwrap()).unwrap()).max(1);
-        let mut rng = u64::from(std::process::id()) | 1;
-        let started = Instant::now();
-        // Bounded, in case the parent died without killing it.
-        for round in 0u64.. {
-            if started.elapsed() > Duration::from_secs(20) {
-                return;
-            }
-            let last = s.last_index().unwrap();
-            let r = xorshift(&mut rng);
-            let (from, n) = if round % 5 == 4 && last >= s.first_index().unwrap() + 2 {
-                // A new leader rewrites the last entry or two.
-                term += 1;
-                (last - (r % 2), 2 + r % 8)
-            } else {
-                (last + 1, 1 + r % 40)
-            };
-            let batch: Vec<Entry> = (from..from + n)
-                .map(|i| Entry { index: i, term, data: payload(i, term).into(), ..Default::default() })
-                .collect();
-            s.append(&batch).unwrap();
-            let new_last = s.last_index().unwrap();
-            let commit = new_last.saturating_sub(COMMIT_LAG).max(s.initial_state().unwrap().hard_state.commit);
-            s.set_hard_state(&hs(term, 1, commit)).unwrap();
-            if round % 7 == 6 && commit > s.first_index().unwrap() {
-                let at = commit - r % 3;
-                let cs = s.initial_state().unwrap().conf_state;
-                s.save_snapshot(snapshot_payload(at), at, &cs).unwrap();
-            }
-            s.flush().unwrap();
-            println!("acked {new_last}");
-        }
-    }
-
-    /// Kills and waits for the child however the test ends.
-    struct KillOnDrop(Child);
-
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    /// Check the store in `dir` after a kill: it opens, the log is contiguous with matching
-    /// payloads and non-decreasing terms, and everything acked is there.
-    fn check_after_kill(dir: &Path, acked: u64) -> u64 {
-        let s = SledStore::open(dir).unwrap_or_else(|e| panic!("store does not open after kill -9: {e}"));
-        let (first, last) = (s.first_index().unwrap(), s.last_index().unwrap());
-        assert!(last >= acked, "acked {acked} but the log ends at {last}");
-        let entries = all(&s);
-        assert_eq!(entries.len() as u64, last + 1 - first, "log is contiguous");
-        let mut prev_term = s.term(first - 1).unwrap();
-        for (e, i) in entries.iter().zip(first..) {
-            assert_eq!(e.index, i);
-            assert!(e.term >= prev_term, "term goes down at {i}");
-            assert_eq!(e.data.as_ref(), payload(i, e.term).as_slice(), "payload of {i}");
-            assert_eq!(s.term(i).unwrap(), e.term);
-            prev_term = e.term;
-        }
-        let hs = s.initial_state().unwrap().hard_state;
-        assert!(hs.commit <= last, "commit {} past the last index {last}", hs.commit);
-        assert!(hs.commit + COMMIT_LAG >= acked, "commit {} lost: acked {acked}", hs.commit);
-        if let Some(snap) = s.latest_snapshot() {
-            let index = snap.get_metadata().index;
-            assert_eq!(first, index + 1);
-            assert!(index <= hs.commit);
-            assert_eq!(snap.get_data(), snapshot_payload(index).as_slice());
-        } else {
-            assert_eq!(first, 1);
-        }
-        last
+        durable_suite::kill9_child::<SledStore>();
     }
 
     #[test]
     fn kill9_loop() {
-        let dir = tempfile::tempdir().unwrap();
-        let exe = std::env::current_exe().unwrap();
         // module_path!() starts with the crate's name, test names do not.
-        let child_test = format!("{}::kill9_child", module_path!().split_once("::").unwrap().1);
-        let started = Instant::now();
-        let mut last = 0;
-        let mut total_acks = 0;
-        for round in 0..12u64 {
-            let mut child = KillOnDrop(
-                Command::new(&exe)
-                    .args(["--exact", &child_test, "--ignored", "--nocapture", "--test-threads=1"])
-                    .env(KILL9_DIR, dir.path())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::inherit())
-                    .spawn()
-                    .unwrap(),
-            );
-            let stdout = child.0.stdout.take().unwrap();
-            let reader = std::thread::spawn(move || {
-                let mut acked = None;
-                let mut lines = 0;
-                let mut r = BufReader::new(stdout);
-                let mut line = Vec::new();
-                // Only whole lines: a line cut by the kill is not an ack.
-                while r.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
-                    if line.ends_with(b"\n")
-                        && let Some(n) =
-                            std::str::from_utf8(&line).ok().and_then(|l| l.trim_end().strip_prefix("acked "))
-                    {
-                        acked = Some(n.parse::<u64>().unwrap());
-                        lines += 1;
-                    }
-                    line.clear();
-                }
-                (acked, lines)
-            });
-            // Vary where the kill lands: early (maybe during open) to a few hundred ms in.
-            std::thread::sleep(Duration::from_millis(40 + round * 97 % 400));
-            assert!(child.0.try_wait().unwrap().is_none(), "child exited before the kill; see its output above");
-            drop(child);
-            let (acked, lines) = reader.join().unwrap();
-            total_acks += lines;
-            // No ack this round: what the last check saw must still be there.
-            let acked = acked.unwrap_or(last);
-            last = check_after_kill(dir.path(), acked);
-            eprintln!("kill9 round {round}: {lines} acks, last acked {acked}, log ends at {last}");
-        }
-        assert!(total_acks > 50, "the child acked only {total_acks} batches in all");
-        assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+        durable_suite::kill9_loop::<SledStore>(&format!("{}::kill9_child", module_path!().split_once("::").unwrap().1));
     }
 }
