@@ -131,4 +131,5 @@ pub fn bootstrap_cluster_from<S: LogStore>(store: &mut S, voters: &[u64], data: 
 pub(crate) mod durable_suite;
 pub mod engine_store;
 pub mod mem;
+pub mod server_store;
 pub mod sled_store;

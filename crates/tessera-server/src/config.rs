@@ -50,6 +50,10 @@ pub struct ServerConfig {
     /// without a leader (0.5 to 1 s at the default 50 ms).
     #[serde(default = "default_tick_ms")]
     pub tick_ms: u64,
+    /// Where a new data directory keeps the Raft log: "raft-engine" (the default) or "sled".
+    /// A directory that already holds a log keeps the engine it was written with.
+    #[serde(default = "default_log_store")]
+    pub log_store: String,
     /// Take a snapshot and compact the log every this many entries.
     #[serde(default = "default_snapshot_every")]
     pub snapshot_every: u64,
@@ -102,6 +106,10 @@ fn default_node_down_ms() -> u64 {
     4000
 }
 
+fn default_log_store() -> String {
+    tessera_raft::storage::server_store::StoreKind::default().name().to_string()
+}
+
 fn default_tick_ms() -> u64 {
     50
 }
@@ -125,6 +133,7 @@ impl ServerConfig {
             join: None,
             http: None,
             tick_ms: default_tick_ms(),
+            log_store: default_log_store(),
             snapshot_every: default_snapshot_every(),
             plan_interval_ms: default_plan_interval_ms(),
             heartbeat_ms: default_heartbeat_ms(),
@@ -177,6 +186,11 @@ impl ServerConfig {
         }
     }
 
+    /// The log store a new data directory gets.
+    pub fn store_kind(&self) -> Result<tessera_raft::storage::server_store::StoreKind, ConfigError> {
+        tessera_raft::storage::server_store::StoreKind::parse(&self.log_store).map_err(|m| err("log_store", m))
+    }
+
     /// Check every setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.id == 0 {
@@ -200,6 +214,7 @@ impl ServerConfig {
         if self.tick_ms == 0 || self.tick_ms > 10_000 {
             return Err(err("tick_ms", "must be 1 to 10000"));
         }
+        self.store_kind()?;
         if self.snapshot_every < 10 {
             return Err(err("snapshot_every", "must be at least 10"));
         }

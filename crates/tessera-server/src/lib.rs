@@ -2,7 +2,7 @@
 //!
 //! One gRPC port serves the job, node, cluster and Raft services (the agent stream arrives with
 //! the agent), plus gRPC health and reflection; an optional HTTP port serves Prometheus
-//! metrics. The replicated state is `tessera_core::State`, driven by `tessera_raft` over sled.
+//! metrics. The replicated state is `tessera_core::State`, driven by `tessera_raft` over raft-engine (or sled, in a data directory written before).
 //! The leader runs the placement loop and proposes its plans through the log.
 //!
 //! [`run`] takes its listener and a shutdown future, so tests bind port 0.
@@ -30,7 +30,7 @@ use tessera_proto::v1;
 use tessera_raft::StateRole;
 use tessera_raft::logging::tracing_logger;
 use tessera_raft::node::{NodeConfig, RaftNode};
-use tessera_raft::storage::sled_store::SledStore;
+use tessera_raft::storage::server_store::ServerStore;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, broadcast};
 
@@ -108,8 +108,17 @@ pub async fn run(
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| storage_err(tessera_raft::storage::StoreError::Engine(e.to_string())))?;
     let voters: Vec<u64> = cfg.initial_cluster.keys().copied().collect();
-    let mut store = SledStore::open(&dir).map_err(storage_err)?;
+    let wanted = cfg.store_kind().map_err(ServerError::Config)?;
+    let mut store = ServerStore::open(&dir, wanted).map_err(storage_err)?;
     let fresh = store.is_empty();
+    if store.kind() != wanted {
+        tracing::warn!(
+            dir = %dir.display(),
+            holds = store.kind().name(),
+            log_store = wanted.name(),
+            "the data directory holds a log of another engine; keeping it"
+        );
+    }
     let seed = match (&cfg.restore_from, fresh) {
         (Some(path), true) => restore_seed(&cfg, path)?,
         (Some(path), false) => {

@@ -1,4 +1,4 @@
-//! The Raft thread: owns the [`RaftNode`] over the sled store, ticks it, feeds it requests and
+//! The Raft thread: owns the [`RaftNode`] over its log store (raft-engine, or sled in an older data directory), ticks it, feeds it requests and
 //! messages, and runs its Ready cycles. Requests that arrive together are handled before one
 //! Ready, so many proposals share one fsync (group commit). It runs on its own OS thread
 //! because a Ready cycle blocks on fsync.
@@ -10,14 +10,14 @@ use std::time::{Duration, Instant};
 use tessera_raft::eraftpb::{ConfChangeType, Message, MessageType, Snapshot};
 use tessera_raft::node::{ProposeError, RaftNode, ReadFn, Responder, Status};
 use tessera_raft::storage::StoreError;
-use tessera_raft::storage::sled_store::SledStore;
+use tessera_raft::storage::server_store::ServerStore;
 use tokio::sync::{oneshot, watch};
 
 use crate::sm::{Outcome, ServerSm};
 use crate::transport::Transport;
 
 /// The driver this server runs.
-pub type Node = RaftNode<SledStore, ServerSm>;
+pub type Node = RaftNode<ServerStore, ServerSm>;
 
 /// Something for the Raft thread to do.
 pub enum Request {

@@ -148,6 +148,10 @@ struct ServerArgs {
     /// Snapshot and compact the log every this many entries.
     #[arg(long)]
     snapshot_every: Option<u64>,
+    /// Log store of a new data directory: raft-engine (default) or sled. A directory that
+    /// holds a log keeps its engine.
+    #[arg(long)]
+    log_store: Option<String>,
     /// Start a new cluster from a file written by `tessera cluster snapshot save`, instead of
     /// an empty state. Needs --initial-cluster and an empty --data-dir; give every founding
     /// server the same file.
@@ -252,6 +256,9 @@ fn server_config(a: ServerArgs) -> Result<tessera_server::ServerConfig, String> 
     }
     if let Some(v) = a.snapshot_every {
         cfg.snapshot_every = v;
+    }
+    if let Some(v) = a.log_store {
+        cfg.log_store = v;
     }
     if let Some(v) = a.restore_from {
         cfg.restore_from = Some(v);
