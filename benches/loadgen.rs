@@ -94,6 +94,11 @@ struct Args {
     /// Seconds the depth phase submits into one fresh cluster (P8) [quick 60, full 300].
     #[arg(long)]
     depth_seconds: Option<u64>,
+    /// The servers' log store in the depth phase: raft-engine, sled, or both (side by side in
+    /// each run, the first alternating by run; their figures carry the store's name). Other
+    /// phases use the servers' default (raft-engine).
+    #[arg(long, value_delimiter = ',')]
+    log_store: Vec<String>,
     /// Phases to run, of cluster, fleet, restart and depth (depth is not in the default).
     #[arg(long, value_delimiter = ',', default_value = "cluster,fleet,restart")]
     phases: Vec<String>,
@@ -642,8 +647,9 @@ fn window(acks: &[(f64, f64)], from: f64, to: f64) -> (f64, f64) {
 /// every job stays pending and the queue only deepens: the rate in the first and the last
 /// stretch (a minute, or a third of a shorter run), the worst 10-second p99. Then P9's window:
 /// 10 s more of the same load with the leader killed 3 s in, against the last stretch's rate.
-async fn depth_phase(s: &Scale, run: usize, net: &Net, report: &mut Report) -> anyhow::Result<()> {
-    let mut c = net.cluster(&[]);
+async fn depth_phase(s: &Scale, run: usize, net: &Net, report: &mut Report, store: Option<&str>) -> anyhow::Result<()> {
+    let extra: Vec<&str> = store.map(|st| vec!["--log-store", st]).unwrap_or_default();
+    let mut c = net.cluster(&extra);
     let addrs = c.running_addrs();
     net.leader(&addrs, Duration::from_secs(20)).await.context("no leader")?;
     let secs = s.depth_seconds as f64;
@@ -1200,6 +1206,17 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let phase = |p: &str| args.phases.iter().any(|x| x == p);
+    let mut stores: Vec<&'static str> = Vec::new();
+    for st in &args.log_store {
+        match st.as_str() {
+            "sled" => stores.push("sled"),
+            "raft-engine" => stores.push("raft-engine"),
+            "both" => stores.extend(["raft-engine", "sled"]),
+            other => bail!("--log-store: unknown store {other:?} (raft-engine, sled, both)"),
+        }
+    }
+    stores.dedup();
+    let stores_named = !stores.is_empty();
     let mut report = Report::default();
 
     // The ways each run goes: plain, TLS, or both (the first alternating by run).
@@ -1250,10 +1267,30 @@ async fn main() -> anyhow::Result<()> {
                 }
                 for net in &order {
                     report.suffix = if both && net.pki.is_some() { " (TLS)" } else { "" };
+                    if which == "depth" {
+                        let mut stores: Vec<Option<&'static str>> = stores.iter().map(|s| Some(*s)).collect();
+                        if stores.is_empty() {
+                            stores.push(None);
+                        }
+                        if run % 2 == 1 {
+                            stores.reverse();
+                        }
+                        for store in stores {
+                            report.suffix = match (store, stores_named) {
+                                (Some("sled"), true) => " (sled)",
+                                (Some(_), true) => " (raft-engine)",
+                                _ => report.suffix,
+                            };
+                            report.passes.push(format!("run {run}: depth {} {}", net.name(), store.unwrap_or("")));
+                            if let Err(e) = depth_phase(&s, run, net, &mut report, store).await {
+                                return Some(e.context(format!("run {run}, depth phase ({})", net.name())));
+                            }
+                        }
+                        continue;
+                    }
                     report.passes.push(format!("run {run}: {which} {}", net.name()));
                     let result = match which {
                         "cluster" => cluster_phase(&s, run, net, &mut report).await,
-                        "depth" => depth_phase(&s, run, net, &mut report).await,
                         _ => fleet_phase(&s, run, net, &mut report).await,
                     };
                     if let Err(e) = result {

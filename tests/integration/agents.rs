@@ -246,7 +246,7 @@ async fn running_shards_survive_a_leader_change() {
     let mut a = Agent::connect(&addrs, "gpu-a", vec![]).await;
     let ha = a.heartbeats();
     let id = submit(&addrs[0], job(1, 2)).await;
-    let asg = a.assignment(T).await.expect("assignment");
+    let asg = a.assignment(T).await.unwrap_or_else(|| panic!("no assignment\n{}", c.logs()));
     a.send(In::ShardStarted(v1::ShardStarted { attempt_id: asg.attempt_id, ..Default::default() })).await;
     wait_job_state(&addrs[0], id, v1::JobState::Running).await;
     // The leader dies; the agent reconnects to the new one and reports what it runs.
