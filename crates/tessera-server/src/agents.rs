@@ -43,11 +43,17 @@ pub async fn liveness_loop(shared: Arc<Shared>) {
             if let Ok(mut l) = shared.agents.leader_since.lock() {
                 *l = leader.then(Instant::now);
             }
-            if let Ok(mut s) = shared.agents.sessions.lock() {
-                s.clear();
+            // A server that lost office forgets its agents (they reconnect to the new leader).
+            // One that took office keeps the sessions opened since: it accepted them only
+            // because it already led, up to 100 ms before this loop noticed, and clearing them
+            // left those agents connected with no route for their assignments.
+            if !leader {
+                if let Ok(mut s) = shared.agents.sessions.lock() {
+                    s.clear();
+                }
+                shared.agents.drop_routes();
+                shared.live.clear();
             }
-            shared.agents.drop_routes();
-            shared.live.clear();
             was_leader = leader;
         }
         if !leader {
