@@ -410,37 +410,7 @@ fn raise_open_files_limit() {
 
 /// `clients` clients submitting to every server until `until`; returns acknowledged latencies.
 async fn submit_load(net: Net, addrs: Vec<String>, clients: usize, until: Instant, tag: String) -> Vec<f64> {
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        let (addr, tag) = (addrs[c % addrs.len()].clone(), tag.clone());
-        let ch = net.channel(&addr);
-        tasks.push(tokio::spawn(async move {
-            let mut client = v1::job_service_client::JobServiceClient::new(ch);
-            let mut lat = Vec::new();
-            let mut n = 0;
-            while Instant::now() < until {
-                let t = Instant::now();
-                let mut req = tonic::Request::new(v1::SubmitJobRequest {
-                    spec: Some(spec("load")),
-                    idempotency_key: format!("{tag}-c{c}-{n}"),
-                });
-                req.set_timeout(Duration::from_secs(2));
-                if client.submit_job(req).await.is_ok() {
-                    lat.push(ms(t.elapsed()));
-                } else {
-                    // The server may be the one just killed: back off a little.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                n += 1;
-            }
-            lat
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap_or_default());
-    }
-    all
+    submit_load_timed(net, addrs, clients, Instant::now(), until, tag).await.into_iter().map(|(_, l)| l).collect()
 }
 
 /// Kill the leader with kill -9 and time until a write is accepted again; restarts it after.
@@ -596,7 +566,8 @@ async fn cluster_phase(s: &Scale, run: usize, net: &Net, report: &mut Report) ->
 // Depth (P8, and P9's window): a fresh cluster filling with pending jobs
 // ---------------------------------------------------------------------------------------------
 
-/// Like [`submit_load`], but every acknowledgement with its time since `t0` (s) and latency (ms).
+/// `clients` clients submitting to every server until `until`: every acknowledgement with its
+/// time since `t0` (s) and its latency (ms).
 async fn submit_load_timed(
     net: Net,
     addrs: Vec<String>,
@@ -616,13 +587,14 @@ async fn submit_load_timed(
             while Instant::now() < until {
                 let t = Instant::now();
                 let mut req = tonic::Request::new(v1::SubmitJobRequest {
-                    spec: Some(spec("depth")),
+                    spec: Some(spec("load")),
                     idempotency_key: format!("{tag}-c{c}-{n}"),
                 });
                 req.set_timeout(Duration::from_secs(2));
                 if client.submit_job(req).await.is_ok() {
                     acks.push((t0.elapsed().as_secs_f64(), ms(t.elapsed())));
                 } else {
+                    // The server may be the one just killed: back off a little.
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 n += 1;
