@@ -243,6 +243,18 @@ fn jobs_are_submitted_watched_and_their_output_read() {
     );
     let table = stdout(&run(&["job", "list", "--all", "--server", s]));
     assert!(table.contains("ID") && table.contains("oneline") && table.contains("high (750)"), "{table}");
+
+    // A key the user gives says when it found an earlier submission's job; without one, the
+    // CLI's own key is fresh every time, so each submission is a job of its own.
+    let keyed = ["job", "submit", "--idempotency-key", "cli-dup", "-o", "json", "--server", s, "--", "true"];
+    let first = json(&keyed);
+    let again = json(&keyed);
+    assert_eq!((job_id(&again), &again["deduplicated"]), (job_id(&first), &Value::Bool(true)), "{again}");
+    assert_eq!(first["deduplicated"], Value::Bool(false), "{first}");
+    let plain = ["job", "submit", "-o", "json", "--server", s, "--", "true"];
+    let (a, b) = (json(&plain), json(&plain));
+    assert_ne!(job_id(&a), job_id(&b));
+    assert_eq!((&a["deduplicated"], &b["deduplicated"]), (&Value::Bool(false), &Value::Bool(false)));
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //!
 //! One gRPC port serves the job, node, cluster and Raft services (the agent stream arrives with
 //! the agent), plus gRPC health and reflection; an optional HTTP port serves Prometheus
-//! metrics. The replicated state is `tessera_core::State`, driven by `tessera_raft` over raft-engine (or sled, in a data directory written before).
+//! metrics. The replicated state is `tessera_core::State`, driven by `tessera_raft` over
+//! raft-engine (or sled, in a data directory written before).
 //! The leader runs the placement loop and proposes its plans through the log.
 //!
 //! [`run`] takes its listener and a shutdown future, so tests bind port 0.

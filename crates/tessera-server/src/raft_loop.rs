@@ -1,7 +1,7 @@
-//! The Raft thread: owns the [`RaftNode`] over its log store (raft-engine, or sled in an older data directory), ticks it, feeds it requests and
-//! messages, and runs its Ready cycles. Requests that arrive together are handled before one
-//! Ready, so many proposals share one fsync (group commit). It runs on its own OS thread
-//! because a Ready cycle blocks on fsync.
+//! The Raft thread: owns the [`RaftNode`] over its log store (raft-engine, or sled in an older
+//! data directory), ticks it, feeds it requests and messages, and runs its Ready cycles.
+//! Requests that arrive together are handled before one Ready, so many proposals share one
+//! fsync (group commit). It runs on its own OS thread because a Ready cycle blocks on fsync.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};

@@ -233,11 +233,15 @@ async fn submit(servers: &Servers, a: SubmitArgs, out: Format) -> CliResult {
             async move { Ok(JobServiceClient::new(ch).submit_job(req).await?.into_inner()) }
         })
         .await?;
-    let doc = SubmitJson { job_id: resp.job_id, deduplicated: resp.deduplicated };
+    // A key this invocation made up can only have been used by this invocation's own earlier
+    // try (a server that died mid-call, or a leader change after the entry was replicated):
+    // that job is the one this submission made, not an earlier submission's.
+    let deduplicated = resp.deduplicated && a.idempotency_key.is_some();
+    let doc = SubmitJson { job_id: resp.job_id, deduplicated };
     match out {
         Format::Json if a.watch => output::json_line(&doc)?,
         Format::Json => output::json(&doc)?,
-        Format::Table if resp.deduplicated => {
+        Format::Table if deduplicated => {
             output::line(format!("job {} (already submitted with this idempotency key)", resp.job_id))?
         }
         Format::Table => output::line(format!("job {} submitted", resp.job_id))?,
