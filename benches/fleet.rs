@@ -55,6 +55,10 @@ struct AgentHandle {
     stall: Arc<Notify>,
     /// Set when it fails: its timers send nothing more.
     dead: Arc<AtomicBool>,
+    /// Its node's name.
+    name: String,
+    /// Times its stream ended and it reconnected (or tried to).
+    lost: Arc<AtomicU64>,
 }
 
 type Held = Arc<std::sync::Mutex<HashMap<u64, (u64, bool)>>>;
@@ -83,6 +87,21 @@ pub enum Failure {
 }
 
 impl Fleet {
+    /// The agents that hold fewer than `want` shards, each as "name: N shards, M streams lost
+    /// (, gone)": who to look for in the servers' logs when a fill falls short.
+    pub fn short_of(&self, want: usize) -> Vec<String> {
+        self.agents
+            .iter()
+            .filter_map(|a| {
+                let held = a.held.lock().map_or(0, |h| h.len());
+                (held < want).then(|| {
+                    let gone = if a.task.is_finished() { ", gone" } else { "" };
+                    format!("{}: {held} shards, {} streams lost{gone}", a.name, a.lost.load(Ordering::Relaxed))
+                })
+            })
+            .collect()
+    }
+
     /// Fail one agent that runs shards until stopped; returns the job ids of those shards, or
     /// None if no agent runs any.
     pub fn fail_one(&mut self, how: Failure) -> Option<Vec<u64>> {
@@ -236,7 +255,10 @@ pub async fn start(servers: &[String], leader: usize, prefix: &str, n: usize, co
         let dead = Arc::new(AtomicBool::new(false));
         let name = agent_name(prefix, i);
         let own = own.as_mut().and_then(Iterator::next);
-        let mut me = Agent { i, name, own, stats, held: held.clone(), stall: stall.clone(), dead: dead.clone() };
+        let lost = Arc::new(AtomicU64::new(0));
+        let mut me =
+            Agent { i, name: name.clone(), own, stats, held: held.clone(), stall: stall.clone(), dead: dead.clone() };
+        let my_lost = lost.clone();
         let task = tokio::spawn(async move {
             let permit = gate.acquire_owned().await;
             // A leader change while the fleet registers sends it to the new leader, like the
@@ -258,11 +280,18 @@ pub async fn start(servers: &[String], leader: usize, prefix: &str, n: usize, co
                     return;
                 }
                 me.stats.streams_lost.fetch_add(1, Ordering::Relaxed);
-                let Ok((tx, inbound)) = me.session(&servers, &mut target).await else { return };
+                my_lost.fetch_add(1, Ordering::Relaxed);
+                let (tx, inbound) = match me.session(&servers, &mut target).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("simulated agent {} gave up reconnecting: {e}", me.name);
+                        return;
+                    }
+                };
                 me.run(tx, inbound).await;
             }
         });
-        agents.push(AgentHandle { task, held, stall, dead });
+        agents.push(AgentHandle { task, held, stall, dead, name, lost });
     }
     drop(ready_tx);
     for _ in 0..n {

@@ -995,12 +995,20 @@ async fn fleet_load(
     .await;
     report_fill(report, "4x8-GPU gangs", gangs * 4, gangs * 32, took, got);
     eprintln!("run {run}: gangs filled {got} shards in {took:.1} s");
+    if got < (gangs * 4) as u64 {
+        let short = fleet.short_of(1);
+        eprintln!("run {run}: {} agents hold no gang shard: {}", short.len(), short.join("; "));
+    }
     free(s, net, &addrs, &fleet.stats, ids, got).await;
 
     let (took, got, acks, ids) =
         fill(s, net, &addrs, &fleet.stats, n * 8, 1, Arc::new(move |i| (spec("fill"), format!("r{run}-fill-{i}"))))
             .await;
     report_fill(report, "single-GPU jobs", n * 8, n * 8, took, got);
+    if got < (n * 8) as u64 {
+        let short = fleet.short_of(8);
+        eprintln!("run {run}: {} agents hold fewer than 8 shards: {}", short.len(), short.join("; "));
+    }
     report.add("P2", "single-GPU jobs: submissions acknowledged meanwhile", "/s", "", acks);
     eprintln!("run {run}: single-GPU jobs filled {got} shards in {took:.1} s");
 

@@ -238,6 +238,21 @@ impl Cluster {
     }
 }
 
+/// Where `TESSERA_KEEP_LOGS` asks for the servers' logs to be copied when a cluster ends
+/// (benchmark runs delete their temporary directories; this keeps what is needed to debug them).
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let Some(keep) = std::env::var_os("TESSERA_KEEP_LOGS") else { return };
+        let keep = PathBuf::from(keep);
+        let _ = std::fs::create_dir_all(&keep);
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        for s in self.servers.values() {
+            let from = s.dir.with_extension("log");
+            let _ = std::fs::copy(&from, keep.join(format!("{stamp}-s{}.log", s.id)));
+        }
+    }
+}
+
 /// Connect to a server (lazily; calls fail fast while it is down).
 pub fn channel(addr: &str) -> Channel {
     secure_channel(&tessera_tls::Security::Insecure, addr)
