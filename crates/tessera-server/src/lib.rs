@@ -235,16 +235,39 @@ async fn placement_loop(shared: Arc<Shared>, interval: Duration) {
         if shared.raft.status().role != StateRole::Leader {
             continue;
         }
-        let planned = shared
+        // The Raft thread only copies the state (jobs and nodes are shared, not copied); the
+        // planning runs on a thread of the blocking pool, and apply checks each placement again.
+        let copied = shared
             .raft
             .local(|n| {
                 let state = &n.state_machine().state;
                 metrics::gauge!("tessera_jobs_pending").set(state.pending_jobs().len() as f64);
                 metrics::gauge!("tessera_attempts_live").set(state.live_attempts().len() as f64);
-                plan(state, clock::now(), &PlanLimits::default()).plan
+                let started = std::time::Instant::now();
+                let copy = state.planning_copy();
+                metrics::histogram!("tessera_plan_copy_seconds").record(started.elapsed().as_secs_f64());
+                copy
             })
             .await;
-        let Ok(p) = planned else { return };
+        let Ok(copy) = copied else { return };
+        let planned = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let p = plan(&copy, clock::now(), &PlanLimits::default()).plan;
+            metrics::histogram!("tessera_plan_seconds").record(started.elapsed().as_secs_f64());
+            // Dropped here, off the Raft thread and before the plan is proposed: a copy that
+            // lives on would make each write to a job it shares copy that job first.
+            drop(copy);
+            p
+        })
+        .await;
+        let p = match planned {
+            Ok(p) => p,
+            Err(e) => {
+                // A bug in the planner: say so and try again on the next round.
+                tracing::error!(error = %e, "planning failed");
+                continue;
+            }
+        };
         if p.is_empty() {
             continue;
         }
