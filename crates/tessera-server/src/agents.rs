@@ -67,19 +67,19 @@ pub async fn liveness_loop(shared: Arc<Shared>) {
                     .nodes()
                     .values()
                     .filter(|n| !matches!(n.state, NodeState::Down { .. }))
-                    .map(|n| (n.id, n.registration))
+                    .map(|n| (n.id, n.registration, n.registered_at))
                     .collect::<Vec<_>>()
             })
             .await
         else {
             return;
         };
-        let ids: Vec<NodeId> = up.iter().map(|(n, _)| *n).collect();
-        for (node, reason) in shared.agents.overdue(&ids) {
+        let ids: Vec<(NodeId, Timestamp)> = up.iter().map(|(n, _, at)| (*n, *at)).collect();
+        for (node, reason) in shared.agents.overdue(&ids, now()) {
             tracing::warn!(%node, %reason, "marking node down");
             metrics::counter!("tessera_nodes_marked_down_total").increment(1);
             // Refused if the agent registered again after this verdict: it is back.
-            let registration = up.iter().find(|(n, _)| *n == node).map(|(_, r)| *r);
+            let registration = up.iter().find(|(n, ..)| *n == node).map(|(_, r, _)| *r);
             if shared.write(&Command::MarkNodeDown { node, reason, registration }).await.is_ok()
                 && let Ok(mut s) = shared.agents.sessions.lock()
             {
