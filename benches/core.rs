@@ -52,11 +52,9 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(plan(&full.state, full.now, &limits)))
     });
 
-    // What the Raft thread pays to hand the state to another thread: the copies a snapshot
-    // and a plan are made from (jobs and nodes shared), and the deep copy of every job and
-    // node the snapshot took before they were shared.
+    // What the Raft thread pays to hand the state to the snapshot thread (jobs and nodes
+    // shared), and the deep copy of every job and node it took before they were shared.
     g.bench_function("copy/10k-nodes/full-fleet/for-snapshot", |b| b.iter(|| black_box(full.state.snapshot_copy())));
-    g.bench_function("copy/10k-nodes/full-fleet/for-planning", |b| b.iter(|| black_box(full.state.planning_copy())));
     g.bench_function("copy/10k-nodes/full-fleet/deep-jobs-and-nodes", |b| {
         b.iter(|| {
             let jobs: Vec<_> = full.state.jobs().values().map(|j| (**j).clone()).collect();

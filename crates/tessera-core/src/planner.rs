@@ -24,9 +24,14 @@
 //!
 //! Every iteration is over ordered maps or sorted vectors and ties break on node id, so the same
 //! state and time always give the same plan.
+//!
+//! A round only takes capacity away as it goes, so once a job of some shape (resources,
+//! placement rules, shard count, eligible node classes, whether it may backfill) finds no room,
+//! no later job of that shape can either: the round tries each such shape once (Borg's
+//! equivalence classes), and a deep queue of jobs that do not fit costs a lookup each.
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -557,6 +562,45 @@ fn place(view: &mut View<'_>, need: &Need<'_>) -> Option<Vec<Taken>> {
     None
 }
 
+/// What decides whether a fresh gang fits: two jobs of the same shape fit or not alike.
+#[derive(PartialEq, Eq, Hash)]
+struct Shape<'a> {
+    resources: &'a crate::spec::Resources,
+    placement: &'a crate::spec::Placement,
+    shards: usize,
+    short: bool,
+    classes: Vec<(usize, u8)>,
+}
+
+impl<'a> Shape<'a> {
+    /// None for a gang going back to its last GPUs (partial repair): where it fits depends on
+    /// where it ran.
+    fn of(need: &Need<'a>) -> Option<Shape<'a>> {
+        need.prev.iter().all(Option::is_none).then(|| Shape {
+            resources: &need.spec.resources,
+            placement: &need.spec.placement,
+            shards: need.shards.len(),
+            short: need.short,
+            classes: need.classes.iter().map(|(c, r)| (*c, *r)).collect(),
+        })
+    }
+}
+
+/// [`place`], unless a job of the same shape already found no room this round.
+fn place_shape<'a>(view: &mut View<'_>, need: &Need<'a>, no_room: &mut HashSet<Shape<'a>>) -> Option<Vec<Taken>> {
+    let shape = Shape::of(need);
+    if shape.as_ref().is_some_and(|s| no_room.contains(s)) {
+        return None;
+    }
+    let taken = place(view, need);
+    if taken.is_none()
+        && let Some(s) = shape
+    {
+        no_room.insert(s);
+    }
+    taken
+}
+
 fn to_placement(view: &View<'_>, need: &Need<'_>, job: JobId, taken: &[Taken]) -> GangPlacement {
     let mut shards = Vec::with_capacity(need.shards.len());
     let mut idx = need.shards.iter();
@@ -884,6 +928,7 @@ pub fn plan(state: &State, now: Timestamp, limits: &PlanLimits) -> PlanOutput {
     let mut claimed: BTreeSet<JobId> = BTreeSet::new();
     let mut preempt_tries = 0usize;
     let mut shards_planned = 0usize;
+    let mut no_room: HashSet<Shape<'_>> = HashSet::new();
     for (_, mut tenants) in levels {
         let mut heap: BinaryHeap<Reverse<(Share, &str)>> = tenants
             .keys()
@@ -904,7 +949,7 @@ pub fn plan(state: &State, now: Timestamp, limits: &PlanLimits) -> PlanOutput {
                 t.gpu_quota.is_some_and(|q| t.gpus_in_use + planned_gpus.get(tenant).copied().unwrap_or(0) + total > q)
             }) {
                 out.waiting.insert(job.id, WaitReason::Quota);
-            } else if let Some(taken) = place(&mut view, &need) {
+            } else if let Some(taken) = place_shape(&mut view, &need, &mut no_room) {
                 shards_planned += need.shards.len();
                 *planned_gpus.entry(tenant).or_default() += total;
                 out.plan.placements.push(to_placement(&view, &need, job.id, &taken));

@@ -334,32 +334,6 @@ impl State {
     /// [`State::snapshot`] does not write them.
     pub fn snapshot_copy(&self) -> State {
         State {
-            idempotency: self.idempotency.clone(),
-            node_names: BTreeMap::new(),
-            live: BTreeMap::new(),
-            live_on: BTreeMap::new(),
-            pending: BTreeSet::new(),
-            ..self.shared_copy()
-        }
-    }
-
-    /// A copy to plan on, on another thread while this state moves on: all of it, jobs and
-    /// nodes shared rather than copied, except the idempotency keys, which planning never
-    /// reads (a million of them would cost the copy more than everything else). Apply checks
-    /// a plan made on an older copy again, placement by placement.
-    pub fn planning_copy(&self) -> State {
-        State {
-            node_names: self.node_names.clone(),
-            live: self.live.clone(),
-            live_on: self.live_on.clone(),
-            pending: self.pending.clone(),
-            ..self.shared_copy()
-        }
-    }
-
-    /// Counters, settings, jobs and nodes (shared); no idempotency keys, no indexes.
-    fn shared_copy(&self) -> State {
-        State {
             applied_index: self.applied_index,
             next_job: self.next_job,
             next_node: self.next_node,
@@ -369,7 +343,7 @@ impl State {
             tenants: self.tenants.clone(),
             config: self.config.clone(),
             acl: self.acl.clone(),
-            idempotency: BTreeMap::new(),
+            idempotency: self.idempotency.clone(),
             node_names: BTreeMap::new(),
             live: BTreeMap::new(),
             live_on: BTreeMap::new(),

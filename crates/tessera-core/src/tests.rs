@@ -527,35 +527,6 @@ fn a_snapshot_copy_keeps_what_the_state_held_when_it_was_taken() {
     assert_eq!(restored.live_attempts(), &live_before);
 }
 
-/// The servers plan on a copy, off the Raft thread: it must plan exactly what the state
-/// itself would, and stay as it was while the state applies that plan.
-#[test]
-fn planning_on_a_copy_plans_what_the_state_would() {
-    let mut sim = Sim::new();
-    for name in ["a", "b", "c"] {
-        sim.node(n(name));
-    }
-    let running = sim.submit(spec(2, 4));
-    sim.round();
-    sim.start_all(running);
-    sim.apply(submit_cmd(spec(1, 2), Some("key-1".into()))).unwrap();
-    sim.submit(spec(2, 8));
-    sim.submit(spec(1, 8));
-    let copy = sim.state.planning_copy();
-    let now = Timestamp(sim.now);
-    let on_state = plan(&sim.state, now, &PlanLimits::default());
-    let on_copy = plan(&copy, now, &PlanLimits::default());
-    assert!(!on_copy.plan.is_empty(), "nothing to plan: the test places nothing");
-    assert_eq!(on_copy.plan, on_state.plan);
-    assert_eq!(copy.pending_jobs(), sim.state.pending_jobs());
-    assert_eq!(copy.live_attempts(), sim.state.live_attempts());
-    let pending_before = copy.pending_jobs().clone();
-    sim.apply(Command::ApplyPlan { plan: on_copy.plan }).unwrap();
-    assert_ne!(sim.state.pending_jobs(), &pending_before);
-    assert_eq!(copy.pending_jobs(), &pending_before);
-    assert!(copy.jobs().values().all(|j| j.shards.iter().all(|s| s.state != ShardState::Assigned || j.id == running)));
-}
-
 /// Found by the snapshot_restore fuzz target: a snapshot whose shard index or job key disagreed
 /// with where the shard or job was stored made `check_invariants` index out of bounds (a panic
 /// on `--restore-from`, and on a snapshot from a peer). Each is refused, naming the field.
@@ -944,6 +915,32 @@ fn backfill_runs_short_jobs_only_when_they_end_before_the_reservation() {
     assert_eq!(sim.nodes_of(long), vec![small], "no runtime: only on GPUs outside the reservation");
     assert_eq!(out.waiting.get(&too_long), Some(&WaitReason::NoCapacity), "would delay the gang");
     assert_eq!(sim.job_state(gang), JobState::Pending);
+}
+
+/// A round tries each shape of job once: a later job of a shape that found no room waits
+/// without a search, but one that differs in what decides where it fits (here: its runtime
+/// lets it backfill into the reservation) is still tried.
+#[test]
+fn a_shape_that_found_no_room_is_not_tried_again_in_the_round_but_others_are() {
+    let mut sim = Sim::new();
+    let a = sim.node(n("a"));
+    let mut r = spec(1, 6);
+    r.max_runtime_secs = Some(3600);
+    sim.submit(r);
+    sim.round();
+    let gang = sim.submit(spec(1, 8));
+    let long = sim.submit(spec(1, 1));
+    let long_again = sim.submit(spec(1, 1));
+    let mut short = spec(1, 1);
+    short.max_runtime_secs = Some(1800);
+    let short = sim.submit(short);
+    let (out, _) = sim.round();
+    assert_eq!(out.reservation.as_ref().map(|r| r.job), Some(gang));
+    // The two free GPUs of node a are the gang's reservation: no job without a runtime fits.
+    assert_eq!(out.waiting.get(&long), Some(&WaitReason::NoCapacity));
+    assert_eq!(out.waiting.get(&long_again), Some(&WaitReason::NoCapacity));
+    assert_eq!(sim.nodes_of(short), vec![a], "same resources, but it ends before the reservation");
+    assert_eq!(out.plan.shard_count(), 1);
 }
 
 #[test]
