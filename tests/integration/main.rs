@@ -6,4 +6,5 @@ mod cli;
 mod cli_e2e;
 mod cluster;
 mod dev;
+mod python_client;
 mod security;

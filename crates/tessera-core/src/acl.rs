@@ -641,6 +641,10 @@ mod tests {
             };
             assert_eq!(Rpc::from_path(&path), Some(rpc), "{path}");
         }
+        assert_eq!(
+            Rpc::from_path("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
+            Some(Rpc::Reflection)
+        );
         assert_eq!(Rpc::from_path("/tessera.v1.JobService/Nope"), None);
         assert_eq!(Rpc::SubmitJob.name(), "SubmitJob");
     }

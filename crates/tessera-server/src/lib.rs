@@ -182,9 +182,15 @@ pub async fn run(
     if let Some(file) = cfg.acl_bootstrap_token_file.clone() {
         tokio::spawn(api::acl::bootstrap_from_file(shared.clone(), file));
     }
+    // Reflection as v1 and as v1alpha: Python's grpcio-reflection and older grpcurl builds
+    // speak only v1alpha.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
+        .map_err(|e| ServerError::Grpc(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
         .map_err(|e| ServerError::Grpc(e.to_string()))?;
 
     let tasks = vec![
@@ -202,6 +208,7 @@ pub async fn run(
         .layer(auth::AuthLayer(auth.clone()))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(v1::job_service_server::JobServiceServer::new(api::Jobs(shared.clone())))
         .add_service(v1::node_service_server::NodeServiceServer::new(api::Nodes(shared.clone())))
         .add_service(v1::cluster_service_server::ClusterServiceServer::new(api::Cluster(shared.clone())))
