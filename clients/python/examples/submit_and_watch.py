@@ -29,7 +29,7 @@ def main():
         print(f"submitted job {job}")
         for update in c.watch(job):
             state = pb.JobState.Name(update.job.state)
-            what = pb.JobEventKind.Name(update.event.kind) if update.HasField("event") else "now"
+            what = pb.JobEventKind.Name(update.event.kind) if update.HasField("event") else ""
             print(f"  {state:<22} {what}")
         for chunk in c.logs(job):
             print(chunk.data.decode(errors="replace"), end="")
