@@ -39,6 +39,24 @@ pub fn tessera(args: &[&str]) -> Output {
     Command::new(tessera_bin()).args(args).output().expect("run tessera")
 }
 
+/// `tessera certs --dir DIR --days 2 ARGS...`, which must succeed.
+pub fn certs(dir: &Path, args: &[&str]) {
+    let mut all = vec!["certs", "--dir", dir.to_str().expect("utf-8"), "--days", "2"];
+    all.extend_from_slice(args);
+    let out = tessera(&all);
+    assert!(out.status.success(), "tessera {all:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A Python that runs `check` (Python code) without error: `$var`, else `python3`. The tests
+/// that need a Python package say so and skip when there is none.
+pub fn python_with(var: &str, check: &str) -> Option<String> {
+    std::env::var(var)
+        .ok()
+        .into_iter()
+        .chain(["python3".to_string()])
+        .find(|p| Command::new(p).args(["-c", check]).output().is_ok_and(|o| o.status.success()))
+}
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
@@ -245,7 +263,8 @@ impl Drop for Cluster {
         let Some(keep) = std::env::var_os("TESSERA_KEEP_LOGS") else { return };
         let keep = PathBuf::from(keep);
         let _ = std::fs::create_dir_all(&keep);
-        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        // Nanoseconds: two clusters of one run (--tls both) may end within a second.
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         for s in self.servers.values() {
             let from = s.dir.with_extension("log");
             let _ = std::fs::copy(&from, keep.join(format!("{stamp}-s{}.log", s.id)));

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use tessera_proto::v1;
-use tessera_tests::{AgentProc, Cluster, channel, wait_for_leader, workspace_root};
+use tessera_tests::{AgentProc, Cluster, channel, python_with, wait_for_leader, workspace_root};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -515,16 +515,6 @@ async fn azure_metadata_places_the_node_and_a_preempt_event_drains_it() {
     }
 }
 
-/// A Python that has torch with gloo: `$TESSERA_TORCH_PYTHON`, else `python3` if it has torch.
-fn torch_python() -> Option<String> {
-    let check = "import torch.distributed as d; assert d.is_gloo_available()";
-    std::env::var("TESSERA_TORCH_PYTHON")
-        .ok()
-        .into_iter()
-        .chain(["python3".to_string()])
-        .find(|p| std::process::Command::new(p).args(["-c", check]).output().is_ok_and(|o| o.status.success()))
-}
-
 /// Pids of live processes whose command line mentions `pattern` and whose environment holds
 /// `var` (like `TESSERA_SHARD_INDEX=1`; empty: any).
 fn pids_with(pattern: &str, var: &str) -> Vec<i32> {
@@ -543,7 +533,8 @@ fn pids_with(pattern: &str, var: &str) -> Vec<i32> {
 /// and when one rank is killed the gang restarts from rank 0's checkpoint and finishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pytorch_ddp_gang_trains_on_two_nodes_and_resumes_after_a_rank_dies() {
-    let Some(py) = torch_python() else {
+    let Some(py) = python_with("TESSERA_TORCH_PYTHON", "import torch.distributed as d; assert d.is_gloo_available()")
+    else {
         eprintln!("no Python with torch and gloo (set TESSERA_TORCH_PYTHON): skipping");
         return;
     };

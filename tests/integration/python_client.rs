@@ -2,32 +2,15 @@
 //! over mutual TLS and one agent: `clients/python/tests/e2e.py` submits, watches, reads logs,
 //! cancels, pages through jobs, and submits through gRPC reflection alone (v1alpha).
 
-use std::path::Path;
 use std::time::Duration;
 
-use tessera_tests::{AgentProc, Cluster, tessera, wait_for_leader_with, workspace_root};
-
-/// A Python that has tessera-client and grpcio-reflection: `$TESSERA_CLIENT_PYTHON`, else
-/// `python3` if it has them (`.ci/run` installs them into `target/pyclient-venv`).
-fn client_python() -> Option<String> {
-    let check = "import tessera_client, grpc_reflection.v1alpha.proto_reflection_descriptor_database";
-    std::env::var("TESSERA_CLIENT_PYTHON")
-        .ok()
-        .into_iter()
-        .chain(["python3".to_string()])
-        .find(|p| std::process::Command::new(p).args(["-c", check]).output().is_ok_and(|o| o.status.success()))
-}
-
-fn certs(dir: &Path, args: &[&str]) {
-    let mut all = vec!["certs", "--dir", dir.to_str().expect("utf-8"), "--days", "2"];
-    all.extend_from_slice(args);
-    let out = tessera(&all);
-    assert!(out.status.success(), "tessera {all:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
+use tessera_tests::{AgentProc, Cluster, certs, python_with, wait_for_leader_with, workspace_root};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_client_submits_watches_reads_logs_and_cancels_over_tls() {
-    let Some(py) = client_python() else {
+    // $TESSERA_CLIENT_PYTHON: .ci/run installs the client into target/pyclient-venv.
+    let check = "import tessera_client, grpc_reflection.v1alpha.proto_reflection_descriptor_database";
+    let Some(py) = python_with("TESSERA_CLIENT_PYTHON", check) else {
         eprintln!(
             "no Python with tessera-client (pip install ./clients/python grpcio-reflection; set TESSERA_CLIENT_PYTHON): skipping"
         );

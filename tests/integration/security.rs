@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tessera_proto::v1;
-use tessera_tests::{ServerProc, free_port, tessera, tls_channel};
+use tessera_tests::{ServerProc, certs, free_port, tls_channel};
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -23,13 +23,6 @@ impl tonic::service::Interceptor for Bearer {
         }
         Ok(req)
     }
-}
-
-fn certs(dir: &Path, args: &[&str]) {
-    let mut all = vec!["certs", "--dir", dir.to_str().expect("utf-8"), "--days", "2"];
-    all.extend_from_slice(args);
-    let out = tessera(&all);
-    assert!(out.status.success(), "tessera {all:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn code<T>(r: Result<T, tonic::Status>) -> Code {
