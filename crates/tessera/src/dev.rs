@@ -230,6 +230,11 @@ fn print_banner(cluster: &Cluster, data: &DataDir, leader: u64, nodes: &[v1::Nod
         trainer.display()
     );
     println!("  tessera job list; tessera node list; tessera cluster status");
+    println!("or Python (pip install ./clients/python):");
+    println!(
+        "  python3 clients/python/examples/submit_and_watch.py --servers $TESSERA_SERVER --ca $TESSERA_CA \\\n    \
+         --cert $TESSERA_CERT --key $TESSERA_KEY -- python3 -c 'print(\"hello\")'"
+    );
     if let Some(first) = cluster.servers.values().next() {
         println!("or any gRPC client (reflection is on):");
         println!(
