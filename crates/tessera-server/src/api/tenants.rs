@@ -77,6 +77,22 @@ pub fn set_tenant_command(
         Ok(v1::TenantWriteMode::Update) => TenantWrite::Update,
         Err(_) => return Err(Status::invalid_argument(format!("mode: {} is not a TenantWriteMode", r.mode))),
     };
+    // The log's JSON has no NaN or infinity (it would carry NaN as "no quota"): refuse them here.
+    // Apply checks that a quota is above 0.
+    let finite = |field: String, q: f64| {
+        if q.is_finite() {
+            Ok(())
+        } else {
+            Err(Status::invalid_argument(format!("{field}: {q} is not a number of GPU-hours")))
+        }
+    };
+    if let Some(q) = r.gpu_hours_quota {
+        finite("gpu_hours_quota".into(), q)?;
+    }
+    for (cloud, q) in &r.cloud_gpu_hours_quota {
+        let shown: String = cloud.chars().take(64).collect();
+        finite(format!("cloud_gpu_hours_quota.{shown}"), *q)?;
+    }
     let base = current.cloned().unwrap_or_else(|| tessera_core::model::Tenant::new(&r.name, now));
     let prio = |field: &str, v: Option<u32>| -> Result<Option<u16>, Status> {
         v.map(|p| u16::try_from(p).map_err(|_| Status::invalid_argument(format!("{field}: {p} is above 1000"))))
@@ -113,4 +129,36 @@ pub fn set_tenant_command(
         mode,
     };
     Ok(cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the grpc_requests fuzz target: a quota of NaN went into the log, whose JSON
+    /// carries it as null, so the tenant got no quota at all instead of an error.
+    #[test]
+    fn a_quota_that_is_not_a_number_is_refused_naming_the_field() {
+        let now = tessera_core::Timestamp(1_000);
+        for (field, req) in [
+            (
+                "gpu_hours_quota",
+                v1::SetTenantRequest { name: "nlp".into(), gpu_hours_quota: Some(f64::NAN), ..Default::default() },
+            ),
+            (
+                "cloud_gpu_hours_quota.aws",
+                v1::SetTenantRequest {
+                    name: "nlp".into(),
+                    cloud_gpu_hours_quota: [("aws".to_string(), f64::INFINITY)].into(),
+                    ..Default::default()
+                },
+            ),
+        ] {
+            let err = set_tenant_command(req, None, now).expect_err("refused");
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().starts_with(field), "{}", err.message());
+        }
+        let ok = v1::SetTenantRequest { name: "nlp".into(), gpu_hours_quota: Some(12.5), ..Default::default() };
+        assert!(set_tenant_command(ok, None, now).is_ok());
+    }
 }
