@@ -941,6 +941,8 @@ async fn fleet_measure(s: &Scale, run: usize, net: &Net, report: &mut Report, c:
     let (cpu0, _) = fleet::cpu_and_peak_rss(leader_pid).context("leader /proc")?;
     let (acpu0, _) = real.pid().and_then(fleet::cpu_and_peak_rss).context("agent /proc")?;
     fleet.stats.measuring.store(true, Ordering::Relaxed);
+    // The pid lets whoever watches attach a profiler (`perf record -p`) for these seconds.
+    eprintln!("run {run}: measuring {n} agents' heartbeats for {} s, leader pid {leader_pid}", s.seconds);
     let t = Instant::now();
     tokio::time::sleep(Duration::from_secs(s.seconds)).await;
     fleet.stats.measuring.store(false, Ordering::Relaxed);

@@ -169,7 +169,7 @@ impl<'a> View<'a> {
         let mut region_ids: BTreeMap<(Cloud, &'a str), usize> = BTreeMap::new();
         let mut cloud_ids: BTreeMap<Cloud, usize> = BTreeMap::new();
         let mut v = View {
-            nodes: Vec::new(),
+            nodes: Vec::with_capacity(state.nodes().len()),
             pos: BTreeMap::new(),
             classes: Vec::new(),
             zones: Vec::new(),
@@ -851,6 +851,12 @@ fn share(state: &State, tenant: &str, extra_gpus: u64, now: Timestamp) -> Share 
 /// Plan placements and preemptions for the state at time `now`.
 pub fn plan(state: &State, now: Timestamp, limits: &PlanLimits) -> PlanOutput {
     let mut out = PlanOutput::default();
+    // Nothing waits: nothing to place, preempt or reserve for. The leader plans on every
+    // change and every tick, and a fleet at rest (10,000 nodes heartbeating, no queue) would
+    // otherwise build its whole view each time.
+    if state.pending_jobs().is_empty() {
+        return out;
+    }
     let mut view = View::build(state);
 
     // Jobs already waiting for their victims to stop.
