@@ -308,6 +308,65 @@ fn operators_see_the_cluster_and_nodes_and_cancel_jobs() {
     let id = job_id(&json(&["job", "submit", &spec, "-o", "json", "--server", s]));
     let ids = id.to_string();
     wait_job(s, id, "running", |j| j["shards"][0]["state"] == "running");
+
+    // Why jobs wait: one needs more GPUs on one node than any node has, one needs the whole
+    // node while the job above holds a GPU of it.
+    let never = job_id(&json(&["job", "submit", "--gpus", "16", "-o", "json", "--server", s, "--", "sleep", "1"]));
+    let w = json(&["job", "why", &never.to_string(), "-o", "json", "--server", s]);
+    assert_eq!((w["state"].as_str(), w["reason"]["kind"].as_str()), (Some("pending"), Some("constraint")), "{w}");
+    assert!(
+        w["reason"]["message"].as_str().unwrap_or("").contains("no admitted node has 16 healthy matching GPUs"),
+        "{w}"
+    );
+    let funnel: Vec<u64> =
+        w["funnel"].as_array().expect("funnel").iter().map(|f| f["nodes"].as_u64().unwrap()).collect();
+    assert_eq!(funnel, vec![1, 1, 1, 0, 0], "{w}");
+    assert!(
+        w["remedies"].as_array().unwrap().iter().any(|r| r == "ask for at most 8 GPUs per shard (and more shards)"),
+        "{w}"
+    );
+    let whole = job_id(&json(&["job", "submit", "--gpus", "8", "-o", "json", "--server", s, "--", "sleep", "1"]));
+    // Once the leader's planning round has judged it, it holds the backfill reservation.
+    let deadline = Instant::now() + T;
+    let w = loop {
+        let w = json(&["job", "why", &whole.to_string(), "-o", "json", "--server", s]);
+        if w["planned"] == true {
+            break w;
+        }
+        assert!(Instant::now() < deadline, "no planning round judged job {whole}: {w}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(w["reason"]["kind"], "reserved", "{w}");
+    let msg = w["reason"]["message"].as_str().unwrap_or("");
+    assert!(msg.contains("needs 8 GPUs on one node; it holds the backfill reservation"), "{w}");
+    assert_eq!(w["funnel"][4]["nodes"], 0, "no node has 8 GPUs free: {w}");
+    assert_eq!(w["jobs_ahead"], 1, "the job submitted before it: {w}");
+    let listed = json(&["job", "list", "-o", "json", "--server", s]);
+    let kinds: Vec<(u64, Value)> = listed["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .map(|j| (j["id"].as_u64().unwrap(), j["pending_reason"]["kind"].clone()))
+        .collect();
+    assert_eq!(kinds, vec![(id, Value::Null), (never, "constraint".into()), (whole, "reserved".into())], "{listed}");
+    let table = stdout(&run(&["job", "list", "--server", s]));
+    assert!(table.contains("REASON") && table.contains("constraint") && table.contains("reserved"), "{table}");
+    let text = stdout(&run(&["job", "why", &never.to_string(), "--server", s]));
+    assert!(
+        text.contains("nodes, one constraint at a time:") && text.contains("- ask for at most 8 GPUs per shard"),
+        "{text}"
+    );
+    let status = stdout(&run(&["job", "status", &whole.to_string(), "--server", s]));
+    assert!(status.contains("waiting:") && status.contains("(reserved;"), "{status}");
+    let running = json(&["job", "why", &ids, "-o", "json", "--server", s]);
+    assert_eq!(
+        (running["reason"].clone(), running["explanation"].as_str()),
+        (Value::Null, Some("it is running, not pending"))
+    );
+    for j in [never, whole] {
+        json(&["job", "cancel", &j.to_string(), "-o", "json", "--server", s]);
+    }
+
     let cancel = json(&["job", "cancel", &ids, "-o", "json", "--server", s]);
     assert_eq!((cancel["job_id"].as_u64(), cancel["already_finished"].as_bool()), (Some(id), Some(false)));
     let j = wait_job(s, id, "cancelled", |j| j["state"] == "cancelled");

@@ -64,6 +64,8 @@ const TABLE: &[(&str, [Code; 11])] = &[
     ("SubmitJob capped p900", [PD, PD, PD, PD, UA, PD, PD, UA, UA, PD, PD]),
     ("GetJob ml", [OK, OK, OK, OK, UA, OK, OK, UA, UA, PD, PD]),
     ("GetJob vision", [OK, OK, OK, PD, UA, OK, PD, UA, UA, PD, PD]),
+    ("ExplainJob ml", [OK, OK, OK, OK, UA, OK, OK, UA, UA, PD, PD]),
+    ("ExplainJob vision", [OK, OK, OK, PD, UA, OK, PD, UA, UA, PD, PD]),
     ("ListJobs", [OK, OK, OK, OK, UA, OK, OK, UA, UA, PD, PD]),
     ("ListJobs tenant vision", [OK, OK, OK, PD, UA, OK, PD, UA, UA, PD, PD]),
     ("WatchJob ml", [OK, OK, OK, OK, UA, OK, OK, UA, UA, PD, PD]),
@@ -129,6 +131,10 @@ async fn call(rpc: &str, ch: Conn, ctx: &Ctx) -> Code {
         "GetJob ml" => code(Jobs::new(ch).get_job(v1::GetJobRequest { job_id: ctx.ml_job, consistency: 0 }).await),
         "GetJob vision" => {
             code(Jobs::new(ch).get_job(v1::GetJobRequest { job_id: ctx.vision_job, consistency: 0 }).await)
+        }
+        "ExplainJob ml" | "ExplainJob vision" => {
+            let job_id = if rpc.ends_with("ml") { ctx.ml_job } else { ctx.vision_job };
+            code(Jobs::new(ch).explain_job(v1::ExplainJobRequest { job_id, consistency: 0 }).await)
         }
         "ListJobs" => code(Jobs::new(ch).list_jobs(v1::ListJobsRequest::default()).await),
         "ListJobs tenant vision" => {

@@ -207,6 +207,12 @@ class Client:
         """One job, with its shards (``pb.Job``)."""
         return self._unary("GetJob", jobs_pb2.GetJobRequest(job_id=job_id)).job
 
+    def why(self, job_id: int):
+        """Why a job waits and what would let it run (``pb.ExplainJobResponse``: ``.reason``
+        with ``.kind`` and ``.message``, ``.funnel``, ``.remedies``, ``.jobs_ahead``); ``.reason``
+        is unset for a job that is not waiting."""
+        return self._unary("ExplainJob", jobs_pb2.ExplainJobRequest(job_id=job_id))
+
     def jobs(
         self,
         states: Iterable[str] = (),

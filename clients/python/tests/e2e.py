@@ -92,6 +92,12 @@ def main():
         big = c.submit(["sleep", "60"], gpus=8, shards=64)
         check(c.job(big).state == pb.JOB_STATE_PENDING, "a 512-GPU job waits")
         check(big in [j.id for j in c.jobs(["pending"])], "jobs(['pending']) lists it")
+        why = c.why(big)
+        check(
+            why.reason.kind == pb.PENDING_REASON_KIND_CONSTRAINT and "64 shards" in why.reason.message,
+            f"why() says no set of nodes could hold it ({why.reason.message})",
+        )
+        check(any("shards" in r for r in why.remedies), f"why() says what would let it run ({list(why.remedies)})")
         check(c.cancel(big), "cancel() of a waiting job")
         final = c.wait(big, timeout=30)
         check(final.state == pb.JOB_STATE_CANCELLED, f"it ends cancelled ({final.state})")

@@ -148,6 +148,8 @@ pub enum Rpc {
     WatchJob,
     /// JobService.JobLogs
     JobLogs,
+    /// JobService.ExplainJob
+    ExplainJob,
     /// NodeService.ListNodes
     ListNodes,
     /// NodeService.GetNode
@@ -192,13 +194,14 @@ pub enum Rpc {
 
 impl Rpc {
     /// Every rpc.
-    pub const ALL: [Rpc; 26] = [
+    pub const ALL: [Rpc; 27] = [
         Rpc::SubmitJob,
         Rpc::GetJob,
         Rpc::ListJobs,
         Rpc::CancelJob,
         Rpc::WatchJob,
         Rpc::JobLogs,
+        Rpc::ExplainJob,
         Rpc::ListNodes,
         Rpc::GetNode,
         Rpc::DrainNode,
@@ -230,6 +233,7 @@ impl Rpc {
             Rpc::CancelJob => "/tessera.v1.JobService/CancelJob",
             Rpc::WatchJob => "/tessera.v1.JobService/WatchJob",
             Rpc::JobLogs => "/tessera.v1.JobService/JobLogs",
+            Rpc::ExplainJob => "/tessera.v1.JobService/ExplainJob",
             Rpc::ListNodes => "/tessera.v1.NodeService/ListNodes",
             Rpc::GetNode => "/tessera.v1.NodeService/GetNode",
             Rpc::DrainNode => "/tessera.v1.NodeService/DrainNode",
@@ -327,6 +331,7 @@ fn viewer_may(rpc: Rpc) -> bool {
         Rpc::GetJob
             | Rpc::ListJobs
             | Rpc::WatchJob
+            | Rpc::ExplainJob
             | Rpc::ListNodes
             | Rpc::GetNode
             | Rpc::ClusterStatus
@@ -421,7 +426,13 @@ pub fn authorize(p: &Principal, rpc: Rpc, res: Resource<'_>, acl_bootstrapped: b
                 Role::Submitter => {
                     let tenant_scoped = matches!(
                         rpc,
-                        Rpc::SubmitJob | Rpc::CancelJob | Rpc::GetJob | Rpc::WatchJob | Rpc::JobLogs | Rpc::GetTenant
+                        Rpc::SubmitJob
+                            | Rpc::CancelJob
+                            | Rpc::GetJob
+                            | Rpc::ExplainJob
+                            | Rpc::WatchJob
+                            | Rpc::JobLogs
+                            | Rpc::GetTenant
                     );
                     if tenant_scoped {
                         match res {

@@ -22,6 +22,7 @@ pub mod placement;
 pub mod planner;
 pub mod spec;
 pub mod state;
+pub mod why;
 
 #[cfg(test)]
 mod tests;

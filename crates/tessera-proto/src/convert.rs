@@ -20,6 +20,7 @@ use tessera_core::model::{
     ShardState, StopReason,
 };
 use tessera_core::spec::{self, Cloud, FieldError, Placement, Resources, RetryPolicy, SpotPolicy, StopPolicy};
+use tessera_core::why::WhyKind;
 use tessera_core::{JobSpec, Rejection, SpecError, State};
 use tonic::{Code, Status};
 
@@ -526,6 +527,58 @@ pub fn job_to_proto(job: &Job, state: &State) -> v1::Job {
         failures: *failures,
         cancel_requested: *cancel_requested,
         submitted_by: submitted_by.clone().unwrap_or_default(),
+        // Advice from the planner and the fleet, not state: the server fills it in.
+        pending_reason: None,
+    }
+}
+
+/// A reason kind on the wire.
+pub fn why_kind_to_proto(kind: WhyKind) -> v1::PendingReasonKind {
+    use v1::PendingReasonKind as K;
+    match kind {
+        // Never sent as a reason: a job that is not pending has none.
+        WhyKind::NotPending => K::Unspecified,
+        WhyKind::Cancelling => K::Cancelling,
+        WhyKind::ShardsStopping => K::ShardsStopping,
+        WhyKind::Backoff => K::Backoff,
+        WhyKind::GpuHoursQuota => K::GpuHoursQuota,
+        WhyKind::Quota => K::GpuQuota,
+        WhyKind::Constraint => K::Constraint,
+        WhyKind::AwaitingPreemption => K::Preempting,
+        WhyKind::Reserved => K::Reserved,
+        WhyKind::Capacity => K::Capacity,
+        WhyKind::PlanFull => K::PlanFull,
+        WhyKind::NextRound => K::NextRound,
+    }
+}
+
+/// The short reason a listing shows for `job` (see [`tessera_core::why::Briefs`]); None when
+/// it is not waiting.
+pub fn pending_reason<'a>(
+    briefs: &mut tessera_core::why::Briefs<'a>,
+    job: &'a Job,
+    planned: Option<&tessera_core::planner::WaitReason>,
+) -> Option<v1::PendingReason> {
+    let (kind, message) = briefs.reason(job, planned)?;
+    Some(v1::PendingReason { kind: why_kind_to_proto(kind) as i32, message })
+}
+
+/// The full diagnosis of a job on the wire (see [`tessera_core::why::explain`]).
+pub fn why_to_proto(
+    why: tessera_core::why::Why,
+    job_state: tessera_core::model::JobState,
+    planned: bool,
+) -> v1::ExplainJobResponse {
+    let waiting = why.kind != WhyKind::NotPending;
+    v1::ExplainJobResponse {
+        state: v1::JobState::from(job_state) as i32,
+        reason: waiting
+            .then(|| v1::PendingReason { kind: why_kind_to_proto(why.kind) as i32, message: why.reason.clone() }),
+        funnel: why.funnel.into_iter().map(|s| v1::FunnelStep { label: s.label, nodes: s.nodes as u64 }).collect(),
+        remedies: why.remedies,
+        jobs_ahead: u32::try_from(why.ahead).unwrap_or(u32::MAX),
+        planned,
+        explanation: if waiting { String::new() } else { why.reason },
     }
 }
 

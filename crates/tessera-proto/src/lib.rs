@@ -62,6 +62,7 @@ mod tests {
                     ("CancelJob", false, false),
                     ("WatchJob", false, true),
                     ("JobLogs", false, true),
+                    ("ExplainJob", false, false),
                 ],
             ),
             (

@@ -51,6 +51,30 @@ pub struct Shared {
     pub security: tessera_tls::Security,
     /// Who may do what: the token index and the decision.
     pub auth: Arc<crate::auth::Auth>,
+    /// Why each job the last planning round looked at still waits (kept on the leader; empty
+    /// elsewhere). Advice for `job list` and `job why`, never state.
+    pub waiting: std::sync::Mutex<Arc<Waiting>>,
+}
+
+/// The last planning round's reasons, by job.
+pub type Waiting = std::collections::BTreeMap<tessera_core::JobId, tessera_core::planner::WaitReason>;
+
+impl Shared {
+    /// The last planning round's reasons (shared, not copied).
+    pub fn waiting(&self) -> Arc<Waiting> {
+        match self.waiting.lock() {
+            Ok(w) => w.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Keep a planning round's reasons.
+    pub fn set_waiting(&self, w: Waiting) {
+        match self.waiting.lock() {
+            Ok(mut cur) => *cur = Arc::new(w),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(w),
+        }
+    }
 }
 
 /// Marks a request one server passed to the leader, so it is never passed on again.

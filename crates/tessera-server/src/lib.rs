@@ -175,6 +175,7 @@ pub async fn run(
         leader_read_channel: std::sync::Mutex::new(None),
         security: security.clone(),
         auth: auth.clone(),
+        waiting: std::sync::Mutex::new(Arc::default()),
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -243,6 +244,9 @@ async fn placement_loop(shared: Arc<Shared>, interval: Duration) {
             _ = shared.plan_now.notified() => {}
         }
         if shared.raft.status().role != StateRole::Leader {
+            if !shared.waiting().is_empty() {
+                shared.set_waiting(Default::default());
+            }
             continue;
         }
         // Planning runs on the Raft thread. Planning on a copy elsewhere was tried and measured
@@ -255,16 +259,18 @@ async fn placement_loop(shared: Arc<Shared>, interval: Duration) {
                 metrics::gauge!("tessera_jobs_pending").set(state.pending_jobs().len() as f64);
                 metrics::gauge!("tessera_attempts_live").set(state.live_attempts().len() as f64);
                 let started = std::time::Instant::now();
-                let p = plan(state, clock::now(), &PlanLimits::default()).plan;
+                let out = plan(state, clock::now(), &PlanLimits::default());
                 let took = started.elapsed();
+                let p = out.plan;
                 metrics::histogram!("tessera_plan_seconds").record(took.as_secs_f64());
                 if took >= SLOW_PLAN {
                     tracing::warn!(plan_ms = took.as_millis() as u64, shards = p.shard_count(), "slow planning round");
                 }
-                p
+                (p, out.waiting)
             })
             .await;
-        let Ok(p) = planned else { return };
+        let Ok((p, waiting)) = planned else { return };
+        shared.set_waiting(waiting);
         if p.is_empty() {
             continue;
         }

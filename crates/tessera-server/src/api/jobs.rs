@@ -7,7 +7,8 @@ use std::time::Duration;
 use tessera_core::acl::{Resource, Rpc};
 use tessera_core::command::{Command, Event};
 use tessera_core::model::JobId;
-use tessera_proto::convert::{job_state_from_proto, job_to_proto, spec_from_proto};
+use tessera_core::why::Briefs;
+use tessera_proto::convert::{job_state_from_proto, job_to_proto, pending_reason, spec_from_proto, why_to_proto};
 use tessera_proto::v1;
 use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
@@ -53,7 +54,17 @@ impl v1::job_service_server::JobService for Jobs {
             }
         }
         let id = job_id(req.get_ref().job_id)?;
-        let job = self.0.read(req.get_ref().consistency, move |s| s.job(id).map(|j| job_to_proto(j, s))).await?;
+        let (waiting, now) = (self.0.waiting(), crate::clock::now());
+        let job = self
+            .0
+            .read(req.get_ref().consistency, move |s| {
+                s.job(id).map(|j| {
+                    let mut p = job_to_proto(j, s);
+                    p.pending_reason = pending_reason(&mut Briefs::new(s, now), j, waiting.get(&id));
+                    p
+                })
+            })
+            .await?;
         let mut job = job.ok_or_else(|| Status::not_found(format!("no job {id}")))?;
         self.0.authorize(&req, Rpc::GetJob, Resource::Tenant(job_tenant(&job)))?;
         redact(&req, &mut job);
@@ -85,9 +96,11 @@ impl v1::job_service_server::JobService for Jobs {
         }
         let crate::context::Page { size: page_size, first } = crate::context::page(req.page_size, &req.page_token)?;
         let (tenant, finished, shards) = (req.tenant, req.include_finished, req.include_shards);
+        let (waiting, now) = (self.0.waiting(), crate::clock::now());
         let (jobs, next) = self
             .0
             .read(req.consistency, move |s| {
+                let mut briefs = Briefs::new(s, now);
                 let mut out = Vec::new();
                 let mut next = String::new();
                 for job in s.jobs().range(JobId(first)..).map(|(_, j)| j) {
@@ -107,6 +120,7 @@ impl v1::job_service_server::JobService for Jobs {
                         break;
                     }
                     let mut p = job_to_proto(job, s);
+                    p.pending_reason = pending_reason(&mut briefs, job, waiting.get(&job.id));
                     if !shards {
                         p.shards.clear();
                     }
@@ -121,6 +135,33 @@ impl v1::job_service_server::JobService for Jobs {
             self.0.live.overlay_job(j);
         }
         Ok(Response::new(v1::ListJobsResponse { jobs, next_page_token: next }))
+    }
+
+    async fn explain_job(
+        &self,
+        req: Request<v1::ExplainJobRequest>,
+    ) -> Result<Response<v1::ExplainJobResponse>, Status> {
+        if let Some(ch) = self.0.leader_for_read(&req, req.get_ref().consistency) {
+            match v1::job_service_client::JobServiceClient::new(ch).explain_job(forwarded(*req.get_ref(), &req)).await {
+                Err(s) if leader_unreachable(&s) => {}
+                other => return other,
+            }
+        }
+        let id = job_id(req.get_ref().job_id)?;
+        let (waiting, now) = (self.0.waiting(), crate::clock::now());
+        // On the Raft thread: one pass over the nodes, the pending jobs and the live attempts.
+        let out = self
+            .0
+            .read(req.get_ref().consistency, move |s| {
+                let job = s.job(id)?;
+                let planned = waiting.get(&id);
+                let why = tessera_core::why::explain(s, id, planned, now)?;
+                Some((job.spec.tenant.clone(), why_to_proto(why, job.state, planned.is_some())))
+            })
+            .await?;
+        let (tenant, answer) = out.ok_or_else(|| Status::not_found(format!("no job {id}")))?;
+        self.0.authorize(&req, Rpc::ExplainJob, Resource::Tenant(&tenant))?;
+        Ok(Response::new(answer))
     }
 
     async fn cancel_job(&self, req: Request<v1::CancelJobRequest>) -> Result<Response<v1::CancelJobResponse>, Status> {

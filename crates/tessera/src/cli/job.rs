@@ -74,6 +74,21 @@ enum JobCommand {
         #[arg(value_parser = clap::value_parser!(u64).range(1..))]
         id: u64,
     },
+    /// Say why a job waits and what would let it run.
+    ///
+    /// Prints the reason (like Slurm's REASON, with the numbers), the fleet walked through
+    /// the job's constraints one at a time (registered nodes, ready ones, those its placement
+    /// rules admit, those with enough healthy GPUs of its kind, those with them free now), the
+    /// jobs ahead of it in the queue, and what would let it run.
+    ///
+    /// JSON: {"job_id", "state", "reason": {"kind", "message"}|null, "explanation",
+    /// "funnel": [{"label", "nodes"}], "jobs_ahead", "remedies": [..], "planned"}.
+    #[command(after_help = super::CLIENT_AFTER_HELP)]
+    Why {
+        /// The job id.
+        #[arg(value_parser = clap::value_parser!(u64).range(1..))]
+        id: u64,
+    },
     /// Print the output of a job's shards (stdout to stdout, stderr to stderr).
     ///
     /// Without --shard, lines of a job with several shards start with "[shard N] ". The
@@ -172,6 +187,7 @@ pub async fn run(args: JobArgs) -> CliResult {
         JobCommand::Submit(a) => submit(&servers, a, out).await,
         JobCommand::List { all, tenant } => list(&servers, all, tenant, out).await,
         JobCommand::Status { id } => status(&servers, id, out).await,
+        JobCommand::Why { id } => why(&servers, id, out).await,
         JobCommand::Logs { id, shard, follow, tail, attempt } => {
             logs(&servers, LogsRequest { id, shard, follow, tail, attempt }, out).await
         }
@@ -292,8 +308,18 @@ async fn list(servers: &Servers, all: bool, tenant: Option<String>, out: Format)
         output::line(if all { "no jobs" } else { "no pending or running jobs (--all shows finished ones too)" })?;
         return Ok(0);
     }
-    let mut t =
-        output::table(&["ID", "NAME", "TENANT", "STATE", "PRIORITY", "SHARDS", "GPUS/SHARD", "SUBMITTED", "RESTARTS"]);
+    let mut t = output::table(&[
+        "ID",
+        "NAME",
+        "TENANT",
+        "STATE",
+        "PRIORITY",
+        "SHARDS",
+        "GPUS/SHARD",
+        "SUBMITTED",
+        "RESTARTS",
+        "REASON",
+    ]);
     for j in &jobs {
         let spec = j.spec.clone().unwrap_or_default();
         let res = spec.resources.unwrap_or_default();
@@ -313,6 +339,7 @@ async fn list(servers: &Servers, all: bool, tenant: Option<String>, out: Format)
             gpus,
             output::when(Some(j.submitted_unix_ms)),
             j.restarts.to_string(),
+            j.pending_reason.as_ref().map_or_else(|| "-".into(), |r| output::reason_kind(r.kind)),
         ]);
     }
     output::print_table(&t)?;
@@ -338,6 +365,76 @@ async fn status(servers: &Servers, id: u64, out: Format) -> CliResult {
         return Ok(0);
     }
     print_job(&job)?;
+    Ok(0)
+}
+
+/// `job why`, as JSON.
+#[derive(serde::Serialize)]
+struct WhyJson {
+    job_id: u64,
+    state: String,
+    reason: Option<output::ReasonJson>,
+    explanation: String,
+    funnel: Vec<FunnelJson>,
+    jobs_ahead: u32,
+    remedies: Vec<String>,
+    planned: bool,
+}
+
+#[derive(serde::Serialize)]
+struct FunnelJson {
+    label: String,
+    nodes: u64,
+}
+
+async fn why(servers: &Servers, id: u64, out: Format) -> CliResult {
+    let w = servers
+        .call_repeatable(Some(UNARY_TIMEOUT), |ch| async move {
+            let r = JobServiceClient::new(ch)
+                .explain_job(v1::ExplainJobRequest { job_id: id, consistency: 0 })
+                .await
+                .map_err(about(format!("job {id}")))?;
+            Ok(r.into_inner())
+        })
+        .await?;
+    if out == Format::Json {
+        output::json(&WhyJson {
+            job_id: id,
+            state: output::job_state(w.state),
+            reason: w.reason.as_ref().map(output::ReasonJson::from),
+            explanation: w.explanation.clone(),
+            funnel: w.funnel.iter().map(|s| FunnelJson { label: s.label.clone(), nodes: s.nodes }).collect(),
+            jobs_ahead: w.jobs_ahead,
+            remedies: w.remedies.clone(),
+            planned: w.planned,
+        })?;
+        return Ok(0);
+    }
+    let Some(reason) = &w.reason else {
+        output::line(format!("job {id}: {}", w.explanation))?;
+        return Ok(0);
+    };
+    let mut lines = vec![format!("job {id} is {}: {}", output::job_state(w.state), reason.message)];
+    lines.push(format!("reason:      {}", output::reason_kind(reason.kind)));
+    lines.push(format!("jobs ahead:  {}", w.jobs_ahead));
+    if !w.funnel.is_empty() {
+        lines.push(String::new());
+        lines.push("nodes, one constraint at a time:".into());
+        let width = w.funnel.iter().map(|s| s.nodes.to_string().len()).max().unwrap_or(1);
+        for s in &w.funnel {
+            lines.push(format!("  {:>width$}  {}", s.nodes, s.label));
+        }
+    }
+    lines.push(String::new());
+    if w.remedies.is_empty() {
+        lines.push("what would let it run: time; nothing to change".into());
+    } else {
+        lines.push("what would let it run:".into());
+        for r in &w.remedies {
+            lines.push(format!("  - {r}"));
+        }
+    }
+    output::line(lines.join("\n"))?;
     Ok(0)
 }
 
@@ -381,6 +478,14 @@ fn print_job(job: &v1::Job) -> Result<(), CliError> {
     }
     if !job.message.is_empty() {
         lines.push(format!("message:      {}", job.message));
+    }
+    if let Some(r) = &job.pending_reason {
+        lines.push(format!(
+            "waiting:      {} ({}; `tessera job why {}` says more)",
+            r.message,
+            output::reason_kind(r.kind),
+            job.id
+        ));
     }
     output::line(lines.join("\n"))?;
     if job.shards.is_empty() {

@@ -286,7 +286,27 @@ pub struct JobJson {
     pub cancel_requested: bool,
     pub message: String,
     pub latest_checkpoint: Option<CheckpointJson>,
+    pub pending_reason: Option<ReasonJson>,
     pub shards: Vec<ShardJson>,
+}
+
+/// Why a job waits: {"kind": "capacity", "message": "..."}.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct ReasonJson {
+    pub kind: String,
+    pub message: String,
+}
+
+impl From<&v1::PendingReason> for ReasonJson {
+    fn from(r: &v1::PendingReason) -> Self {
+        ReasonJson { kind: reason_kind(r.kind), message: r.message.clone() }
+    }
+}
+
+/// "capacity" for PENDING_REASON_KIND_CAPACITY; "unknown" for a number this client does not
+/// know.
+pub fn reason_kind(v: i32) -> String {
+    v1::PendingReasonKind::try_from(v).map_or("unknown".into(), |k| lower(k.as_str_name(), "PENDING_REASON_KIND_"))
 }
 
 impl From<&v1::Job> for JobJson {
@@ -312,6 +332,7 @@ impl From<&v1::Job> for JobJson {
             cancel_requested: j.cancel_requested,
             message: j.message.clone(),
             latest_checkpoint: j.latest_checkpoint.as_ref().map(CheckpointJson::from),
+            pending_reason: j.pending_reason.as_ref().map(ReasonJson::from),
             shards: j.shards.iter().map(ShardJson::from).collect(),
         }
     }
