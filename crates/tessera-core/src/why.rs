@@ -157,7 +157,8 @@ pub fn brief(state: &State, job: &Job, planned: Option<&WaitReason>, now: Timest
 /// The full diagnosis of one job (see the module's description). None if there is no such job.
 pub fn explain(state: &State, id: JobId, planned: Option<&WaitReason>, now: Timestamp) -> Option<Why> {
     let job = state.job(id)?;
-    let ahead = if job.state == JobState::Pending { ahead_of(state, job, now) } else { 0 };
+    let (higher, same) = if job.state == JobState::Pending { ahead_count(state, job, now) } else { (0, 0) };
+    let ahead = higher + same;
     let why = |kind, reason: String, funnel, remedies| Some(Why { kind, reason, funnel, remedies, ahead });
     if let Some(early) = own_reason(state, job, now) {
         return match early {
@@ -213,7 +214,7 @@ pub fn explain(state: &State, id: JobId, planned: Option<&WaitReason>, now: Time
         );
     }
     let mut remedies = Vec::new();
-    if spec.placement.spot == SpotPolicy::Avoid && f.spot_free >= want {
+    if spec.placement.spot == SpotPolicy::Avoid && f.spot_free + f.best_free >= want {
         remedies.push(format!(
             "allow spot nodes (placement.spot = \"allow\"): spot nodes have room for {} of its shards now",
             f.spot_free
@@ -238,8 +239,7 @@ pub fn explain(state: &State, id: JobId, planned: Option<&WaitReason>, now: Time
         }
         _ => "running jobs on eligible nodes declare no end".to_string(),
     };
-    let behind = if ahead_count(state, job, now).0 > 0 {
-        let (higher, same) = ahead_count(state, job, now);
+    let behind = if ahead > 0 {
         format!("; {higher} jobs of higher priority and {same} of its priority are ahead of it")
     } else {
         String::new()
@@ -447,11 +447,6 @@ fn ahead_count(state: &State, job: &Job, now: Timestamp) -> (usize, usize) {
     (higher, same)
 }
 
-fn ahead_of(state: &State, job: &Job, now: Timestamp) -> usize {
-    let (h, s) = ahead_count(state, job, now);
-    h + s
-}
-
 /// When the first live attempt on a node the job could use declares its end (NEVER: none
 /// declares one); None when no eligible node runs anything.
 fn earliest_end(state: &State, spec: &JobSpec, now: Timestamp) -> Option<Timestamp> {
@@ -491,7 +486,7 @@ struct Funnel {
     /// The same, free now.
     free_slots: u32,
     best_free: u32,
-    /// Shards free spot nodes could hold (for a job that avoids spot).
+    /// Shards free spot nodes alone could hold (for a job that avoids spot).
     spot_free: u32,
     /// Free matching GPUs on admitted nodes that cannot hold a whole shard.
     smaller_fits_now: u32,
@@ -570,9 +565,6 @@ impl Funnel {
         }
         f.best_total = groups.values().map(|g| g.0).max().unwrap_or(0);
         f.best_free = groups.values().map(|g| g.1).max().unwrap_or(0);
-        if spec.placement.spot == SpotPolicy::Avoid {
-            f.spot_free += f.best_free;
-        }
         f
     }
 
