@@ -91,6 +91,11 @@ struct Args {
     /// take minutes at 10,000 agents).
     #[arg(long, value_enum, default_value_t = FleetSteps::All)]
     fleet_steps: FleetSteps,
+    /// Seconds of heartbeats before P4 and P7 are measured. The leader's connection buffers
+    /// reach their working size over the first ~40 s at 10,000 agents (longer with TLS, whose
+    /// buffers are larger); a longer warm-up measures the steady state alone.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
     /// Seconds the depth phase submits into one fresh cluster (P8) [quick 60, full 300].
     #[arg(long)]
     depth_seconds: Option<u64>,
@@ -129,6 +134,7 @@ enum FleetSteps {
 struct Scale {
     tls: TlsMode,
     fleet_steps: FleetSteps,
+    warmup: u64,
     clients: usize,
     seconds: u64,
     runs: usize,
@@ -148,6 +154,7 @@ impl Scale {
         Scale {
             tls: a.tls,
             fleet_steps: a.fleet_steps,
+            warmup: a.warmup,
             clients: pick(a.clients, 64, 256),
             seconds: a.seconds.unwrap_or(if a.full { 10 } else { 3 }),
             runs: pick(a.runs, 1, 3).max(1),
@@ -937,7 +944,10 @@ async fn fleet_measure(s: &Scale, run: usize, net: &Net, report: &mut Report, c:
     }
 
     // P4 and P7: steady heartbeats.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    if s.warmup > 2 {
+        eprintln!("run {run}: {n} agents' heartbeats warming up for {} s", s.warmup);
+    }
+    tokio::time::sleep(Duration::from_secs(s.warmup)).await;
     let (cpu0, _) = fleet::cpu_and_peak_rss(leader_pid).context("leader /proc")?;
     let (acpu0, _) = real.pid().and_then(fleet::cpu_and_peak_rss).context("agent /proc")?;
     fleet.stats.measuring.store(true, Ordering::Relaxed);

@@ -103,6 +103,35 @@ async fn cluster_with_trainer() -> Option<(Cluster, Vec<String>, String, Reaper)
     Some((c, addrs, tr, reaper))
 }
 
+/// The job's timeline (JobService.JobEvents), as "kind shard: message" lines, after checking
+/// that it is numbered in order from 1 with nothing dropped.
+async fn timeline(addrs: &[String], id: u64) -> Vec<String> {
+    let mut c = v1::job_service_client::JobServiceClient::new(channel(&addrs[0]));
+    let r = c.job_events(v1::JobEventsRequest { job_id: id, consistency: 0 }).await.expect("JobEvents").into_inner();
+    let seq: Vec<u64> = r.events.iter().map(|e| e.sequence).collect();
+    assert_eq!(seq, (1..=r.events.len() as u64).collect::<Vec<_>>(), "{r:?}");
+    assert_eq!(r.dropped, 0);
+    r.events
+        .iter()
+        .map(|e| {
+            let kind = v1::JobEventKind::try_from(e.kind).map_or("?", |k| k.as_str_name());
+            format!("{} {}: {}", kind.trim_start_matches("JOB_EVENT_KIND_"), opt(e.shard_index), e.message)
+        })
+        .collect()
+}
+
+fn opt(v: Option<u32>) -> String {
+    v.map_or("-".into(), |v| v.to_string())
+}
+
+/// The first line of `lines` at or after `from` that starts with `prefix` and contains `has`;
+/// its position.
+fn find_line(lines: &[String], from: usize, prefix: &str, has: &str) -> usize {
+    lines.iter().skip(from).position(|l| l.starts_with(prefix) && l.contains(has)).map(|i| i + from).unwrap_or_else(
+        || panic!("no {prefix:?} with {has:?} after line {from} of the timeline:\n{}", lines.join("\n")),
+    )
+}
+
 /// Shard 0 reports running.
 fn running(j: &v1::Job) -> bool {
     j.shards.first().is_some_and(|s| s.state == v1::ShardState::Running as i32)
@@ -184,6 +213,18 @@ async fn a_killed_agent_s_shard_resumes_elsewhere_from_its_checkpoint() {
     )
     .unwrap_or_default();
     assert!(log.contains("resuming from step"), "the second attempt did not resume:\n{log}");
+    // Its timeline tells the story, in order.
+    let t = timeline(&addrs, id).await;
+    assert!(t[0].starts_with("SUBMITTED -: submitted"), "{t:?}");
+    let i = find_line(&t, 0, "PLACED 0:", "placed on gpu-a");
+    let i = find_line(&t, i, "SHARD_STARTED 0:", "started on gpu-a");
+    let i = find_line(&t, i, "CHECKPOINT 0:", "checkpoint at step");
+    let i = find_line(&t, i, "NODE_LOST 0:", "gpu-a was lost");
+    let i = find_line(&t, i, "SHARD_REQUEUED 0:", "back in the queue: gpu-a was lost");
+    let i = find_line(&t, i, "RESTARTED 0:", "placed again on gpu-b (attempt 2) (resumes from the checkpoint at step");
+    let i = find_line(&t, i, "SHARD_EXITED 0:", "exited with code 0");
+    assert_eq!(i + 2, t.len(), "{t:?}");
+    assert_eq!(t[i + 1], "FINISHED -: succeeded");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,6 +331,25 @@ async fn an_xid_on_a_simulated_gpu_moves_the_shard_off_it_until_cleared() {
     let id = submit(&addrs, train_job(&tr, 400, 0.05)).await;
     let first = wait_until(&addrs, id, "running", running).await;
     assert_eq!(first.shards[0].gpus, vec![0]);
+    // A watcher from before the fault sees it happen, event by event.
+    let mut watch = v1::job_service_client::JobServiceClient::new(channel(&addrs[1]))
+        .watch_job(v1::WatchJobRequest { job_id: id })
+        .await
+        .expect("WatchJob")
+        .into_inner();
+    let watched = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Ok(Some(m)) = watch.message().await {
+            if let Some(e) = m.event {
+                let restarted = e.kind == v1::JobEventKind::Restarted as i32;
+                seen.push(e);
+                if restarted {
+                    break;
+                }
+            }
+        }
+        seen
+    });
     let reply = http_get(&a.http, "/simulate/xid?gpu=0&xid=79").await;
     assert!(reply.contains("injected"), "{reply}");
     let xid = Instant::now();
@@ -305,6 +365,32 @@ async fn an_xid_on_a_simulated_gpu_moves_the_shard_off_it_until_cleared() {
     let node = get_node(&addrs[0], "gpu-a").await.expect("node");
     let health = node.gpus[0].health.clone().unwrap_or_default();
     assert!(!health.healthy && health.reason.contains("XID 79"), "{health:?}");
+    let seen = tokio::time::timeout(T, watched).await.expect("the watcher saw the restart").expect("watcher");
+    use v1::JobEventKind as K;
+    // The shard may checkpoint as it stops: the rest comes in this order.
+    let kinds: Vec<i32> =
+        seen.iter().filter(|e| e.sequence > 0 && e.kind != K::Checkpoint as i32).map(|e| e.kind).collect();
+    let fault = kinds.iter().position(|k| *k == K::GpuFault as i32).expect("GPU_FAULT watched");
+    assert!(
+        kinds[fault..].starts_with(&[
+            K::GpuFault as i32,
+            K::ShardExited as i32,
+            K::ShardRequeued as i32,
+            K::Restarted as i32
+        ]),
+        "{seen:?}"
+    );
+    let f = &seen.iter().find(|e| e.kind == K::GpuFault as i32).unwrap();
+    assert_eq!(f.stop_reason, v1::StopReason::GpuFault as i32);
+    assert!(f.message.contains("GPU 0: XID 79") && f.node_name == "gpu-a", "{f:?}");
+    // Watched stored events are numbered as the timeline numbers them, without gaps.
+    let stored: Vec<u64> = seen.iter().map(|e| e.sequence).filter(|s| *s > 0).collect();
+    assert!(stored.windows(2).all(|w| w[1] == w[0] + 1), "{stored:?}");
+    let t = timeline(&addrs, id).await;
+    let at = find_line(&t, 0, "GPU_FAULT 0:", "a GPU of gpu-a failed: stopping it (GPU 0: XID 79)");
+    assert_eq!(t[at].split_once(' ').map(|x| x.0), Some("GPU_FAULT"));
+    let restart = find_line(&t, at, "RESTARTED 0:", "placed again on gpu-a (attempt 2)");
+    assert_eq!(stored.last(), Some(&(restart as u64 + 1)), "the watcher's numbers are the timeline's");
     // Real GPUs refuse injected faults; bad requests name the parameter.
     assert!(http_get(&a.http, "/simulate/xid?gpu=zero&xid=79").await.contains("gpu"));
 }
@@ -484,6 +570,10 @@ async fn aws_metadata_places_the_node_and_a_spot_notice_moves_its_shard() {
     )
     .unwrap_or_default();
     assert!(out.contains("checkpoint requested"), "the shard was not asked to checkpoint at the notice:\n{out}");
+    let t = timeline(&addrs, id).await;
+    let i = find_line(&t, 0, "SPOT_NOTICE 0:", "spot interruption notice for gpu-spot: stopping it");
+    let i = find_line(&t, i, "SHARD_REQUEUED 0:", "spot interruption notice");
+    find_line(&t, i, "RESTARTED 0:", "placed again on gpu-ondemand (attempt 2)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -721,6 +811,9 @@ async fn a_higher_priority_job_preempts_the_one_that_loses_least_and_the_victim_
     assert_eq!(done.shards[0].attempt, 2, "the victim was requeued once: {done:?}");
     let log = attempt_log(&c, &done.shards[0], cheap);
     assert!(log.contains("resuming from step"), "the victim did not resume from its checkpoint:\n{log}");
+    let t = timeline(&addrs, cheap).await;
+    let i = find_line(&t, 0, "PREEMPTED 0:", &format!("preempted by job {urgent} of higher priority"));
+    find_line(&t, i, "RESTARTED 0:", "resumes from the checkpoint at step");
     assert_invariants(&addrs, &[cheap, dear, urgent], &tr).await;
 }
 

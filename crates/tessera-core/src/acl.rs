@@ -150,6 +150,8 @@ pub enum Rpc {
     JobLogs,
     /// JobService.ExplainJob
     ExplainJob,
+    /// JobService.JobEvents
+    JobEvents,
     /// NodeService.ListNodes
     ListNodes,
     /// NodeService.GetNode
@@ -194,7 +196,7 @@ pub enum Rpc {
 
 impl Rpc {
     /// Every rpc.
-    pub const ALL: [Rpc; 27] = [
+    pub const ALL: [Rpc; 28] = [
         Rpc::SubmitJob,
         Rpc::GetJob,
         Rpc::ListJobs,
@@ -202,6 +204,7 @@ impl Rpc {
         Rpc::WatchJob,
         Rpc::JobLogs,
         Rpc::ExplainJob,
+        Rpc::JobEvents,
         Rpc::ListNodes,
         Rpc::GetNode,
         Rpc::DrainNode,
@@ -234,6 +237,7 @@ impl Rpc {
             Rpc::WatchJob => "/tessera.v1.JobService/WatchJob",
             Rpc::JobLogs => "/tessera.v1.JobService/JobLogs",
             Rpc::ExplainJob => "/tessera.v1.JobService/ExplainJob",
+            Rpc::JobEvents => "/tessera.v1.JobService/JobEvents",
             Rpc::ListNodes => "/tessera.v1.NodeService/ListNodes",
             Rpc::GetNode => "/tessera.v1.NodeService/GetNode",
             Rpc::DrainNode => "/tessera.v1.NodeService/DrainNode",
@@ -332,6 +336,7 @@ fn viewer_may(rpc: Rpc) -> bool {
             | Rpc::ListJobs
             | Rpc::WatchJob
             | Rpc::ExplainJob
+            | Rpc::JobEvents
             | Rpc::ListNodes
             | Rpc::GetNode
             | Rpc::ClusterStatus
@@ -430,6 +435,7 @@ pub fn authorize(p: &Principal, rpc: Rpc, res: Resource<'_>, acl_bootstrapped: b
                             | Rpc::CancelJob
                             | Rpc::GetJob
                             | Rpc::ExplainJob
+                            | Rpc::JobEvents
                             | Rpc::WatchJob
                             | Rpc::JobLogs
                             | Rpc::GetTenant

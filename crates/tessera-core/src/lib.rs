@@ -11,6 +11,7 @@
 //! - [`model`]: the domain types.
 //! - [`command`]: the versioned commands of the log, the events they produce, rejections.
 //! - [`state`]: [`State::apply`], snapshot and restore, the invariants.
+//! - [`timeline`]: each job's bounded history of events, and how they read.
 //! - [`placement`]: what a [`Plan`] is, and the constraints both the planner and apply check.
 //! - [`planner`]: [`planner::plan`], gangs, constraints, topology, packing, fair share,
 //!   quotas, backfill and preemption.
@@ -22,6 +23,7 @@ pub mod placement;
 pub mod planner;
 pub mod spec;
 pub mod state;
+pub mod timeline;
 pub mod why;
 
 #[cfg(test)]

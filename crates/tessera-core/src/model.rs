@@ -358,6 +358,96 @@ pub struct Job {
     /// "token/ci"); None for jobs submitted before this was recorded, or without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitted_by: Option<String>,
+    /// What happened to it, oldest first (see [`crate::timeline`]): placements, starts, exits,
+    /// checkpoints, stops and requeues. Its submission and its end are not stored here: the
+    /// job's own fields say them. At most [`crate::timeline::MAX_EVENTS`].
+    #[serde(default, rename = "ev", skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<JobEvent>,
+    /// Events dropped from the middle of `events` to keep it bounded.
+    #[serde(default, rename = "ev_dropped", skip_serializing_if = "is_zero")]
+    pub events_dropped: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// One thing that happened to a job's shard, as stored in [`Job::events`]. Kept small (a job
+/// that runs once without trouble stores three per shard), with short names in snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct JobEvent {
+    /// When the command that caused it was applied.
+    #[serde(rename = "t")]
+    pub at: Timestamp,
+    /// What happened.
+    #[serde(rename = "k")]
+    pub kind: JobEventKind,
+    /// Shard concerned.
+    #[serde(rename = "s")]
+    pub shard: u32,
+    /// Attempt concerned, if any.
+    #[serde(default, rename = "a", skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<AttemptId>,
+    /// Node concerned, if any.
+    #[serde(default, rename = "n", skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeId>,
+    /// More words for people (a GPU's fault, a lost node's reason, a process's last words),
+    /// at most [`crate::timeline::MAX_DETAIL`] bytes.
+    #[serde(default, rename = "d", skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// What a [`JobEvent`] records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobEventKind {
+    /// A new attempt was placed on a node (attempt 1, or a restart after a requeue).
+    Placed {
+        /// The shard's attempt number.
+        number: u32,
+    },
+    /// The agent started the attempt's process.
+    Started,
+    /// The attempt's process ended.
+    Exited {
+        /// Exit code, when it exited.
+        code: Option<i32>,
+        /// Signal, when one killed it.
+        signal: Option<i32>,
+    },
+    /// The attempt committed a checkpoint.
+    Checkpoint {
+        /// Training step it holds.
+        step: u64,
+    },
+    /// The servers asked the attempt's agent to stop it.
+    Stopping {
+        /// Why.
+        reason: StopReason,
+    },
+    /// The attempt's node was lost (down, or back with other GPUs) with the attempt on it.
+    NodeLost,
+    /// The shard went back to pending, to be placed again.
+    Requeued {
+        /// Why.
+        why: Requeue,
+        /// Not placed before this time (a retry's backoff); None: at once.
+        not_before: Option<Timestamp>,
+    },
+}
+
+/// Why a shard was requeued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Requeue {
+    /// It was stopped for this reason (preemption, drain, spot notice, GPU fault, gang restart).
+    Stopped(StopReason),
+    /// Its node was lost.
+    NodeLost,
+    /// Its process failed because of its node or a GPU: no retry budget used.
+    NodeFault,
+    /// Its process failed and the job's retry policy allows another attempt.
+    Retry,
 }
 
 impl Job {

@@ -25,8 +25,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::{ApplyContext, ApplyResult, Command, Event, ExitStatus, Rejection, TenantWrite, spec_rejection};
 use crate::model::{
-    Attempt, AttemptId, Checkpoint, DrainReason, Gpu, GpuHealth, Job, JobId, JobState, MAX_GPU_HOURS_WINDOW_MS,
-    MIN_GPU_HOURS_WINDOW_MS, Node, NodeId, NodeInfo, NodeState, Shard, ShardState, StopReason, Tenant, Timestamp,
+    Attempt, AttemptId, Checkpoint, DrainReason, Gpu, GpuHealth, Job, JobEvent, JobEventKind, JobId, JobState,
+    MAX_GPU_HOURS_WINDOW_MS, MIN_GPU_HOURS_WINDOW_MS, Node, NodeId, NodeInfo, NodeState, Requeue, Shard, ShardState,
+    StopReason, Tenant, Timestamp,
 };
 use crate::placement::{GangPlacement, Plan, Preemption, node_admits, span_ok};
 use crate::spec::{Cloud, limits};
@@ -455,7 +456,7 @@ impl State {
             Command::MarkNodeDown { node, reason, registration } => {
                 self.node_down(node, &reason, registration, now, &mut ev)?
             }
-            Command::DrainNode { node, reason, deadline } => self.drain(node, reason, deadline, &mut ev)?,
+            Command::DrainNode { node, reason, deadline } => self.drain(node, reason, deadline, now, &mut ev)?,
             Command::UndrainNode { node } => self.undrain(node, &mut ev)?,
             Command::SetGpuHealth { node, gpu, healthy, reason } => {
                 self.gpu_health(node, gpu, healthy, reason, now, &mut ev)?
@@ -563,6 +564,8 @@ impl State {
             cancel_requested: false,
             message: None,
             submitted_by,
+            events: Vec::new(),
+            events_dropped: 0,
         };
         self.jobs.insert(id, Arc::new(job));
         self.pending.insert(id);
@@ -591,27 +594,35 @@ impl State {
         job.cancel_requested = true;
         job.message = Some(reason.unwrap_or_else(|| "cancelled".into()));
         for i in 0..job.shards.len() as u32 {
-            self.end_or_stop(id, i, StopReason::Cancelled, ev);
+            self.end_or_stop(id, i, StopReason::Cancelled, now, ev);
         }
         self.refresh_job(id, now, ev);
         Ok(())
     }
 
     /// Pending shards end cancelled; live shards are asked to stop for `reason`.
-    fn end_or_stop(&mut self, id: JobId, shard: u32, reason: StopReason, ev: &mut Vec<Event>) {
+    fn end_or_stop(&mut self, id: JobId, shard: u32, reason: StopReason, now: Timestamp, ev: &mut Vec<Event>) {
         let Some(job) = self.jobs.get_mut(&id).map(Arc::make_mut) else { return };
         let Some(s) = job.shards.get_mut(shard as usize) else { return };
         if s.state == ShardState::Pending {
             s.state = ShardState::Cancelled;
             ev.push(Event::ShardStateChanged { job: id, shard, state: s.state });
         } else {
-            self.stop_shard(id, shard, reason, ev);
+            self.stop_shard(id, shard, reason, None, now, ev);
         }
     }
 
     /// Ask a live shard to stop. A stop that ends the shard for good replaces one that would
     /// requeue it; otherwise the first reason stands.
-    fn stop_shard(&mut self, id: JobId, shard: u32, reason: StopReason, ev: &mut Vec<Event>) {
+    fn stop_shard(
+        &mut self,
+        id: JobId,
+        shard: u32,
+        reason: StopReason,
+        detail: Option<String>,
+        now: Timestamp,
+        ev: &mut Vec<Event>,
+    ) {
         let Some(job) = self.jobs.get_mut(&id).map(Arc::make_mut) else { return };
         let Some(s) = job.shards.get_mut(shard as usize) else { return };
         let replace = match s.state {
@@ -630,10 +641,19 @@ impl State {
             ev.push(Event::StopRequested { job: id, shard, attempt: a.id, node: a.node, reason });
         }
         ev.push(Event::ShardStateChanged { job: id, shard, state: s.state });
+        self.note(id, shard, now, JobEventKind::Stopping { reason }, detail);
+    }
+
+    /// Record an event of one of the job's shards, naming its current (or last) attempt.
+    fn note(&mut self, id: JobId, shard: u32, now: Timestamp, kind: JobEventKind, detail: Option<String>) {
+        let Some(job) = self.jobs.get_mut(&id).map(Arc::make_mut) else { return };
+        let attempt = job.shards.get(shard as usize).and_then(|s| s.attempt.as_ref());
+        let (attempt, node) = (attempt.map(|a| a.id), attempt.map(|a| a.node));
+        crate::timeline::record(job, JobEvent { at: now, kind, shard, attempt, node, detail });
     }
 
     /// A rank of a gang is lost or failed: the other live ranks restart from the checkpoint.
-    fn restart_gang(&mut self, id: JobId, except: u32, ev: &mut Vec<Event>) {
+    fn restart_gang(&mut self, id: JobId, except: u32, now: Timestamp, ev: &mut Vec<Event>) {
         let Some(job) = self.jobs.get(&id) else { return };
         let others: Vec<u32> = job
             .shards
@@ -642,7 +662,14 @@ impl State {
             .map(|s| s.index)
             .collect();
         for i in others {
-            self.stop_shard(id, i, StopReason::GangRestart, ev);
+            self.stop_shard(
+                id,
+                i,
+                StopReason::GangRestart,
+                Some(format!("shard {except} failed or was lost")),
+                now,
+                ev,
+            );
         }
     }
 
@@ -692,16 +719,21 @@ impl State {
 
     /// An attempt is gone without an exit report (node lost or changed): requeue the shard
     /// unless it was being stopped for good, and restart the rest of its gang.
-    fn lose_attempt(&mut self, id: JobId, shard: u32, now: Timestamp, ev: &mut Vec<Event>) {
+    fn lose_attempt(&mut self, id: JobId, shard: u32, why: &str, now: Timestamp, ev: &mut Vec<Event>) {
         let Some(state) = self.jobs.get(&id).and_then(|j| j.shards.get(shard as usize)).map(|s| s.state) else {
             return;
         };
         self.release(id, shard, now);
+        self.note(id, shard, now, JobEventKind::NodeLost, Some(why.to_string()));
         match state {
             ShardState::Stopping(r) if !r.requeues() => self.set_shard(id, shard, ShardState::Cancelled, now, ev),
-            _ => self.set_shard(id, shard, ShardState::Pending, now, ev),
+            _ => {
+                self.set_shard(id, shard, ShardState::Pending, now, ev);
+                let kind = JobEventKind::Requeued { why: Requeue::NodeLost, not_before: None };
+                self.note(id, shard, now, kind, None);
+            }
         }
-        self.restart_gang(id, shard, ev);
+        self.restart_gang(id, shard, now, ev);
         self.refresh_job(id, now, ev);
     }
 
@@ -785,7 +817,7 @@ impl State {
         if !same_gpus || !same_capacity {
             let lost: Vec<AttemptRef> = self.attempts_on(id);
             for r in lost {
-                self.lose_attempt(r.job, r.shard, now, ev);
+                self.lose_attempt(r.job, r.shard, "it registered again with other GPUs or less CPU or memory", now, ev);
             }
         }
         let old_cloud = self.nodes[&id].info.cloud;
@@ -858,7 +890,7 @@ impl State {
             return Err(Rejection::FailedPrecondition(format!("{id} registered again since it was judged down")));
         }
         for r in self.attempts_on(id) {
-            self.lose_attempt(r.job, r.shard, now, ev);
+            self.lose_attempt(r.job, r.shard, reason, now, ev);
         }
         let node = self.nodes.get_mut(&id).map(Arc::make_mut).expect("checked above");
         node.state = NodeState::Down { since: now };
@@ -871,6 +903,7 @@ impl State {
         id: NodeId,
         reason: DrainReason,
         deadline: Option<Timestamp>,
+        now: Timestamp,
         ev: &mut Vec<Event>,
     ) -> Result<(), Rejection> {
         let node = self.nodes.get_mut(&id).map(Arc::make_mut).ok_or(Rejection::UnknownNode(id))?;
@@ -890,8 +923,12 @@ impl State {
                 _ => false,
             };
             if !finishes_in_time {
-                self.stop_shard(r.job, r.shard, stop, ev);
-                self.restart_gang(r.job, r.shard, ev);
+                let detail = deadline.map(|d| match d.since(now) {
+                    0 => "the node goes away now".to_string(),
+                    ms => format!("the node goes away in {} s", ms.div_ceil(1000)),
+                });
+                self.stop_shard(r.job, r.shard, stop, detail, now, ev);
+                self.restart_gang(r.job, r.shard, now, ev);
             }
         }
         Ok(())
@@ -920,12 +957,13 @@ impl State {
         if g.healthy() == healthy {
             return Ok(());
         }
+        let detail = format!("GPU {gpu}: {reason}");
         g.health = if healthy { GpuHealth::Healthy } else { GpuHealth::Unhealthy { reason, since: now } };
         let holder = g.holder;
         ev.push(Event::GpuHealthChanged { node: id, gpu, healthy });
         if !healthy && let Some(r) = holder.and_then(|a| self.live.get(&a).copied()) {
-            self.stop_shard(r.job, r.shard, StopReason::GpuFault, ev);
-            self.restart_gang(r.job, r.shard, ev);
+            self.stop_shard(r.job, r.shard, StopReason::GpuFault, Some(detail), now, ev);
+            self.restart_gang(r.job, r.shard, now, ev);
         }
         Ok(())
     }
@@ -937,12 +975,16 @@ impl State {
     fn started(&mut self, attempt: AttemptId, now: Timestamp, ev: &mut Vec<Event>) -> Result<(), Rejection> {
         let r = self.live_ref(attempt)?;
         let s = &mut self.job_mut(r.job)?.shards[r.shard as usize];
+        let first = s.attempt.as_ref().is_some_and(|a| a.started_at.is_none());
         if let Some(a) = s.attempt.as_mut() {
             a.started_at.get_or_insert(now);
         }
         if s.state == ShardState::Assigned {
             s.state = ShardState::Running;
             ev.push(Event::ShardStateChanged { job: r.job, shard: r.shard, state: s.state });
+        }
+        if first {
+            self.note(r.job, r.shard, now, JobEventKind::Started, None);
         }
         Ok(())
     }
@@ -965,18 +1007,23 @@ impl State {
         let was = job.shards[i as usize].state;
         let retry = job.spec.retry.clone();
         self.release(id, i, now);
+        let kind = JobEventKind::Exited { code: exit.code, signal: exit.signal };
+        self.note(id, i, now, kind, message.clone());
+        let requeued = |why, not_before| JobEventKind::Requeued { why, not_before };
         if exit.success() {
             self.set_shard(id, i, ShardState::Succeeded, now, ev);
         } else {
             match was {
                 ShardState::Stopping(reason) if reason.requeues() => {
                     self.set_shard(id, i, ShardState::Pending, now, ev);
-                    self.restart_gang(id, i, ev);
+                    self.note(id, i, now, requeued(Requeue::Stopped(reason), None), None);
+                    self.restart_gang(id, i, now, ev);
                 }
                 ShardState::Stopping(_) => self.set_shard(id, i, ShardState::Cancelled, now, ev),
                 _ if node_fault => {
                     self.set_shard(id, i, ShardState::Pending, now, ev);
-                    self.restart_gang(id, i, ev);
+                    self.note(id, i, now, requeued(Requeue::NodeFault, None), None);
+                    self.restart_gang(id, i, now, ev);
                 }
                 _ => {
                     let job = self.jobs.get_mut(&id).map(Arc::make_mut).expect("live attempt's job exists");
@@ -993,11 +1040,13 @@ impl State {
                         self.set_shard(id, i, ShardState::Failed, now, ev);
                         let n = self.jobs[&id].shards.len() as u32;
                         for j in (0..n).filter(|j| *j != i) {
-                            self.end_or_stop(id, j, StopReason::JobFailed, ev);
+                            self.end_or_stop(id, j, StopReason::JobFailed, now, ev);
                         }
                     } else {
-                        self.set_shard(id, i, ShardState::Pending, now.plus_secs(retry.backoff_secs), ev);
-                        self.restart_gang(id, i, ev);
+                        let not_before = now.plus_secs(retry.backoff_secs);
+                        self.set_shard(id, i, ShardState::Pending, not_before, ev);
+                        self.note(id, i, now, requeued(Requeue::Retry, Some(not_before)), None);
+                        self.restart_gang(id, i, now, ev);
                     }
                 }
             }
@@ -1028,6 +1077,7 @@ impl State {
         }
         s.checkpoint = Some(Checkpoint { step, uri, at: now });
         ev.push(Event::CheckpointRecorded { job: r.job, shard: r.shard, step });
+        self.note(r.job, r.shard, now, JobEventKind::Checkpoint { step }, None);
         Ok(())
     }
 
@@ -1133,7 +1183,7 @@ impl State {
                     for victim in pre.victims {
                         let n = self.jobs[&victim].shards.len() as u32;
                         for i in 0..n {
-                            self.stop_shard(victim, i, StopReason::Preempted { by: pre.job }, ev);
+                            self.stop_shard(victim, i, StopReason::Preempted { by: pre.job }, None, now, ev);
                         }
                     }
                 }
@@ -1260,7 +1310,20 @@ impl State {
             started_at: None,
         });
         job.started_at.get_or_insert(now);
-        let resume_from = job.resume_point(shard).map(|c| c.uri.clone());
+        let resume = job.resume_point(shard).map(|c| (c.uri.clone(), c.step));
+        let detail = resume.as_ref().map(|(_, step)| format!("resumes from the checkpoint at step {step}"));
+        crate::timeline::record(
+            job,
+            JobEvent {
+                at: now,
+                kind: JobEventKind::Placed { number },
+                shard,
+                attempt: Some(attempt),
+                node: Some(node_id),
+                detail,
+            },
+        );
+        let resume_from = resume.map(|(uri, _)| uri);
         let cloud = self.nodes.get(&node_id).map(|n| n.info.cloud);
         if let (Some(t), Some(cloud)) = (self.tenants.get_mut(&job.spec.tenant), cloud) {
             t.take_gpus(cloud, u64::from(res.gpus), now, half_life);
@@ -1298,6 +1361,14 @@ impl State {
             }
             if let Some((i, s)) = job.shards.iter().enumerate().find(|(i, s)| s.index as usize != *i) {
                 return Err(format!("jobs.{}.shards[{i}].index is {}", id.0, s.index));
+            }
+            if job.events.len() > crate::timeline::MAX_EVENTS {
+                return Err(format!("jobs.{}.events holds {} events", id.0, job.events.len()));
+            }
+            if let Some((i, e)) = job.events.iter().enumerate().find(|(_, e)| {
+                e.shard >= job.spec.shards || e.detail.as_ref().is_some_and(|d| d.len() > crate::timeline::MAX_DETAIL)
+            }) {
+                return Err(format!("jobs.{}.events[{i}] names shard {} or has a detail too long", id.0, e.shard));
             }
         }
         for (id, node) in &self.nodes {

@@ -15,6 +15,7 @@ use crate::spec::{Cloud, JobSpec, SpotPolicy};
 use crate::{AttemptId, JobId, NodeId, State, Timestamp};
 
 mod tenants;
+mod timeline;
 mod why;
 
 const HOUR: u64 = 3_600_000;

@@ -16,10 +16,11 @@
 //! a proto message does not compile until it is mapped here.
 
 use tessera_core::model::{
-    Attempt, Checkpoint, DrainReason, Gpu, GpuHealth, GpuInfo, Job, JobState, Node, NodeInfo, NodeState, Shard,
-    ShardState, StopReason,
+    Attempt, Checkpoint, DrainReason, Gpu, GpuHealth, GpuInfo, Job, JobEvent, JobEventKind, JobState, Node, NodeInfo,
+    NodeState, Requeue, Shard, ShardState, StopReason,
 };
 use tessera_core::spec::{self, Cloud, FieldError, Placement, Resources, RetryPolicy, SpotPolicy, StopPolicy};
+use tessera_core::timeline::{self, Entry};
 use tessera_core::why::WhyKind;
 use tessera_core::{JobSpec, Rejection, SpecError, State};
 use tonic::{Code, Status};
@@ -506,6 +507,9 @@ pub fn job_to_proto(job: &Job, state: &State) -> v1::Job {
         cancel_requested,
         message,
         submitted_by,
+        // The timeline is returned by JobEvents, not with the job.
+        events: _,
+        events_dropped: _,
     } = job;
     // As the core's resume point: the highest step, then the latest time.
     let latest_checkpoint = shards
@@ -529,6 +533,95 @@ pub fn job_to_proto(job: &Job, state: &State) -> v1::Job {
         submitted_by: submitted_by.clone().unwrap_or_default(),
         // Advice from the planner and the fleet, not state: the server fills it in.
         pending_reason: None,
+    }
+}
+
+/// One stored event on the wire, at position `sequence` of its job's timeline.
+pub fn job_event_to_proto(e: &JobEvent, sequence: u64, state: &State) -> v1::JobEvent {
+    use v1::JobEventKind as K;
+    let JobEvent { at, kind, shard, attempt, node, detail: _ } = e;
+    let (wire, stop) = match *kind {
+        JobEventKind::Placed { number: 1 } => (K::Placed, None),
+        JobEventKind::Placed { .. } => (K::Restarted, None),
+        JobEventKind::Started => (K::ShardStarted, None),
+        JobEventKind::Exited { .. } => (K::ShardExited, None),
+        JobEventKind::Checkpoint { .. } => (K::Checkpoint, None),
+        JobEventKind::Stopping { reason } => (
+            match reason {
+                StopReason::Preempted { .. } => K::Preempted,
+                StopReason::SpotInterruption => K::SpotNotice,
+                StopReason::GpuFault => K::GpuFault,
+                _ => K::ShardStopping,
+            },
+            Some(reason),
+        ),
+        JobEventKind::NodeLost => (K::NodeLost, None),
+        JobEventKind::Requeued { why, .. } => (
+            K::ShardRequeued,
+            match why {
+                Requeue::Stopped(r) => Some(r),
+                Requeue::NodeLost | Requeue::NodeFault | Requeue::Retry => None,
+            },
+        ),
+    };
+    let node_name = node.and_then(|n| state.node(n)).map(|n| n.info.name.clone());
+    let shown = node_name.clone().or_else(|| node.map(|n| n.to_string())).unwrap_or_else(|| "its node".into());
+    v1::JobEvent {
+        time_unix_ms: at.0,
+        kind: wire as i32,
+        shard_index: Some(*shard),
+        attempt_id: attempt.map(|a| a.0),
+        node_id: node.map(|n| n.0),
+        stop_reason: stop.map_or(v1::StopReason::Unspecified, v1::StopReason::from) as i32,
+        message: timeline::describe(e, &shown),
+        sequence,
+        node_name: node_name.unwrap_or_default(),
+    }
+}
+
+/// The job's whole timeline on the wire (JobService.JobEvents): its submission, its stored
+/// events numbered in order (a gap where some were dropped), and its end once it ended.
+pub fn job_events_to_proto(job: &Job, state: &State) -> v1::JobEventsResponse {
+    let mut events = Vec::with_capacity(job.events.len() + 2);
+    let mut seq = 0u64;
+    for entry in timeline::timeline(job) {
+        seq += 1;
+        match entry {
+            Entry::Submitted(at) => events.push(job_level_event(at, v1::JobEventKind::Submitted, seq, "submitted")),
+            Entry::Event(e) => events.push(job_event_to_proto(e, seq, state)),
+            // Dropped events keep their numbers: the next one is numbered after them.
+            Entry::Dropped(n) => seq += n - 1,
+            Entry::Finished(at, _) => {
+                events.push(job_level_event(at, v1::JobEventKind::Finished, seq, &timeline::finished_text(job)))
+            }
+        }
+    }
+    v1::JobEventsResponse { events, dropped: job.events_dropped }
+}
+
+/// The FINISHED event of a job that just ended, numbered after its stored events.
+pub fn job_finished_event(job: &Job) -> v1::JobEvent {
+    let at = job.finished_at.unwrap_or(job.submitted_at);
+    job_level_event(at, v1::JobEventKind::Finished, timeline::events_total(job) + 2, &timeline::finished_text(job))
+}
+
+/// The sequence number of a stored event: `index` is its place among the job's events ever
+/// recorded (0 for the first), and SUBMITTED is 1.
+pub fn stored_event_sequence(index: u64) -> u64 {
+    index + 2
+}
+
+fn job_level_event(at: tessera_core::Timestamp, kind: v1::JobEventKind, sequence: u64, message: &str) -> v1::JobEvent {
+    v1::JobEvent {
+        time_unix_ms: at.0,
+        kind: kind as i32,
+        shard_index: None,
+        attempt_id: None,
+        node_id: None,
+        stop_reason: v1::StopReason::Unspecified as i32,
+        message: message.to_string(),
+        sequence,
+        node_name: String::new(),
     }
 }
 

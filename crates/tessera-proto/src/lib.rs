@@ -63,6 +63,7 @@ mod tests {
                     ("WatchJob", false, true),
                     ("JobLogs", false, true),
                     ("ExplainJob", false, false),
+                    ("JobEvents", false, false),
                 ],
             ),
             (

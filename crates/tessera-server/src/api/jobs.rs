@@ -7,8 +7,12 @@ use std::time::Duration;
 use tessera_core::acl::{Resource, Rpc};
 use tessera_core::command::{Command, Event};
 use tessera_core::model::JobId;
+use tessera_core::timeline::{events_after, events_total};
 use tessera_core::why::Briefs;
-use tessera_proto::convert::{job_state_from_proto, job_to_proto, pending_reason, spec_from_proto, why_to_proto};
+use tessera_proto::convert::{
+    job_event_to_proto, job_events_to_proto, job_finished_event, job_state_from_proto, job_to_proto, pending_reason,
+    spec_from_proto, stored_event_sequence, why_to_proto,
+};
 use tessera_proto::v1;
 use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
@@ -194,6 +198,25 @@ impl v1::job_service_server::JobService for Jobs {
         Ok(Response::new(v1::CancelJobResponse { state: v1::JobState::from(state) as i32, already_finished: false }))
     }
 
+    async fn job_events(&self, req: Request<v1::JobEventsRequest>) -> Result<Response<v1::JobEventsResponse>, Status> {
+        if let Some(ch) = self.0.leader_for_read(&req, req.get_ref().consistency) {
+            match v1::job_service_client::JobServiceClient::new(ch).job_events(forwarded(*req.get_ref(), &req)).await {
+                Err(s) if leader_unreachable(&s) => {}
+                other => return other,
+            }
+        }
+        let id = job_id(req.get_ref().job_id)?;
+        let found = self
+            .0
+            .read(req.get_ref().consistency, move |s| {
+                s.job(id).map(|j| (j.spec.tenant.clone(), job_events_to_proto(j, s)))
+            })
+            .await?;
+        let (tenant, events) = found.ok_or_else(|| Status::not_found(format!("no job {id}")))?;
+        self.0.authorize(&req, Rpc::JobEvents, Resource::Tenant(&tenant))?;
+        Ok(Response::new(events))
+    }
+
     type WatchJobStream = BoxStream<v1::WatchJobResponse>;
 
     async fn watch_job(&self, req: Request<v1::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
@@ -210,8 +233,8 @@ impl v1::job_service_server::JobService for Jobs {
         // Subscribe before the first read so nothing applied in between is missed.
         let mut rx = self.0.events.subscribe();
         let shared = self.0.clone();
-        let first = shared.read(0, move |s| s.job(id).map(|j| job_to_proto(j, s))).await?;
-        let mut first = first.ok_or_else(|| Status::not_found(format!("no job {id}")))?;
+        let first = shared.read(0, move |s| s.job(id).map(|j| (job_to_proto(j, s), events_total(j)))).await?;
+        let (mut first, mut seen) = first.ok_or_else(|| Status::not_found(format!("no job {id}")))?;
         self.0.authorize(&req, Rpc::WatchJob, Resource::Tenant(job_tenant(&first)))?;
         redact_for(&who, &mut first);
         shared.live.overlay_job(&mut first);
@@ -222,9 +245,10 @@ impl v1::job_service_server::JobService for Jobs {
             if tx.send(Ok(v1::WatchJobResponse { job: Some(first), event: None })).await.is_err() || done {
                 return;
             }
-            // Every applied change to the job (read from the state), and once a second its
-            // progress from the heartbeats (the last state read, overlaid again: no Raft-thread
-            // work for a watcher while nothing is applied).
+            // Every applied change to the job (read from the state, with the events recorded
+            // since the last read), and once a second its progress from the heartbeats (the last
+            // state read, overlaid again: no Raft-thread work for a watcher while nothing is
+            // applied).
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             while !done {
                 let reread = tokio::select! {
@@ -235,26 +259,40 @@ impl v1::job_service_server::JobService for Jobs {
                     },
                     _ = tick.tick() => false,
                 };
-                let mut job = if reread {
-                    let Ok(Some(job)) = shared
-                        .read(v1::ReadConsistency::Stale as i32, move |s| s.job(id).map(|j| job_to_proto(j, s)))
+                let (mut job, mut events) = if reread {
+                    let since = seen;
+                    let Ok(Some((job, events, total))) = shared
+                        .read(v1::ReadConsistency::Stale as i32, move |s| {
+                            s.job(id).map(|j| (job_to_proto(j, s), watch_events(j, since, s), events_total(j)))
+                        })
                         .await
                     else {
                         return;
                     };
-                    job
+                    seen = total;
+                    (job, events)
                 } else {
-                    last.clone()
+                    (last.clone(), Vec::new())
                 };
                 redact_for(&who, &mut job);
                 shared.live.overlay_job(&mut job);
-                if job == last {
+                events.extend(progress_events(&last, &job));
+                if job == last && events.is_empty() {
                     continue;
                 }
                 last = job.clone();
                 done = job.state >= v1::JobState::Succeeded as i32;
-                if tx.send(Ok(v1::WatchJobResponse { job: Some(job), event: None })).await.is_err() {
-                    return;
+                if events.is_empty() {
+                    if tx.send(Ok(v1::WatchJobResponse { job: Some(job), event: None })).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                for event in events {
+                    let msg = v1::WatchJobResponse { job: Some(job.clone()), event: Some(event) };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
                 }
             }
         });
@@ -349,6 +387,46 @@ impl v1::job_service_server::JobService for Jobs {
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
     }
+}
+
+/// The job's events recorded after the first `seen`, numbered as JobEvents numbers them, and
+/// its FINISHED event once it ended.
+fn watch_events(job: &tessera_core::model::Job, seen: u64, s: &tessera_core::State) -> Vec<v1::JobEvent> {
+    let new = events_after(job, seen);
+    let first = events_total(job) - new.len() as u64;
+    let mut out: Vec<v1::JobEvent> = new
+        .iter()
+        .enumerate()
+        .map(|(i, e)| job_event_to_proto(e, stored_event_sequence(first + i as u64), s))
+        .collect();
+    if job.state.is_terminal() {
+        out.push(job_finished_event(job));
+    }
+    out
+}
+
+/// PROGRESS events for the shards whose reported step moved between two reads of the job.
+fn progress_events(before: &v1::Job, after: &v1::Job) -> Vec<v1::JobEvent> {
+    let mut out = Vec::new();
+    for s in &after.shards {
+        let was = before.shards.iter().find(|b| b.index == s.index && b.attempt_id == s.attempt_id);
+        if s.step == 0 || was.is_some_and(|b| b.step == s.step) {
+            continue;
+        }
+        let of = s.total_steps.map(|t| format!(" of {t}")).unwrap_or_default();
+        out.push(v1::JobEvent {
+            time_unix_ms: crate::clock::now().0,
+            kind: v1::JobEventKind::Progress as i32,
+            shard_index: Some(s.index),
+            attempt_id: s.attempt_id,
+            node_id: s.node_id,
+            stop_reason: v1::StopReason::Unspecified as i32,
+            message: format!("step {}{of}", s.step),
+            sequence: 0,
+            node_name: s.node_name.clone(),
+        });
+    }
+    out
 }
 
 fn event_job(e: &Event) -> Option<JobId> {

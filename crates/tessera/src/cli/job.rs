@@ -89,6 +89,24 @@ enum JobCommand {
         #[arg(value_parser = clap::value_parser!(u64).range(1..))]
         id: u64,
     },
+    /// Print a job's timeline: its submission, every placement, start, exit, checkpoint, stop
+    /// (preemption, spot notice, GPU fault, drain, gang restart), lost node and requeue of its
+    /// shards, and its end.
+    ///
+    /// Kept by the servers for as long as the job, finished or not: a job keeps its first 16
+    /// events and its latest 240 (a line says how many were left out between). Training
+    /// progress is not kept; `tessera job watch` shows it live.
+    ///
+    /// JSON: {"job_id", "dropped", "events": [{"sequence", "time_unix_ms", "kind", "shard",
+    /// "attempt_id", "node_id", "node", "stop_reason", "message"}]}; kind is one of submitted,
+    /// placed, shard_started, shard_exited, checkpoint, shard_stopping, shard_requeued,
+    /// spot_notice, finished, preempted, node_lost, gpu_fault, restarted. Absent values are null.
+    #[command(after_help = super::CLIENT_AFTER_HELP)]
+    Events {
+        /// The job id.
+        #[arg(value_parser = clap::value_parser!(u64).range(1..))]
+        id: u64,
+    },
     /// Print the output of a job's shards (stdout to stdout, stderr to stderr).
     ///
     /// Without --shard, lines of a job with several shards start with "[shard N] ". The
@@ -188,6 +206,7 @@ pub async fn run(args: JobArgs) -> CliResult {
         JobCommand::List { all, tenant } => list(&servers, all, tenant, out).await,
         JobCommand::Status { id } => status(&servers, id, out).await,
         JobCommand::Why { id } => why(&servers, id, out).await,
+        JobCommand::Events { id } => events(&servers, id, out).await,
         JobCommand::Logs { id, shard, follow, tail, attempt } => {
             logs(&servers, LogsRequest { id, shard, follow, tail, attempt }, out).await
         }
@@ -438,6 +457,50 @@ async fn why(servers: &Servers, id: u64, out: Format) -> CliResult {
     Ok(0)
 }
 
+/// `job events`, as JSON.
+#[derive(serde::Serialize)]
+struct EventsJson {
+    job_id: u64,
+    dropped: u64,
+    events: Vec<output::EventJson>,
+}
+
+async fn events(servers: &Servers, id: u64, out: Format) -> CliResult {
+    let r = servers
+        .call_repeatable(Some(UNARY_TIMEOUT), |ch| async move {
+            let r = JobServiceClient::new(ch)
+                .job_events(v1::JobEventsRequest { job_id: id, consistency: 0 })
+                .await
+                .map_err(about(format!("job {id}")))?;
+            Ok(r.into_inner())
+        })
+        .await?;
+    if out == Format::Json {
+        let events = r.events.iter().map(output::EventJson::from).collect();
+        output::json(&EventsJson { job_id: id, dropped: r.dropped, events })?;
+        return Ok(0);
+    }
+    let start = r.events.first().map_or(0, |e| e.time_unix_ms);
+    let mut t = output::table(&["TIME (UTC)", "AFTER", "SHARD", "EVENT", "MESSAGE"]);
+    let mut next = 1;
+    for e in &r.events {
+        if e.sequence > next {
+            let gap = e.sequence - next;
+            t.add_row(vec!["".into(), "".into(), "".into(), "...".into(), format!("{gap} events left out")]);
+        }
+        next = e.sequence + 1;
+        t.add_row(vec![
+            output::utc(e.time_unix_ms),
+            format!("+{}", output::span(e.time_unix_ms.saturating_sub(start))),
+            output::opt(e.shard_index),
+            output::event_kind(e.kind),
+            e.message.clone(),
+        ]);
+    }
+    output::print_table(&t)?;
+    Ok(0)
+}
+
 fn print_job(job: &v1::Job) -> Result<(), CliError> {
     let spec = job.spec.clone().unwrap_or_default();
     let res = spec.resources.clone().unwrap_or_default();
@@ -596,7 +659,11 @@ impl View {
         View::Bars { multi, header, bars: BTreeMap::new() }
     }
 
-    fn update(&mut self, job: &v1::Job) -> Result<(), CliError> {
+    /// Show the job's new state; `event`, when the servers sent one, says what changed (plain
+    /// lines print it instead of what they make out of the shards' states).
+    fn update(&mut self, job: &v1::Job, event: Option<&v1::JobEvent>) -> Result<(), CliError> {
+        // Progress moves the bars; as a line it would be noise.
+        let event = event.filter(|e| e.kind != v1::JobEventKind::Progress as i32);
         match self {
             View::Json { last } => {
                 // A reconnect starts with the state already printed: print each state once.
@@ -610,6 +677,11 @@ impl View {
             }
             View::Plain { job_state, shards } => {
                 let mut lines = Vec::new();
+                // What happened first; the job's state after it (a final state comes with the
+                // last shard's exit) second.
+                if let Some(e) = event.filter(|e| e.kind != v1::JobEventKind::Finished as i32) {
+                    lines.push(output::event_line(e));
+                }
                 if *job_state != Some(job.state) {
                     *job_state = Some(job.state);
                     let msg = if is_final(job.state) && !job.message.is_empty() {
@@ -627,7 +699,9 @@ impl View {
                         checkpoint: s.last_checkpoint.as_ref().map(|c| c.step),
                     };
                     let before = shards.insert(s.index, now.clone()).unwrap_or_default();
-                    if before.state != now.state || before.node != now.node || before.attempt != now.attempt {
+                    if event.is_some() {
+                        // The event says it (below); the shard's state is only kept.
+                    } else if before.state != now.state || before.node != now.node || before.attempt != now.attempt {
                         lines.push(format!("shard {}: {}", s.index, shard_line(s)));
                     } else if before.checkpoint != now.checkpoint
                         && let Some(c) = &s.last_checkpoint
@@ -638,6 +712,9 @@ impl View {
                 if lines.is_empty() { Ok(()) } else { output::line(lines.join("\n")) }
             }
             View::Bars { multi, header, bars } => {
+                if let Some(e) = event {
+                    let _ = multi.println(output::event_line(e));
+                }
                 header.set_message(format!(
                     "job {} ({}): {}",
                     job.id,
@@ -762,7 +839,7 @@ async fn watch(servers: &Servers, id: u64, out: Format) -> CliResult {
                     Ok(Some(resp)) => {
                         reopens = 0;
                         let Some(job) = resp.job else { continue };
-                        view.update(&job)?;
+                        view.update(&job, resp.event.as_ref())?;
                         if is_final(job.state) {
                             return view.finish(&job);
                         }
@@ -774,10 +851,10 @@ async fn watch(servers: &Servers, id: u64, out: Format) -> CliResult {
                 _ = poll.tick() => match poll_job(&ch, id, &mut silent).await {
                     Err(why) => break why,
                     Ok(Some(job)) if is_final(job.state) => {
-                        view.update(&job)?;
+                        view.update(&job, None)?;
                         return view.finish(&job);
                     }
-                    Ok(Some(job)) if view.wants_progress() => view.update(&job)?,
+                    Ok(Some(job)) if view.wants_progress() => view.update(&job, None)?,
                     Ok(_) => {}
                 },
             }

@@ -303,6 +303,67 @@ impl From<&v1::PendingReason> for ReasonJson {
     }
 }
 
+/// "gpu_fault" for JOB_EVENT_KIND_GPU_FAULT; "unknown" for a number this client does not know.
+pub fn event_kind(v: i32) -> String {
+    v1::JobEventKind::try_from(v).map_or("unknown".into(), |k| lower(k.as_str_name(), "JOB_EVENT_KIND_"))
+}
+
+/// A job event as JSON (`job events`).
+#[derive(Serialize)]
+pub struct EventJson {
+    pub sequence: u64,
+    pub time_unix_ms: u64,
+    pub kind: String,
+    pub shard: Option<u32>,
+    pub attempt_id: Option<u64>,
+    pub node_id: Option<u64>,
+    pub node: Option<String>,
+    pub stop_reason: Option<String>,
+    pub message: String,
+}
+
+impl From<&v1::JobEvent> for EventJson {
+    fn from(e: &v1::JobEvent) -> Self {
+        EventJson {
+            sequence: e.sequence,
+            time_unix_ms: e.time_unix_ms,
+            kind: event_kind(e.kind),
+            shard: e.shard_index,
+            attempt_id: e.attempt_id,
+            node_id: e.node_id,
+            node: non_empty(&e.node_name),
+            stop_reason: stop_reason(e.stop_reason),
+            message: e.message.clone(),
+        }
+    }
+}
+
+/// "shard 2: placed on gpu-a", or the message alone for a job-wide event.
+pub fn event_line(e: &v1::JobEvent) -> String {
+    match e.shard_index {
+        Some(s) => format!("shard {s}: {}", e.message),
+        None => format!("job: {}", e.message),
+    }
+}
+
+/// "2026-12-03 14:05:01.123" (UTC) for Unix milliseconds.
+pub fn utc(ms: u64) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    match time::OffsetDateTime::from_unix_timestamp_nanos(nanos) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03}",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.millisecond()
+        ),
+        Err(_) => ms.to_string(),
+    }
+}
+
 /// "capacity" for PENDING_REASON_KIND_CAPACITY; "unknown" for a number this client does not
 /// know.
 pub fn reason_kind(v: i32) -> String {

@@ -1,0 +1,204 @@
+//! Each job's history of events ([`crate::timeline`]): what apply records, in what order, the
+//! bound, and how the events read.
+
+use super::*;
+use crate::model::{JobEvent, JobEventKind, Requeue};
+use crate::timeline::{Entry, HEAD, MAX_EVENTS, describe, events_after, events_total, timeline};
+
+fn kinds(sim: &Sim, j: JobId, shard: u32) -> Vec<JobEventKind> {
+    sim.state.job(j).unwrap().events.iter().filter(|e| e.shard == shard).map(|e| e.kind).collect()
+}
+
+#[test]
+fn a_gang_records_placements_starts_checkpoints_faults_losses_and_requeues() {
+    let mut sim = Sim::new();
+    let a = sim.node(n("a"));
+    let b = sim.node(n("b"));
+    sim.node(n("c"));
+    let j = sim.submit(spec(2, 8));
+    sim.now += 100;
+    sim.round();
+    assert_eq!(sim.nodes_of(j), vec![a, b]);
+    sim.now += 100;
+    sim.start_all(j);
+    let (att0, att1) = (sim.attempt(j, 0), sim.attempt(j, 1));
+    sim.apply(Command::ShardStarted { attempt: att0 }).unwrap();
+    sim.now += 1000;
+    sim.apply(Command::RecordCheckpoint { attempt: att0, step: 500, uri: "/ckpt/500".into() }).unwrap();
+    // Rank 1's node is lost: rank 1 is requeued, rank 0 stopped for a gang restart.
+    sim.now += 1000;
+    sim.apply(Command::MarkNodeDown { node: b, reason: "no heartbeat for 10 s".into(), registration: None }).unwrap();
+    sim.apply(Command::ShardExited {
+        attempt: att0,
+        exit: ExitStatus { code: None, signal: Some(15) },
+        node_fault: false,
+        message: None,
+    })
+    .unwrap();
+    sim.round();
+
+    let placed = |number| JobEventKind::Placed { number };
+    assert_eq!(
+        kinds(&sim, j, 0),
+        vec![
+            placed(1),
+            JobEventKind::Started,
+            JobEventKind::Checkpoint { step: 500 },
+            JobEventKind::Stopping { reason: StopReason::GangRestart },
+            JobEventKind::Exited { code: None, signal: Some(15) },
+            JobEventKind::Requeued { why: Requeue::Stopped(StopReason::GangRestart), not_before: None },
+            placed(2),
+        ],
+        "a second ShardStarted of the same attempt records nothing"
+    );
+    assert_eq!(
+        kinds(&sim, j, 1),
+        vec![
+            placed(1),
+            JobEventKind::Started,
+            JobEventKind::NodeLost,
+            JobEventKind::Requeued { why: Requeue::NodeLost, not_before: None },
+            placed(2),
+        ]
+    );
+    let job = sim.state.job(j).unwrap();
+    let lost = job.events.iter().find(|e| e.kind == JobEventKind::NodeLost).unwrap();
+    assert_eq!((lost.attempt, lost.node, lost.at), (Some(att1), Some(b), Timestamp(sim.now)));
+    assert_eq!(lost.detail.as_deref(), Some("no heartbeat for 10 s"));
+    let restart = job.events.iter().find(|e| matches!(e.kind, JobEventKind::Stopping { .. })).unwrap();
+    assert_eq!(restart.detail.as_deref(), Some("shard 1 failed or was lost"), "names the rank that set it off");
+    let again: Vec<_> = job.events.iter().filter(|e| e.kind == placed(2)).collect();
+    assert_eq!(again.len(), 2);
+    assert!(again.iter().all(|e| e.detail.as_deref() == Some("resumes from the checkpoint at step 500")));
+    assert!(again.iter().all(|e| e.node.is_some_and(|n| n != b)), "the new attempts' nodes");
+    // Stored events are in time order.
+    assert!(job.events.windows(2).all(|w| w[0].at <= w[1].at));
+}
+
+#[test]
+fn gpu_faults_preemptions_spot_notices_and_retries_say_why() {
+    let mut sim = Sim::new();
+    let a = sim.node(n("a"));
+    let j = sim.submit(spec(1, 8));
+    sim.round();
+    sim.start_all(j);
+    let gpu = sim.state.job(j).unwrap().shards[0].attempt.as_ref().unwrap().gpus[3];
+    sim.apply(Command::SetGpuHealth { node: a, gpu, healthy: false, reason: "XID 79".into() }).unwrap();
+    let job = sim.state.job(j).unwrap();
+    let last = job.events.last().unwrap();
+    assert_eq!(last.kind, JobEventKind::Stopping { reason: StopReason::GpuFault });
+    assert_eq!(last.detail, Some(format!("GPU {gpu}: XID 79")));
+    assert_eq!(describe(last, "a"), format!("a GPU of a failed: stopping it (GPU {gpu}: XID 79)"));
+
+    // A failure of its own code, with retries left: requeued after the backoff.
+    let mut sim = Sim::new();
+    sim.node(n("a"));
+    let mut s = spec(1, 8);
+    s.retry.max_attempts = 3;
+    s.retry.backoff_secs = 30;
+    let j = sim.submit(s);
+    sim.round();
+    let attempt = sim.attempt(j, 0);
+    sim.apply(Command::ShardExited {
+        attempt,
+        exit: ok(2),
+        node_fault: false,
+        message: Some("CUDA out of memory".into()),
+    })
+    .unwrap();
+    let job = sim.state.job(j).unwrap();
+    let [.., exited, requeued] = &job.events[..] else { panic!("{:?}", job.events) };
+    assert_eq!(describe(exited, "a"), "exited with code 2 (CUDA out of memory)");
+    assert_eq!(
+        requeued.kind,
+        JobEventKind::Requeued { why: Requeue::Retry, not_before: Some(Timestamp(sim.now + 30_000)) }
+    );
+    assert_eq!(
+        describe(requeued, "a"),
+        "back in the queue: it failed; the retry policy allows another attempt; not placed for 30 s"
+    );
+
+    // A spot notice on the node: the shard is asked to checkpoint and move.
+    let mut sim = Sim::new();
+    let a = sim.node(n("a"));
+    let j = sim.submit(spec(1, 8));
+    sim.round();
+    sim.start_all(j);
+    let deadline = Some(Timestamp(sim.now + 120_000));
+    sim.apply(Command::DrainNode { node: a, reason: DrainReason::SpotInterruption, deadline }).unwrap();
+    let last = sim.state.job(j).unwrap().events.last().unwrap().clone();
+    assert_eq!(last.kind, JobEventKind::Stopping { reason: StopReason::SpotInterruption });
+    assert_eq!(describe(&last, "a"), "spot interruption notice for a: stopping it (the node goes away in 120 s)");
+
+    // Preemption names the job it makes room for.
+    let e = JobEvent {
+        at: Timestamp(1),
+        kind: JobEventKind::Stopping { reason: StopReason::Preempted { by: JobId(7) } },
+        shard: 0,
+        attempt: None,
+        node: None,
+        detail: None,
+    };
+    assert_eq!(describe(&e, "a"), "preempted by job 7 of higher priority: stopping it");
+}
+
+#[test]
+fn the_history_is_bounded_keeping_its_start_and_its_latest_events() {
+    let mut sim = Sim::new();
+    sim.node(n("a"));
+    let j = sim.submit(spec(1, 8));
+    sim.now += 5;
+    sim.round();
+    sim.start_all(j);
+    let attempt = sim.attempt(j, 0);
+    let steps = 1000u64;
+    for step in 1..=steps {
+        sim.now += 1;
+        sim.apply(Command::RecordCheckpoint { attempt, step, uri: format!("/ckpt/{step}") }).unwrap();
+    }
+    let seen = events_total(sim.state.job(j).unwrap());
+    assert_eq!(seen, 2 + steps);
+    sim.exit(j, 0, 0).unwrap();
+    let job = sim.state.job(j).unwrap();
+    assert_eq!(job.events.len(), MAX_EVENTS);
+    assert_eq!(job.events_dropped, 2 + steps + 1 - MAX_EVENTS as u64);
+    assert_eq!(job.events[0].kind, JobEventKind::Placed { number: 1 });
+    assert_eq!(job.events[1].kind, JobEventKind::Started);
+    assert_eq!(job.events[HEAD - 1].kind, JobEventKind::Checkpoint { step: HEAD as u64 - 2 });
+    assert_eq!(job.events[HEAD].kind, JobEventKind::Checkpoint { step: job.events_dropped + HEAD as u64 - 1 });
+    assert_eq!(job.events.last().unwrap().kind, JobEventKind::Exited { code: Some(0), signal: None });
+    // A watcher that had seen everything up to the last checkpoint gets only the exit.
+    let after = events_after(job, seen);
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].kind, JobEventKind::Exited { code: Some(0), signal: None });
+    // One that is further behind than the bound gets what is left.
+    assert_eq!(events_after(job, 0).len(), MAX_EVENTS);
+
+    let t = timeline(job);
+    assert_eq!(t.len(), MAX_EVENTS + 3);
+    assert_eq!(t[0], Entry::Submitted(job.submitted_at));
+    assert_eq!(t[HEAD + 1], Entry::Dropped(job.events_dropped));
+    assert_eq!(t[t.len() - 1], Entry::Finished(job.finished_at.unwrap(), JobState::Succeeded));
+    sim.state.check_invariants().unwrap();
+
+    // The history travels in snapshots.
+    let restored = State::restore(&sim.state.snapshot()).unwrap();
+    assert_eq!(restored.job(j).unwrap().events, job.events);
+    assert_eq!(restored.job(j).unwrap().events_dropped, job.events_dropped);
+}
+
+#[test]
+fn details_are_bounded_on_a_character_boundary() {
+    let mut sim = Sim::new();
+    sim.node(n("a"));
+    let j = sim.submit(spec(1, 8));
+    sim.round();
+    let attempt = sim.attempt(j, 0);
+    let words = "é".repeat(1000);
+    sim.apply(Command::ShardExited { attempt, exit: ok(1), node_fault: false, message: Some(words) }).unwrap();
+    let job = sim.state.job(j).unwrap();
+    let exited = job.events.iter().find(|e| matches!(e.kind, JobEventKind::Exited { .. })).unwrap();
+    let d = exited.detail.as_ref().unwrap();
+    assert!(d.len() <= crate::timeline::MAX_DETAIL && d.len() >= crate::timeline::MAX_DETAIL - 1);
+    assert!(d.chars().all(|c| c == 'é'));
+}
