@@ -79,7 +79,8 @@ fn cluster_with_agent() -> Option<(Cluster, String, AgentProc, String)> {
     let addrs = c.running_addrs();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(wait_for_leader(&addrs, T)).unwrap_or_else(|| panic!("no leader\n{}", c.logs()));
-    let agent = AgentProc::start("gpu-a", &addrs, "8xH100-80GB", c.dir.path(), &[]);
+    // $2.50 per GPU-hour, for `tessera usage`.
+    let agent = AgentProc::start("gpu-a", &addrs, "8xH100-80GB", c.dir.path(), &["--price", "2.5"]);
     let trainer = c.dir.path().join("trainer.py");
     std::fs::copy(workspace_root().join("examples/trainer.py"), &trainer).expect("copy the example trainer");
     let servers = addrs.join(",");
@@ -151,8 +152,34 @@ fn jobs_are_submitted_watched_and_their_output_read() {
     let text = stdout(&watched);
     assert_eq!(watched.status.code(), Some(0), "{text}{}\n{}", stderr(&watched), c.logs());
     assert!(text.contains(&format!("job {id}: succeeded")), "{text}");
-    // Watching starts while the job runs, but a slow start may first see it finished.
-    assert!(text.contains("shard 0: ") && text.contains(" on gpu-a (none/local), attempt 1"), "{text}");
+    // Watching starts while the job waits or runs: its events as they happen (or, after a slow
+    // start, the shard as it stands); a slow start may first see it finished.
+    assert!(
+        text.contains("shard 0: placed on gpu-a") || text.contains("shard 0: running on gpu-a (none/local), attempt 1"),
+        "{text}"
+    );
+    assert!(!text.contains("job: succeeded"), "the end is said once, as the job's state: {text}");
+    // Its timeline, as a table and as JSON.
+    let table = stdout(&run(&["job", "events", &ids, "--server", s]));
+    let rows: Vec<Vec<&str>> = table.lines().skip(1).map(|l| l.split_whitespace().collect()).collect();
+    let kinds: Vec<&str> = rows.iter().filter_map(|r| r.get(4).copied()).collect();
+    assert_eq!(kinds.first(), Some(&"submitted"), "{table}");
+    assert_eq!(&kinds[1..3], &["placed", "shard_started"], "{table}");
+    assert!(kinds[3..kinds.len() - 2].iter().all(|k| *k == "checkpoint"), "{table}");
+    assert_eq!(&kinds[kinds.len() - 2..], &["shard_exited", "finished"], "{table}");
+    assert!(table.contains("placed on gpu-a") && table.contains("checkpoint at step 20"), "{table}");
+    let ev = json(&["job", "events", &ids, "-o", "json", "--server", s]);
+    assert_eq!((ev["job_id"].as_u64(), ev["dropped"].as_u64()), (Some(id), Some(0)), "{ev}");
+    let events = ev["events"].as_array().expect("events");
+    assert_eq!(events.len(), kinds.len(), "{ev}");
+    assert_eq!(events[1]["kind"], "placed");
+    assert_eq!((events[1]["shard"].as_u64(), events[1]["node"].as_str()), (Some(0), Some("gpu-a")), "{ev}");
+    assert!(events[1]["attempt_id"].as_u64().is_some() && events[0]["shard"].is_null(), "{ev}");
+    let seq: Vec<u64> = events.iter().filter_map(|e| e["sequence"].as_u64()).collect();
+    assert_eq!(seq, (1..=events.len() as u64).collect::<Vec<_>>());
+    let times: Vec<u64> = events.iter().filter_map(|e| e["time_unix_ms"].as_u64()).collect();
+    assert!(times.len() == events.len() && times.windows(2).all(|w| w[0] <= w[1]), "{ev}");
+    assert_eq!(events.last().map(|e| e["message"].clone()), Some(Value::from("succeeded")));
     let j = json(&["job", "status", &ids, "-o", "json", "--server", s]);
     assert_eq!(j["state"], "succeeded", "{j}");
     assert_eq!(j["name"], "cli-train");
@@ -225,6 +252,16 @@ fn jobs_are_submitted_watched_and_their_output_read() {
     let again = run(&["job", "watch", &failed_id.to_string(), "-o", "json", "--server", s]);
     assert_eq!(again.status.code(), Some(1));
     assert_eq!(json_lines(&again).last().map(|j| j["state"].clone()), Some(Value::from("failed")));
+    let ev = json(&["job", "events", &failed_id.to_string(), "-o", "json", "--server", s]);
+    let events = ev["events"].as_array().expect("events");
+    let exited = events.iter().find(|e| e["kind"] == "shard_exited").unwrap_or_else(|| panic!("{ev}"));
+    assert!(exited["message"].as_str().unwrap_or("").starts_with("exited with code 1"), "{ev}");
+    let end = events.last().expect("an end");
+    assert_eq!(end["kind"], "finished");
+    assert!(end["message"].as_str().unwrap_or("").starts_with("failed: shard 0 exited with 1"), "{ev}");
+    assert!(!events.iter().any(|e| e["kind"] == "shard_requeued"), "no retries were allowed: {ev}");
+    let missing = run(&["job", "events", "999999", "--server", s]);
+    assert_eq!(missing.status.code(), Some(3), "{}", stderr(&missing));
 
     // list hides finished jobs unless --all.
     let live = json(&["job", "list", "-o", "json", "--server", s]);
@@ -255,6 +292,42 @@ fn jobs_are_submitted_watched_and_their_output_read() {
     let (a, b) = (json(&plain), json(&plain));
     assert_ne!(job_id(&a), job_id(&b));
     assert_eq!((&a["deduplicated"], &b["deduplicated"]), (&Value::Bool(false), &Value::Bool(false)));
+
+    // What it all used: GPU-hours and cost, by tenant, cloud, instance type and node, in the
+    // three forms. The jobs that ran are the three above (the keyed and plain ones may not
+    // have run yet), on gpu-a at $2.50 per GPU-hour.
+    for j in [job_id(&first), job_id(&a), job_id(&b)] {
+        wait_job(s, j, "finished", |v| v["state"] == "succeeded");
+    }
+    let by = "tenant,cloud,instance-type,node";
+    let u = json(&["usage", "--since", "1h", "--by", by, "-o", "json", "--server", s]);
+    assert_eq!(u["group_by"], serde_json::json!(["tenant", "cloud", "instance-type", "node"]), "{u}");
+    let rows = u["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 1, "{u}");
+    assert_eq!(rows[0]["keys"][0], "default");
+    assert_eq!((rows[0]["keys"][1].as_str(), rows[0]["keys"][3].as_str()), (Some("none"), Some("gpu-a")), "{u}");
+    assert_eq!(rows[0]["jobs"], 6, "every job that ran: {u}");
+    let hours = rows[0]["gpu_hours"].as_f64().unwrap_or(0.0);
+    let cost = rows[0]["cost"].as_f64().unwrap_or(0.0);
+    // The training job alone held a GPU for a second or more; all together for minutes at most.
+    assert!(hours > 1.0 / 3600.0 && hours < 0.2, "{u}");
+    assert!((cost - hours * 2.5).abs() < 0.01, "cost is GPU-hours x $2.50: {u}");
+    assert_eq!(u["total_gpu_hours"], rows[0]["gpu_hours"]);
+    let per_job = json(&["usage", "--since", "1h", "--by", "job", "-o", "json", "--server", s]);
+    let jobs: Vec<&str> = per_job["rows"].as_array().unwrap().iter().filter_map(|r| r["keys"][0].as_str()).collect();
+    assert!(jobs.contains(&format!("job-{id}").as_str()) && jobs.len() == 6, "{per_job}");
+    let csv = stdout(&run(&["usage", "--since", "1h", "--by", by, "--csv", "--server", s]));
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "tenant,cloud,instance-type,node,gpu_hours,cost,attempts,jobs", "{csv}");
+    assert!(lines.len() == 2 && lines[1].starts_with("default,none,") && lines[1].ends_with(",6"), "{csv}");
+    let table = stdout(&run(&["usage", "--since", "1h", "--by", by, "--server", s]));
+    assert!(table.contains("GPU HOURS") && table.contains("gpu-a") && table.contains("TOTAL"), "{table}");
+    // Nothing ran in a range that ended an hour ago.
+    let before = json(&["usage", "--since", "3h", "--until", "2h", "-o", "json", "--server", s]);
+    assert_eq!(before["rows"], serde_json::json!([]), "{before}");
+    let bad = run(&["usage", "--by", "tenant,gpu", "--server", s]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("--by: unknown key \"gpu\""), "{}", stderr(&bad));
 }
 
 #[test]

@@ -66,6 +66,8 @@ const TABLE: &[(&str, [Code; 11])] = &[
     ("GetJob vision", [OK, OK, OK, PD, UA, OK, PD, UA, UA, PD, PD]),
     ("ExplainJob ml", [OK, OK, OK, OK, UA, OK, OK, UA, UA, PD, PD]),
     ("ExplainJob vision", [OK, OK, OK, PD, UA, OK, PD, UA, UA, PD, PD]),
+    ("JobEvents ml", [OK, OK, OK, OK, UA, OK, OK, UA, UA, PD, PD]),
+    ("JobEvents vision", [OK, OK, OK, PD, UA, OK, PD, UA, UA, PD, PD]),
     ("ListJobs", [OK, OK, OK, OK, UA, OK, OK, UA, UA, PD, PD]),
     ("ListJobs tenant vision", [OK, OK, OK, PD, UA, OK, PD, UA, UA, PD, PD]),
     ("WatchJob ml", [OK, OK, OK, OK, UA, OK, OK, UA, UA, PD, PD]),
@@ -94,6 +96,8 @@ const TABLE: &[(&str, [Code; 11])] = &[
     ("SetTenant ml", [OK, PD, PD, PD, UA, OK, PD, UA, UA, PD, PD]),
     ("ListTenants", [OK, OK, OK, OK, UA, OK, OK, UA, UA, PD, PD]),
     ("GetTenant vision", [OK, OK, OK, PD, UA, OK, PD, UA, UA, PD, PD]),
+    ("Usage", [OK, OK, OK, OK, UA, OK, OK, UA, UA, PD, PD]),
+    ("Usage vision", [OK, OK, OK, PD, UA, OK, PD, UA, UA, PD, PD]),
     ("Health", [OK, OK, OK, OK, OK, OK, OK, UA, UA, OK, OK]),
     ("Reflection", [OK, OK, OK, OK, UA, OK, OK, UA, UA, PD, PD]),
 ];
@@ -135,6 +139,10 @@ async fn call(rpc: &str, ch: Conn, ctx: &Ctx) -> Code {
         "ExplainJob ml" | "ExplainJob vision" => {
             let job_id = if rpc.ends_with("ml") { ctx.ml_job } else { ctx.vision_job };
             code(Jobs::new(ch).explain_job(v1::ExplainJobRequest { job_id, consistency: 0 }).await)
+        }
+        "JobEvents ml" | "JobEvents vision" => {
+            let job_id = if rpc.ends_with("ml") { ctx.ml_job } else { ctx.vision_job };
+            code(Jobs::new(ch).job_events(v1::JobEventsRequest { job_id, consistency: 0 }).await)
         }
         "ListJobs" => code(Jobs::new(ch).list_jobs(v1::ListJobsRequest::default()).await),
         "ListJobs tenant vision" => {
@@ -220,6 +228,11 @@ async fn call(rpc: &str, ch: Conn, ctx: &Ctx) -> Code {
         ),
         "ListTenants" => code(Tenants::new(ch).list_tenants(v1::ListTenantsRequest {}).await),
         "GetTenant vision" => code(Tenants::new(ch).get_tenant(v1::GetTenantRequest { name: "vision".into() }).await),
+        "Usage" | "Usage vision" => {
+            let tenant = if rpc == "Usage" { String::new() } else { "vision".into() };
+            let req = v1::UsageRequest { since_unix_ms: 1, tenant, ..Default::default() };
+            code(Tenants::new(ch).usage(req).await)
+        }
         "Health" => {
             let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
             code(h.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await)

@@ -213,6 +213,13 @@ class Client:
         is unset for a job that is not waiting."""
         return self._unary("ExplainJob", jobs_pb2.ExplainJobRequest(job_id=job_id))
 
+    def events(self, job_id: int) -> list:
+        """The job's timeline, oldest first (``pb.JobEvent``: ``.kind``, ``.time_unix_ms``,
+        ``.shard_index``, ``.node_name``, ``.message``, ``.sequence``): its submission, every
+        placement, start, exit, checkpoint, stop, lost node and restart of its shards, and its
+        end. Kept by the servers for as long as the job."""
+        return list(self._unary("JobEvents", jobs_pb2.JobEventsRequest(job_id=job_id)).events)
+
     def jobs(
         self,
         states: Iterable[str] = (),

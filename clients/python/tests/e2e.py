@@ -74,10 +74,23 @@ def main():
             check(e.code == grpc.StatusCode.INVALID_ARGUMENT and "spec.shards" in e.message, f"0 shards refused: {e}")
 
         # Submit, watch to the end, read the output.
-        job = c.submit(["sh", "-c", "echo hello from the python client"], name="py-hello", gpus=1)
+        job = c.submit(["sh", "-c", "sleep 1; echo hello from the python client"], name="py-hello", gpus=1)
         check(job > 0, f"submitted job {job}")
-        states = [u.job.state for u in c.watch(job)]
+        updates = list(c.watch(job))
+        states = [u.job.state for u in updates]
         check(states and states[-1] == pb.JOB_STATE_SUCCEEDED, f"watch ends in SUCCEEDED ({states})")
+        watched = [u.event.kind for u in updates if u.HasField("event")]
+        check(
+            watched and watched[-1] == pb.JOB_EVENT_KIND_FINISHED and pb.JOB_EVENT_KIND_SHARD_EXITED in watched,
+            f"watch() carries the events, FINISHED last ({watched})",
+        )
+        kinds = [e.kind for e in c.events(job)]
+        check(
+            kinds[0] == pb.JOB_EVENT_KIND_SUBMITTED
+            and pb.JOB_EVENT_KIND_PLACED in kinds
+            and kinds[-2:] == [pb.JOB_EVENT_KIND_SHARD_EXITED, pb.JOB_EVENT_KIND_FINISHED],
+            f"events() gives the timeline ({kinds})",
+        )
         text = b"".join(ch.data for ch in c.logs(job)).decode()
         check("hello from the python client" in text, f"logs hold the job's output ({text!r})")
         got = c.job(job)

@@ -152,6 +152,8 @@ pub enum Rpc {
     ExplainJob,
     /// JobService.JobEvents
     JobEvents,
+    /// TenantService.Usage
+    Usage,
     /// NodeService.ListNodes
     ListNodes,
     /// NodeService.GetNode
@@ -196,7 +198,7 @@ pub enum Rpc {
 
 impl Rpc {
     /// Every rpc.
-    pub const ALL: [Rpc; 28] = [
+    pub const ALL: [Rpc; 29] = [
         Rpc::SubmitJob,
         Rpc::GetJob,
         Rpc::ListJobs,
@@ -205,6 +207,7 @@ impl Rpc {
         Rpc::JobLogs,
         Rpc::ExplainJob,
         Rpc::JobEvents,
+        Rpc::Usage,
         Rpc::ListNodes,
         Rpc::GetNode,
         Rpc::DrainNode,
@@ -238,6 +241,7 @@ impl Rpc {
             Rpc::JobLogs => "/tessera.v1.JobService/JobLogs",
             Rpc::ExplainJob => "/tessera.v1.JobService/ExplainJob",
             Rpc::JobEvents => "/tessera.v1.JobService/JobEvents",
+            Rpc::Usage => "/tessera.v1.TenantService/Usage",
             Rpc::ListNodes => "/tessera.v1.NodeService/ListNodes",
             Rpc::GetNode => "/tessera.v1.NodeService/GetNode",
             Rpc::DrainNode => "/tessera.v1.NodeService/DrainNode",
@@ -337,6 +341,7 @@ fn viewer_may(rpc: Rpc) -> bool {
             | Rpc::WatchJob
             | Rpc::ExplainJob
             | Rpc::JobEvents
+            | Rpc::Usage
             | Rpc::ListNodes
             | Rpc::GetNode
             | Rpc::ClusterStatus
@@ -436,6 +441,7 @@ pub fn authorize(p: &Principal, rpc: Rpc, res: Resource<'_>, acl_bootstrapped: b
                             | Rpc::GetJob
                             | Rpc::ExplainJob
                             | Rpc::JobEvents
+                            | Rpc::Usage
                             | Rpc::WatchJob
                             | Rpc::JobLogs
                             | Rpc::GetTenant

@@ -12,6 +12,7 @@
 //! - [`command`]: the versioned commands of the log, the events they produce, rejections.
 //! - [`state`]: [`State::apply`], snapshot and restore, the invariants.
 //! - [`timeline`]: each job's bounded history of events, and how they read.
+//! - [`usage`]: GPU-hours and cost over a time range, grouped, counted from the timelines.
 //! - [`placement`]: what a [`Plan`] is, and the constraints both the planner and apply check.
 //! - [`planner`]: [`planner::plan`], gangs, constraints, topology, packing, fair share,
 //!   quotas, backfill and preemption.
@@ -24,6 +25,7 @@ pub mod planner;
 pub mod spec;
 pub mod state;
 pub mod timeline;
+pub mod usage;
 pub mod why;
 
 #[cfg(test)]

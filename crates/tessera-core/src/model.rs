@@ -363,19 +363,16 @@ pub struct Job {
     /// job's own fields say them. At most [`crate::timeline::MAX_EVENTS`].
     #[serde(default, rename = "ev", skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<JobEvent>,
-    /// Events dropped from the middle of `events` to keep it bounded.
-    #[serde(default, rename = "ev_dropped", skip_serializing_if = "is_zero")]
-    pub events_dropped: u64,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 /// One thing that happened to a job's shard, as stored in [`Job::events`]. Kept small (a job
 /// that runs once without trouble stores three per shard), with short names in snapshots.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct JobEvent {
+    /// Its number among the job's events ever recorded, from 0; a gap shows where events were
+    /// dropped to keep the list bounded.
+    #[serde(rename = "q")]
+    pub seq: u64,
     /// When the command that caused it was applied.
     #[serde(rename = "t")]
     pub at: Timestamp,

@@ -565,7 +565,6 @@ impl State {
             message: None,
             submitted_by,
             events: Vec::new(),
-            events_dropped: 0,
         };
         self.jobs.insert(id, Arc::new(job));
         self.pending.insert(id);
@@ -649,7 +648,7 @@ impl State {
         let Some(job) = self.jobs.get_mut(&id).map(Arc::make_mut) else { return };
         let attempt = job.shards.get(shard as usize).and_then(|s| s.attempt.as_ref());
         let (attempt, node) = (attempt.map(|a| a.id), attempt.map(|a| a.node));
-        crate::timeline::record(job, JobEvent { at: now, kind, shard, attempt, node, detail });
+        crate::timeline::record(job, JobEvent { seq: 0, at: now, kind, shard, attempt, node, detail });
     }
 
     /// A rank of a gang is lost or failed: the other live ranks restart from the checkpoint.
@@ -1045,7 +1044,8 @@ impl State {
                     } else {
                         let not_before = now.plus_secs(retry.backoff_secs);
                         self.set_shard(id, i, ShardState::Pending, not_before, ev);
-                        self.note(id, i, now, requeued(Requeue::Retry, Some(not_before)), None);
+                        let wait = (retry.backoff_secs > 0).then_some(not_before);
+                        self.note(id, i, now, requeued(Requeue::Retry, wait), None);
                         self.restart_gang(id, i, now, ev);
                     }
                 }
@@ -1315,6 +1315,7 @@ impl State {
         crate::timeline::record(
             job,
             JobEvent {
+                seq: 0,
                 at: now,
                 kind: JobEventKind::Placed { number },
                 shard,
@@ -1369,6 +1370,9 @@ impl State {
                 e.shard >= job.spec.shards || e.detail.as_ref().is_some_and(|d| d.len() > crate::timeline::MAX_DETAIL)
             }) {
                 return Err(format!("jobs.{}.events[{i}] names shard {} or has a detail too long", id.0, e.shard));
+            }
+            if let Some(i) = job.events.windows(2).position(|w| w[0].seq >= w[1].seq) {
+                return Err(format!("jobs.{}.events[{}] is not numbered after the one before it", id.0, i + 1));
             }
         }
         for (id, node) in &self.nodes {

@@ -16,6 +16,7 @@ use crate::{AttemptId, JobId, NodeId, State, Timestamp};
 
 mod tenants;
 mod timeline;
+mod usage;
 mod why;
 
 const HOUR: u64 = 3_600_000;

@@ -5,10 +5,13 @@
 //! the time the command was stamped with. A job's submission and its end are not stored: its
 //! `submitted_at`, `finished_at`, state and message say them, and [`timeline`] puts them in.
 //!
-//! The list is bounded: past [`MAX_EVENTS`], the oldest event after the first [`HEAD`] is
-//! dropped and counted in [`Job::events_dropped`], so a long job keeps how it began and its
-//! recent history (a job that checkpoints every few minutes for weeks would otherwise grow
-//! without end). Training progress is not stored: it lives on the leader, from heartbeats.
+//! The list is bounded: past [`MAX_EVENTS`], the oldest checkpoint after the first [`HEAD`]
+//! events is dropped (or, with none, the oldest event after them), so a long job keeps how it
+//! began, every placement and end of its attempts (which usage is counted from), and its recent
+//! history; a job that checkpoints every few minutes for weeks would otherwise grow without
+//! end. Each event carries its number among the job's events ever recorded, so readers see
+//! where some were dropped and watchers pick up exactly where they left off. Training progress
+//! is not stored: it lives on the leader, from heartbeats.
 
 use crate::model::{Job, JobEvent, JobEventKind, JobState, Requeue, StopReason, Timestamp};
 
@@ -19,15 +22,21 @@ pub const HEAD: usize = 16;
 /// Longest [`JobEvent::detail`], in bytes.
 pub const MAX_DETAIL: usize = 256;
 
-/// Append `event` to the job's history, keeping it bounded.
+/// Append `event` to the job's history, numbered after the last, keeping the history bounded.
 pub(crate) fn record(job: &mut Job, mut event: JobEvent) {
     if let Some(d) = &mut event.detail {
         truncate(d, MAX_DETAIL);
     }
+    event.seq = events_total(job);
     job.events.push(event);
     if job.events.len() > MAX_EVENTS {
-        job.events.remove(HEAD);
-        job.events_dropped += 1;
+        // Never the event just recorded.
+        let last = job.events.len() - 1;
+        let drop = job.events[HEAD..last]
+            .iter()
+            .position(|e| matches!(e.kind, JobEventKind::Checkpoint { .. }))
+            .map_or(HEAD, |i| HEAD + i);
+        job.events.remove(drop);
     }
 }
 
@@ -41,18 +50,21 @@ fn truncate(s: &mut String, max: usize) {
     }
 }
 
-/// Events ever recorded for the job, dropped ones included: a watcher that has seen `n` of them
-/// has missed `events_total(job) - n`.
+/// Events ever recorded for the job, dropped ones included.
 pub fn events_total(job: &Job) -> u64 {
-    job.events.len() as u64 + job.events_dropped
+    job.events.last().map_or(0, |e| e.seq + 1)
 }
 
-/// The events recorded after the first `seen` (see [`events_total`]). Events dropped since are
-/// not returned: the newest ones are.
+/// Events dropped to keep the job's history bounded.
+pub fn dropped(job: &Job) -> u64 {
+    events_total(job) - job.events.len() as u64
+}
+
+/// The stored events numbered `seen` and after: what a watcher that has seen the first `seen`
+/// has not (less any dropped since).
 pub fn events_after(job: &Job, seen: u64) -> &[JobEvent] {
-    let new = events_total(job).saturating_sub(seen);
-    let n = usize::try_from(new).unwrap_or(usize::MAX).min(job.events.len());
-    &job.events[job.events.len() - n..]
+    let i = job.events.partition_point(|e| e.seq < seen);
+    &job.events[i..]
 }
 
 /// One line of a job's timeline.
@@ -62,21 +74,23 @@ pub enum Entry<'a> {
     Submitted(Timestamp),
     /// A stored event.
     Event(&'a JobEvent),
-    /// `events_dropped` events were dropped here.
+    /// This many events were dropped here.
     Dropped(u64),
     /// The job reached a final state.
     Finished(Timestamp, JobState),
 }
 
 /// The job's whole timeline, oldest first: its submission, its stored events (with a marker
-/// where some were dropped) and, once it ended, its end.
+/// wherever some were dropped) and, once it ended, its end.
 pub fn timeline(job: &Job) -> Vec<Entry<'_>> {
     let mut out = Vec::with_capacity(job.events.len() + 3);
     out.push(Entry::Submitted(job.submitted_at));
-    for (i, e) in job.events.iter().enumerate() {
-        if i == HEAD && job.events_dropped > 0 {
-            out.push(Entry::Dropped(job.events_dropped));
+    let mut next = 0;
+    for e in &job.events {
+        if e.seq > next {
+            out.push(Entry::Dropped(e.seq - next));
         }
+        next = e.seq + 1;
         out.push(Entry::Event(e));
     }
     if job.state.is_terminal() {
@@ -131,7 +145,7 @@ fn stop_text(r: StopReason, node: &str) -> String {
 }
 
 fn secs_text(ms: u64) -> String {
-    if ms % 1000 == 0 { format!("{} s", ms / 1000) } else { format!("{:.1} s", ms as f64 / 1000.0) }
+    if ms.is_multiple_of(1000) { format!("{} s", ms / 1000) } else { format!("{:.1} s", ms as f64 / 1000.0) }
 }
 
 /// What a finished job's end says, for people.

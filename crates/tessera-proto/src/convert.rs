@@ -509,7 +509,6 @@ pub fn job_to_proto(job: &Job, state: &State) -> v1::Job {
         submitted_by,
         // The timeline is returned by JobEvents, not with the job.
         events: _,
-        events_dropped: _,
     } = job;
     // As the core's resume point: the highest step, then the latest time.
     let latest_checkpoint = shards
@@ -536,10 +535,11 @@ pub fn job_to_proto(job: &Job, state: &State) -> v1::Job {
     }
 }
 
-/// One stored event on the wire, at position `sequence` of its job's timeline.
-pub fn job_event_to_proto(e: &JobEvent, sequence: u64, state: &State) -> v1::JobEvent {
+/// One stored event on the wire, numbered in its job's timeline (SUBMITTED is 1, so the first
+/// stored event is 2).
+pub fn job_event_to_proto(e: &JobEvent, state: &State) -> v1::JobEvent {
     use v1::JobEventKind as K;
-    let JobEvent { at, kind, shard, attempt, node, detail: _ } = e;
+    let JobEvent { seq, at, kind, shard, attempt, node, detail: _ } = e;
     let (wire, stop) = match *kind {
         JobEventKind::Placed { number: 1 } => (K::Placed, None),
         JobEventKind::Placed { .. } => (K::Restarted, None),
@@ -574,7 +574,7 @@ pub fn job_event_to_proto(e: &JobEvent, sequence: u64, state: &State) -> v1::Job
         node_id: node.map(|n| n.0),
         stop_reason: stop.map_or(v1::StopReason::Unspecified, v1::StopReason::from) as i32,
         message: timeline::describe(e, &shown),
-        sequence,
+        sequence: seq + 2,
         node_name: node_name.unwrap_or_default(),
     }
 }
@@ -583,32 +583,22 @@ pub fn job_event_to_proto(e: &JobEvent, sequence: u64, state: &State) -> v1::Job
 /// events numbered in order (a gap where some were dropped), and its end once it ended.
 pub fn job_events_to_proto(job: &Job, state: &State) -> v1::JobEventsResponse {
     let mut events = Vec::with_capacity(job.events.len() + 2);
-    let mut seq = 0u64;
     for entry in timeline::timeline(job) {
-        seq += 1;
         match entry {
-            Entry::Submitted(at) => events.push(job_level_event(at, v1::JobEventKind::Submitted, seq, "submitted")),
-            Entry::Event(e) => events.push(job_event_to_proto(e, seq, state)),
-            // Dropped events keep their numbers: the next one is numbered after them.
-            Entry::Dropped(n) => seq += n - 1,
-            Entry::Finished(at, _) => {
-                events.push(job_level_event(at, v1::JobEventKind::Finished, seq, &timeline::finished_text(job)))
-            }
+            Entry::Submitted(at) => events.push(job_level_event(at, v1::JobEventKind::Submitted, 1, "submitted")),
+            Entry::Event(e) => events.push(job_event_to_proto(e, state)),
+            // The numbers of the events after them show the gap.
+            Entry::Dropped(_) => {}
+            Entry::Finished(..) => events.push(job_finished_event(job)),
         }
     }
-    v1::JobEventsResponse { events, dropped: job.events_dropped }
+    v1::JobEventsResponse { events, dropped: timeline::dropped(job) }
 }
 
 /// The FINISHED event of a job that just ended, numbered after its stored events.
 pub fn job_finished_event(job: &Job) -> v1::JobEvent {
     let at = job.finished_at.unwrap_or(job.submitted_at);
     job_level_event(at, v1::JobEventKind::Finished, timeline::events_total(job) + 2, &timeline::finished_text(job))
-}
-
-/// The sequence number of a stored event: `index` is its place among the job's events ever
-/// recorded (0 for the first), and SUBMITTED is 1.
-pub fn stored_event_sequence(index: u64) -> u64 {
-    index + 2
 }
 
 fn job_level_event(at: tessera_core::Timestamp, kind: v1::JobEventKind, sequence: u64, message: &str) -> v1::JobEvent {
@@ -623,6 +613,35 @@ fn job_level_event(at: tessera_core::Timestamp, kind: v1::JobEventKind, sequence
         sequence,
         node_name: String::new(),
     }
+}
+
+/// A usage key on the wire.
+pub fn usage_key_to_proto(k: tessera_core::usage::UsageKey) -> v1::UsageKey {
+    use tessera_core::usage::UsageKey as K;
+    match k {
+        K::Tenant => v1::UsageKey::Tenant,
+        K::User => v1::UsageKey::User,
+        K::Cloud => v1::UsageKey::Cloud,
+        K::Region => v1::UsageKey::Region,
+        K::InstanceType => v1::UsageKey::InstanceType,
+        K::Node => v1::UsageKey::Node,
+        K::Job => v1::UsageKey::Job,
+    }
+}
+
+/// A usage key from the wire; UNSPECIFIED and unknown numbers are refused naming `field`.
+pub fn usage_key_from_proto(value: i32, field: &str) -> Result<tessera_core::usage::UsageKey, ConvertError> {
+    use tessera_core::usage::UsageKey as K;
+    Ok(match enum_from_proto::<v1::UsageKey>(value, field)? {
+        v1::UsageKey::Unspecified => return Err(ConvertError::new(field, "must be given")),
+        v1::UsageKey::Tenant => K::Tenant,
+        v1::UsageKey::User => K::User,
+        v1::UsageKey::Cloud => K::Cloud,
+        v1::UsageKey::Region => K::Region,
+        v1::UsageKey::InstanceType => K::InstanceType,
+        v1::UsageKey::Node => K::Node,
+        v1::UsageKey::Job => K::Job,
+    })
 }
 
 /// A reason kind on the wire.

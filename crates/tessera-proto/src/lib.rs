@@ -98,7 +98,12 @@ mod tests {
             ),
             (
                 "tessera.v1.TenantService",
-                vec![("SetTenant", false, false), ("ListTenants", false, false), ("GetTenant", false, false)],
+                vec![
+                    ("SetTenant", false, false),
+                    ("ListTenants", false, false),
+                    ("GetTenant", false, false),
+                    ("Usage", false, false),
+                ],
             ),
         ]);
 

@@ -62,6 +62,11 @@ struct NodePlan {
     instance_type: &'static str,
 }
 
+/// Price per GPU-hour of every dev node, micro-dollars: about the on-demand list price of one
+/// GPU of a p5.48xlarge or a Standard_ND96isr_H100_v5 (near $98 an hour for eight). The same on
+/// every node, so price never changes the demo's placements; `tessera usage` shows the cost.
+const DEV_PRICE_MICROS: u64 = 12_290_000;
+
 /// Two AWS hosts in one region (different zones) and one Azure host: a gang of two whole-node
 /// shards fits in AWS, and after losing an AWS host it needs Azure too.
 const NODES: [NodePlan; 3] = [
@@ -444,7 +449,7 @@ impl Cluster {
                 zone: plan.zone.into(),
                 instance_type: plan.instance_type.into(),
                 spot: false,
-                price_micros: 0,
+                price_micros: DEV_PRICE_MICROS,
                 labels: BTreeMap::new(),
                 work_dir: work_dir.clone(),
                 log_cap_bytes: 64 * 1024 * 1024,

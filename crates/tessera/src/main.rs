@@ -45,6 +45,15 @@ enum Command {
     Acl(cli::acl::AclArgs),
     /// Create, change and list tenants; their quotas, priority caps and usage.
     Tenant(cli::tenant::TenantArgs),
+    /// GPU-hours and cost over a time range, by tenant, user, cloud, region, instance type,
+    /// node or job: `tessera usage --since 7d --by tenant,cloud,instance-type`.
+    ///
+    /// Counted from the jobs' timelines: an attempt uses its GPUs from its placement to its end
+    /// (up to now while it runs), at its node's price per GPU-hour. A submitter sees its own
+    /// tenants. JSON: {"since_unix_ms", "until_unix_ms", "group_by": [..], "rows": [{"keys":
+    /// [..], "gpu_hours", "cost", "attempts", "jobs"}], "total_gpu_hours", "total_cost"}; cost in
+    /// the currency of the nodes' prices (dollars). --csv: a header, then a line per group.
+    Usage(cli::usage::UsageArgs),
     /// Print a shell completion script: `tessera completions bash > /etc/bash_completion.d/tessera`.
     Completions {
         /// The shell.
@@ -216,6 +225,7 @@ fn main() -> ExitCode {
         Command::Certs(args) => cli::certs::run(args),
         Command::Acl(args) => cli::run(cli::acl::run(args)),
         Command::Tenant(args) => cli::run(cli::tenant::run(args)),
+        Command::Usage(args) => cli::run(cli::usage::run(args)),
         Command::Completions { shell } => cli::completions(shell, Cli::command()),
     }
 }

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::model::{JobEvent, JobEventKind, Requeue};
-use crate::timeline::{Entry, HEAD, MAX_EVENTS, describe, events_after, events_total, timeline};
+use crate::timeline::{Entry, HEAD, MAX_EVENTS, describe, dropped, events_after, events_total, timeline};
 
 fn kinds(sim: &Sim, j: JobId, shard: u32) -> Vec<JobEventKind> {
     sim.state.job(j).unwrap().events.iter().filter(|e| e.shard == shard).map(|e| e.kind).collect()
@@ -132,6 +132,7 @@ fn gpu_faults_preemptions_spot_notices_and_retries_say_why() {
 
     // Preemption names the job it makes room for.
     let e = JobEvent {
+        seq: 0,
         at: Timestamp(1),
         kind: JobEventKind::Stopping { reason: StopReason::Preempted { by: JobId(7) } },
         shard: 0,
@@ -143,48 +144,82 @@ fn gpu_faults_preemptions_spot_notices_and_retries_say_why() {
 }
 
 #[test]
-fn the_history_is_bounded_keeping_its_start_and_its_latest_events() {
+fn the_history_is_bounded_dropping_checkpoints_first_and_keeping_every_attempt() {
     let mut sim = Sim::new();
     sim.node(n("a"));
-    let j = sim.submit(spec(1, 8));
-    sim.now += 5;
+    let mut s = spec(1, 8);
+    s.retry.max_attempts = 3;
+    s.retry.backoff_secs = 0;
+    let j = sim.submit(s);
+    let mut step = 0u64;
+    let mut checkpoints = |sim: &mut Sim, n: u64| {
+        let attempt = sim.attempt(j, 0);
+        for _ in 0..n {
+            step += 1;
+            sim.now += 1;
+            sim.apply(Command::RecordCheckpoint { attempt, step, uri: format!("/ckpt/{step}") }).unwrap();
+        }
+    };
+    // Attempt 1 checkpoints 300 times and fails; attempt 2 checkpoints 300 times and succeeds.
     sim.round();
     sim.start_all(j);
-    let attempt = sim.attempt(j, 0);
-    let steps = 1000u64;
-    for step in 1..=steps {
-        sim.now += 1;
-        sim.apply(Command::RecordCheckpoint { attempt, step, uri: format!("/ckpt/{step}") }).unwrap();
-    }
+    checkpoints(&mut sim, 300);
+    sim.exit(j, 0, 1).unwrap();
+    sim.now += 1;
+    sim.round();
+    sim.start_all(j);
+    checkpoints(&mut sim, 299);
     let seen = events_total(sim.state.job(j).unwrap());
-    assert_eq!(seen, 2 + steps);
+    checkpoints(&mut sim, 1);
     sim.exit(j, 0, 0).unwrap();
+
     let job = sim.state.job(j).unwrap();
+    let total = 2 + 300 + 2 + 2 + 300 + 1;
+    assert_eq!(events_total(job), total);
     assert_eq!(job.events.len(), MAX_EVENTS);
-    assert_eq!(job.events_dropped, 2 + steps + 1 - MAX_EVENTS as u64);
-    assert_eq!(job.events[0].kind, JobEventKind::Placed { number: 1 });
-    assert_eq!(job.events[1].kind, JobEventKind::Started);
-    assert_eq!(job.events[HEAD - 1].kind, JobEventKind::Checkpoint { step: HEAD as u64 - 2 });
-    assert_eq!(job.events[HEAD].kind, JobEventKind::Checkpoint { step: job.events_dropped + HEAD as u64 - 1 });
-    assert_eq!(job.events.last().unwrap().kind, JobEventKind::Exited { code: Some(0), signal: None });
-    // A watcher that had seen everything up to the last checkpoint gets only the exit.
-    let after = events_after(job, seen);
-    assert_eq!(after.len(), 1);
-    assert_eq!(after[0].kind, JobEventKind::Exited { code: Some(0), signal: None });
-    // One that is further behind than the bound gets what is left.
+    assert_eq!(dropped(job), total - MAX_EVENTS as u64);
+    // The start is kept whole, and so is every event that is not a checkpoint.
+    assert!(job.events[..HEAD].iter().enumerate().all(|(i, e)| e.seq == i as u64));
+    let others: Vec<JobEventKind> =
+        job.events.iter().map(|e| e.kind).filter(|k| !matches!(k, JobEventKind::Checkpoint { .. })).collect();
+    assert_eq!(
+        others,
+        vec![
+            JobEventKind::Placed { number: 1 },
+            JobEventKind::Started,
+            JobEventKind::Exited { code: Some(1), signal: None },
+            JobEventKind::Requeued { why: Requeue::Retry, not_before: None },
+            JobEventKind::Placed { number: 2 },
+            JobEventKind::Started,
+            JobEventKind::Exited { code: Some(0), signal: None },
+        ]
+    );
+    // The checkpoints kept are the first few and the latest.
+    let last = job.events.iter().rev().find_map(|e| match e.kind {
+        JobEventKind::Checkpoint { step } => Some(step),
+        _ => None,
+    });
+    assert_eq!(last, Some(600));
+    // A watcher that had seen all but the last checkpoint gets exactly what it missed.
+    let after: Vec<JobEventKind> = events_after(job, seen).iter().map(|e| e.kind).collect();
+    assert_eq!(
+        after,
+        vec![JobEventKind::Checkpoint { step: 600 }, JobEventKind::Exited { code: Some(0), signal: None }]
+    );
     assert_eq!(events_after(job, 0).len(), MAX_EVENTS);
+    assert!(events_after(job, total).is_empty());
 
     let t = timeline(job);
-    assert_eq!(t.len(), MAX_EVENTS + 3);
     assert_eq!(t[0], Entry::Submitted(job.submitted_at));
-    assert_eq!(t[HEAD + 1], Entry::Dropped(job.events_dropped));
+    let gaps: u64 = t.iter().filter_map(|e| if let Entry::Dropped(n) = e { Some(*n) } else { None }).sum();
+    assert_eq!(gaps, dropped(job));
+    assert_eq!(t[HEAD + 1], Entry::Dropped(300 - (HEAD as u64 - 2)), "attempt 1's later checkpoints went first");
     assert_eq!(t[t.len() - 1], Entry::Finished(job.finished_at.unwrap(), JobState::Succeeded));
     sim.state.check_invariants().unwrap();
 
     // The history travels in snapshots.
     let restored = State::restore(&sim.state.snapshot()).unwrap();
     assert_eq!(restored.job(j).unwrap().events, job.events);
-    assert_eq!(restored.job(j).unwrap().events_dropped, job.events_dropped);
 }
 
 #[test]

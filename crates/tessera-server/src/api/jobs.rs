@@ -11,7 +11,7 @@ use tessera_core::timeline::{events_after, events_total};
 use tessera_core::why::Briefs;
 use tessera_proto::convert::{
     job_event_to_proto, job_events_to_proto, job_finished_event, job_state_from_proto, job_to_proto, pending_reason,
-    spec_from_proto, stored_event_sequence, why_to_proto,
+    spec_from_proto, why_to_proto,
 };
 use tessera_proto::v1;
 use tokio::sync::broadcast;
@@ -392,13 +392,7 @@ impl v1::job_service_server::JobService for Jobs {
 /// The job's events recorded after the first `seen`, numbered as JobEvents numbers them, and
 /// its FINISHED event once it ended.
 fn watch_events(job: &tessera_core::model::Job, seen: u64, s: &tessera_core::State) -> Vec<v1::JobEvent> {
-    let new = events_after(job, seen);
-    let first = events_total(job) - new.len() as u64;
-    let mut out: Vec<v1::JobEvent> = new
-        .iter()
-        .enumerate()
-        .map(|(i, e)| job_event_to_proto(e, stored_event_sequence(first + i as u64), s))
-        .collect();
+    let mut out: Vec<v1::JobEvent> = events_after(job, seen).iter().map(|e| job_event_to_proto(e, s)).collect();
     if job.state.is_terminal() {
         out.push(job_finished_event(job));
     }

@@ -3,9 +3,13 @@
 
 use std::sync::Arc;
 
+use std::collections::BTreeSet;
 use tessera_core::acl::{Resource, Rpc};
 use tessera_core::command::{Command, TenantWrite};
-use tessera_proto::convert::tenant_to_proto;
+
+use tessera_core::Timestamp;
+use tessera_core::usage::{UsageQuery, usage};
+use tessera_proto::convert::{tenant_to_proto, usage_key_from_proto, usage_key_to_proto};
 use tessera_proto::v1;
 use tonic::{Request, Response, Status};
 
@@ -54,6 +58,67 @@ impl v1::tenant_service_server::TenantService for Tenants {
             })
             .await?;
         Ok(Response::new(v1::ListTenantsResponse { tenants }))
+    }
+
+    async fn usage(&self, req: Request<v1::UsageRequest>) -> Result<Response<v1::UsageResponse>, Status> {
+        let r = req.get_ref().clone();
+        if r.since_unix_ms == 0 {
+            return Err(Status::invalid_argument("since_unix_ms: required (non-zero)"));
+        }
+        let until = r.until_unix_ms.unwrap_or_else(|| now().0);
+        if until <= r.since_unix_ms {
+            return Err(Status::invalid_argument(format!(
+                "until_unix_ms: {until} is not after since_unix_ms {}",
+                r.since_unix_ms
+            )));
+        }
+        let mut by = Vec::new();
+        for (i, k) in r.group_by.iter().enumerate() {
+            let field = format!("group_by[{i}]");
+            let k = usage_key_from_proto(*k, &field).map_err(Status::from)?;
+            if by.contains(&k) {
+                return Err(Status::invalid_argument(format!("{field}: {} is given twice", k.name())));
+            }
+            by.push(k);
+        }
+        let readable = principal(&req).readable_tenants().cloned();
+        let tenants: Option<BTreeSet<String>> = if r.tenant.is_empty() {
+            self.0.authorize(&req, Rpc::Usage, Resource::Any)?;
+            readable
+        } else {
+            self.0.authorize(&req, Rpc::Usage, Resource::Tenant(&r.tenant))?;
+            Some(BTreeSet::from([r.tenant.clone()]))
+        };
+        // A copy of the state (it shares the jobs), so the walk over every job's timeline runs
+        // off the Raft thread.
+        let state = self.0.read(r.consistency, |s| s.snapshot_copy()).await?;
+        let (since, until_t) = (Timestamp(r.since_unix_ms), Timestamp(until));
+        let rows = tokio::task::spawn_blocking(move || {
+            let q = UsageQuery { since, until: until_t, by: &by, tenants: tenants.as_ref() };
+            (usage(&state, &q), by)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("usage: {e}")))?;
+        let (rows, by) = rows;
+        let total_gpu_hours = rows.iter().map(|r| r.gpu_hours).sum();
+        let total_cost_micros = rows.iter().fold(0u64, |s, r| s.saturating_add(r.cost_micros));
+        Ok(Response::new(v1::UsageResponse {
+            since_unix_ms: r.since_unix_ms,
+            until_unix_ms: until,
+            group_by: by.iter().map(|k| usage_key_to_proto(*k) as i32).collect(),
+            rows: rows
+                .into_iter()
+                .map(|x| v1::UsageRow {
+                    keys: x.keys,
+                    gpu_hours: x.gpu_hours,
+                    cost_micros: x.cost_micros,
+                    attempts: x.attempts,
+                    jobs: x.jobs,
+                })
+                .collect(),
+            total_gpu_hours,
+            total_cost_micros,
+        }))
     }
 
     async fn get_tenant(&self, req: Request<v1::GetTenantRequest>) -> Result<Response<v1::GetTenantResponse>, Status> {

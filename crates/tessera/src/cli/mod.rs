@@ -24,6 +24,7 @@ pub mod job;
 pub mod node;
 pub mod output;
 pub mod tenant;
+pub mod usage;
 
 use std::process::ExitCode;
 
