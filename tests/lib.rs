@@ -231,7 +231,9 @@ impl Cluster {
         })
     }
 
-    fn start_with(n: u64, extra: &[&str], per_server: impl Fn(u64) -> Vec<String>) -> Cluster {
+    /// Start `n` servers forming a new cluster, server `id` with `per_server(id)` and `extra`
+    /// as extra arguments.
+    pub fn start_with(n: u64, extra: &[&str], per_server: impl Fn(u64) -> Vec<String>) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let addrs: BTreeMap<u64, String> = (1..=n).map(|i| (i, format!("127.0.0.1:{}", free_port()))).collect();
         let initial = addrs.iter().map(|(i, a)| format!("{i}={a}")).collect::<Vec<_>>().join(",");

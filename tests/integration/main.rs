@@ -6,5 +6,6 @@ mod cli;
 mod cli_e2e;
 mod cluster;
 mod dev;
+mod observability;
 mod python_client;
 mod security;

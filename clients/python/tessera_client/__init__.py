@@ -250,11 +250,13 @@ class Client:
         return not self._unary("CancelJob", jobs_pb2.CancelJobRequest(job_id=job_id, reason=reason)).already_finished
 
     def watch(self, job_id: int) -> Iterator:
-        """The job's state now, then after every change, until it reaches a final state
-        (``pb.WatchJobResponse``: ``.job`` and ``.event``)."""
+        """The job's state now, then after every change, until it has ended
+        (``pb.WatchJobResponse``: ``.job`` and ``.event``, unset in the first message). The
+        last message is the FINISHED event, or the first one if the job had already ended."""
         for update in self._stream("WatchJob", jobs_pb2.WatchJobRequest(job_id=job_id)):
             yield update
-            if update.job.state in FINAL_STATES:
+            ended = update.job.state in FINAL_STATES
+            if ended and (not update.HasField("event") or update.event.kind == jobs_pb2.JOB_EVENT_KIND_FINISHED):
                 return
 
     def wait(self, job_id: int, timeout: Optional[float] = None):

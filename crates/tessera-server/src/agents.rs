@@ -56,6 +56,8 @@ pub async fn liveness_loop(shared: Arc<Shared>) {
             }
             was_leader = leader;
         }
+        let connected = shared.agents.sessions.lock().map_or(0, |s| s.len());
+        metrics::gauge!("tessera_agents_connected").set(connected as f64);
         if !leader {
             continue;
         }

@@ -840,7 +840,10 @@ async fn watch(servers: &Servers, id: u64, out: Format) -> CliResult {
                         reopens = 0;
                         let Some(job) = resp.job else { continue };
                         view.update(&job, resp.event.as_ref())?;
-                        if is_final(job.state) {
+                        // Every event of the job's end carries its final state: the stream
+                        // ends with FINISHED (or at once, for a job that had already ended).
+                        let last = resp.event.as_ref().is_none_or(|e| e.kind == v1::JobEventKind::Finished as i32);
+                        if is_final(job.state) && last {
                             return view.finish(&job);
                         }
                     }
