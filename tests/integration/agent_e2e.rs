@@ -497,6 +497,78 @@ async fn logs_reach_the_user_through_any_server_and_follow_to_the_end() {
     assert_eq!(missing.err().map(|s| s.code()), Some(tonic::Code::NotFound));
 }
 
+/// Every chunk of a JobLogs call, with its stream and offset.
+async fn log_chunks(addr: &str, req: v1::JobLogsRequest) -> Vec<v1::JobLogsResponse> {
+    let mut c = v1::job_service_client::JobServiceClient::new(channel(addr));
+    let mut stream = c.job_logs(req).await.expect("job logs").into_inner();
+    let mut out = Vec::new();
+    while let Ok(Some(chunk)) = tokio::time::timeout(T, stream.message()).await.expect("log stream stalled") {
+        out.push(chunk);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_job_s_whole_output_is_read_from_its_agent_after_leader_changes() {
+    let Some((mut c, addrs, _tr, _reaper)) = cluster_with_trainer().await else { return };
+    let a = AgentProc::start("gpu-a", &addrs, "8xH100-80GB", c.dir.path(), &[]);
+    registered(&addrs[0], "gpu-a", &a).await;
+    // 3 MiB of numbered lines, more than the leader keeps in memory (1 MiB per stream).
+    let script = "for i in $(seq 1 60000); do printf 'line %08d %040d\\n' $i 0; done; echo the-end >&2";
+    let mut req = train_job("unused", 1, 0.0);
+    if let Some(s) = req.spec.as_mut() {
+        s.command = vec!["sh".into(), "-c".into(), script.into()];
+    }
+    let id = submit(&addrs, req).await;
+    wait_until(&addrs, id, "succeeded", |j| j.state == v1::JobState::Succeeded as i32).await;
+    let expected: String = (1..=60000).map(|i| format!("line {i:08} {:040}\n", 0)).collect();
+    let stdout = |chunks: &[v1::JobLogsResponse]| -> (Vec<u64>, Vec<u8>) {
+        let mine: Vec<&v1::JobLogsResponse> =
+            chunks.iter().filter(|c| c.stream == v1::LogStream::Stdout as i32).collect();
+        (mine.iter().map(|c| c.offset).collect(), mine.iter().flat_map(|c| c.data.clone()).collect())
+    };
+    // The leader holds only the tail; the rest comes from the agent's disk, in order.
+    let all = log_chunks(&addrs[0], v1::JobLogsRequest { job_id: id, ..Default::default() }).await;
+    let (offsets, data) = stdout(&all);
+    assert_eq!(offsets.first(), Some(&0));
+    assert_eq!(data.len(), expected.len(), "{offsets:?}");
+    assert!(data == expected.as_bytes(), "the output differs from what the job wrote");
+
+    // Two leader changes: no server holds any of it in memory any more.
+    for _ in 0..2 {
+        let leader = wait_for_leader(&c.running_addrs(), T).await.expect("leader");
+        c.servers.get_mut(&leader).expect("leader process").kill();
+        wait_for_leader(&c.running_addrs(), T).await.expect("a new leader");
+        c.servers.get_mut(&leader).expect("leader process").restart();
+    }
+    let addrs = c.running_addrs();
+    wait_for_leader(&addrs, T).await.expect("leader");
+    registered(&addrs[0], "gpu-a", &a).await;
+    let deadline = Instant::now() + T;
+    let data = loop {
+        // The agent reconnects to the new leader within a few heartbeats.
+        let (_, data) = stdout(&log_chunks(&addrs[0], v1::JobLogsRequest { job_id: id, ..Default::default() }).await);
+        if data.len() == expected.len() || Instant::now() > deadline {
+            break data;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(data == expected.as_bytes(), "after two leader changes: {} of {} bytes", data.len(), expected.len());
+    let tail =
+        log_chunks(&addrs[1], v1::JobLogsRequest { job_id: id, tail_bytes: Some(100), ..Default::default() }).await;
+    let (offsets, data) = stdout(&tail);
+    assert_eq!(
+        (offsets, data),
+        (vec![expected.len() as u64 - 100], expected.as_bytes()[expected.len() - 100..].to_vec())
+    );
+    let err = log_chunks(
+        &addrs[2],
+        v1::JobLogsRequest { job_id: id, streams: v1::LogSelection::Stderr as i32, ..Default::default() },
+    )
+    .await;
+    assert_eq!(err.iter().flat_map(|c| c.data.clone()).collect::<Vec<u8>>(), b"the-end\n");
+}
+
 fn rfc3339_in(secs: u64) -> String {
     // AWS's form, YYYY-MM-DDTHH:MM:SSZ, computed from the Unix time (civil-from-days).
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + secs;

@@ -25,34 +25,24 @@ const LOG_TICK_BYTES: u64 = 256 * 1024;
 const LOG_FINAL_BYTES: u64 = 1024 * 1024;
 /// Output resent to a new leader, per attempt stream.
 const LOG_RESEND_BYTES: u64 = 1024 * 1024;
+/// How often the agent looks for output past its retention.
+const LOG_SWEEP_EVERY: Duration = Duration::from_secs(600);
+/// Most output sent in one answer to ReadLog.
+const LOG_READ_MAX_BYTES: u64 = 1024 * 1024;
 /// Most output kept waiting for acknowledgement.
 const LOG_OUTBOX_BYTES: u64 = 8 * 1024 * 1024;
 
 /// New output of an attempt since `offsets`, as log chunks of at most `max` bytes per stream.
 fn log_chunks(attempt: u64, shard: &Shard, offsets: &mut [u64; 2], max: u64) -> Vec<In> {
-    use std::io::{Read, Seek, SeekFrom};
     let mut out = Vec::new();
-    let streams = [(shard.stdout_path(), v1::LogStream::Stdout), (shard.stderr_path(), v1::LogStream::Stderr)];
-    for (i, (path, stream)) in streams.iter().enumerate() {
-        let Ok(mut f) = std::fs::File::open(path) else { continue };
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        if len < offsets[i] {
-            offsets[i] = 0;
-        }
-        if len == offsets[i] || f.seek(SeekFrom::Start(offsets[i])).is_err() {
+    for (i, stream) in [v1::LogStream::Stdout, v1::LogStream::Stderr].into_iter().enumerate() {
+        // Output rotated away before it was sent is skipped: the chunk's offset shows the gap.
+        let (offset, data) = shard.stream(stream as i32).read(offsets[i], max);
+        if data.is_empty() {
             continue;
         }
-        let mut data = Vec::new();
-        if f.take(max.min(len - offsets[i])).read_to_end(&mut data).is_err() || data.is_empty() {
-            continue;
-        }
-        out.push(In::LogChunk(v1::LogChunk {
-            attempt_id: attempt,
-            stream: *stream as i32,
-            offset: offsets[i],
-            data: data.clone(),
-        }));
-        offsets[i] += data.len() as u64;
+        offsets[i] = offset + data.len() as u64;
+        out.push(In::LogChunk(v1::LogChunk { attempt_id: attempt, stream: stream as i32, offset, data }));
     }
     out
 }
@@ -84,6 +74,8 @@ pub struct AgentConfig {
     pub work_dir: PathBuf,
     /// Cap per log stream of an attempt, bytes.
     pub log_cap_bytes: u64,
+    /// How long the output of an attempt that no longer runs stays on disk.
+    pub log_retention: Duration,
     /// TLS with the agent's certificate (naming `tessera://agent/<name>`), or plain
     /// (`--insecure`).
     pub security: tessera_tls::Security,
@@ -117,6 +109,8 @@ pub struct Agent {
     /// when registering, so a new leader waits for the exit report instead of declaring them
     /// lost. Value: (job, shard).
     finished: BTreeMap<u64, (u64, u32)>,
+    /// When output past its retention was last looked for.
+    last_sweep: Option<Instant>,
     /// Last progress of attempts that exited since the previous heartbeat (sent with it once).
     final_progress: Vec<v1::AttemptProgress>,
     /// The self-fencing watchdog's view: last acknowledgement, fence timeout, running shards.
@@ -399,6 +393,7 @@ impl Agent {
             fault_tx,
             fault_rx,
             finished: BTreeMap::new(),
+            last_sweep: None,
             final_progress: Vec::new(),
             fencer: Arc::new(Fencer::new()),
             ran: VecDeque::new(),
@@ -639,9 +634,9 @@ impl Agent {
         }
         // A new leader keeps no logs yet: start it with the tail of each running attempt's.
         for r in self.running.values_mut() {
-            for (i, path) in [r.shard.stdout_path(), r.shard.stderr_path()].iter().enumerate() {
-                let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-                r.log_offsets[i] = r.log_offsets[i].min(len.saturating_sub(LOG_RESEND_BYTES));
+            for (i, stream) in [1, 2].into_iter().enumerate() {
+                let (_, end) = r.shard.stream(stream).kept();
+                r.log_offsets[i] = r.log_offsets[i].min(end.saturating_sub(LOG_RESEND_BYTES));
             }
         }
         // Drop queued output beyond a bound so an outage cannot grow the outbox without limit.
@@ -662,6 +657,7 @@ impl Agent {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    self.sweep_logs();
                     self.collect_exits();
                     self.watch_progress_and_gpus();
                     // Send what was queued since.
@@ -737,10 +733,60 @@ impl Agent {
                                 None => SessionEnd::NoLeader,
                             };
                         }
+                        Some(Out::ReadLog(r)) => {
+                            // Sent at once, after what was queued before (sequence numbers stay
+                            // in order), and not kept for resending: the server asks again.
+                            let answer = self.read_log(&r);
+                            self.flush(&tx, &mut sent_up_to).await;
+                            self.seq += 1;
+                            let msg = v1::AgentMessage { seq: self.seq, payload: Some(In::LogRead(answer)) };
+                            if tx.send(msg).await.is_err() {
+                                return SessionEnd::Broken;
+                            }
+                            sent_up_to = self.seq;
+                        }
                         Some(Out::GpuHealthCleared(_)) | Some(Out::Registered(_)) | None => {}
                     }
                 }
             }
+        }
+    }
+
+    /// Every ten minutes, remove the output of attempts that no longer run here once it is
+    /// older than the retention.
+    fn sweep_logs(&mut self) {
+        if self.last_sweep.is_some_and(|t| t.elapsed() < LOG_SWEEP_EVERY) {
+            return;
+        }
+        self.last_sweep = Some(Instant::now());
+        let Some(before) = std::time::SystemTime::now().checked_sub(self.cfg.log_retention) else { return };
+        let keep = |a: u64| self.running.contains_key(&a) || self.finished.contains_key(&a);
+        let removed = crate::shard::sweep_output(&self.cfg.work_dir, &keep, before);
+        if removed > 0 {
+            tracing::info!(removed, retention_s = self.cfg.log_retention.as_secs(), "removed old shard output");
+        }
+    }
+
+    /// Part of an attempt's output from this host's disk, for the servers.
+    fn read_log(&self, r: &v1::ReadLog) -> v1::LogRead {
+        let dir = self
+            .cfg
+            .work_dir
+            .join(format!("job-{}", r.job_id))
+            .join(format!("shard-{}", r.shard_index))
+            .join(format!("attempt-{}", r.attempt_id));
+        let name = if r.stream == v1::LogStream::Stderr as i32 { "stderr.log" } else { "stdout.log" };
+        let files = crate::shard::StreamFiles::new(dir.join(name));
+        let found = dir.is_dir();
+        let (offset, data) = files.read(r.offset, r.max_bytes.min(LOG_READ_MAX_BYTES));
+        v1::LogRead {
+            request_id: r.request_id,
+            attempt_id: r.attempt_id,
+            stream: r.stream,
+            offset,
+            data,
+            end: files.kept().1,
+            found,
         }
     }
 

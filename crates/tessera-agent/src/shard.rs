@@ -29,7 +29,7 @@ use nix::unistd::Pid;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
-pub use logs::LogStats;
+pub use logs::{LogStats, StreamFiles, sweep_output};
 pub use progress::{CheckpointReport, Progress, ProgressParser};
 
 /// Variables of the agent's own environment a shard inherits (when the agent has them). Anything
@@ -311,12 +311,14 @@ impl Shard {
         let mut copiers = Vec::new();
         if let Some(out) = child.stdout.take() {
             copiers.push(tokio::spawn(
-                logs::copy_capped(out, stdout_file, stdout_path, "stdout", spec.log_cap_bytes).instrument(span.clone()),
+                logs::copy_rotating(out, stdout_file, StreamFiles::new(stdout_path), "stdout", spec.log_cap_bytes)
+                    .instrument(span.clone()),
             ));
         }
         if let Some(err) = child.stderr.take() {
             copiers.push(tokio::spawn(
-                logs::copy_capped(err, stderr_file, stderr_path, "stderr", spec.log_cap_bytes).instrument(span.clone()),
+                logs::copy_rotating(err, stderr_file, StreamFiles::new(stderr_path), "stderr", spec.log_cap_bytes)
+                    .instrument(span.clone()),
             ));
         }
 
@@ -387,6 +389,11 @@ impl Shard {
 
     pub fn stdout_path(&self) -> PathBuf {
         self.workdir.join("stdout.log")
+    }
+
+    /// The attempt's stdout (1) or stderr (2), as kept on disk.
+    pub fn stream(&self, stream: i32) -> StreamFiles {
+        StreamFiles::new(if stream == 2 { self.stderr_path() } else { self.stdout_path() })
     }
 
     pub fn stderr_path(&self) -> PathBuf {

@@ -231,6 +231,18 @@ fn agent_payloads() -> Vec<(&'static str, In)> {
                 data: b"step 3 loss 1.9\n".to_vec(),
             }),
         ),
+        (
+            "LogRead",
+            In::LogRead(v1::LogRead {
+                request_id: 7,
+                attempt_id: attempt,
+                stream: 2,
+                offset: 1_048_576,
+                data: b"Traceback (most recent call last):\n".to_vec(),
+                end: 2_000_000,
+                found: true,
+            }),
+        ),
     ]
 }
 
@@ -275,6 +287,22 @@ pub(crate) fn grpc_requests() -> Vec<Vec<u8>> {
             .encode_to_vec(),
         ),
         with_selector("GetTenantRequest", v1::GetTenantRequest { name: "nlp".into() }.encode_to_vec()),
+        with_selector("JobEventsRequest", v1::JobEventsRequest { job_id: 1, consistency: 0 }.encode_to_vec()),
+        with_selector(
+            "UsageRequest",
+            v1::UsageRequest {
+                since_unix_ms: 1,
+                until_unix_ms: None,
+                group_by: vec![
+                    v1::UsageKey::Tenant as i32,
+                    v1::UsageKey::Cloud as i32,
+                    v1::UsageKey::InstanceType as i32,
+                ],
+                tenant: String::new(),
+                consistency: 0,
+            }
+            .encode_to_vec(),
+        ),
         with_selector(
             "ListJobsRequest",
             v1::ListJobsRequest {
@@ -379,6 +407,7 @@ pub(crate) fn grpc_requests() -> Vec<Vec<u8>> {
             In::GpuHealthReport(m) => m.encode_to_vec(),
             In::SpotNotice(m) => m.encode_to_vec(),
             In::LogChunk(m) => m.encode_to_vec(),
+            In::LogRead(m) => m.encode_to_vec(),
         };
         out.push(with_selector(name, alone));
         let msg = v1::AgentMessage { seq: seq as u64 + 1, payload: Some(payload) };

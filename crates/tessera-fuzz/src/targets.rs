@@ -169,7 +169,7 @@ pub(crate) fn spec_one_line(data: &[u8]) -> u64 {
 // ---------------------------------------------------------------------------------------------
 
 /// The request messages, by the first byte of an input (modulo their number).
-pub(crate) const REQUESTS: [&str; 30] = [
+pub(crate) const REQUESTS: [&str; 33] = [
     "SubmitJobRequest",
     "GetJobRequest",
     "ListJobsRequest",
@@ -194,12 +194,15 @@ pub(crate) const REQUESTS: [&str; 30] = [
     "GpuHealthReport",
     "SpotNotice",
     "LogChunk",
+    "LogRead",
     "RaftBatch",
     "ServerMessage",
     "CreateTokenRequest",
     "RevokeTokenRequest",
     "SetTenantRequest",
     "GetTenantRequest",
+    "JobEventsRequest",
+    "UsageRequest",
 ];
 
 /// The selector byte of a request message, for seeds.
@@ -308,6 +311,45 @@ pub(crate) fn request(name: &str, body: &[u8], sig: Sig) -> Result<Sig, Sig> {
             let req: v1::GetJobRequest = decode(body, sig)?;
             let id = job_id(req.job_id).map_err(refused)?;
             sig.num(u64::from(state.job(id).map(|j| job_to_proto(j, state)).is_some()))
+        }
+        "JobEventsRequest" => {
+            let req: v1::JobEventsRequest = decode(body, sig)?;
+            let id = job_id(req.job_id).map_err(refused)?;
+            let events = state.job(id).map(|j| tessera_proto::convert::job_events_to_proto(j, state));
+            // Numbered from 1, in order.
+            if let Some(e) = &events {
+                assert!(e.events.windows(2).all(|w| w[0].sequence < w[1].sequence), "{e:?}");
+            }
+            sig.num(events.map_or(0, |e| e.events.len().min(8) as u64 + 1))
+        }
+        "UsageRequest" => {
+            // TenantService::usage: the checks, then the count on the state.
+            let req: v1::UsageRequest = decode(body, sig)?;
+            if req.since_unix_ms == 0 {
+                return Err(sig.add("no since"));
+            }
+            let until = req.until_unix_ms.unwrap_or(NOW.0);
+            if until <= req.since_unix_ms {
+                return Err(sig.add("empty range"));
+            }
+            let mut by = Vec::new();
+            for (i, k) in req.group_by.iter().enumerate() {
+                let k = tessera_proto::convert::usage_key_from_proto(*k, &format!("group_by[{i}]"))
+                    .map_err(|e| refused(e.into()))?;
+                if by.contains(&k) {
+                    return Err(sig.add("key twice"));
+                }
+                by.push(k);
+            }
+            let q = tessera_core::usage::UsageQuery {
+                since: tessera_core::Timestamp(req.since_unix_ms),
+                until: tessera_core::Timestamp(until),
+                by: &by,
+                tenants: None,
+            };
+            let rows = tessera_core::usage::usage(state, &q);
+            assert!(rows.iter().all(|r| r.keys.len() == by.len() && r.gpu_hours >= 0.0), "{rows:?}");
+            sig.num(rows.len().min(8) as u64)
         }
         "WatchJobRequest" => {
             let req: v1::WatchJobRequest = decode(body, sig)?;
@@ -458,6 +500,7 @@ pub(crate) fn request(name: &str, body: &[u8], sig: Sig) -> Result<Sig, Sig> {
         "GpuHealthReport" => agent_report(In::GpuHealthReport(decode(body, sig)?), sig),
         "SpotNotice" => agent_report(In::SpotNotice(decode(body, sig)?), sig),
         "LogChunk" => agent_report(In::LogChunk(decode(body, sig)?), sig),
+        "LogRead" => agent_report(In::LogRead(decode(body, sig)?), sig),
         "RaftBatch" => {
             let batch: v1::RaftBatch = decode(body, sig)?;
             // RaftRpc::send: the batch must be for this server, from a member.
@@ -530,6 +573,13 @@ fn agent_report(payload: In, sig: Sig) -> Sig {
             logs.append(c.attempt_id, owner, c.stream, c.offset, &c.data);
             let kept = logs.read(owner.job, Some(owner.shard), None, &[1, 2], Some(64));
             sig.add("chunk").num(kept.len() as u64)
+        }
+        In::LogRead(r) => {
+            // An answer nobody waits for (a late one, or one never asked) is dropped.
+            let hub = tessera_server::hub::AgentHub::new(Default::default());
+            let n = r.data.len().min(1 << 20) as u64;
+            hub.log_read(r);
+            sig.add("log read").num(u64::from(n > 0))
         }
         other => match tessera_server::agents::report_command(node, other) {
             Some(cmd) => apply_to_fixture(cmd, sig),

@@ -467,7 +467,7 @@ pub fn report_command(node: NodeId, report: In) -> Option<Command> {
             reason: DrainReason::SpotInterruption,
             deadline: (n.deadline_unix_ms > 0).then_some(Timestamp(n.deadline_unix_ms)),
         },
-        In::Register(_) | In::Heartbeat(_) | In::LogChunk(_) => return None,
+        In::Register(_) | In::Heartbeat(_) | In::LogChunk(_) | In::LogRead(_) => return None,
     })
 }
 
@@ -510,6 +510,11 @@ async fn read_reports(
             Some(In::LogChunk(c)) => {
                 let result = log_chunk(&shared, c).await;
                 let _ = tx.send(Ok(ack(seq, result))).await;
+                continue;
+            }
+            Some(In::LogRead(r)) => {
+                shared.agents.log_read(r);
+                let _ = tx.send(Ok(ack(seq, Ok(())))).await;
                 continue;
             }
             Some(report) => match report_command(node, report) {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tessera_core::Timestamp;
 use tessera_core::model::{AttemptId, NodeId};
 use tessera_proto::v1;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// Timing of the agent protocol.
 #[derive(Debug, Clone, Copy)]
@@ -52,6 +52,9 @@ pub struct AgentHub {
     pub(crate) leader_since: Mutex<Option<Instant>>,
     /// Where the router delivers each connected node's messages (see [`route_loop`]).
     routes: Mutex<HashMap<NodeId, Route>>,
+    /// Reads of agents' disks in flight (`JobLogs`), by request id.
+    log_reads: Mutex<HashMap<u64, oneshot::Sender<v1::LogRead>>>,
+    next_read: std::sync::atomic::AtomicU64,
 }
 
 /// Messages for one agent, each assignment keyed by its attempt (so a session sends it once).
@@ -72,6 +75,38 @@ impl AgentHub {
             generation: std::sync::atomic::AtomicU64::new(1),
             leader_since: Mutex::new(None),
             routes: Mutex::new(HashMap::new()),
+            log_reads: Mutex::new(HashMap::new()),
+            next_read: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    /// Ask `node`'s agent for part of an attempt's output from its disk and wait up to
+    /// `timeout` for the answer; None if the node has no session here or it did not answer.
+    pub(crate) async fn read_agent_log(
+        &self,
+        node: NodeId,
+        mut req: v1::ReadLog,
+        timeout: std::time::Duration,
+    ) -> Option<v1::LogRead> {
+        let id = self.next_read.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        req.request_id = id;
+        let (tx, rx) = oneshot::channel();
+        self.log_reads.lock().ok()?.insert(id, tx);
+        let msg = v1::ServerMessage { payload: Some(v1::server_message::Payload::ReadLog(req)) };
+        let sent = self.routes.lock().ok().and_then(|r| r.get(&node).map(|r| r.tx.send(vec![(None, msg)]).is_ok()));
+        let answer =
+            if sent == Some(true) { tokio::time::timeout(timeout, rx).await.ok().and_then(Result::ok) } else { None };
+        if let Ok(mut pending) = self.log_reads.lock() {
+            pending.remove(&id);
+        }
+        answer
+    }
+
+    /// An agent answered a read of its disk (an answer nobody waits for is dropped).
+    pub fn log_read(&self, answer: v1::LogRead) {
+        let waiting = self.log_reads.lock().ok().and_then(|mut p| p.remove(&answer.request_id));
+        if let Some(tx) = waiting {
+            let _ = tx.send(answer);
         }
     }
 

@@ -107,9 +107,14 @@ struct AgentArgs {
     /// Node label KEY=VALUE, repeatable.
     #[arg(long = "label")]
     labels: Vec<String>,
-    /// Cap per log stream of one attempt, MiB.
+    /// Cap per log stream of one attempt, MiB: past half of it the stream rotates, keeping its
+    /// latest output.
     #[arg(long, default_value_t = 256)]
     log_cap_mib: u64,
+    /// How long the output of attempts that no longer run stays on this host's disk, like 7d
+    /// (`job logs` reads it from here once the leader no longer holds it).
+    #[arg(long, default_value = "7d")]
+    log_retention: String,
     /// CA bundle (PEM) the servers' certificates must chain to.
     #[arg(long, env = "TESSERA_CA")]
     ca: Option<PathBuf>,
@@ -371,6 +376,13 @@ fn agent(a: AgentArgs) -> ExitCode {
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "localhost".into())
     });
+    let log_retention = match tessera_core::spec::parse_duration_secs(&a.log_retention) {
+        Ok(s) => std::time::Duration::from_secs(s),
+        Err(m) => {
+            eprintln!("error: --log-retention: {m}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
     let cfg = tessera_agent::agent::AgentConfig {
         advertise: a.advertise.clone().unwrap_or_else(|| name.clone()),
         name,
@@ -384,6 +396,7 @@ fn agent(a: AgentArgs) -> ExitCode {
         labels,
         work_dir: a.work_dir,
         log_cap_bytes: a.log_cap_mib.saturating_mul(1024 * 1024),
+        log_retention,
         security,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {

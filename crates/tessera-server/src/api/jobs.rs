@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tessera_core::acl::{Resource, Rpc};
 use tessera_core::command::{Command, Event};
-use tessera_core::model::JobId;
+use tessera_core::model::{JobId, NodeId};
 use tessera_core::timeline::{events_after, events_total};
 use tessera_core::why::Briefs;
 use tessera_proto::convert::{
@@ -321,6 +321,9 @@ impl v1::job_service_server::JobService for Jobs {
             Ok(_) => vec![1, 2],
             Err(_) => return Err(Status::invalid_argument(format!("streams: {} is not a LogSelection", req.streams))),
         };
+        let (shard, attempt) = (req.shard_index, req.attempt);
+        let on_disk =
+            self.0.read(0, move |s| s.job(id).map(|j| disk_reads(j, shard, attempt))).await?.unwrap_or_default();
         let mut rx = self.0.logs.subscribe();
         let kept = self.0.logs.read(id, req.shard_index, req.attempt, &streams, req.tail_bytes);
         let shared = self.0.clone();
@@ -335,6 +338,25 @@ impl v1::job_service_server::JobService for Jobs {
         };
         tokio::spawn(async move {
             let mut sent: std::collections::BTreeMap<(u64, i32), u64> = std::collections::BTreeMap::new();
+            // The attempts the state names are read from their agents' disks around what the
+            // leader holds in memory (the agents send the leader only a bounded tail; a new
+            // leader holds nothing of finished attempts).
+            let mut kept = kept;
+            for a in &on_disk {
+                for stream in &streams {
+                    let at = kept.iter().position(|c| c.attempt_id == a.attempt_id && c.stream == *stream);
+                    let mem = at.map(|i| kept.remove(i));
+                    let Ok((sent_any, end)) = stream_attempt(&shared, a, *stream, mem, req.tail_bytes, &tx).await
+                    else {
+                        return;
+                    };
+                    sent.insert((a.attempt_id, *stream), end);
+                    if sent_any {
+                        // This attempt's output is shown, not an older one's the leader holds.
+                        kept.retain(|c| c.owner.shard != a.owner.shard || c.stream != *stream);
+                    }
+                }
+            }
             for c in &kept {
                 sent.insert((c.attempt_id, c.stream), c.offset + c.data.len() as u64);
                 if tx.send(Ok(to_msg(c))).await.is_err() {
@@ -367,8 +389,14 @@ impl v1::job_service_server::JobService for Jobs {
                         if !wanted || c.offset + (c.data.len() as u64) <= *end {
                             continue;
                         }
+                        // Only what was not sent yet (part may have come from the agent's disk).
+                        let mut m = to_msg(&c);
+                        if m.offset < *end {
+                            m.data.drain(..(*end - m.offset) as usize);
+                            m.offset = *end;
+                        }
                         *end = c.offset + c.data.len() as u64;
-                        if tx.send(Ok(to_msg(&c))).await.is_err() {
+                        if tx.send(Ok(m)).await.is_err() {
                             return;
                         }
                     }
@@ -387,6 +415,114 @@ impl v1::job_service_server::JobService for Jobs {
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
     }
+}
+
+/// An attempt whose output may have to be read from its agent's disk.
+struct DiskRead {
+    attempt_id: u64,
+    node: NodeId,
+    owner: crate::logs::Owner,
+}
+
+/// The attempts a JobLogs request reads: of each shard asked for, attempt number `attempt`
+/// (found in the job's timeline), or the current or last one.
+fn disk_reads(job: &tessera_core::model::Job, shard: Option<u32>, attempt: Option<u32>) -> Vec<DiskRead> {
+    use tessera_core::model::JobEventKind;
+    let mut out = Vec::new();
+    for s in job.shards.iter().filter(|s| shard.is_none_or(|i| s.index == i)) {
+        let found = match attempt {
+            Some(n) => job.events.iter().find_map(|e| match (e.kind, e.attempt, e.node) {
+                (JobEventKind::Placed { number }, Some(a), Some(node)) if number == n && e.shard == s.index => {
+                    Some((a.0, node, n))
+                }
+                _ => None,
+            }),
+            None => s.attempt.as_ref().map(|a| (a.id.0, a.node, a.number)),
+        };
+        if let Some((attempt_id, node, number)) = found {
+            let owner = crate::logs::Owner { job: job.id, shard: s.index, attempt: number };
+            out.push(DiskRead { attempt_id, node, owner });
+        }
+    }
+    out
+}
+
+/// Most time an agent has to answer one read of its disk.
+const DISK_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most bytes asked of an agent at once.
+const DISK_READ_BYTES: u64 = 1024 * 1024;
+
+/// Send one attempt stream: what its agent keeps on disk before `mem` (the leader's in-memory
+/// chunk of it), `mem`, and what the agent keeps after it; from `tail` bytes before the end if
+/// asked. An agent that is not connected or does not answer leaves what the leader holds.
+/// Whether anything was sent, and the end of what was; Err when the reader went away.
+async fn stream_attempt(
+    shared: &Shared,
+    a: &DiskRead,
+    stream: i32,
+    mem: Option<crate::logs::Chunk>,
+    tail: Option<u64>,
+    tx: &tokio::sync::mpsc::Sender<Result<v1::JobLogsResponse, Status>>,
+) -> Result<(bool, u64), ()> {
+    let ask = |offset: u64, max_bytes: u64| v1::ReadLog {
+        request_id: 0,
+        job_id: a.owner.job.0,
+        shard_index: a.owner.shard,
+        attempt_id: a.attempt_id,
+        stream,
+        offset,
+        max_bytes,
+    };
+    let msg = |offset: u64, data: Vec<u8>| v1::JobLogsResponse {
+        shard_index: a.owner.shard,
+        attempt_id: a.attempt_id,
+        attempt: a.owner.attempt,
+        stream,
+        offset,
+        data,
+    };
+    let hub = &shared.agents;
+    let mem_end = mem.as_ref().map(|m| m.offset + m.data.len() as u64);
+    let mut pos = match tail {
+        None => 0,
+        Some(t) => match hub.read_agent_log(a.node, ask(0, 0), DISK_READ_TIMEOUT).await {
+            Some(probe) if probe.found => probe.end.max(mem_end.unwrap_or(0)).saturating_sub(t),
+            _ => mem_end.unwrap_or(0).saturating_sub(t),
+        },
+    };
+    let mut sent_any = false;
+    // From the agent's disk, [pos, stop): the new position.
+    let fetch = async |mut pos: u64, stop: u64, sent_any: &mut bool| -> Result<u64, ()> {
+        while pos < stop {
+            let want = ask(pos, (stop - pos).min(DISK_READ_BYTES));
+            let Some(r) = hub.read_agent_log(a.node, want, DISK_READ_TIMEOUT).await else { break };
+            if !r.found || r.data.is_empty() {
+                break;
+            }
+            let end = r.offset + r.data.len() as u64;
+            tx.send(Ok(msg(r.offset, r.data))).await.map_err(|_| ())?;
+            *sent_any = true;
+            pos = end;
+            if pos >= r.end {
+                break;
+            }
+        }
+        Ok(pos)
+    };
+    if let Some(m) = mem {
+        if pos < m.offset {
+            pos = fetch(pos, m.offset, &mut sent_any).await?;
+        }
+        let end = m.offset + m.data.len() as u64;
+        if end > pos {
+            let skip = pos.saturating_sub(m.offset) as usize;
+            tx.send(Ok(msg(m.offset + skip as u64, m.data[skip..].to_vec()))).await.map_err(|_| ())?;
+            sent_any = true;
+            pos = end;
+        }
+    }
+    pos = fetch(pos, u64::MAX, &mut sent_any).await?;
+    Ok((sent_any, pos))
 }
 
 /// The job's events recorded after the first `seen`, numbered as JobEvents numbers them, and

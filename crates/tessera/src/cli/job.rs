@@ -109,8 +109,9 @@ enum JobCommand {
     },
     /// Print the output of a job's shards (stdout to stdout, stderr to stderr).
     ///
-    /// Without --shard, lines of a job with several shards start with "[shard N] ". The
-    /// servers keep the last MiB of each attempt's streams.
+    /// Without --shard, lines of a job with several shards start with "[shard N] ". Each agent
+    /// keeps its attempts' output (rotated at its --log-cap-mib, for its --log-retention), and
+    /// the servers read it from there; with --follow, a shard is followed across its attempts.
     ///
     /// JSON: one line per chunk, {"shard", "attempt", "attempt_id", "stream": stdout|stderr,
     /// "offset", "data"} (data as UTF-8, invalid bytes replaced).
