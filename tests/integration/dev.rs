@@ -243,3 +243,140 @@ fn stdout_logs(dir: &Path) -> Vec<String> {
     }
     out
 }
+
+/// Headless Chromium, if there is one: Debian's `chromium` package.
+fn chromium() -> Option<String> {
+    let found = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| Command::new(b).arg("--version").output().is_ok_and(|o| o.status.success()));
+    if found.is_none() {
+        assert!(
+            std::env::var_os("TESSERA_REQUIRE_CHROMIUM").is_none(),
+            "TESSERA_REQUIRE_CHROMIUM is set but no chromium is on PATH"
+        );
+        eprintln!("chromium not found (Debian's package installs it): skipping");
+    }
+    found.map(str::to_string)
+}
+
+/// Load `url` in headless Chromium: the DOM after its scripts ran, and a screenshot saved to
+/// `shot`. A profile of its own each time, so no state is shared between loads.
+fn browse(chromium: &str, url: &str, shot: &Path) -> String {
+    let profile = tempfile::tempdir().expect("profile dir");
+    let common = |c: &mut Command| {
+        c.args(["--headless=new", "--no-sandbox", "--disable-gpu", "--ignore-certificate-errors", "--hide-scrollbars"])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .stdin(Stdio::null())
+            .stderr(Stdio::null());
+    };
+    let mut dom = Command::new(chromium);
+    common(&mut dom);
+    let out = dom.args(["--dump-dom", url]).output().expect("run chromium");
+    let mut s = Command::new(chromium);
+    common(&mut s);
+    let _ = s.args(["--window-size=1400,1000", &format!("--screenshot={}", shot.display()), url]).output();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_cluster_jobs_queue_nodes_and_a_failed_gpu_in_a_real_browser() {
+    let Some(chromium) = chromium() else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let mut dev = Dev::start(&["--data-dir", data.to_str().expect("utf-8 path")], &data);
+    let mut wanted = |prefix: &str| {
+        tokio::task::block_in_place(|| dev.line(Duration::from_secs(120), |l| l.trim_start().starts_with(prefix)))
+            .map(|l| l.trim().to_string())
+    };
+    let export = wanted("export TESSERA_SERVER=").expect("server addresses");
+    let faults = wanted("Simulated GPUs take faults").expect("the fault injection address");
+    let login = wanted("https://").expect("the dashboard's address");
+    let addrs: Vec<String> =
+        export.trim_start_matches("export TESSERA_SERVER=").split(',').map(str::to_string).collect();
+    let agent =
+        faults.split("curl '").nth(1).and_then(|r| r.split("/simulate").next()).expect("agent address").to_string();
+    let (base, token) = login.split_once("/ui/login?token=").expect("a login link");
+    let certs = data.join("certs");
+
+    // A job, running; then an XID on GPU 3 of the first node.
+    let mut jobs = v1::job_service_client::JobServiceClient::new(tls_channel(&addrs[0], &certs, "user-admin"));
+    let spec = v1::JobSpec {
+        name: "dash-job".into(),
+        command: vec!["sleep".into(), "300".into()],
+        shards: 1,
+        resources: Some(v1::Resources { gpus: 1, ..Default::default() }),
+        ..Default::default()
+    };
+    let req = v1::SubmitJobRequest { spec: Some(spec), idempotency_key: String::new() };
+    let id = jobs.submit_job(req).await.expect("submit").into_inner().job_id;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = jobs.get_job(v1::GetJobRequest { job_id: id, consistency: 0 }).await.expect("get").into_inner().job;
+        if j.is_some_and(|j| j.state == v1::JobState::Running as i32) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the job never ran\n{}", dev.report());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut s = std::net::TcpStream::connect(&agent).expect("the agent's HTTP port");
+    std::io::Write::write_all(
+        &mut s,
+        format!("GET /simulate/xid?gpu=3&xid=79 HTTP/1.0\r\nHost: {agent}\r\n\r\n").as_bytes(),
+    )
+    .expect("inject");
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut s, &mut reply).expect("the agent's answer");
+    assert!(reply.contains("injected"), "{reply}");
+    let mut nodes = v1::node_service_client::NodeServiceClient::new(tls_channel(&addrs[1], &certs, "user-admin"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let faulty = loop {
+        let list = nodes.list_nodes(v1::ListNodesRequest::default()).await.expect("nodes").into_inner().nodes;
+        if let Some(n) = list.iter().find(|n| n.gpus.iter().any(|g| g.health.as_ref().is_some_and(|h| !h.healthy))) {
+            break n.name.clone();
+        }
+        assert!(Instant::now() < deadline, "the XID never marked a GPU\n{}", dev.report());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    // Every page in a real browser, signed in through the login link; a screenshot of each
+    // under target/dashboard/ for people to look at.
+    let shots = tessera_tests::workspace_root().join("target/dashboard");
+    std::fs::create_dir_all(&shots).expect("screenshot dir");
+    let s = |x: &str| x.to_string();
+    let pages: Vec<(String, Vec<String>)> = vec![
+        (s("cluster"), vec![s("id=\"leader\""), s("reachable"), s("id=\"members\"")]),
+        (s("jobs"), vec![format!("data-job=\"{id}\""), s("dash-job"), s("running")]),
+        (
+            format!("jobs/{id}"),
+            vec![format!("Job {id}: dash-job"), s("id=\"events\""), s(">placed<"), s(">shard_started<")],
+        ),
+        (s("queue"), vec![s("jobs waiting")]),
+        (
+            s("nodes"),
+            vec![format!("data-node=\"{faulty}\""), s("GPU 3: XID 79"), s("gpu unhealthy"), s("aws / us-east-1")],
+        ),
+        (s("tenants"), vec![s("data-tenant=\"default\""), s("GPU-h")]),
+    ];
+    for (page, wants) in pages {
+        let url = format!("{base}/ui/login?token={token}&next=/ui/{page}");
+        let dom = tokio::task::block_in_place(|| {
+            browse(&chromium, &url, &shots.join(format!("{}.png", page.replace('/', "-"))))
+        });
+        for w in &wants {
+            assert!(dom.contains(w.as_str()), "page {page}: no {w:?} in the DOM:\n{dom}\n{}", dev.report());
+        }
+        assert!(dom.contains("sign out"), "page {page}: not signed in:\n{dom}");
+        assert!(shots.join(format!("{}.png", page.replace('/', "-"))).is_file(), "no screenshot of {page}");
+    }
+    // Without the token, a page sends the browser to sign in.
+    let dom = tokio::task::block_in_place(|| browse(&chromium, &format!("{base}/ui/nodes"), &shots.join("login.png")));
+    assert!(dom.contains("Sign in") && !dom.contains("GPU 3: XID 79"), "{dom}");
+    let dom = tokio::task::block_in_place(|| {
+        browse(
+            &chromium,
+            &format!("{base}/ui/login?token=not-a-token&next=/ui/nodes"),
+            &shots.join("login-refused.png"),
+        )
+    });
+    assert!(dom.contains("token not found or revoked"), "{dom}");
+}

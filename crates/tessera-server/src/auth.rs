@@ -98,7 +98,8 @@ impl Auth {
         }
     }
 
-    fn bootstrapped(&self) -> bool {
+    /// Whether ACLs are bootstrapped (tokens are then needed even without TLS).
+    pub fn bootstrapped(&self) -> bool {
         self.tokens.read().map(|g| g.bootstrapped).unwrap_or(true)
     }
 
@@ -132,18 +133,22 @@ impl Auth {
         };
         match (cert, token) {
             (Some(c @ (Principal::Server { .. } | Principal::Agent { .. })), _) => Ok(c),
-            (_, Some(secret)) => {
-                let hash = secret_hash(&secret);
-                let g = self.tokens.read().map_err(|_| Status::internal("token index poisoned"))?;
-                let t = g.by_hash.get(&hash).ok_or_else(|| Status::unauthenticated("token not found or revoked"))?;
-                if t.expired(now()) {
-                    return Err(Status::unauthenticated(format!("token {} expired", t.accessor)));
-                }
-                Ok(t.principal())
-            }
+            (_, Some(secret)) => self.token_principal(&secret),
             (Some(c), None) => Ok(c),
             (None, None) => Ok(Principal::Insecure),
         }
+    }
+
+    /// Whom a bearer token's secret stands for: UNAUTHENTICATED if it is unknown, revoked or
+    /// expired.
+    pub fn token_principal(&self, secret: &str) -> Result<Principal, Status> {
+        let hash = secret_hash(secret.trim());
+        let g = self.tokens.read().map_err(|_| Status::internal("token index poisoned"))?;
+        let t = g.by_hash.get(&hash).ok_or_else(|| Status::unauthenticated("token not found or revoked"))?;
+        if t.expired(now()) {
+            return Err(Status::unauthenticated(format!("token {} expired", t.accessor)));
+        }
+        Ok(t.principal())
     }
 
     /// The decision, as a status.

@@ -46,6 +46,10 @@ pub struct ServerConfig {
     /// Address of the Prometheus metrics endpoint, if any.
     #[serde(default)]
     pub http: Option<SocketAddr>,
+    /// Address of the web dashboard, if any: HTTPS with the server's certificate (sign in with
+    /// an ACL token), or plain HTTP with `--insecure`.
+    #[serde(default)]
+    pub ui: Option<SocketAddr>,
     /// Raft tick in milliseconds: heartbeats every 2 ticks, elections after 10 to 20 ticks
     /// without a leader (0.5 to 1 s at the default 50 ms).
     #[serde(default = "default_tick_ms")]
@@ -132,6 +136,7 @@ impl ServerConfig {
             initial_cluster: BTreeMap::new(),
             join: None,
             http: None,
+            ui: None,
             tick_ms: default_tick_ms(),
             log_store: default_log_store(),
             snapshot_every: default_snapshot_every(),

@@ -20,6 +20,7 @@ pub mod logs;
 pub mod raft_loop;
 pub mod sm;
 pub mod transport;
+pub mod ui;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -200,6 +201,14 @@ pub async fn run(
         tokio::spawn(agents::liveness_loop(shared.clone())),
         tokio::spawn(agents::route_loop(shared.clone(), agent_events)),
     ];
+    let mut tasks = tasks;
+    if let Some(addr) = cfg.ui {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| ServerError::Metrics { addr: addr.to_string(), message: format!("dashboard: {e}") })?;
+        tracing::info!(%addr, tls = shared.security.is_tls(), "web dashboard listening");
+        tasks.push(tokio::spawn(ui::serve(shared.clone(), listener)));
+    }
     if let (Some(join), true) = (cfg.join.clone(), fresh) {
         tokio::spawn(join_cluster(shared.clone(), join, cfg.advertise_addr()));
     }

@@ -86,6 +86,9 @@ fn file_err(p: &Path) -> impl Fn(rustls_pki_types::pem::Error) -> TlsError + '_ 
 /// The rustls configurations built from one set of files, and the identity they carry.
 struct Loaded {
     server: Arc<ServerConfig>,
+    /// For browsers (the web dashboard): the same certificate, no client certificate asked
+    /// (users sign in with a token), HTTP/1.1.
+    browser: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
     identity: Principal,
     stamp: Vec<Option<(SystemTime, u64)>>,
@@ -146,6 +149,13 @@ fn build(
         .with_single_cert(chain.clone(), key.clone_key())
         .map_err(|e| TlsError::Config(format!("certificate {cert_name} and key {key_name}: {e}")))?;
     server.alpn_protocols = vec![b"h2".to_vec()];
+    let mut browser = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(bad)?
+        .with_no_client_auth()
+        .with_single_cert(chain.clone(), key.clone_key())
+        .map_err(|e| TlsError::Config(format!("certificate {cert_name} and key {key_name}: {e}")))?;
+    browser.alpn_protocols = vec![b"http/1.1".to_vec()];
     let mut client = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(bad)?
@@ -153,7 +163,7 @@ fn build(
         .with_client_auth_cert(chain, key)
         .map_err(bad)?;
     client.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Loaded { server: Arc::new(server), client: Arc::new(client), identity, stamp })
+    Ok(Loaded { server: Arc::new(server), browser: Arc::new(browser), client: Arc::new(client), identity, stamp })
 }
 
 /// One process's TLS material: reloadable when it came from files ([`Tls::load`]), fixed when
@@ -209,6 +219,12 @@ impl Tls {
     /// The files; None for material given in memory ([`Tls::from_pem`]).
     pub fn files(&self) -> Option<&TlsFiles> {
         self.files.as_ref()
+    }
+
+    /// An acceptor for browsers (the web dashboard): this process's certificate, as reloaded,
+    /// without asking for a client certificate.
+    pub fn browser_acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.current().browser.clone())
     }
 
     pub(crate) fn server_config(&self) -> Arc<ServerConfig> {

@@ -249,6 +249,11 @@ fn print_banner(cluster: &Cluster, data: &DataDir, leader: u64, nodes: &[v1::Nod
     if let Some(h) = cluster.agents.first().and_then(|a| a.http) {
         println!("Simulated GPUs take faults for testing: curl '{h}/simulate/xid?gpu=0&xid=79'");
     }
+    let token = std::fs::read_to_string(certs.join(UI_TOKEN_FILE)).unwrap_or_default();
+    if let Some(ui) = cluster.ui.get(&leader).or_else(|| cluster.ui.values().next()) {
+        println!("Web dashboard (the browser will not know the throwaway CA; its admin token signs you in):");
+        println!("  https://{ui}/ui/login?token={}", token.trim());
+    }
     println!();
     if !demo {
         println!("Press Ctrl-C to stop.");
@@ -397,6 +402,8 @@ impl Exits {
 struct Cluster {
     /// Server id -> gRPC address.
     servers: BTreeMap<u64, String>,
+    /// Server id -> web dashboard address.
+    ui: BTreeMap<u64, SocketAddr>,
     agents: Vec<AgentCtl>,
     stop_servers: watch::Sender<bool>,
     stop_agents: watch::Sender<bool>,
@@ -413,11 +420,19 @@ impl Cluster {
         let (stop_agents, _) = watch::channel(false);
         let mut exits = Exits { rx: exit_rx, servers: BTreeSet::new(), agents: BTreeSet::new() };
         let certs = dev_certs(&data.join("certs"))?;
+        let mut ui = BTreeMap::new();
         for (id, (listener, addr)) in listeners {
             let mut cfg = tessera_server::ServerConfig::new(id, addr, data.join(format!("server-{id}")));
             cfg.initial_cluster = servers.clone();
             let files = tessera_tls::TlsFiles::in_dir(&certs, &format!("server-{id}"));
             (cfg.tls_ca, cfg.tls_cert, cfg.tls_key) = (Some(files.ca), Some(files.cert), Some(files.key));
+            // The dashboard, signed into with the dev admin token (ACLs bootstrapped with it).
+            cfg.acl_bootstrap_token_file = Some(certs.join(UI_TOKEN_FILE));
+            let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).ok();
+            cfg.ui = port;
+            if let Some(p) = port {
+                ui.insert(id, p);
+            }
             cfg.validate().map_err(|e| format!("server {id}: {e}"))?;
             let mut stop = stop_servers.subscribe();
             let shutdown = async move {
@@ -471,7 +486,7 @@ impl Cluster {
             });
         }
         let api = Api::new(&addrs, &load_tls(&certs, "user-admin")?)?;
-        Ok((Cluster { servers, agents, stop_servers, stop_agents, api }, exits))
+        Ok((Cluster { servers, ui, agents, stop_servers, stop_agents, api }, exits))
     }
 
     /// Wait until the servers have a leader and every node is registered and ready.
@@ -574,6 +589,12 @@ impl Cluster {
 fn dev_certs(dir: &Path) -> Result<PathBuf, String> {
     use tessera_core::acl::{Principal, Role};
     use tessera_tls::issue::{Ca, write_pair};
+    let token = dir.join(UI_TOKEN_FILE);
+    if !token.exists() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let secret = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+        write_secret(&token, &secret)?;
+    }
     if dir.join("user-admin.pem").exists() {
         return Ok(dir.to_path_buf());
     }
@@ -593,6 +614,21 @@ fn dev_certs(dir: &Path) -> Result<PathBuf, String> {
         write_pair(dir, &stem, &issued).map_err(|e| e.to_string())?;
     }
     Ok(dir.to_path_buf())
+}
+
+/// The dev admin token's secret, for the dashboard (ACLs are bootstrapped with it).
+const UI_TOKEN_FILE: &str = "admin-token";
+
+fn write_secret(path: &Path, secret: &str) -> Result<(), String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(secret.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn load_tls(dir: &Path, stem: &str) -> Result<tessera_tls::Security, String> {

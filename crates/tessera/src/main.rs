@@ -156,6 +156,10 @@ struct ServerArgs {
     /// Prometheus metrics address, HOST:PORT.
     #[arg(long)]
     http: Option<std::net::SocketAddr>,
+    /// Web dashboard address, HOST:PORT: HTTPS with the server's certificate (sign in with an
+    /// ACL token), plain HTTP with --insecure.
+    #[arg(long)]
+    ui: Option<std::net::SocketAddr>,
     /// Raft tick in milliseconds.
     #[arg(long)]
     tick_ms: Option<u64>,
@@ -265,6 +269,9 @@ fn server_config(a: ServerArgs) -> Result<tessera_server::ServerConfig, String> 
     }
     if let Some(v) = a.http {
         cfg.http = Some(v);
+    }
+    if let Some(v) = a.ui {
+        cfg.ui = Some(v);
     }
     if let Some(v) = a.tick_ms {
         cfg.tick_ms = v;

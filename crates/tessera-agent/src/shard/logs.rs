@@ -253,6 +253,8 @@ mod tests {
         assert!(old.join("progress.jsonl").exists() && old.join("checkpoints").is_dir(), "only output goes");
         assert!(running.join("stdout.log").exists(), "a running attempt keeps its output");
         assert!(recent.join("stdout.log").exists(), "recent output stays");
+        // Once it no longer runs, its old output goes too; then there is nothing left to remove.
+        assert_eq!(sweep_output(root.path(), &|_| false, now - day * 7), 4);
         assert_eq!(sweep_output(root.path(), &|_| false, now - day * 7), 0);
         assert_eq!(sweep_output(&root.path().join("absent"), &|_| false, now), 0);
     }
