@@ -1086,3 +1086,26 @@ async fn an_agent_cut_off_without_a_fin_stops_its_shard_before_it_runs_elsewhere
     wait_until(&addrs, id, "succeeded", |j| j.state == v1::JobState::Succeeded as i32).await;
     assert_invariants(&addrs, &[id], &tr).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_logs_follow_a_shard_across_its_attempts() {
+    let Some((c, addrs, _tr, _reaper)) = cluster_with_trainer().await else { return };
+    let a = AgentProc::start("gpu-a", &addrs, "8xH100-80GB", c.dir.path(), &[]);
+    registered(&addrs[0], "gpu-a", &a).await;
+    // Attempt 1 fails, attempt 2 succeeds: one follow shows both, in order.
+    let mut req = train_job("unused", 1, 0.0);
+    if let Some(s) = req.spec.as_mut() {
+        let script = "echo \"attempt $TESSERA_ATTEMPT starts\"; sleep 2; echo \"attempt $TESSERA_ATTEMPT ends\"; \
+                      [ \"$TESSERA_ATTEMPT\" = 2 ]";
+        s.command = vec!["sh".into(), "-c".into(), script.into()];
+        s.retry = Some(v1::RetryPolicy { max_attempts: 3, backoff_seconds: Some(0), ..Default::default() });
+    }
+    let id = submit(&addrs, req).await;
+    wait_until(&addrs, id, "running", running).await;
+    let followed = logs(&addrs[1], id, true).await;
+    let order = ["attempt 1 starts", "attempt 1 ends", "attempt 2 starts", "attempt 2 ends"];
+    let at: Vec<Option<usize>> = order.iter().map(|l| followed.find(l)).collect();
+    assert!(at.iter().all(Option::is_some) && at.windows(2).all(|w| w[0] < w[1]), "{followed}");
+    let j = job(&addrs, id).await.expect("job");
+    assert_eq!((j.state, j.shards[0].attempt), (v1::JobState::Succeeded as i32, 2), "{j:?}");
+}
