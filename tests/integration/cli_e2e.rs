@@ -363,6 +363,39 @@ fn operators_see_the_cluster_and_nodes_and_cancel_jobs() {
     assert_eq!(missing.status.code(), Some(3));
     assert_eq!(stderr(&missing).trim(), "error: node no-such-node not found");
 
+    // An XID benches a GPU (node show says when it comes back); node clear-gpu returns it.
+    let http = &agent.http;
+    let mut conn = std::net::TcpStream::connect(http).expect("the agent's HTTP port");
+    std::io::Write::write_all(
+        &mut conn,
+        format!("GET /simulate/xid?gpu=6&xid=48 HTTP/1.0\r\nHost: {http}\r\n\r\n").as_bytes(),
+    )
+    .expect("inject an XID");
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut conn, &mut reply).expect("the agent's answer");
+    assert!(reply.contains("injected"), "{reply}");
+    let deadline = Instant::now() + T;
+    let benched = loop {
+        let v = json(&["node", "show", "gpu-a", "-o", "json", "--server", s]);
+        if v["gpus"][6]["healthy"] == false {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "the XID never benched GPU 6: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let g = &benched["gpus"][6];
+    assert_eq!((g["health_reason"].as_str(), g["recent_faults"].as_u64()), (Some("XID 48"), Some(1)), "{g}");
+    assert!(g["back_unix_ms"].as_u64() > g["unhealthy_since_unix_ms"].as_u64(), "{g}");
+    let text = stdout(&run(&["node", "show", "gpu-a", "--server", s]));
+    assert!(
+        text.contains("unhealthy: XID 48, back in 9m") || text.contains("unhealthy: XID 48, back in 10m"),
+        "{text}"
+    );
+    let cleared = json(&["node", "clear-gpu", "gpu-a", "6", "-o", "json", "--server", s]);
+    let g = &cleared["gpus"][6];
+    assert_eq!((g["healthy"].as_bool(), g["recent_faults"].as_u64()), (Some(true), Some(0)), "{cleared}");
+    assert_eq!(cleared["gpus_free"], 8, "{cleared}");
+
     // drain and undrain.
     let d = json(&["node", "drain", "gpu-a", "--deadline", "1h", "-o", "json", "--server", s]);
     assert_eq!((d["state"].as_str(), d["drain_reason"].as_str()), (Some("draining"), Some("operator")), "{d}");

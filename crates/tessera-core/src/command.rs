@@ -112,7 +112,8 @@ pub enum Command {
         /// Which node.
         node: NodeId,
     },
-    /// Mark one GPU healthy or unhealthy (XID, ECC, or an operator clearing it).
+    /// Mark one GPU healthy or unhealthy (an XID or ECC error its agent saw, an operator
+    /// clearing it, or the end of a hardware fault's cool-down). See [`crate::xid`].
     SetGpuHealth {
         /// Which node.
         node: NodeId,
@@ -122,6 +123,13 @@ pub enum Command {
         healthy: bool,
         /// What was seen, like "XID 79".
         reason: String,
+        /// The XID of an unhealthy report: an application XID leaves the GPU in service.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        xid: Option<u32>,
+        /// A healthy report that ends a cool-down (the leader's, when it passed): it applies only
+        /// to a GPU whose cool-down has ended, and keeps its faults; an operator's clears them.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        cool_down: bool,
     },
     /// A placement plan computed by the leader; re-checked against the current state.
     ApplyPlan {

@@ -11,6 +11,8 @@
 //! - [`model`]: the domain types.
 //! - [`command`]: the versioned commands of the log, the events they produce, rejections.
 //! - [`state`]: [`State::apply`], snapshot and restore, the invariants.
+//! - [`xid`]: which XID errors are the program's fault and which the GPU's, and how long a
+//!   faulty GPU stays out.
 //! - [`timeline`]: each job's bounded history of events, and how they read.
 //! - [`usage`]: GPU-hours and cost over a time range, grouped, counted from the timelines.
 //! - [`placement`]: what a [`Plan`] is, and the constraints both the planner and apply check.
@@ -27,6 +29,7 @@ pub mod state;
 pub mod timeline;
 pub mod usage;
 pub mod why;
+pub mod xid;
 
 #[cfg(test)]
 mod tests;

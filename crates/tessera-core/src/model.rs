@@ -71,12 +71,16 @@ id_type!(
 pub enum GpuHealth {
     /// Usable.
     Healthy,
-    /// Out of placement until an operator clears it.
+    /// Out of placement.
     Unhealthy {
         /// What was seen, like "XID 79" or "uncorrectable ECC error".
         reason: String,
         /// When it was marked.
         since: Timestamp,
+        /// When it goes back into placement by itself (a hardware fault's cool-down, see
+        /// [`crate::xid`]); None: only when an operator clears it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until: Option<Timestamp>,
     },
 }
 
@@ -95,6 +99,10 @@ pub struct Gpu {
     pub health: GpuHealth,
     /// The live attempt holding this GPU, if any.
     pub holder: Option<AttemptId>,
+    /// When its hardware faults within [`crate::xid::FAULT_WINDOW_MS`] happened, oldest first
+    /// (forgotten when an operator clears the GPU).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub faults: Vec<Timestamp>,
 }
 
 impl Gpu {

@@ -90,6 +90,14 @@ pub struct AttemptRef {
     pub shard: u32,
 }
 
+/// A GPU health report, as [`Command::SetGpuHealth`] carries it.
+struct GpuReport {
+    healthy: bool,
+    reason: String,
+    xid: Option<u32>,
+    cool_down: bool,
+}
+
 /// The whole cluster state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct State {
@@ -458,8 +466,8 @@ impl State {
             }
             Command::DrainNode { node, reason, deadline } => self.drain(node, reason, deadline, now, &mut ev)?,
             Command::UndrainNode { node } => self.undrain(node, &mut ev)?,
-            Command::SetGpuHealth { node, gpu, healthy, reason } => {
-                self.gpu_health(node, gpu, healthy, reason, now, &mut ev)?
+            Command::SetGpuHealth { node, gpu, healthy, reason, xid, cool_down } => {
+                self.gpu_health(node, gpu, GpuReport { healthy, reason, xid, cool_down }, now, &mut ev)?
             }
             Command::ApplyPlan { plan } => self.apply_plan(plan, now, &mut ev)?,
             Command::ShardStarted { attempt } => self.started(attempt, now, &mut ev)?,
@@ -789,6 +797,7 @@ impl State {
                     memory_mib: g.memory_mib,
                     health: GpuHealth::Healthy,
                     holder: None,
+                    faults: Vec::new(),
                 })
                 .collect();
             self.node_names.insert(info.name.clone(), id);
@@ -825,8 +834,8 @@ impl State {
         }
         let node = self.nodes.get_mut(&id).map(Arc::make_mut).expect("node id from the name index");
         if !same_gpus {
-            let old: BTreeMap<String, GpuHealth> =
-                node.gpus.iter().map(|g| (g.uuid.clone(), g.health.clone())).collect();
+            let old: BTreeMap<String, (GpuHealth, Vec<Timestamp>)> =
+                node.gpus.iter().map(|g| (g.uuid.clone(), (g.health.clone(), g.faults.clone()))).collect();
             node.gpus = info
                 .gpus
                 .iter()
@@ -836,9 +845,10 @@ impl State {
                     uuid: g.uuid.clone(),
                     model: g.model.clone(),
                     memory_mib: g.memory_mib,
-                    // An unhealthy GPU stays unhealthy across agent restarts until cleared.
-                    health: old.get(&g.uuid).cloned().unwrap_or(GpuHealth::Healthy),
+                    // An unhealthy GPU stays unhealthy across agent restarts, and keeps its faults.
+                    health: old.get(&g.uuid).map_or(GpuHealth::Healthy, |o| o.0.clone()),
                     holder: None,
+                    faults: old.get(&g.uuid).map_or(Vec::new(), |o| o.1.clone()),
                 })
                 .collect();
         }
@@ -945,19 +955,41 @@ impl State {
         &mut self,
         id: NodeId,
         gpu: u32,
-        healthy: bool,
-        reason: String,
+        report: GpuReport,
         now: Timestamp,
         ev: &mut Vec<Event>,
     ) -> Result<(), Rejection> {
+        let GpuReport { healthy, reason, xid, cool_down } = report;
         bounded("reason", &reason, 1024)?;
         let node = self.nodes.get_mut(&id).map(Arc::make_mut).ok_or(Rejection::UnknownNode(id))?;
         let g = node.gpus.get_mut(gpu as usize).ok_or(Rejection::UnknownGpu { node: id, gpu })?;
+        if !healthy && xid.is_some_and(|x| crate::xid::classify(x) == crate::xid::XidClass::Application) {
+            // The program's fault: its attempt fails by itself; the GPU stays in service.
+            return Ok(());
+        }
+        if healthy && cool_down {
+            // Only a cool-down that has ended, and only for a GPU that was not retired since.
+            let ended = matches!(g.health, GpuHealth::Unhealthy { until: Some(u), .. } if u <= now);
+            if !ended {
+                return Ok(());
+            }
+        } else if healthy {
+            // An operator clears the GPU: its past faults are forgotten too.
+            g.faults.clear();
+        }
         if g.healthy() == healthy {
             return Ok(());
         }
         let detail = format!("GPU {gpu}: {reason}");
-        g.health = if healthy { GpuHealth::Healthy } else { GpuHealth::Unhealthy { reason, since: now } };
+        g.health = if healthy {
+            GpuHealth::Healthy
+        } else {
+            g.faults.retain(|t| now.since(*t) < crate::xid::FAULT_WINDOW_MS);
+            g.faults.push(now);
+            let retired = g.faults.len() >= crate::xid::FAULTS_TO_RETIRE;
+            let until = (!retired).then(|| now.plus_ms(crate::xid::COOL_DOWN_MS));
+            GpuHealth::Unhealthy { reason, since: now, until }
+        };
         let holder = g.holder;
         ev.push(Event::GpuHealthChanged { node: id, gpu, healthy });
         if !healthy && let Some(r) = holder.and_then(|a| self.live.get(&a).copied()) {
@@ -1389,6 +1421,9 @@ impl State {
             }
             if let Some((i, g)) = node.gpus.iter().enumerate().find(|(i, g)| g.index as usize != *i) {
                 return Err(format!("nodes.{}.gpus[{i}].index is {}", id.0, g.index));
+            }
+            if let Some(g) = node.gpus.iter().find(|g| g.faults.len() > crate::xid::FAULTS_TO_RETIRE) {
+                return Err(format!("nodes.{}.gpus[{}].faults holds {} faults", id.0, g.index, g.faults.len()));
             }
         }
         if let Some((name, t)) = self.tenants.iter().find(|(name, t)| t.name != **name) {

@@ -14,6 +14,7 @@ use crate::planner::{PlanLimits, PlanOutput, WaitReason, node_admits, plan, span
 use crate::spec::{Cloud, JobSpec, SpotPolicy};
 use crate::{AttemptId, JobId, NodeId, State, Timestamp};
 
+mod gpu_faults;
 mod tenants;
 mod timeline;
 mod usage;
@@ -322,7 +323,15 @@ fn partial_gang_repair_keeps_the_survivors_on_their_gpus_and_moves_only_the_faul
     // One of rank 1's GPUs fails (XID 79): rank 1 moves (node a has too few healthy GPUs left
     // for it) to the best fit elsewhere; rank 0 keeps its GPUs.
     let bad = before[1][0];
-    sim.apply(Command::SetGpuHealth { node: a, gpu: bad, healthy: false, reason: "XID 79".into() }).unwrap();
+    sim.apply(Command::SetGpuHealth {
+        node: a,
+        gpu: bad,
+        healthy: false,
+        reason: "XID 79".into(),
+        xid: None,
+        cool_down: false,
+    })
+    .unwrap();
     let a0 = sim.attempt(j, 0);
     let a1 = sim.attempt(j, 1);
     sim.apply(Command::ShardExited { attempt: a1, exit: ok(1), node_fault: true, message: None }).unwrap();
@@ -445,7 +454,16 @@ fn unhealthy_gpu_stops_its_shard_and_stays_out_until_cleared() {
     let a = sim.node(one);
     let j = sim.submit(spec(1, 2));
     sim.round();
-    let ev = sim.apply(Command::SetGpuHealth { node: a, gpu: 1, healthy: false, reason: "XID 79".into() }).unwrap();
+    let ev = sim
+        .apply(Command::SetGpuHealth {
+            node: a,
+            gpu: 1,
+            healthy: false,
+            reason: "XID 79".into(),
+            xid: None,
+            cool_down: false,
+        })
+        .unwrap();
     assert!(ev.iter().any(|e| matches!(e, Event::StopRequested { reason: StopReason::GpuFault, .. })));
     let att = sim.attempt(j, 0);
     sim.apply(Command::ShardExited { attempt: att, exit: ok(1), node_fault: true, message: None }).unwrap();
@@ -458,11 +476,26 @@ fn unhealthy_gpu_stops_its_shard_and_stays_out_until_cleared() {
     again.gpus = 2;
     sim.node(again);
     assert!(!sim.state.node(a).unwrap().gpus[1].healthy());
-    sim.apply(Command::SetGpuHealth { node: a, gpu: 1, healthy: true, reason: "cleared by operator".into() }).unwrap();
+    sim.apply(Command::SetGpuHealth {
+        node: a,
+        gpu: 1,
+        healthy: true,
+        reason: "cleared by operator".into(),
+        xid: None,
+        cool_down: false,
+    })
+    .unwrap();
     sim.round();
     assert_eq!(sim.shard_state(j, 0), ShardState::Assigned);
     assert!(matches!(
-        sim.apply(Command::SetGpuHealth { node: a, gpu: 9, healthy: false, reason: String::new() }),
+        sim.apply(Command::SetGpuHealth {
+            node: a,
+            gpu: 9,
+            healthy: false,
+            reason: String::new(),
+            xid: None,
+            cool_down: false
+        }),
         Err(Rejection::UnknownGpu { .. })
     ));
 }
@@ -515,7 +548,15 @@ fn a_snapshot_copy_keeps_what_the_state_held_when_it_was_taken() {
     // Change a job, a node and the set of jobs after the copy.
     sim.start_all(j);
     sim.apply(Command::RecordCheckpoint { attempt: sim.attempt(j, 0), step: 7, uri: "/c/7".into() }).unwrap();
-    sim.apply(Command::SetGpuHealth { node: a, gpu: 0, healthy: false, reason: "XID 79".into() }).unwrap();
+    sim.apply(Command::SetGpuHealth {
+        node: a,
+        gpu: 0,
+        healthy: false,
+        reason: "XID 79".into(),
+        xid: None,
+        cool_down: false,
+    })
+    .unwrap();
     sim.apply(Command::CancelJob { job: k, reason: None }).unwrap();
     sim.submit(spec(1, 2));
     assert_ne!(sim.state.snapshot(), before, "the commands above changed nothing");
@@ -1221,9 +1262,14 @@ fn concretise(state: &State, op: &Op, now: Timestamp) -> Option<Command> {
             deadline: deadline.then(|| now.plus_ms(HOUR)),
         },
         Op::Undrain { node } => Command::UndrainNode { node: node_id(state, node)? },
-        Op::Health { node, gpu, healthy } => {
-            Command::SetGpuHealth { node: node_id(state, node)?, gpu: u32::from(gpu), healthy, reason: "XID 79".into() }
-        }
+        Op::Health { node, gpu, healthy } => Command::SetGpuHealth {
+            node: node_id(state, node)?,
+            gpu: u32::from(gpu),
+            healthy,
+            reason: "XID 79".into(),
+            xid: None,
+            cool_down: false,
+        },
         Op::Cancel { pick } => {
             let ids: Vec<JobId> = state.jobs().keys().copied().collect();
             Command::CancelJob { job: *ids.get(pick as usize % ids.len().max(1))?, reason: None }

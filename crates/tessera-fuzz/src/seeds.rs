@@ -552,7 +552,14 @@ fn command_list() -> Vec<Command> {
         Command::MarkNodeDown { node: aws, reason: "no heartbeat for 30s".into(), registration: Some(1) },
         Command::DrainNode { node: aws, reason: DrainReason::Operator, deadline: Some(Timestamp(NOW.0 + 3_600_000)) },
         Command::UndrainNode { node: node("aws-spot-1") },
-        Command::SetGpuHealth { node: aws, gpu: 0, healthy: false, reason: "XID 48".into() },
+        Command::SetGpuHealth {
+            node: aws,
+            gpu: 0,
+            healthy: false,
+            reason: "XID 48".into(),
+            xid: None,
+            cool_down: false,
+        },
         Command::SetTenant {
             name: "vision".into(),
             weight: 10,

@@ -439,7 +439,17 @@ pub(crate) fn request(name: &str, body: &[u8], sig: Sig) -> Result<Sig, Sig> {
             let reason = if req.reason.is_empty() { "cleared by an operator".to_string() } else { req.reason };
             // The server writes one command per GPU; a few show what each does.
             gpus.into_iter().take(4).fold(sig, |sig, gpu| {
-                apply_to_fixture(Command::SetGpuHealth { node, gpu, healthy: true, reason: reason.clone() }, sig)
+                apply_to_fixture(
+                    Command::SetGpuHealth {
+                        node,
+                        gpu,
+                        healthy: true,
+                        reason: reason.clone(),
+                        xid: None,
+                        cool_down: false,
+                    },
+                    sig,
+                )
             })
         }
         "StatusRequest" => {

@@ -198,10 +198,20 @@ impl From<DrainReason> for v1::DrainReason {
 impl From<&GpuHealth> for v1::GpuHealth {
     fn from(h: &GpuHealth) -> Self {
         match h {
-            GpuHealth::Healthy => v1::GpuHealth { healthy: true, reason: String::new(), since_unix_ms: 0 },
-            GpuHealth::Unhealthy { reason, since } => {
-                v1::GpuHealth { healthy: false, reason: reason.clone(), since_unix_ms: since.0 }
-            }
+            GpuHealth::Healthy => v1::GpuHealth {
+                healthy: true,
+                reason: String::new(),
+                since_unix_ms: 0,
+                until_unix_ms: None,
+                recent_faults: 0,
+            },
+            GpuHealth::Unhealthy { reason, since, until } => v1::GpuHealth {
+                healthy: false,
+                reason: reason.clone(),
+                since_unix_ms: since.0,
+                until_unix_ms: until.map(|t| t.0),
+                recent_faults: 0,
+            },
         }
     }
 }
@@ -699,7 +709,9 @@ pub fn why_to_proto(
 // ---------------------------------------------------------------------------------------------
 
 fn gpu_to_proto(gpu: &Gpu, state: &State) -> v1::Gpu {
-    let Gpu { index, uuid, model, memory_mib, health, holder } = gpu;
+    let Gpu { index, uuid, model, memory_mib, health, holder, faults } = gpu;
+    let mut health = v1::GpuHealth::from(health);
+    health.recent_faults = u32::try_from(faults.len()).unwrap_or(u32::MAX);
     let allocation = holder.map(|attempt| {
         // A holder is always a live attempt (a core invariant); job 0 would mean "unknown".
         let (job_id, shard_index) = state.attempt(attempt).map_or((0, 0), |(job, shard)| (job.id.0, shard.index));
@@ -710,7 +722,7 @@ fn gpu_to_proto(gpu: &Gpu, state: &State) -> v1::Gpu {
         uuid: uuid.clone(),
         model: model.clone(),
         memory_mib: *memory_mib,
-        health: Some(health.into()),
+        health: Some(health),
         allocation,
         // Telemetry is not in the core; the server fills it in.
         telemetry: None,
@@ -1275,7 +1287,14 @@ mod tests {
 
         apply(
             &mut state,
-            Command::SetGpuHealth { node: node_id, gpu: 7, healthy: false, reason: "XID 79".into() },
+            Command::SetGpuHealth {
+                node: node_id,
+                gpu: 7,
+                healthy: false,
+                reason: "XID 79".into(),
+                xid: None,
+                cool_down: false,
+            },
             5_500,
         );
         apply(
@@ -1293,7 +1312,14 @@ mod tests {
         assert_eq!((node.drain_deadline_unix_ms, node.down_since_unix_ms), (Some(9_000), None));
         assert_eq!(
             node.gpus[7].health,
-            Some(v1::GpuHealth { healthy: false, reason: "XID 79".into(), since_unix_ms: 5_500 })
+            Some(v1::GpuHealth {
+                healthy: false,
+                reason: "XID 79".into(),
+                since_unix_ms: 5_500,
+                // A first hardware fault: back after the ten-minute cool-down.
+                until_unix_ms: Some(5_500 + 600_000),
+                recent_faults: 1,
+            })
         );
         let shard = &job_to_proto(state.job(job_id).unwrap(), &state).shards[0];
         assert_eq!(shard.state, v1::ShardState::Stopping as i32);

@@ -34,8 +34,10 @@ pub use crate::hub::{AgentHub, AgentTimeouts};
 /// Watches liveness on the leader and proposes overdue nodes down.
 pub async fn liveness_loop(shared: Arc<Shared>) {
     let mut was_leader = false;
+    let mut ticks = 0u64;
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
+        ticks += 1;
         let leader = shared.raft.status().role == StateRole::Leader;
         if leader != was_leader {
             // A new leader knows nothing of the agents yet: they reconnect, and it counts from
@@ -76,6 +78,9 @@ pub async fn liveness_loop(shared: Arc<Shared>) {
         else {
             return;
         };
+        if ticks.is_multiple_of(50) {
+            end_cool_downs(&shared).await;
+        }
         let ids: Vec<(NodeId, Timestamp)> = up.iter().map(|(n, _, at)| (*n, *at)).collect();
         for (node, reason) in shared.agents.overdue(&ids, now()) {
             tracing::warn!(%node, %reason, "marking node down");
@@ -87,6 +92,36 @@ pub async fn liveness_loop(shared: Arc<Shared>) {
             {
                 s.remove(&node);
             }
+        }
+    }
+}
+
+/// Put back into placement the GPUs whose cool-down after a hardware fault has ended (see
+/// `tessera_core::xid`); apply checks the time again, so a late command changes nothing.
+async fn end_cool_downs(shared: &Shared) {
+    let t = now();
+    let ended = shared
+        .raft
+        .local(move |n| {
+            let mut out = Vec::new();
+            for node in n.state_machine().state.nodes().values() {
+                for g in &node.gpus {
+                    if matches!(g.health, tessera_core::model::GpuHealth::Unhealthy { until: Some(u), .. } if u <= t) {
+                        out.push((node.id, g.index));
+                    }
+                }
+            }
+            out
+        })
+        .await
+        .unwrap_or_default();
+    for (node, gpu) in ended {
+        let reason = "its cool-down after a hardware fault ended".to_string();
+        let cmd = Command::SetGpuHealth { node, gpu, healthy: true, reason, xid: None, cool_down: true };
+        if let Err(e) = shared.write(&cmd).await {
+            tracing::debug!(%node, gpu, error = %e.message(), "cool-down not ended");
+        } else {
+            tracing::info!(%node, gpu, "GPU back in placement after its cool-down");
         }
     }
 }
@@ -459,9 +494,14 @@ pub fn report_command(node: NodeId, report: In) -> Option<Command> {
         In::CheckpointReport(c) => {
             Command::RecordCheckpoint { attempt: AttemptId(c.attempt_id), step: c.step, uri: c.uri }
         }
-        In::GpuHealthReport(g) => {
-            Command::SetGpuHealth { node, gpu: g.gpu_index, healthy: g.healthy, reason: g.reason }
-        }
+        In::GpuHealthReport(g) => Command::SetGpuHealth {
+            node,
+            gpu: g.gpu_index,
+            healthy: g.healthy,
+            reason: g.reason,
+            xid: g.xid,
+            cool_down: false,
+        },
         In::SpotNotice(n) => Command::DrainNode {
             node,
             reason: DrainReason::SpotInterruption,

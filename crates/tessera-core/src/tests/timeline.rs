@@ -83,7 +83,15 @@ fn gpu_faults_preemptions_spot_notices_and_retries_say_why() {
     sim.round();
     sim.start_all(j);
     let gpu = sim.state.job(j).unwrap().shards[0].attempt.as_ref().unwrap().gpus[3];
-    sim.apply(Command::SetGpuHealth { node: a, gpu, healthy: false, reason: "XID 79".into() }).unwrap();
+    sim.apply(Command::SetGpuHealth {
+        node: a,
+        gpu,
+        healthy: false,
+        reason: "XID 79".into(),
+        xid: None,
+        cool_down: false,
+    })
+    .unwrap();
     let job = sim.state.job(j).unwrap();
     let last = job.events.last().unwrap();
     assert_eq!(last.kind, JobEventKind::Stopping { reason: StopReason::GpuFault });

@@ -128,7 +128,15 @@ impl v1::node_service_server::NodeService for Nodes {
         let gpus = if req.gpu_indices.is_empty() { all } else { req.gpu_indices };
         let reason = if req.reason.is_empty() { "cleared by an operator".to_string() } else { req.reason };
         for gpu in gpus {
-            self.0.write(&Command::SetGpuHealth { node: id, gpu, healthy: true, reason: reason.clone() }).await?;
+            let cmd = Command::SetGpuHealth {
+                node: id,
+                gpu,
+                healthy: true,
+                reason: reason.clone(),
+                xid: None,
+                cool_down: false,
+            };
+            self.0.write(&cmd).await?;
         }
         let node = self.0.read(0, move |s| s.node(id).map(|n| node_to_proto(n, s))).await?;
         Ok(Response::new(v1::ClearGpuHealthResponse { node }))

@@ -34,7 +34,8 @@ enum NodeCommand {
     /// "memory_mib_used", "labels", "agent_version", "last_heartbeat_unix_ms", "drain_reason":
     /// null|operator|spot_interruption, "drain_deadline_unix_ms", "down_since_unix_ms",
     /// "gpus": [Gpu]}; Gpu: {"index", "uuid", "model", "memory_mib", "healthy",
-    /// "health_reason", "unhealthy_since_unix_ms", "allocation": {"job_id", "shard_index",
+    /// "health_reason", "unhealthy_since_unix_ms", "back_unix_ms" (when an unhealthy GPU returns
+    /// by itself; null: when cleared), "recent_faults", "allocation": {"job_id", "shard_index",
     /// "attempt_id"}|null, "telemetry": {"sample_unix_ms", "utilization_percent",
     /// "memory_used_mib", "memory_total_mib", "temperature_c", "power_w", "power_limit_w",
     /// "sm_clock_mhz", "ecc_corrected_volatile", "ecc_uncorrected_volatile", "retired_pages",
@@ -321,7 +322,13 @@ fn show(n: &v1::Node, out: Format) -> CliResult {
     ]);
     for g in &n.gpus {
         let health = match &g.health {
-            Some(h) if !h.healthy => format!("unhealthy: {}", if h.reason.is_empty() { "?" } else { &h.reason }),
+            Some(h) if !h.healthy => {
+                let back = match h.until_unix_ms {
+                    Some(t) => format!(", back {}", output::when(Some(t))),
+                    None => ", out until cleared".into(),
+                };
+                format!("unhealthy: {}{back}", if h.reason.is_empty() { "?" } else { &h.reason })
+            }
             _ => "healthy".into(),
         };
         let held = g.allocation.as_ref().map_or("-".into(), |a| format!("job {} shard {}", a.job_id, a.shard_index));

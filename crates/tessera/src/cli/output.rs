@@ -465,6 +465,8 @@ pub struct GpuJson {
     pub healthy: bool,
     pub health_reason: Option<String>,
     pub unhealthy_since_unix_ms: Option<u64>,
+    pub back_unix_ms: Option<u64>,
+    pub recent_faults: u32,
     pub allocation: Option<AllocationJson>,
     pub telemetry: Option<TelemetryJson>,
 }
@@ -485,6 +487,8 @@ impl From<&v1::Gpu> for GpuJson {
             healthy: health.healthy,
             health_reason: non_empty(&health.reason),
             unhealthy_since_unix_ms: (!health.healthy && health.since_unix_ms != 0).then_some(health.since_unix_ms),
+            back_unix_ms: health.until_unix_ms,
+            recent_faults: health.recent_faults,
             allocation: g.allocation.as_ref().map(|a| AllocationJson {
                 job_id: a.job_id,
                 shard_index: a.shard_index,
