@@ -1128,3 +1128,36 @@ async fn job_logs_follow_a_shard_across_its_attempts() {
     let j = job(&addrs, id).await.expect("job");
     assert_eq!((j.state, j.shards[0].attempt), (v1::JobState::Succeeded as i32, 2), "{j:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_its_max_runtime_is_stopped_and_fails_with_time_limit() {
+    let Some((c, addrs, _tr, _reaper)) = cluster_with_trainer().await else { return };
+    let a = AgentProc::start("gpu-a", &addrs, "8xH100-80GB", c.dir.path(), &[]);
+    registered(&addrs[0], "gpu-a", &a).await;
+    let marker = format!("time-limit-{}", std::process::id());
+    let mut req = train_job("unused", 1, 0.0);
+    if let Some(s) = req.spec.as_mut() {
+        s.command = vec!["sh".into(), "-c".into(), format!("sleep 120; echo {marker}")];
+        s.max_runtime_seconds = Some(2);
+    }
+    let id = submit(&addrs, req).await;
+    wait_until(&addrs, id, "running", running).await;
+    let started = Instant::now();
+    let done = wait_until(&addrs, id, "failed", |j| j.state == v1::JobState::Failed as i32).await;
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    assert_eq!(done.message, "time limit: ran past its max runtime of 2 s", "{done:?}");
+    assert_eq!(done.shards[0].state, v1::ShardState::Failed as i32);
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).into_owned())
+        .filter(|c| c.contains(&marker))
+        .collect();
+    assert!(left.is_empty(), "the shard's process is still there: {left:?}");
+    let t = timeline(&addrs, id).await;
+    let i = find_line(&t, 0, "SHARD_STOPPING 0:", "the job ran past its time limit: stopping it");
+    find_line(&t, i, "SHARD_EXITED 0:", "killed by signal");
+    assert_eq!(t.last().map(String::as_str), Some("FINISHED -: failed: time limit: ran past its max runtime of 2 s"));
+}

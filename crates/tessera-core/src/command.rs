@@ -131,6 +131,20 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         cool_down: bool,
     },
+    /// An attempt ran past its job's `max_runtime` (the leader saw it): the job's live shards
+    /// are stopped and the job fails with "time limit". Checked again at apply.
+    TimeLimit {
+        /// The job.
+        job: JobId,
+        /// The attempt that ran too long.
+        attempt: AttemptId,
+    },
+    /// A draining node's deadline passed (the leader saw it): the shards still on it are asked
+    /// to checkpoint and stop, and are requeued. Checked again at apply.
+    DrainDeadline {
+        /// The node.
+        node: NodeId,
+    },
     /// A placement plan computed by the leader; re-checked against the current state.
     ApplyPlan {
         /// The plan.
@@ -293,6 +307,8 @@ impl Command {
             Command::DrainNode { .. } => "drain_node",
             Command::UndrainNode { .. } => "undrain_node",
             Command::SetGpuHealth { .. } => "set_gpu_health",
+            Command::TimeLimit { .. } => "time_limit",
+            Command::DrainDeadline { .. } => "drain_deadline",
             Command::ApplyPlan { .. } => "apply_plan",
             Command::ShardStarted { .. } => "shard_started",
             Command::ShardExited { .. } => "shard_exited",

@@ -242,12 +242,18 @@ pub enum StopReason {
     GangRestart,
     /// The job failed for good: the shard ends cancelled.
     JobFailed,
+    /// The attempt ran past the job's `max_runtime`: the shard ends failed, and so does the job.
+    TimeLimit,
 }
 
 impl StopReason {
     /// After stopping for this reason, is the shard placed again?
     pub fn requeues(self) -> bool {
-        !matches!(self, StopReason::Cancelled | StopReason::JobFailed)
+        !matches!(self, StopReason::Cancelled | StopReason::JobFailed | StopReason::TimeLimit)
+    }
+    /// How a shard stopped for this reason ends, when it is not placed again.
+    pub fn ends_as(self) -> ShardState {
+        if self == StopReason::TimeLimit { ShardState::Failed } else { ShardState::Cancelled }
     }
 }
 

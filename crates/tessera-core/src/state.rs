@@ -470,6 +470,8 @@ impl State {
                 self.gpu_health(node, gpu, GpuReport { healthy, reason, xid, cool_down }, now, &mut ev)?
             }
             Command::ApplyPlan { plan } => self.apply_plan(plan, now, &mut ev)?,
+            Command::TimeLimit { job, attempt } => self.time_limit(job, attempt, now, &mut ev)?,
+            Command::DrainDeadline { node } => self.drain_deadline(node, now, &mut ev)?,
             Command::ShardStarted { attempt } => self.started(attempt, now, &mut ev)?,
             Command::ShardExited { attempt, exit, node_fault, message } => {
                 self.exited(attempt, exit, node_fault, message, now, &mut ev)?
@@ -733,7 +735,7 @@ impl State {
         self.release(id, shard, now);
         self.note(id, shard, now, JobEventKind::NodeLost, Some(why.to_string()));
         match state {
-            ShardState::Stopping(r) if !r.requeues() => self.set_shard(id, shard, ShardState::Cancelled, now, ev),
+            ShardState::Stopping(r) if !r.requeues() => self.set_shard(id, shard, r.ends_as(), now, ev),
             _ => {
                 self.set_shard(id, shard, ShardState::Pending, now, ev);
                 let kind = JobEventKind::Requeued { why: Requeue::NodeLost, not_before: None };
@@ -943,6 +945,69 @@ impl State {
         Ok(())
     }
 
+    /// Whether `attempt` of `job` is live, not stopping, and ran past the job's max runtime.
+    pub fn past_time_limit(&self, job: JobId, attempt: AttemptId, now: Timestamp) -> bool {
+        let Some(j) = self.jobs.get(&job) else { return false };
+        let Some(rt) = j.spec.max_runtime_secs else { return false };
+        j.shards.iter().any(|s| {
+            matches!(s.state, ShardState::Assigned | ShardState::Running)
+                && s.attempt.as_ref().is_some_and(|a| a.id == attempt && a.assigned_at.plus_secs(rt) <= now)
+        })
+    }
+
+    fn time_limit(
+        &mut self,
+        id: JobId,
+        attempt: AttemptId,
+        now: Timestamp,
+        ev: &mut Vec<Event>,
+    ) -> Result<(), Rejection> {
+        let job = self.jobs.get(&id).ok_or(Rejection::UnknownJob(id))?;
+        reject_if(!self.past_time_limit(id, attempt, now), || format!("{attempt} of {id} is within its time limit"))?;
+        let rt = job.spec.max_runtime_secs.unwrap_or(0);
+        let n = job.shards.len() as u32;
+        if let Some(job) = self.jobs.get_mut(&id).map(Arc::make_mut) {
+            job.message = Some(format!("time limit: ran past its max runtime of {rt} s"));
+        }
+        for i in 0..n {
+            self.end_or_stop(id, i, StopReason::TimeLimit, now, ev);
+        }
+        self.refresh_job(id, now, ev);
+        Ok(())
+    }
+
+    /// The live attempts on `node` that its passed drain deadline stops (none if it has none).
+    pub fn past_drain_deadline(&self, node: NodeId, now: Timestamp) -> Vec<AttemptRef> {
+        let Some(n) = self.nodes.get(&node) else { return Vec::new() };
+        let NodeState::Draining { deadline: Some(d), .. } = n.state else { return Vec::new() };
+        if d > now {
+            return Vec::new();
+        }
+        self.attempts_on(node)
+            .into_iter()
+            .filter(|r| {
+                self.jobs
+                    .get(&r.job)
+                    .and_then(|j| j.shards.get(r.shard as usize))
+                    .is_some_and(|s| matches!(s.state, ShardState::Assigned | ShardState::Running))
+            })
+            .collect()
+    }
+
+    fn drain_deadline(&mut self, node: NodeId, now: Timestamp, ev: &mut Vec<Event>) -> Result<(), Rejection> {
+        let due = self.past_drain_deadline(node, now);
+        reject_if(due.is_empty(), || format!("{node} has no shard past a drain deadline"))?;
+        let reason = match self.nodes.get(&node).map(|n| n.state) {
+            Some(NodeState::Draining { reason: DrainReason::SpotInterruption, .. }) => StopReason::SpotInterruption,
+            _ => StopReason::Drain,
+        };
+        for r in due {
+            self.stop_shard(r.job, r.shard, reason, Some("the drain deadline passed".into()), now, ev);
+            self.restart_gang(r.job, r.shard, now, ev);
+        }
+        Ok(())
+    }
+
     fn undrain(&mut self, id: NodeId, ev: &mut Vec<Event>) -> Result<(), Rejection> {
         let node = self.nodes.get_mut(&id).map(Arc::make_mut).ok_or(Rejection::UnknownNode(id))?;
         reject_if(!matches!(node.state, NodeState::Draining { .. }), || format!("{id} is not draining"))?;
@@ -1050,7 +1115,7 @@ impl State {
                     self.note(id, i, now, requeued(Requeue::Stopped(reason), None), None);
                     self.restart_gang(id, i, now, ev);
                 }
-                ShardState::Stopping(_) => self.set_shard(id, i, ShardState::Cancelled, now, ev),
+                ShardState::Stopping(r) => self.set_shard(id, i, r.ends_as(), now, ev),
                 _ if node_fault => {
                     self.set_shard(id, i, ShardState::Pending, now, ev);
                     self.note(id, i, now, requeued(Requeue::NodeFault, None), None);

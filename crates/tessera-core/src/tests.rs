@@ -15,6 +15,7 @@ use crate::spec::{Cloud, JobSpec, SpotPolicy};
 use crate::{AttemptId, JobId, NodeId, State, Timestamp};
 
 mod gpu_faults;
+mod limits;
 mod tenants;
 mod timeline;
 mod usage;
@@ -1119,6 +1120,11 @@ enum Op {
     Undrain {
         node: u8,
     },
+    /// What the leader's limit loop proposes: a time limit, or a passed drain deadline.
+    Limits {
+        pick: u16,
+        node: u8,
+    },
     Health {
         node: u8,
         gpu: u8,
@@ -1157,6 +1163,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u8..6).prop_map(|node| Op::Down { node }),
         1 => (0u8..6, any::<bool>()).prop_map(|(node, deadline)| Op::Drain { node, deadline }),
         1 => (0u8..6).prop_map(|node| Op::Undrain { node }),
+        1 => (any::<u16>(), 0u8..6).prop_map(|(pick, node)| Op::Limits { pick, node }),
         1 => (0u8..6, 0u8..8, any::<bool>()).prop_map(|(node, gpu, healthy)| Op::Health { node, gpu, healthy }),
         1 => any::<u16>().prop_map(|pick| Op::Cancel { pick }),
         1 => (
@@ -1262,6 +1269,19 @@ fn concretise(state: &State, op: &Op, now: Timestamp) -> Option<Command> {
             deadline: deadline.then(|| now.plus_ms(HOUR)),
         },
         Op::Undrain { node } => Command::UndrainNode { node: node_id(state, node)? },
+        Op::Limits { pick, node } => {
+            let attempt = pick_live(state, pick)?;
+            let job = state.live_attempts().get(&attempt)?.job;
+            if state.past_time_limit(job, attempt, now) {
+                Command::TimeLimit { job, attempt }
+            } else {
+                let node = node_id(state, node)?;
+                if state.past_drain_deadline(node, now).is_empty() {
+                    return None;
+                }
+                Command::DrainDeadline { node }
+            }
+        }
         Op::Health { node, gpu, healthy } => Command::SetGpuHealth {
             node: node_id(state, node)?,
             gpu: u32::from(gpu),

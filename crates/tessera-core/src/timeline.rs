@@ -141,6 +141,7 @@ fn stop_text(r: StopReason, node: &str) -> String {
         StopReason::GpuFault => format!("a GPU of {node} failed"),
         StopReason::GangRestart => "the gang restarts".to_string(),
         StopReason::JobFailed => "another shard failed the job".to_string(),
+        StopReason::TimeLimit => "the job ran past its time limit".to_string(),
     }
 }
 

@@ -170,6 +170,7 @@ impl From<StopReason> for v1::StopReason {
             StopReason::GpuFault => v1::StopReason::GpuFault,
             StopReason::GangRestart => v1::StopReason::GangRestart,
             StopReason::JobFailed => v1::StopReason::JobFailed,
+            StopReason::TimeLimit => v1::StopReason::TimeLimit,
         }
     }
 }

@@ -81,6 +81,9 @@ pub async fn liveness_loop(shared: Arc<Shared>) {
         if ticks.is_multiple_of(50) {
             end_cool_downs(&shared).await;
         }
+        if ticks.is_multiple_of(10) {
+            enforce_limits(&shared).await;
+        }
         let ids: Vec<(NodeId, Timestamp)> = up.iter().map(|(n, _, at)| (*n, *at)).collect();
         for (node, reason) in shared.agents.overdue(&ids, now()) {
             tracing::warn!(%node, %reason, "marking node down");
@@ -92,6 +95,41 @@ pub async fn liveness_loop(shared: Arc<Shared>) {
             {
                 s.remove(&node);
             }
+        }
+    }
+}
+
+/// Stop what ran past its job's time limit, and what is still on a node past its drain
+/// deadline (apply checks both again).
+async fn enforce_limits(shared: &Shared) {
+    let t = now();
+    let due = shared
+        .raft
+        .local(move |n| {
+            let state = &n.state_machine().state;
+            let mut out = Vec::new();
+            let mut jobs = BTreeSet::new();
+            for (attempt, r) in state.live_attempts() {
+                if !jobs.contains(&r.job) && state.past_time_limit(r.job, *attempt, t) {
+                    jobs.insert(r.job);
+                    out.push(Command::TimeLimit { job: r.job, attempt: *attempt });
+                }
+            }
+            for node in state.nodes().values() {
+                if matches!(node.state, NodeState::Draining { deadline: Some(d), .. } if d <= t)
+                    && !state.past_drain_deadline(node.id, t).is_empty()
+                {
+                    out.push(Command::DrainDeadline { node: node.id });
+                }
+            }
+            out
+        })
+        .await
+        .unwrap_or_default();
+    for cmd in due {
+        match shared.write(&cmd).await {
+            Ok(_) => tracing::info!(command = cmd.kind(), "limit enforced"),
+            Err(e) => tracing::debug!(error = %e.message(), "limit not enforced"),
         }
     }
 }
@@ -182,15 +220,40 @@ fn stop_message(
     reason: tessera_core::model::StopReason,
 ) -> v1::ServerMessage {
     let stop = state.job(job).map(|j| j.spec.stop.clone()).unwrap_or_default();
+    let (mut checkpoint, mut term) = (stop.checkpoint_grace_secs * 1000, stop.term_grace_secs * 1000);
+    // A node that goes away at a deadline (a spot notice): the ladder must end before it.
+    let deadline = state.attempt(attempt).and_then(|(_, s)| {
+        let node = state.node(s.attempt.as_ref()?.node)?;
+        match node.state {
+            tessera_core::model::NodeState::Draining { deadline: Some(d), .. } => Some(d),
+            _ => None,
+        }
+    });
+    if let Some(d) = deadline {
+        (checkpoint, term) = fit_grace(checkpoint, term, d.since(now()).saturating_sub(STOP_MARGIN_MS));
+    }
     v1::ServerMessage {
         payload: Some(Out::StopShard(v1::StopShard {
             attempt_id: attempt.0,
             reason: stop_reason(reason) as i32,
-            checkpoint_grace_ms: stop.checkpoint_grace_secs * 1000,
-            term_grace_ms: stop.term_grace_secs * 1000,
+            checkpoint_grace_ms: checkpoint,
+            term_grace_ms: term,
             message: format!("{reason:?}"),
         })),
     }
+}
+
+/// Time kept free before a node's deadline when its shards' stop ladder is shortened.
+const STOP_MARGIN_MS: u64 = 5_000;
+
+/// The checkpoint and term graces shrunk in proportion to fit in `left` milliseconds.
+pub fn fit_grace(checkpoint: u64, term: u64, left: u64) -> (u64, u64) {
+    let total = checkpoint + term;
+    if total <= left {
+        return (checkpoint, term);
+    }
+    let c = (u128::from(checkpoint) * u128::from(left) / u128::from(total.max(1))) as u64;
+    (c, left - c)
 }
 
 /// What a (re)connecting agent must be told, from the state and the attempts it runs.
@@ -574,4 +637,18 @@ async fn read_reports(
     shared.agents.closed(node, generation);
     shared.agents.remove_route(node, generation);
     tracing::info!(%node, generation, "agent session closed");
+}
+
+#[cfg(test)]
+mod grace_tests {
+    #[test]
+    fn the_stop_ladder_shrinks_to_fit_a_deadline() {
+        use super::fit_grace;
+        assert_eq!(fit_grace(60_000, 30_000, 200_000), (60_000, 30_000), "room enough");
+        assert_eq!(fit_grace(60_000, 30_000, 90_000), (60_000, 30_000));
+        // AWS's two minutes less the margin, against 60 s + 30 s: kept; Azure's 30 s: shrunk.
+        assert_eq!(fit_grace(60_000, 30_000, 25_000), (16_666, 8_334));
+        assert_eq!(fit_grace(60_000, 30_000, 0), (0, 0));
+        assert_eq!(fit_grace(0, 0, 0), (0, 0));
+    }
 }
