@@ -1161,3 +1161,29 @@ async fn a_job_past_its_max_runtime_is_stopped_and_fails_with_time_limit() {
     find_line(&t, i, "SHARD_EXITED 0:", "killed by signal");
     assert_eq!(t.last().map(String::as_str), Some("FINISHED -: failed: time limit: ran past its max runtime of 2 s"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_shard_restarts_its_gang_after_its_progress_timeout() {
+    let Some((c, addrs, _tr, _reaper)) = cluster_with_trainer().await else { return };
+    let a = AgentProc::start("gpu-a", &addrs, "8xH100-80GB", c.dir.path(), &[]);
+    registered(&addrs[0], "gpu-a", &a).await;
+    // One step, then a hang (as in a NCCL deadlock: the process lives, progress stops).
+    let mut req = train_job("unused", 1, 0.0);
+    if let Some(s) = req.spec.as_mut() {
+        let script = "echo '{\"step\": 1}' >> \"$TESSERA_PROGRESS_FILE\"; sleep 600";
+        s.command = vec!["sh".into(), "-c".into(), script.into()];
+        s.progress_timeout_seconds = Some(10);
+    }
+    let id = submit(&addrs, req).await;
+    wait_until(&addrs, id, "step 1", |j| j.shards.first().is_some_and(|s| s.step == 1)).await;
+    let hung = Instant::now();
+    let restarted = wait_until(&addrs, id, "attempt 2", |j| j.shards[0].attempt >= 2).await;
+    let took = hung.elapsed();
+    assert!(took >= Duration::from_secs(8) && took < Duration::from_secs(40), "restarted after {took:?}");
+    assert_eq!((restarted.failures, restarted.restarts), (0, 1), "a restart, not a failure: {restarted:?}");
+    let t = timeline(&addrs, id).await;
+    let i = find_line(&t, 0, "SHARD_STOPPING 0:", "it made no progress (a hang)");
+    assert!(t[i].contains("no new step for 10 s; stalled ranks: 0"), "{}", t[i]);
+    let i = find_line(&t, i, "SHARD_REQUEUED 0:", "no progress");
+    find_line(&t, i, "RESTARTED 0:", "placed again on gpu-a (attempt 2)");
+}

@@ -139,6 +139,15 @@ pub enum Command {
         /// The attempt that ran too long.
         attempt: AttemptId,
     },
+    /// Running shards of a job reported no new step within its `progress_timeout` (the leader
+    /// judged it from the heartbeats, which are not in the log): they are stopped and the gang
+    /// restarts from its checkpoint.
+    Stalled {
+        /// The job.
+        job: JobId,
+        /// The stalled attempts (ranks).
+        attempts: Vec<AttemptId>,
+    },
     /// A draining node's deadline passed (the leader saw it): the shards still on it are asked
     /// to checkpoint and stop, and are requeued. Checked again at apply.
     DrainDeadline {
@@ -308,6 +317,7 @@ impl Command {
             Command::UndrainNode { .. } => "undrain_node",
             Command::SetGpuHealth { .. } => "set_gpu_health",
             Command::TimeLimit { .. } => "time_limit",
+            Command::Stalled { .. } => "stalled",
             Command::DrainDeadline { .. } => "drain_deadline",
             Command::ApplyPlan { .. } => "apply_plan",
             Command::ShardStarted { .. } => "shard_started",

@@ -244,6 +244,9 @@ pub enum StopReason {
     JobFailed,
     /// The attempt ran past the job's `max_runtime`: the shard ends failed, and so does the job.
     TimeLimit,
+    /// The shard reported no new step within the job's `progress_timeout` (a hang): the gang
+    /// restarts from its checkpoint, as a restart, not a failure.
+    Stalled,
 }
 
 impl StopReason {

@@ -40,6 +40,8 @@ pub mod limits {
     pub const MAX_PRIORITY: u16 = 1000;
     /// Longest declared runtime: 365 days, in seconds.
     pub const MAX_RUNTIME_SECS: u64 = 365 * 24 * 3600;
+    /// Shortest progress timeout: a few heartbeats' worth.
+    pub const MIN_PROGRESS_TIMEOUT_SECS: u64 = 10;
     /// Most attempts the retry policy may allow.
     pub const MAX_ATTEMPTS: u32 = 100;
     /// Longest retry backoff: one day, in seconds.
@@ -237,6 +239,10 @@ pub struct JobSpec {
     pub priority: u16,
     /// Declared maximum runtime in seconds, if any; lets the job backfill.
     pub max_runtime_secs: Option<u64>,
+    /// A running shard that reports no new progress step for this long is stalled (a hang,
+    /// like a NCCL deadlock): its gang restarts from the checkpoint. None: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_timeout_secs: Option<u64>,
     /// Where the job writes checkpoints (a path or URI), passed as `TESSERA_CHECKPOINT_DIR`.
     pub checkpoint_dir: Option<String>,
     /// Retry policy.
@@ -320,6 +326,7 @@ impl JobSpec {
             placement: Placement::default(),
             priority: DEFAULT_PRIORITY,
             max_runtime_secs: None,
+            progress_timeout_secs: None,
             checkpoint_dir: None,
             retry: RetryPolicy::default(),
             stop: StopPolicy::default(),
@@ -427,6 +434,11 @@ impl JobSpec {
             && (rt == 0 || rt > limits::MAX_RUNTIME_SECS)
         {
             push(&mut e, "max_runtime", "must be between 1 second and 365 days");
+        }
+        if let Some(t) = self.progress_timeout_secs
+            && !(limits::MIN_PROGRESS_TIMEOUT_SECS..=limits::MAX_RUNTIME_SECS).contains(&t)
+        {
+            push(&mut e, "progress_timeout", "must be between 10 seconds and 365 days");
         }
         if let Some(dir) = &self.checkpoint_dir
             && (dir.is_empty() || dir.len() > limits::MAX_URI_LEN || dir.contains('\0'))
@@ -561,6 +573,7 @@ struct RawSpec {
     shards: Option<Spanned<i64>>,
     priority: Option<Spanned<toml::Value>>,
     max_runtime: Option<Spanned<toml::Value>>,
+    progress_timeout: Option<Spanned<toml::Value>>,
     checkpoint_dir: Option<Spanned<String>>,
     env: Option<Spanned<BTreeMap<String, String>>>,
     resources: Option<Spanned<RawResources>>,
@@ -733,6 +746,9 @@ pub fn parse_toml(src: &str) -> Result<JobSpec, SpecError> {
     if let Some(v) = &raw.max_runtime {
         spec.max_runtime_secs = c.duration("max_runtime", v);
     }
+    if let Some(v) = &raw.progress_timeout {
+        spec.progress_timeout_secs = c.duration("progress_timeout", v);
+    }
     if let Some(v) = &raw.checkpoint_dir {
         c.at("checkpoint_dir", v.span());
         spec.checkpoint_dir = Some(v.get_ref().clone());
@@ -887,6 +903,10 @@ pub struct OneLine {
     pub name: Option<String>,
     /// `--tenant`.
     pub tenant: Option<String>,
+    /// `--max-runtime`, a duration like 2h.
+    pub max_runtime: Option<String>,
+    /// `--progress-timeout`, a duration like 10m.
+    pub progress_timeout: Option<String>,
     /// The command after `--`.
     pub command: Vec<String>,
 }
@@ -920,6 +940,17 @@ impl OneLine {
         if let Some(t) = &self.tenant {
             spec.tenant = t.clone();
         }
+        for (flag, given, field) in [
+            ("--max-runtime", &self.max_runtime, &mut spec.max_runtime_secs),
+            ("--progress-timeout", &self.progress_timeout, &mut spec.progress_timeout_secs),
+        ] {
+            if let Some(d) = given {
+                match parse_duration_secs(d) {
+                    Ok(s) => *field = Some(s),
+                    Err(m) => push(&mut errors, flag, m),
+                }
+            }
+        }
         if let Err(invalid) = spec.validate() {
             for mut fe in invalid.errors {
                 fe.field = match fe.field.as_str() {
@@ -929,6 +960,8 @@ impl OneLine {
                     "name" => "--name".into(),
                     "tenant" => "--tenant".into(),
                     "priority" => "--priority".into(),
+                    "max_runtime" => "--max-runtime".into(),
+                    "progress_timeout" => "--progress-timeout".into(),
                     "command" => "command (after --)".into(),
                     other => other.to_string(),
                 };
@@ -1067,13 +1100,14 @@ term_grace = 10
             priority: Some("high".into()),
             name: Some("llama-sft".into()),
             tenant: Some("nlp".into()),
+            max_runtime: Some("2h30m".into()),
+            progress_timeout: None,
             command: ["python", "train.py", "--lr", "3e-4"].map(String::from).to_vec(),
         };
         let from_line = line.to_spec().unwrap();
         let mut from_toml = parse_toml(GOOD).unwrap();
         // Fields the one-line form does not carry:
         from_toml.env.clear();
-        from_toml.max_runtime_secs = None;
         from_toml.checkpoint_dir = None;
         from_toml.resources.min_gpu_memory_mib = 0;
         from_toml.resources.cpu_millis = 0;
@@ -1095,6 +1129,34 @@ term_grace = 10
         assert_eq!(fields, ["--priority", "--gpus"]);
         let err = OneLine::default().to_spec().unwrap_err();
         assert!(err.errors[0].field.starts_with("command"));
+        // Durations: parsed, then held to the spec's bounds, each error naming its flag.
+        let ok = OneLine {
+            max_runtime: Some("2h".into()),
+            progress_timeout: Some("10m".into()),
+            command: vec!["x".into()],
+            ..Default::default()
+        };
+        let spec = ok.to_spec().unwrap();
+        assert_eq!((spec.max_runtime_secs, spec.progress_timeout_secs), (Some(7200), Some(600)));
+        let bad = OneLine {
+            max_runtime: Some("soon".into()),
+            progress_timeout: Some("5s".into()),
+            command: vec!["x".into()],
+            ..Default::default()
+        };
+        let err = bad.to_spec().unwrap_err();
+        let fields: Vec<_> = err.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["--max-runtime", "--progress-timeout"], "{err}");
+        assert!(err.to_string().contains("between 10 seconds and 365 days"), "{err}");
+    }
+
+    #[test]
+    fn a_progress_timeout_in_a_spec_file() {
+        let spec = parse_toml("command = [\"x\"]\nprogress_timeout = \"15m\"\n").unwrap();
+        assert_eq!(spec.progress_timeout_secs, Some(900));
+        let err = parse_toml("command = [\"x\"]\n\nprogress_timeout = 3\n").unwrap_err();
+        assert_eq!(err.errors[0].field, "progress_timeout");
+        assert_eq!(err.errors[0].location.map(|l| l.0), Some(3), "{err}");
     }
 
     #[test]

@@ -471,6 +471,7 @@ impl State {
             }
             Command::ApplyPlan { plan } => self.apply_plan(plan, now, &mut ev)?,
             Command::TimeLimit { job, attempt } => self.time_limit(job, attempt, now, &mut ev)?,
+            Command::Stalled { job, attempts } => self.stalled(job, attempts, now, &mut ev)?,
             Command::DrainDeadline { node } => self.drain_deadline(node, now, &mut ev)?,
             Command::ShardStarted { attempt } => self.started(attempt, now, &mut ev)?,
             Command::ShardExited { attempt, exit, node_fault, message } => {
@@ -973,6 +974,38 @@ impl State {
             self.end_or_stop(id, i, StopReason::TimeLimit, now, ev);
         }
         self.refresh_job(id, now, ev);
+        Ok(())
+    }
+
+    fn stalled(
+        &mut self,
+        id: JobId,
+        attempts: Vec<AttemptId>,
+        now: Timestamp,
+        ev: &mut Vec<Event>,
+    ) -> Result<(), Rejection> {
+        let job = self.jobs.get(&id).ok_or(Rejection::UnknownJob(id))?;
+        let timeout = job.spec.progress_timeout_secs.ok_or_else(|| Rejection::InvalidArgument {
+            field: "job",
+            message: format!("{id} has no progress timeout"),
+        })?;
+        reject_if(attempts.is_empty() || attempts.len() > job.shards.len(), || "attempts: 1 to one per shard".into())?;
+        let mut shards = Vec::new();
+        for a in &attempts {
+            let r = self.live.get(a).copied().filter(|r| r.job == id).ok_or(Rejection::StaleAttempt(*a))?;
+            if matches!(job.shards[r.shard as usize].state, ShardState::Assigned | ShardState::Running) {
+                shards.push(r.shard);
+            }
+        }
+        reject_if(shards.is_empty(), || format!("no listed attempt of {id} is running"))?;
+        let ranks: Vec<String> = shards.iter().map(u32::to_string).collect();
+        for s in &shards {
+            let detail = format!("no new step for {timeout} s; stalled ranks: {}", ranks.join(", "));
+            self.stop_shard(id, *s, StopReason::Stalled, Some(detail), now, ev);
+        }
+        for s in shards {
+            self.restart_gang(id, s, now, ev);
+        }
         Ok(())
     }
 

@@ -142,6 +142,7 @@ fn stop_text(r: StopReason, node: &str) -> String {
         StopReason::GangRestart => "the gang restarts".to_string(),
         StopReason::JobFailed => "another shard failed the job".to_string(),
         StopReason::TimeLimit => "the job ran past its time limit".to_string(),
+        StopReason::Stalled => "it made no progress (a hang); the gang restarts from its checkpoint".to_string(),
     }
 }
 

@@ -171,6 +171,7 @@ impl From<StopReason> for v1::StopReason {
             StopReason::GangRestart => v1::StopReason::GangRestart,
             StopReason::JobFailed => v1::StopReason::JobFailed,
             StopReason::TimeLimit => v1::StopReason::TimeLimit,
+            StopReason::Stalled => v1::StopReason::Stalled,
         }
     }
 }
@@ -233,6 +234,7 @@ fn wire_field(core_field: &str) -> String {
         "resources.cpu" => "resources.cpu_millis",
         "resources.memory_gib" => "resources.memory_mib",
         "max_runtime" => "max_runtime_seconds",
+        "progress_timeout" => "progress_timeout_seconds",
         "retry.backoff" => "retry.backoff_seconds",
         "stop.checkpoint_grace" => "stop.checkpoint_grace_seconds",
         "stop.term_grace" => "stop.term_grace_seconds",
@@ -279,6 +281,7 @@ pub fn spec_from_proto(p: v1::JobSpec) -> Result<JobSpec, SpecError> {
         checkpoint_dir,
         retry,
         stop,
+        progress_timeout_seconds,
     } = p;
 
     let name = if name.is_empty() { JobSpec::new(command.clone(), 1, 1).name } else { name };
@@ -362,6 +365,7 @@ pub fn spec_from_proto(p: v1::JobSpec) -> Result<JobSpec, SpecError> {
         placement,
         priority,
         max_runtime_secs: max_runtime_seconds,
+        progress_timeout_secs: progress_timeout_seconds,
         checkpoint_dir: (!checkpoint_dir.is_empty()).then_some(checkpoint_dir),
         retry,
         stop,
@@ -398,6 +402,7 @@ impl From<&JobSpec> for v1::JobSpec {
             placement,
             priority,
             max_runtime_secs,
+            progress_timeout_secs,
             checkpoint_dir,
             retry,
             stop,
@@ -429,6 +434,7 @@ impl From<&JobSpec> for v1::JobSpec {
             }),
             priority: Some(u32::from(*priority)),
             max_runtime_seconds: *max_runtime_secs,
+            progress_timeout_seconds: *progress_timeout_secs,
             checkpoint_dir: checkpoint_dir.clone().unwrap_or_default(),
             retry: Some(v1::RetryPolicy {
                 max_attempts: *max_attempts,
@@ -946,6 +952,7 @@ mod tests {
             },
             priority: 750,
             max_runtime_secs: Some(9000),
+            progress_timeout_secs: Some(600),
             checkpoint_dir: Some("s3://ckpt/llama".into()),
             retry: RetryPolicy { max_attempts: 5, backoff_secs: 0, never_retry_exit_codes: vec![2, 137] },
             stop: StopPolicy { signal: "SIGUSR2".into(), checkpoint_grace_secs: 120, term_grace_secs: 0 },

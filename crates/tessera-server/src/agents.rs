@@ -103,6 +103,7 @@ pub async fn liveness_loop(shared: Arc<Shared>) {
 /// deadline (apply checks both again).
 async fn enforce_limits(shared: &Shared) {
     let t = now();
+    stop_stalled(shared, t).await;
     let due = shared
         .raft
         .local(move |n| {
@@ -130,6 +131,54 @@ async fn enforce_limits(shared: &Shared) {
         match shared.write(&cmd).await {
             Ok(_) => tracing::info!(command = cmd.kind(), "limit enforced"),
             Err(e) => tracing::debug!(error = %e.message(), "limit not enforced"),
+        }
+    }
+}
+
+/// Hang detection: running shards of jobs with a progress timeout whose step has not moved for
+/// that long, as this leader has seen it (from its heartbeats, since it took office), restart
+/// their gang from the checkpoint.
+async fn stop_stalled(shared: &Shared, t: Timestamp) {
+    // The earliest time this leader can vouch for: it saw no heartbeat before taking office.
+    let office = shared
+        .agents
+        .leader_since
+        .lock()
+        .ok()
+        .and_then(|l| *l)
+        .map_or(t.0, |since| t.0.saturating_sub(since.elapsed().as_millis() as u64));
+    let watched = shared
+        .raft
+        .local(move |n| {
+            let state = &n.state_machine().state;
+            let mut out = Vec::new();
+            for (attempt, r) in state.live_attempts() {
+                let Some(job) = state.job(r.job) else { continue };
+                let Some(timeout) = job.spec.progress_timeout_secs else { continue };
+                let shard = &job.shards[r.shard as usize];
+                let Some(a) =
+                    shard.attempt.as_ref().filter(|_| shard.state == tessera_core::model::ShardState::Running)
+                else {
+                    continue;
+                };
+                let start = a.started_at.unwrap_or(a.assigned_at);
+                out.push((r.job, *attempt, start.0, timeout));
+            }
+            out
+        })
+        .await
+        .unwrap_or_default();
+    let mut stalled: std::collections::BTreeMap<JobId, Vec<AttemptId>> = std::collections::BTreeMap::new();
+    for (job, attempt, start, timeout) in watched {
+        let last = start.max(office).max(shared.live.stepped_at(attempt.0).unwrap_or(0));
+        if t.0.saturating_sub(last) > timeout.saturating_mul(1000) {
+            stalled.entry(job).or_default().push(attempt);
+        }
+    }
+    for (job, attempts) in stalled {
+        tracing::warn!(%job, ranks = attempts.len(), "shards made no progress within the job's timeout: restarting the gang");
+        if let Err(e) = shared.write(&Command::Stalled { job, attempts }).await {
+            tracing::debug!(%job, error = %e.message(), "stall not acted on");
         }
     }
 }

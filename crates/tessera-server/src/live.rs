@@ -24,6 +24,8 @@ struct Progress {
     step: u64,
     total_steps: Option<u64>,
     metrics: BTreeMap<String, f64>,
+    /// When this leader last saw the step change, Unix milliseconds (hang detection).
+    stepped_at: u64,
 }
 
 #[derive(Default)]
@@ -53,11 +55,22 @@ impl LiveView {
                 .filter(|(k, v)| k.len() <= MAX_METRIC_NAME && v.is_finite())
                 .take(MAX_METRICS)
                 .collect();
-            inner.progress.insert(p.attempt_id, Progress { step: p.step, total_steps: p.total_steps, metrics });
+            let stepped_at = match inner.progress.get(&p.attempt_id) {
+                Some(old) if old.step == p.step => old.stepped_at,
+                _ => now_ms,
+            };
+            let progress = Progress { step: p.step, total_steps: p.total_steps, metrics, stepped_at };
+            inner.progress.insert(p.attempt_id, progress);
         }
         while inner.progress.len() > MAX_ATTEMPTS {
             inner.progress.pop_first();
         }
+    }
+
+    /// When this leader last saw `attempt`'s step change, Unix milliseconds; None if it has seen
+    /// no progress of it.
+    pub fn stepped_at(&self, attempt: u64) -> Option<u64> {
+        self.inner.lock().ok()?.progress.get(&attempt).map(|p| p.stepped_at)
     }
 
     /// Forget everything (this server is no longer the leader).

@@ -81,3 +81,61 @@ fn shards_still_on_a_node_at_its_drain_deadline_are_stopped_and_requeued() {
     assert_eq!(sim.shard_state(j, 0), ShardState::Pending, "requeued, not failed");
     assert!(sim.apply(Command::DrainDeadline { node: a }).is_err(), "nothing left to stop");
 }
+
+#[test]
+fn a_stalled_rank_restarts_its_gang_from_the_checkpoint_without_using_a_retry() {
+    let mut sim = Sim::new();
+    sim.node(n("a"));
+    sim.node(n("b"));
+    sim.node(n("c"));
+    let mut s = spec(2, 8);
+    s.progress_timeout_secs = Some(600);
+    let j = sim.submit(s);
+    sim.round();
+    sim.start_all(j);
+    let (a0, a1) = (sim.attempt(j, 0), sim.attempt(j, 1));
+    sim.apply(Command::RecordCheckpoint { attempt: a0, step: 40, uri: "/ckpt/40".into() }).unwrap();
+    // Rank 1 hangs: it is stopped as stalled, rank 0 for the gang's restart.
+    sim.apply(Command::Stalled { job: j, attempts: vec![a1] }).unwrap();
+    assert_eq!(sim.shard_state(j, 1), ShardState::Stopping(StopReason::Stalled));
+    assert_eq!(sim.shard_state(j, 0), ShardState::Stopping(StopReason::GangRestart));
+    let e = sim
+        .state
+        .job(j)
+        .unwrap()
+        .events
+        .iter()
+        .find(|e| e.kind == crate::model::JobEventKind::Stopping { reason: StopReason::Stalled })
+        .cloned()
+        .unwrap();
+    assert_eq!(e.detail.as_deref(), Some("no new step for 600 s; stalled ranks: 1"));
+    for a in [a0, a1] {
+        sim.apply(Command::ShardExited {
+            attempt: a,
+            exit: ExitStatus { code: None, signal: Some(9) },
+            node_fault: false,
+            message: None,
+        })
+        .unwrap();
+    }
+    let job = sim.state.job(j).unwrap();
+    assert!(job.shards.iter().all(|s| s.state == ShardState::Pending), "requeued");
+    assert_eq!(job.failures, 0, "a hang uses no retry");
+    let (_, ev) = sim.round();
+    let resumes: Vec<_> = ev
+        .iter()
+        .filter_map(|e| match e {
+            Event::ShardAssigned { resume_from, .. } => resume_from.clone(),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(resumes, vec!["/ckpt/40".to_string(), "/ckpt/40".to_string()], "from the checkpoint");
+
+    // Refused: a job without a timeout, an attempt that is not the job's, none at all.
+    let k = sim.submit(spec(1, 1));
+    sim.round();
+    let other = sim.attempt(k, 0);
+    assert!(sim.apply(Command::Stalled { job: k, attempts: vec![other] }).is_err());
+    assert!(sim.apply(Command::Stalled { job: j, attempts: vec![other] }).is_err());
+    assert!(sim.apply(Command::Stalled { job: j, attempts: vec![] }).is_err());
+}

@@ -45,7 +45,7 @@ enum JobCommand {
     /// JSON: {"job_id": N, "deduplicated": bool}; with --watch on one line, followed by one
     /// Job document per line (see `tessera job status --help`).
     #[command(after_help = super::CLIENT_AFTER_HELP)]
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// List jobs in id order: pending and running ones, or every job with --all.
     ///
     /// JSON: {"jobs": [Job]}, each Job as `tessera job status` prints it, with "shards" empty.
@@ -163,7 +163,7 @@ enum JobCommand {
 #[derive(clap::Args, Debug)]
 struct SubmitArgs {
     /// A TOML job spec (see README). Leave it out for the one-line form.
-    #[arg(value_name = "SPEC.toml", conflicts_with_all = ["shards", "gpus", "gpu_model", "cloud", "priority", "name", "tenant", "command"])]
+    #[arg(value_name = "SPEC.toml", conflicts_with_all = ["shards", "gpus", "gpu_model", "cloud", "priority", "name", "tenant", "max_runtime", "progress_timeout", "command"])]
     spec: Option<PathBuf>,
     /// One-line form: shards (nodes) of the gang [default: 1].
     #[arg(long)]
@@ -186,6 +186,13 @@ struct SubmitArgs {
     /// One-line form: tenant charged for the GPU-hours [default: default].
     #[arg(long)]
     tenant: Option<String>,
+    /// One-line form: the longest an attempt may run, like 2h (enforced; lets the job backfill).
+    #[arg(long, value_name = "DURATION")]
+    max_runtime: Option<String>,
+    /// One-line form: restart the gang from its checkpoint when a running shard reports no new
+    /// step for this long, like 10m (a hang).
+    #[arg(long, value_name = "DURATION")]
+    progress_timeout: Option<String>,
     /// Key that makes a repeated submission return the first job instead of a new one
     /// [default: a fresh key per invocation, so retries across servers are safe].
     #[arg(long, value_name = "KEY")]
@@ -203,7 +210,7 @@ pub async fn run(args: JobArgs) -> CliResult {
     let servers = Servers::from_opts(&args.client)?;
     let out = args.client.output;
     match args.command {
-        JobCommand::Submit(a) => submit(&servers, a, out).await,
+        JobCommand::Submit(a) => submit(&servers, *a, out).await,
         JobCommand::List { all, tenant } => list(&servers, all, tenant, out).await,
         JobCommand::Status { id } => status(&servers, id, out).await,
         JobCommand::Why { id } => why(&servers, id, out).await,
@@ -242,6 +249,8 @@ fn submission_spec(a: &SubmitArgs) -> Result<tessera_core::JobSpec, CliError> {
         priority: a.priority.clone(),
         name: a.name.clone(),
         tenant: a.tenant.clone(),
+        max_runtime: a.max_runtime.clone(),
+        progress_timeout: a.progress_timeout.clone(),
         command: a.command.clone(),
     };
     line.to_spec().map_err(|e| CliError::Invalid(e.to_string()))
@@ -1127,6 +1136,8 @@ mod tests {
             priority: None,
             name: None,
             tenant: None,
+            max_runtime: None,
+            progress_timeout: None,
             idempotency_key: None,
             watch: false,
             command: vec![],
