@@ -1187,3 +1187,22 @@ async fn a_hung_shard_restarts_its_gang_after_its_progress_timeout() {
     let i = find_line(&t, i, "SHARD_REQUEUED 0:", "no progress");
     find_line(&t, i, "RESTARTED 0:", "placed again on gpu-a (attempt 2)");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_far_behind_its_gang_shows_as_a_straggler() {
+    let Some((c, addrs, _tr, _reaper)) = cluster_with_trainer().await else { return };
+    let a = AgentProc::start("gpu-a", &addrs, "8xH100-80GB", c.dir.path(), &[]);
+    registered(&addrs[0], "gpu-a", &a).await;
+    let mut req = train_job("unused", 1, 0.0);
+    if let Some(s) = req.spec.as_mut() {
+        let script = "if [ \"$TESSERA_SHARD_INDEX\" = 2 ]; then s=10; else s=100; fi; \
+                      echo \"{\\\"step\\\": $s}\" >> \"$TESSERA_PROGRESS_FILE\"; sleep 120";
+        s.command = vec!["sh".into(), "-c".into(), script.into()];
+        s.shards = 3;
+    }
+    let id = submit(&addrs, req).await;
+    let j = wait_until(&addrs, id, "every rank's step", |j| j.shards.len() == 3 && j.shards.iter().all(|s| s.step > 0))
+        .await;
+    let marked: Vec<(u64, bool)> = j.shards.iter().map(|s| (s.step, s.straggler)).collect();
+    assert_eq!(marked, vec![(100, false), (100, false), (10, true)], "{j:?}");
+}

@@ -496,6 +496,7 @@ fn shard_to_proto(shard: &Shard, state: &State) -> v1::Shard {
         step: 0,
         total_steps: None,
         metrics: Default::default(),
+        straggler: false,
     };
     if let Some(Attempt { id, number, node, gpus, assigned_at, started_at }) = attempt {
         out.node_id = Some(node.0);

@@ -81,6 +81,9 @@ pub async fn liveness_loop(shared: Arc<Shared>) {
         if ticks.is_multiple_of(50) {
             end_cool_downs(&shared).await;
         }
+        if ticks.is_multiple_of(100) {
+            count_stragglers(&shared).await;
+        }
         if ticks.is_multiple_of(10) {
             enforce_limits(&shared).await;
         }
@@ -181,6 +184,42 @@ async fn stop_stalled(shared: &Shared, t: Timestamp) {
             tracing::debug!(%job, error = %e.message(), "stall not acted on");
         }
     }
+}
+
+/// `tessera_stragglers`: running shards whose step lags their gang's median (see
+/// `live::mark_stragglers`).
+async fn count_stragglers(shared: &Shared) {
+    let running = shared
+        .raft
+        .local(|n| {
+            let state = &n.state_machine().state;
+            let mut by_job: std::collections::BTreeMap<JobId, Vec<u64>> = std::collections::BTreeMap::new();
+            for (attempt, r) in state.live_attempts() {
+                let running = state
+                    .job(r.job)
+                    .is_some_and(|j| j.shards[r.shard as usize].state == tessera_core::model::ShardState::Running);
+                if running {
+                    by_job.entry(r.job).or_default().push(attempt.0);
+                }
+            }
+            by_job.into_values().filter(|a| a.len() > 1).collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+    let mut count = 0usize;
+    for gang in running {
+        let mut shards: Vec<v1::Shard> = gang
+            .iter()
+            .map(|a| v1::Shard {
+                state: v1::ShardState::Running as i32,
+                step: shared.live.step(*a).unwrap_or(0),
+                ..Default::default()
+            })
+            .collect();
+        crate::live::mark_stragglers(&mut shards);
+        count += shards.iter().filter(|s| s.straggler).count();
+    }
+    metrics::gauge!("tessera_stragglers").set(count as f64);
 }
 
 /// Put back into placement the GPUs whose cool-down after a hardware fault has ended (see

@@ -34,6 +34,26 @@ struct Inner {
     nodes: HashMap<NodeId, (u64, Vec<v1::GpuTelemetry>)>,
 }
 
+/// A straggler's step is below the gang's median by more than this fraction of it...
+pub const STRAGGLER_MARGIN: f64 = 0.2;
+/// ...and by at least this many steps (early in a run every rank is close to 0).
+pub const STRAGGLER_MIN_STEPS: u64 = 10;
+
+/// Mark the running shards whose step lags their gang's median (see `Shard.straggler`).
+pub fn mark_stragglers(shards: &mut [v1::Shard]) {
+    let running = |s: &v1::Shard| s.state == v1::ShardState::Running as i32 && s.step > 0;
+    let mut steps: Vec<u64> = shards.iter().filter(|s| running(s)).map(|s| s.step).collect();
+    if steps.len() < 2 {
+        return;
+    }
+    steps.sort_unstable();
+    let median = steps[steps.len() / 2];
+    for s in shards.iter_mut().filter(|s| running(s)) {
+        let behind = median.saturating_sub(s.step);
+        s.straggler = behind >= STRAGGLER_MIN_STEPS && behind as f64 > median as f64 * STRAGGLER_MARGIN;
+    }
+}
+
 /// See the module documentation.
 #[derive(Default)]
 pub struct LiveView {
@@ -73,6 +93,11 @@ impl LiveView {
         self.inner.lock().ok()?.progress.get(&attempt).map(|p| p.stepped_at)
     }
 
+    /// The step `attempt` last reported, if any.
+    pub fn step(&self, attempt: u64) -> Option<u64> {
+        self.inner.lock().ok()?.progress.get(&attempt).map(|p| p.step)
+    }
+
     /// Forget everything (this server is no longer the leader).
     pub fn clear(&self) {
         if let Ok(mut inner) = self.inner.lock() {
@@ -90,6 +115,8 @@ impl LiveView {
                 s.metrics = p.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect();
             }
         }
+        drop(inner);
+        mark_stragglers(&mut job.shards);
     }
 
     /// Fill in each GPU's telemetry and the node's last heartbeat.
@@ -107,6 +134,28 @@ impl LiveView {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stragglers_lag_the_median_by_a_fifth_and_ten_steps() {
+        let shard = |index: u32, state: v1::ShardState, step: u64| v1::Shard {
+            index,
+            state: state as i32,
+            step,
+            ..Default::default()
+        };
+        let run = v1::ShardState::Running;
+        let mut gang = vec![shard(0, run, 1000), shard(1, run, 990), shard(2, run, 700), shard(3, run, 1010)];
+        super::mark_stragglers(&mut gang);
+        let marked: Vec<bool> = gang.iter().map(|s| s.straggler).collect();
+        assert_eq!(marked, [false, false, true, false]);
+        // Early on, a few steps behind is not straggling; nor is a shard that is not running.
+        let mut early = vec![shard(0, run, 12), shard(1, run, 4), shard(2, v1::ShardState::Stopping, 0)];
+        super::mark_stragglers(&mut early);
+        assert!(early.iter().all(|s| !s.straggler));
+        let mut alone = vec![shard(0, run, 100)];
+        super::mark_stragglers(&mut alone);
+        assert!(!alone[0].straggler);
+    }
+
     use super::*;
 
     fn hb(attempt: u64, step: u64) -> v1::Heartbeat {

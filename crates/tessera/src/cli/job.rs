@@ -65,7 +65,7 @@ enum JobCommand {
     /// "submitted_unix_ms", "started_unix_ms", "finished_unix_ms", "restarts", "failures",
     /// "cancel_requested", "message", "latest_checkpoint": Checkpoint|null, "shards": [Shard]};
     /// Shard: {"index", "state", "stop_reason", "node_id", "node", "cloud", "region",
-    /// "attempt", "attempt_id", "attempts", "gpus": [..], "step", "total_steps", "metrics",
+    /// "attempt", "attempt_id", "attempts", "gpus": [..], "step", "total_steps", "metrics", "straggler",
     /// "restarts", "last_checkpoint": Checkpoint|null, "started_unix_ms"}; Checkpoint:
     /// {"step", "uri", "time_unix_ms", "shard_index"}. Absent values are null.
     #[command(after_help = super::CLIENT_AFTER_HELP)]
@@ -577,7 +577,7 @@ fn print_job(job: &v1::Job) -> Result<(), CliError> {
             if s.node_name.is_empty() { "-".into() } else { s.node_name.clone() },
             output::where_text(s.cloud, &s.region),
             if s.attempt == 0 { "-".into() } else { s.attempt.to_string() },
-            output::step_text(s),
+            if s.straggler { format!("{} (straggler)", output::step_text(s)) } else { output::step_text(s) },
             s.last_checkpoint
                 .as_ref()
                 .map_or("-".into(), |c| format!("step {}, {}", c.step, output::when(Some(c.time_unix_ms)))),
