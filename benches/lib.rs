@@ -60,6 +60,7 @@ pub fn fleet(nodes: usize) -> Fixture {
             labels: BTreeMap::new(),
             agent_version: "bench".into(),
             simulated: true,
+            rendezvous_ports: None,
         };
         f.apply(Command::RegisterNode { info });
     }

@@ -1206,3 +1206,27 @@ async fn a_rank_far_behind_its_gang_shows_as_a_straggler() {
     let marked: Vec<(u64, bool)> = j.shards.iter().map(|s| (s.step, s.straggler)).collect();
     assert_eq!(marked, vec![(100, false), (100, false), (10, true)], "{j:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gangs_whose_rank_0_share_a_host_get_different_rendezvous_ports() {
+    let Some((c, addrs, _tr, _reaper)) = cluster_with_trainer().await else { return };
+    let a = AgentProc::start("gpu-a", &addrs, "8xH100-80GB", c.dir.path(), &["--rendezvous-ports", "41000-41009"]);
+    registered(&addrs[0], "gpu-a", &a).await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let mut req = train_job("unused", 1, 0.0);
+        if let Some(s) = req.spec.as_mut() {
+            s.command = vec!["sh".into(), "-c".into(), "echo port=$MASTER_PORT; sleep 3".into()];
+        }
+        ids.push(submit(&addrs, req).await);
+    }
+    let mut ports = Vec::new();
+    for id in ids {
+        wait_until(&addrs, id, "succeeded", |j| j.state == v1::JobState::Succeeded as i32).await;
+        let out = logs(&addrs[0], id, false).await;
+        let port = out.trim().strip_prefix("port=").and_then(|p| p.parse::<u16>().ok());
+        ports.push(port.unwrap_or_else(|| panic!("no port in {out:?}")));
+    }
+    assert!(ports.iter().all(|p| (41_000..=41_009).contains(p)), "{ports:?}");
+    assert_ne!(ports[0], ports[1], "both ran at once on one host: {ports:?}");
+}

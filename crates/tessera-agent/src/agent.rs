@@ -76,6 +76,9 @@ pub struct AgentConfig {
     pub log_cap_bytes: u64,
     /// How long the output of an attempt that no longer runs stays on disk.
     pub log_retention: Duration,
+    /// The ports (inclusive) gangs whose rank 0 runs here may use for their rendezvous; None:
+    /// the servers' default, 29500 to 30499.
+    pub rendezvous_ports: Option<(u16, u16)>,
     /// TLS with the agent's certificate (naming `tessera://agent/<name>`), or plain
     /// (`--insecure`).
     pub security: tessera_tls::Security,
@@ -244,6 +247,8 @@ fn registration(
             }))
             .collect(),
         advertise_addr: cfg.advertise.clone(),
+        rendezvous_port_min: cfg.rendezvous_ports.map_or(0, |r| u32::from(r.0)),
+        rendezvous_port_max: cfg.rendezvous_ports.map_or(0, |r| u32::from(r.1)),
         ..Default::default()
     }
 }

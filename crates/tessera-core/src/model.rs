@@ -141,7 +141,15 @@ pub struct NodeInfo {
     pub agent_version: String,
     /// True when the GPUs are simulated (no NVIDIA driver): never mistaken for real hardware.
     pub simulated: bool,
+    /// The ports (inclusive) its agent lets gangs whose rank 0 runs here use for their
+    /// rendezvous (`MASTER_PORT`); None: [`DEFAULT_RENDEZVOUS_PORTS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rendezvous_ports: Option<(u16, u16)>,
 }
+
+/// Rendezvous ports of a node that names none: torchrun's default, 29500, and the next 999 (all
+/// below Linux's ephemeral range, 32768 and up).
+pub const DEFAULT_RENDEZVOUS_PORTS: (u16, u16) = (29_500, 30_499);
 
 /// A GPU as an agent reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -305,6 +313,10 @@ pub struct Attempt {
     pub assigned_at: Timestamp,
     /// When the agent confirmed it started.
     pub started_at: Option<Timestamp>,
+    /// Shard 0's attempt: the rendezvous port (`MASTER_PORT`) of its gang on its node, one no
+    /// other live gang there uses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 /// One shard of a job.

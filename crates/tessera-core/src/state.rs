@@ -239,6 +239,14 @@ fn check_node_info(info: &NodeInfo) -> Result<(), Rejection> {
             message: format!("{} GPUs reported; at most {} per node", info.gpus.len(), limits::MAX_GPUS_PER_SHARD),
         });
     }
+    if let Some((lo, hi)) = info.rendezvous_ports
+        && (lo < 1024 || lo > hi)
+    {
+        return Err(Rejection::InvalidArgument {
+            field: "rendezvous_ports",
+            message: format!("{lo}-{hi}: must be a range of ports from 1024 up, the lowest first"),
+        });
+    }
     for g in &info.gpus {
         bounded("gpus.uuid", &g.uuid, limits::MAX_SHORT_STRING)?;
         bounded("gpus.model", &g.model, limits::MAX_SHORT_STRING)?;
@@ -1421,7 +1429,25 @@ impl State {
         Ok(())
     }
 
+    /// The lowest rendezvous port of `node`'s range that no live gang's rank 0 there holds.
+    fn free_port(&self, node: NodeId) -> Option<u16> {
+        let n = self.nodes.get(&node)?;
+        let (lo, hi) = n.info.rendezvous_ports.unwrap_or(crate::model::DEFAULT_RENDEZVOUS_PORTS);
+        let used: BTreeSet<u16> = self
+            .live_on
+            .get(&node)
+            .into_iter()
+            .flatten()
+            .filter_map(|a| {
+                let r = self.live.get(a)?;
+                self.jobs.get(&r.job)?.shards.get(r.shard as usize)?.attempt.as_ref()?.port
+            })
+            .collect();
+        (lo..=hi).find(|p| !used.contains(p))
+    }
+
     fn assign(&mut self, id: JobId, shard: u32, node_id: NodeId, gpus: Vec<u32>, now: Timestamp, ev: &mut Vec<Event>) {
+        let port = if shard == 0 { self.free_port(node_id) } else { None };
         let attempt = AttemptId(self.next_attempt);
         self.next_attempt += 1;
         let half_life = self.config.fair_share_half_life_ms;
@@ -1438,6 +1464,7 @@ impl State {
             gpus: gpus.clone(),
             assigned_at: now,
             started_at: None,
+            port,
         });
         job.started_at.get_or_insert(now);
         let resume = job.resume_point(shard).map(|c| (c.uri.clone(), c.step));

@@ -82,6 +82,7 @@ fn info(s: &NodeSpec) -> NodeInfo {
         labels: BTreeMap::new(),
         agent_version: "test".into(),
         simulated: true,
+        rendezvous_ports: None,
     }
 }
 

@@ -42,6 +42,7 @@ pub fn node_info(name: &str, cloud: Cloud, gpus: u32, model: &str, spot: bool) -
         labels: BTreeMap::from([("fabric".to_string(), "efa".to_string())]),
         agent_version: "0.1.0".into(),
         simulated: true,
+        rendezvous_ports: None,
     }
 }
 

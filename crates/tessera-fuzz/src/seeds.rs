@@ -135,6 +135,8 @@ fn register(name: &str, running: &[AttemptId]) -> v1::Register {
         instance_id: "i-0123456789abcdef0".into(),
         advertise_addr: "10.0.0.1:7100".into(),
         protocol_version: 1,
+        rendezvous_port_min: 29_500,
+        rendezvous_port_max: 29_999,
     }
 }
 

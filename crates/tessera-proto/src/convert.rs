@@ -498,7 +498,7 @@ fn shard_to_proto(shard: &Shard, state: &State) -> v1::Shard {
         metrics: Default::default(),
         straggler: false,
     };
-    if let Some(Attempt { id, number, node, gpus, assigned_at, started_at }) = attempt {
+    if let Some(Attempt { id, number, node, gpus, assigned_at, started_at, port: _ }) = attempt {
         out.node_id = Some(node.0);
         out.attempt_id = Some(id.0);
         out.attempt = *number;
@@ -758,6 +758,8 @@ pub fn node_to_proto(node: &Node, state: &State) -> v1::Node {
         labels,
         agent_version,
         simulated,
+        // What the agent lets gangs use; the shards' own ports are in their attempts.
+        rendezvous_ports: _,
     } = info;
     let (drain_reason, drain_deadline_unix_ms, down_since_unix_ms) = match node_state {
         NodeState::Ready => (v1::DrainReason::Unspecified, None, None),
@@ -818,7 +820,28 @@ impl TryFrom<&v1::Register> for NodeInfo {
             instance_id: _,
             advertise_addr: _,
             protocol_version: _,
+            rendezvous_port_min,
+            rendezvous_port_max,
         } = r;
+        let rendezvous_ports = match (*rendezvous_port_min, *rendezvous_port_max) {
+            (0, 0) => None,
+            (lo, hi) => {
+                let port = |p: u32, f: &str| {
+                    u16::try_from(p)
+                        .ok()
+                        .filter(|p| *p >= 1024)
+                        .ok_or_else(|| ConvertError::new(f, format!("{p} is not a port from 1024 to 65535")))
+                };
+                let (lo, hi) = (port(lo, "register.rendezvous_port_min")?, port(hi, "register.rendezvous_port_max")?);
+                if lo > hi {
+                    return Err(ConvertError::new(
+                        "register.rendezvous_port_max",
+                        format!("{hi} is below the minimum {lo}"),
+                    ));
+                }
+                Some((lo, hi))
+            }
+        };
         let cloud = required_cloud(*cloud, "register.cloud")?;
         let gpus = gpus
             .iter()
@@ -848,6 +871,7 @@ impl TryFrom<&v1::Register> for NodeInfo {
             labels: labels.clone(),
             agent_version: agent_version.clone(),
             simulated: *simulated,
+            rendezvous_ports,
         })
     }
 }
@@ -1209,6 +1233,8 @@ mod tests {
             instance_id: "i-0abc".into(),
             advertise_addr: "10.0.0.7".into(),
             protocol_version: 1,
+            rendezvous_port_min: 0,
+            rendezvous_port_max: 0,
         }
     }
 

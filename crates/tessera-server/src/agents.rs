@@ -280,9 +280,14 @@ fn assign_message(state: &State, hub: &AgentHub, attempt: AttemptId, node: NodeI
             env: spec.env.clone().into_iter().collect(),
             launch: Some(v1::LaunchEnv {
                 master_addr,
-                // One rendezvous port per job on its master node, 29500 (torchrun's default) to
-                // 31499: below Linux's ephemeral range (32768 and up).
-                master_port: 29_500 + (job.0 % 2_000) as u32,
+                // The port shard 0's attempt holds on its node (no other live gang there has
+                // it); an older state without one: one per job, as before.
+                master_port: j
+                    .shards
+                    .first()
+                    .and_then(|s0| s0.attempt.as_ref())
+                    .and_then(|a0| a0.port)
+                    .map_or(29_500 + (job.0 % 2_000) as u32, u32::from),
                 world_size: spec.shards,
                 rank: shard,
                 node_rank: shard,

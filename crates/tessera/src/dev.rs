@@ -469,6 +469,7 @@ impl Cluster {
                 work_dir: work_dir.clone(),
                 log_cap_bytes: 64 * 1024 * 1024,
                 log_retention: std::time::Duration::from_secs(7 * 86_400),
+                rendezvous_ports: None,
                 security: load_tls(&certs, &format!("agent-{}", plan.name))?,
             };
             let (kill_tx, kill_rx) = oneshot::channel();

@@ -115,6 +115,10 @@ struct AgentArgs {
     /// (`job logs` reads it from here once the leader no longer holds it).
     #[arg(long, default_value = "7d")]
     log_retention: String,
+    /// Ports gangs whose rank 0 runs on this host may use for their rendezvous (MASTER_PORT),
+    /// LOW-HIGH; each live gang gets one of its own [default: 29500-30499].
+    #[arg(long, value_name = "LOW-HIGH")]
+    rendezvous_ports: Option<String>,
     /// CA bundle (PEM) the servers' certificates must chain to.
     #[arg(long, env = "TESSERA_CA")]
     ca: Option<PathBuf>,
@@ -390,6 +394,13 @@ fn agent(a: AgentArgs) -> ExitCode {
             return ExitCode::from(EXIT_INVALID);
         }
     };
+    let rendezvous_ports = match a.rendezvous_ports.as_deref().map(parse_port_range).transpose() {
+        Ok(r) => r,
+        Err(m) => {
+            eprintln!("error: --rendezvous-ports: {m}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
     let cfg = tessera_agent::agent::AgentConfig {
         advertise: a.advertise.clone().unwrap_or_else(|| name.clone()),
         name,
@@ -404,6 +415,7 @@ fn agent(a: AgentArgs) -> ExitCode {
         work_dir: a.work_dir,
         log_cap_bytes: a.log_cap_mib.saturating_mul(1024 * 1024),
         log_retention,
+        rendezvous_ports,
         security,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
@@ -523,8 +535,28 @@ fn print_spec(s: &tessera_core::JobSpec) {
     );
 }
 
+/// "29500-30499" as an inclusive range of ports from 1024 up.
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("'{s}' is not a range of ports like 29500-30499 (from 1024 up, the lowest first)");
+    let (lo, hi) = s.trim().split_once('-').ok_or_else(bad)?;
+    let (lo, hi): (u16, u16) = (lo.trim().parse().map_err(|_| bad())?, hi.trim().parse().map_err(|_| bad())?);
+    if lo < 1024 || lo > hi {
+        return Err(bad());
+    }
+    Ok((lo, hi))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn port_ranges_are_low_high_from_1024() {
+        assert_eq!(super::parse_port_range("29500-30499"), Ok((29_500, 30_499)));
+        assert_eq!(super::parse_port_range(" 40000 - 40000 "), Ok((40_000, 40_000)));
+        for bad in ["80-90", "30000-29000", "29500", "a-b", "29500-70000"] {
+            assert!(super::parse_port_range(bad).unwrap_err().contains(bad), "{bad}");
+        }
+    }
+
     use clap::CommandFactory;
 
     #[test]

@@ -139,3 +139,37 @@ fn a_stalled_rank_restarts_its_gang_from_the_checkpoint_without_using_a_retry() 
     assert!(sim.apply(Command::Stalled { job: j, attempts: vec![other] }).is_err());
     assert!(sim.apply(Command::Stalled { job: j, attempts: vec![] }).is_err());
 }
+
+#[test]
+fn gangs_whose_rank_0_share_a_node_get_rendezvous_ports_of_their_own() {
+    let mut sim = Sim::new();
+    let mut small = info(&n("a"));
+    small.rendezvous_ports = Some((40_000, 40_001));
+    let a = sim.node_info(small);
+    let port = |sim: &Sim, j: JobId| sim.state.job(j).unwrap().shards[0].attempt.as_ref().unwrap().port;
+    let jobs: Vec<JobId> = (0..3).map(|_| sim.submit(spec(1, 1))).collect();
+    sim.round();
+    assert!(jobs.iter().all(|j| sim.nodes_of(*j) == vec![a]));
+    // Two ports in the node's range: the third gang gets none (the servers fall back to one per
+    // job), and a port comes free when its gang ends.
+    assert_eq!(jobs.iter().map(|j| port(&sim, *j)).collect::<Vec<_>>(), vec![Some(40_000), Some(40_001), None]);
+    sim.exit(jobs[0], 0, 0).unwrap();
+    let next = sim.submit(spec(1, 1));
+    sim.round();
+    assert_eq!(port(&sim, next), Some(40_000));
+    // Only rank 0 holds one; a node naming no range uses the default.
+    let mut sim = Sim::new();
+    sim.node(n("b"));
+    let g = sim.submit(spec(2, 4));
+    sim.round();
+    let ports: Vec<Option<u16>> =
+        sim.state.job(g).unwrap().shards.iter().map(|s| s.attempt.as_ref().unwrap().port).collect();
+    assert_eq!(ports, vec![Some(29_500), None]);
+    // A range that is not one is refused at registration, naming it.
+    let mut bad = info(&n("c"));
+    bad.rendezvous_ports = Some((30_000, 29_000));
+    assert!(matches!(
+        sim.apply(Command::RegisterNode { info: bad }),
+        Err(Rejection::InvalidArgument { field: "rendezvous_ports", .. })
+    ));
+}
