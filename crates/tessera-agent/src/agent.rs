@@ -835,6 +835,10 @@ impl Agent {
             term_grace: Duration::from_millis(a.term_grace_ms),
             work_root: self.cfg.work_dir.clone(),
             log_cap_bytes: self.cfg.log_cap_bytes,
+            network: crate::shard::network::network_defaults(self.cfg.cloud, &self.cfg.instance_type)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         match Shard::spawn(spec) {
             Ok(shard) => {

@@ -10,6 +10,7 @@
 //! group with `setsid`).
 
 mod logs;
+pub mod network;
 pub mod progress;
 #[cfg(test)]
 mod tests;
@@ -77,6 +78,9 @@ pub struct LaunchSpec {
     pub command: Vec<String>,
     /// The job's environment.
     pub env: BTreeMap<String, String>,
+    /// The fabric settings of this host's cloud and instance type (see [`network`]), under the
+    /// host's own `NCCL_*`/`FI_*`/`UCX_*` and the job's `env`.
+    pub network: Vec<(String, String)>,
     /// Assigned GPU indices, exactly what `CUDA_VISIBLE_DEVICES` says.
     pub gpus: Vec<u32>,
     pub master_addr: String,
@@ -189,8 +193,12 @@ pub fn launch_env(
     workdir: &Path,
     agent_env: impl IntoIterator<Item = (String, String)>,
 ) -> BTreeMap<String, String> {
-    let mut env: BTreeMap<String, String> =
-        agent_env.into_iter().filter(|(k, _)| INHERITED_ENV.contains(&k.as_str())).collect();
+    let agent_env: Vec<(String, String)> = agent_env.into_iter().collect();
+    let mut env: BTreeMap<String, String> = spec.network.iter().cloned().collect();
+    env.extend(agent_env.iter().filter(|(k, _)| INHERITED_ENV.contains(&k.as_str())).cloned());
+    env.extend(
+        agent_env.iter().filter(|(k, _)| network::PASSTHROUGH_PREFIXES.iter().any(|p| k.starts_with(p))).cloned(),
+    );
     env.entry("PATH".to_string()).or_insert_with(|| DEFAULT_PATH.to_string());
     env.extend(
         spec.env.iter().filter(|(k, _)| !LAUNCH_VARS.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())),

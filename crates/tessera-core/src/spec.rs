@@ -907,6 +907,10 @@ pub struct OneLine {
     pub max_runtime: Option<String>,
     /// `--progress-timeout`, a duration like 10m.
     pub progress_timeout: Option<String>,
+    /// `--checkpoint-dir`.
+    pub checkpoint_dir: Option<String>,
+    /// `--env K=V`, repeated.
+    pub env: Vec<String>,
     /// The command after `--`.
     pub command: Vec<String>,
 }
@@ -940,6 +944,17 @@ impl OneLine {
         if let Some(t) = &self.tenant {
             spec.tenant = t.clone();
         }
+        if let Some(d) = &self.checkpoint_dir {
+            spec.checkpoint_dir = Some(d.clone());
+        }
+        for kv in &self.env {
+            match kv.split_once('=') {
+                Some((k, v)) if !k.is_empty() => {
+                    spec.env.insert(k.to_string(), v.to_string());
+                }
+                _ => push(&mut errors, "--env", format!("'{kv}' is not NAME=VALUE")),
+            }
+        }
         for (flag, given, field) in [
             ("--max-runtime", &self.max_runtime, &mut spec.max_runtime_secs),
             ("--progress-timeout", &self.progress_timeout, &mut spec.progress_timeout_secs),
@@ -962,6 +977,8 @@ impl OneLine {
                     "priority" => "--priority".into(),
                     "max_runtime" => "--max-runtime".into(),
                     "progress_timeout" => "--progress-timeout".into(),
+                    "checkpoint_dir" => "--checkpoint-dir".into(),
+                    f if f.starts_with("env") => "--env".into(),
                     "command" => "command (after --)".into(),
                     other => other.to_string(),
                 };
@@ -1102,13 +1119,13 @@ term_grace = 10
             tenant: Some("nlp".into()),
             max_runtime: Some("2h30m".into()),
             progress_timeout: None,
+            checkpoint_dir: Some("s3://ckpt/llama".into()),
+            env: vec!["NCCL_DEBUG=INFO".into()],
             command: ["python", "train.py", "--lr", "3e-4"].map(String::from).to_vec(),
         };
         let from_line = line.to_spec().unwrap();
         let mut from_toml = parse_toml(GOOD).unwrap();
         // Fields the one-line form does not carry:
-        from_toml.env.clear();
-        from_toml.checkpoint_dir = None;
         from_toml.resources.min_gpu_memory_mib = 0;
         from_toml.resources.cpu_millis = 0;
         from_toml.resources.memory_mib = 0;
@@ -1141,12 +1158,13 @@ term_grace = 10
         let bad = OneLine {
             max_runtime: Some("soon".into()),
             progress_timeout: Some("5s".into()),
+            env: vec!["NOEQUALS".into(), "TESSERA_RANK=1".into()],
             command: vec!["x".into()],
             ..Default::default()
         };
         let err = bad.to_spec().unwrap_err();
         let fields: Vec<_> = err.errors.iter().map(|e| e.field.as_str()).collect();
-        assert_eq!(fields, ["--max-runtime", "--progress-timeout"], "{err}");
+        assert_eq!(fields, ["--env", "--max-runtime", "--env", "--progress-timeout"], "{err}");
         assert!(err.to_string().contains("between 10 seconds and 365 days"), "{err}");
     }
 

@@ -37,6 +37,7 @@ fn spec(root: &Path, command: &[&str]) -> LaunchSpec {
         term_grace: Duration::from_millis(300),
         work_root: root.to_path_buf(),
         log_cap_bytes: 1 << 20,
+        network: Vec::new(),
     }
 }
 
@@ -529,4 +530,26 @@ async fn a_restarted_agent_kills_what_a_crashed_one_left_running() {
     assert!(kill(pid, None).is_err(), "the leftover shard still runs");
     assert!(!pid_file.exists() && !foreign.join("pid").exists(), "pid files are cleaned up");
     assert_eq!(kill_leftovers(root.path()), 0);
+}
+
+#[test]
+fn fabric_defaults_give_way_to_the_host_s_settings_and_then_the_job_s() {
+    let root = tempfile::tempdir().unwrap();
+    let mut s = spec(root.path(), &["true"]);
+    s.network = super::network::network_defaults(tessera_proto::v1::Cloud::Aws, "p5.48xlarge")
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    s.env = BTreeMap::from([("NCCL_SOCKET_IFNAME".to_string(), "ens5".to_string())]);
+    let host = [
+        ("FI_EFA_FORK_SAFE".to_string(), "0".to_string()),
+        ("NCCL_DEBUG".to_string(), "INFO".to_string()),
+        ("SECRET".to_string(), "not for shards".to_string()),
+    ];
+    let env = launch_env(&s, root.path(), host);
+    assert_eq!(env["FI_PROVIDER"], "efa", "a cloud default");
+    assert_eq!(env["FI_EFA_FORK_SAFE"], "0", "the host's own over the default");
+    assert_eq!(env["NCCL_DEBUG"], "INFO", "the host's NCCL_* pass through");
+    assert_eq!(env["NCCL_SOCKET_IFNAME"], "ens5", "the job's env over both");
+    assert!(!env.contains_key("SECRET"), "nothing else of the host's");
 }

@@ -163,7 +163,7 @@ enum JobCommand {
 #[derive(clap::Args, Debug)]
 struct SubmitArgs {
     /// A TOML job spec (see README). Leave it out for the one-line form.
-    #[arg(value_name = "SPEC.toml", conflicts_with_all = ["shards", "gpus", "gpu_model", "cloud", "priority", "name", "tenant", "max_runtime", "progress_timeout", "command"])]
+    #[arg(value_name = "SPEC.toml", conflicts_with_all = ["shards", "gpus", "gpu_model", "cloud", "priority", "name", "tenant", "max_runtime", "progress_timeout", "checkpoint_dir", "env", "command"])]
     spec: Option<PathBuf>,
     /// One-line form: shards (nodes) of the gang [default: 1].
     #[arg(long)]
@@ -193,6 +193,12 @@ struct SubmitArgs {
     /// step for this long, like 10m (a hang).
     #[arg(long, value_name = "DURATION")]
     progress_timeout: Option<String>,
+    /// One-line form: where the job writes checkpoints (TESSERA_CHECKPOINT_DIR).
+    #[arg(long, value_name = "PATH_OR_URI")]
+    checkpoint_dir: Option<String>,
+    /// One-line form: an environment variable for every shard, NAME=VALUE (repeatable).
+    #[arg(long, value_name = "NAME=VALUE")]
+    env: Vec<String>,
     /// Key that makes a repeated submission return the first job instead of a new one
     /// [default: a fresh key per invocation, so retries across servers are safe].
     #[arg(long, value_name = "KEY")]
@@ -251,6 +257,8 @@ fn submission_spec(a: &SubmitArgs) -> Result<tessera_core::JobSpec, CliError> {
         tenant: a.tenant.clone(),
         max_runtime: a.max_runtime.clone(),
         progress_timeout: a.progress_timeout.clone(),
+        checkpoint_dir: a.checkpoint_dir.clone(),
+        env: a.env.clone(),
         command: a.command.clone(),
     };
     line.to_spec().map_err(|e| CliError::Invalid(e.to_string()))
@@ -1138,6 +1146,8 @@ mod tests {
             tenant: None,
             max_runtime: None,
             progress_timeout: None,
+            checkpoint_dir: None,
+            env: Vec::new(),
             idempotency_key: None,
             watch: false,
             command: vec![],
