@@ -688,12 +688,38 @@ async fn azure_metadata_places_the_node_and_a_preempt_event_drains_it() {
         (v1::Cloud::Azure as i32, "eastus", "eastus-2", true)
     );
     assert_eq!(node.instance_type, "Standard_ND96isr_H100_v5");
+    // A shard runs there; the Preempt event drains the node, the shard stops, and then (not
+    // before) the agent acknowledges the event so Azure need not wait out its notice.
+    let mut req = train_job("unused", 1, 0.0);
+    if let Some(s) = req.spec.as_mut() {
+        s.command = vec!["sleep".into(), "300".into()];
+        s.stop = Some(v1::StopPolicy {
+            signal: "none".into(),
+            checkpoint_grace_seconds: Some(0),
+            term_grace_seconds: Some(1),
+        });
+    }
+    let id = submit(&addrs, req).await;
+    wait_until(&addrs, id, "running", running).await;
     fake.post_preempt("evt-1", "");
     let deadline = Instant::now() + T;
     while get_node(&addrs[0], "gpu-az").await.map(|n| n.state) != Some(v1::NodeState::Draining as i32) {
         assert!(Instant::now() < deadline, "the Preempt event did not drain the node\n{}", a.log_tail());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let deadline = Instant::now() + T;
+    loop {
+        let acked = fake.acknowledged();
+        if acked == vec!["evt-1".to_string()] {
+            break;
+        }
+        assert!(acked.is_empty(), "acknowledged more than once: {acked:?}");
+        assert!(Instant::now() < deadline, "the event was never acknowledged\n{}", a.log_tail());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Acknowledged only once the shard had stopped (no other node to move to: it waits).
+    let j = job(&addrs, id).await.expect("job");
+    assert_ne!(j.shards[0].state, v1::ShardState::Running as i32, "{j:?}");
 }
 
 /// Pids of live processes whose command line mentions `pattern` and whose environment holds

@@ -107,6 +107,10 @@ pub struct Agent {
     fault_tx: mpsc::UnboundedSender<(u32, GpuEventKind)>,
     fault_rx: mpsc::UnboundedReceiver<(u32, GpuEventKind)>,
     notice_tx: mpsc::UnboundedSender<crate::cloud::Notice>,
+    /// Azure Scheduled Events to acknowledge once no shard runs here any more (then the cloud
+    /// need not wait out the event's notice period), and where to send their ids.
+    awaiting_ack: Vec<String>,
+    ack_tx: Option<mpsc::UnboundedSender<String>>,
     notice_rx: mpsc::UnboundedReceiver<crate::cloud::Notice>,
     /// Attempts that exited but whose exit is not acknowledged yet: still listed as running
     /// when registering, so a new leader waits for the exit report instead of declaring them
@@ -403,6 +407,8 @@ impl Agent {
             fencer: Arc::new(Fencer::new()),
             ran: VecDeque::new(),
             notice_tx,
+            awaiting_ack: Vec::new(),
+            ack_tx: None,
             notice_rx,
             metrics: Arc::new(AgentMetrics::default()),
         }
@@ -415,9 +421,33 @@ impl Agent {
 
     /// A spot notice: ask every shard to checkpoint now, and tell the servers at once (they
     /// drain the node and move its shards).
+    /// Where the ids of Azure Scheduled Events go once this host's shards have all stopped,
+    /// for the notice watcher to acknowledge.
+    pub fn acknowledgements(&mut self) -> mpsc::UnboundedReceiver<String> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.ack_tx = Some(tx);
+        rx
+    }
+
+    /// Acknowledge the Azure events waiting for this host's shards to stop, once none runs.
+    fn acknowledge_when_idle(&mut self) {
+        if self.awaiting_ack.is_empty() || !self.running.is_empty() {
+            return;
+        }
+        for id in std::mem::take(&mut self.awaiting_ack) {
+            tracing::info!(event = %id, "every shard stopped: acknowledging the scheduled event");
+            if let Some(tx) = &self.ack_tx {
+                let _ = tx.send(id);
+            }
+        }
+    }
+
     fn spot_notice(&mut self, n: crate::cloud::Notice) {
         for r in self.running.values() {
             r.shard.checkpoint_now();
+        }
+        if matches!(n.kind, crate::cloud::NoticeKind::AzurePreempt | crate::cloud::NoticeKind::AzureTerminate) {
+            self.awaiting_ack.push(n.event_id.clone());
         }
         let kind = match n.kind {
             crate::cloud::NoticeKind::AwsInstanceAction => v1::SpotNoticeKind::AwsInstanceAction,
@@ -664,6 +694,7 @@ impl Agent {
                 _ = tick.tick() => {
                     self.sweep_logs();
                     self.collect_exits();
+                    self.acknowledge_when_idle();
                     self.watch_progress_and_gpus();
                     // Send what was queued since.
                     self.flush(&tx, &mut sent_up_to).await;

@@ -130,9 +130,10 @@ pub async fn run(
         );
     }
     let simulated = gpus.simulated();
-    let agent = agent::Agent::new(cfg, gpus);
+    let mut agent = agent::Agent::new(cfg, gpus);
     if let Some(client) = metadata {
-        tokio::spawn(watch_notices(client, cloud_opts.poll, agent.notice_sender()));
+        let acks = agent.acknowledgements();
+        tokio::spawn(watch_notices(client, cloud_opts.poll, agent.notice_sender(), acks));
     }
     if let Some(addr) = http {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -145,14 +146,22 @@ pub async fn run(
     Ok(())
 }
 
-/// Poll the cloud for spot interruption notices and hand each new one to the agent once.
+/// Poll the cloud for spot interruption notices and hand each new one to the agent once; send
+/// the acknowledgements the agent asks for (Azure events, once its shards stopped).
 async fn watch_notices(
     client: cloud::MetadataClient,
     every: std::time::Duration,
     tx: tokio::sync::mpsc::UnboundedSender<cloud::Notice>,
+    mut acks: tokio::sync::mpsc::UnboundedReceiver<String>,
 ) {
     let mut seen = std::collections::BTreeSet::new();
     loop {
+        while let Ok(id) = acks.try_recv() {
+            match client.acknowledge(&id).await {
+                Ok(()) => tracing::info!(event = %id, "scheduled event acknowledged"),
+                Err(e) => tracing::warn!(event = %id, error = %e, "acknowledging the scheduled event failed"),
+            }
+        }
         match client.poll_notice().await {
             Ok(Some(n)) if seen.insert(n.event_id.clone()) => {
                 tracing::warn!(kind = ?n.kind, deadline = n.deadline_unix_ms, "spot interruption notice");
@@ -163,7 +172,15 @@ async fn watch_notices(
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "polling for spot notices failed"),
         }
-        tokio::time::sleep(every).await;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            Some(id) = acks.recv() => {
+                match client.acknowledge(&id).await {
+                    Ok(()) => tracing::info!(event = %id, "scheduled event acknowledged"),
+                    Err(e) => tracing::warn!(event = %id, error = %e, "acknowledging the scheduled event failed"),
+                }
+            }
+        }
     }
 }
 
