@@ -1203,8 +1203,13 @@ async fn a_hung_shard_restarts_its_gang_after_its_progress_timeout() {
     let id = submit(&addrs, req).await;
     wait_until(&addrs, id, "step 1", |j| j.shards.first().is_some_and(|s| s.step == 1)).await;
     let hung = Instant::now();
-    let restarted = wait_until(&addrs, id, "attempt 2", |j| j.shards[0].attempt >= 2).await;
+    let restarted = wait_until(&addrs, id, "attempt 2 running", |j| {
+        j.shards[0].attempt >= 2 && j.shards[0].state == v1::ShardState::Running as i32
+    })
+    .await;
     let took = hung.elapsed();
+    // From the last step to the gang running again, the 10 s timeout included.
+    recovery("progress-timeout-10s", took);
     assert!(took >= Duration::from_secs(8) && took < Duration::from_secs(40), "restarted after {took:?}");
     assert_eq!((restarted.failures, restarted.restarts), (0, 1), "a restart, not a failure: {restarted:?}");
     let t = timeline(&addrs, id).await;
