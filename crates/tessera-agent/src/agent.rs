@@ -41,7 +41,7 @@ fn log_chunks(attempt: u64, shard: &Shard, offsets: &mut [u64; 2], max: u64) -> 
         if data.is_empty() {
             continue;
         }
-        offsets[i] = offset + data.len() as u64;
+        offsets[i] = offset.saturating_add(data.len() as u64);
         out.push(In::LogChunk(v1::LogChunk { attempt_id: attempt, stream: stream as i32, offset, data }));
     }
     out
@@ -429,9 +429,15 @@ impl Agent {
         rx
     }
 
-    /// Acknowledge the Azure events waiting for this host's shards to stop, once none runs.
+    /// Acknowledge the Azure events waiting for this host's shards to stop, once none runs and
+    /// the servers have acknowledged every report (exits, last checkpoints, last output): after
+    /// the acknowledgement the host may go at once.
     fn acknowledge_when_idle(&mut self) {
-        if self.awaiting_ack.is_empty() || !self.running.is_empty() {
+        if self.awaiting_ack.is_empty()
+            || !self.running.is_empty()
+            || !self.finished.is_empty()
+            || !self.outbox.is_empty()
+        {
             return;
         }
         for id in std::mem::take(&mut self.awaiting_ack) {

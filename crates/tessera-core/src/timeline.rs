@@ -6,12 +6,13 @@
 //! `submitted_at`, `finished_at`, state and message say them, and [`timeline`] puts them in.
 //!
 //! The list is bounded: past [`MAX_EVENTS`], the oldest checkpoint after the first [`HEAD`]
-//! events is dropped (or, with none, the oldest event after them), so a long job keeps how it
-//! began, every placement and end of its attempts (which usage is counted from), and its recent
-//! history; a job that checkpoints every few minutes for weeks would otherwise grow without
-//! end. Each event carries its number among the job's events ever recorded, so readers see
-//! where some were dropped and watchers pick up exactly where they left off. Training progress
-//! is not stored: it lives on the leader, from heartbeats.
+//! events is dropped; with none, the oldest start, stop request or requeue; only then the
+//! oldest event after the first [`HEAD`]. So a long job keeps how it began, the placement and
+//! end of each of its attempts (which usage is counted from) up to about 120 attempts, and its
+//! recent history; a job that checkpoints every few minutes for weeks would otherwise grow
+//! without end. Each event carries its number among the job's events ever recorded, so readers
+//! see where some were dropped, and the servers' watch loop takes up exactly where its last
+//! read ended. Training progress is not stored: it lives on the leader, from heartbeats.
 
 use crate::model::{Job, JobEvent, JobEventKind, JobState, Requeue, StopReason, Timestamp};
 
@@ -30,11 +31,16 @@ pub(crate) fn record(job: &mut Job, mut event: JobEvent) {
     event.seq = events_total(job);
     job.events.push(event);
     if job.events.len() > MAX_EVENTS {
-        // Never the event just recorded.
+        // Never the event just recorded; checkpoints first, then what usage does not count
+        // (starts, stop requests, requeues), placements and ends last.
         let last = job.events.len() - 1;
-        let drop = job.events[HEAD..last]
-            .iter()
-            .position(|e| matches!(e.kind, JobEventKind::Checkpoint { .. }))
+        let oldest = |f: fn(&JobEventKind) -> bool| job.events[HEAD..last].iter().position(|e| f(&e.kind));
+        let drop = oldest(|k| matches!(k, JobEventKind::Checkpoint { .. }))
+            .or_else(|| {
+                oldest(|k| {
+                    matches!(k, JobEventKind::Started | JobEventKind::Stopping { .. } | JobEventKind::Requeued { .. })
+                })
+            })
             .map_or(HEAD, |i| HEAD + i);
         job.events.remove(drop);
     }

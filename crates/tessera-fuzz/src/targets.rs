@@ -588,7 +588,7 @@ fn agent_report(payload: In, sig: Sig) -> Sig {
             // An answer nobody waits for (a late one, or one never asked) is dropped.
             let hub = tessera_server::hub::AgentHub::new(Default::default());
             let n = r.data.len().min(1 << 20) as u64;
-            hub.log_read(r);
+            hub.log_read(node, r);
             sig.add("log read").num(u64::from(n > 0))
         }
         other => match tessera_server::agents::report_command(node, other) {

@@ -709,7 +709,7 @@ async fn read_reports(
                 continue;
             }
             Some(In::LogRead(r)) => {
-                shared.agents.log_read(r);
+                shared.agents.log_read(node, r);
                 let _ = tx.send(Ok(ack(seq, Ok(())))).await;
                 continue;
             }

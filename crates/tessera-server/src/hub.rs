@@ -52,13 +52,22 @@ pub struct AgentHub {
     pub(crate) leader_since: Mutex<Option<Instant>>,
     /// Where the router delivers each connected node's messages (see [`route_loop`]).
     routes: Mutex<HashMap<NodeId, Route>>,
-    /// Reads of agents' disks in flight (`JobLogs`), by request id.
-    log_reads: Mutex<HashMap<u64, oneshot::Sender<v1::LogRead>>>,
+    /// Reads of agents' disks in flight (`JobLogs`), by request id: who was asked, for what, and
+    /// who waits.
+    log_reads: Mutex<HashMap<u64, LogReadWait>>,
     next_read: std::sync::atomic::AtomicU64,
 }
 
 /// Messages for one agent, each assignment keyed by its attempt (so a session sends it once).
 pub(crate) type Routed = Vec<(Option<AttemptId>, v1::ServerMessage)>;
+
+/// A read of an agent's disk waiting for its answer.
+struct LogReadWait {
+    node: NodeId,
+    attempt_id: u64,
+    stream: i32,
+    tx: oneshot::Sender<v1::LogRead>,
+}
 
 struct Route {
     generation: u64,
@@ -91,7 +100,8 @@ impl AgentHub {
         let id = self.next_read.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         req.request_id = id;
         let (tx, rx) = oneshot::channel();
-        self.log_reads.lock().ok()?.insert(id, tx);
+        let wait = LogReadWait { node, attempt_id: req.attempt_id, stream: req.stream, tx };
+        self.log_reads.lock().ok()?.insert(id, wait);
         let msg = v1::ServerMessage { payload: Some(v1::server_message::Payload::ReadLog(req)) };
         let sent = self.routes.lock().ok().and_then(|r| r.get(&node).map(|r| r.tx.send(vec![(None, msg)]).is_ok()));
         let answer =
@@ -102,11 +112,18 @@ impl AgentHub {
         answer
     }
 
-    /// An agent answered a read of its disk (an answer nobody waits for is dropped).
-    pub fn log_read(&self, answer: v1::LogRead) {
-        let waiting = self.log_reads.lock().ok().and_then(|mut p| p.remove(&answer.request_id));
-        if let Some(tx) = waiting {
-            let _ = tx.send(answer);
+    /// `node`'s agent answered a read of its disk. An answer nobody waits for, or that is not
+    /// from the node asked or not about the attempt and stream asked for, is dropped.
+    pub fn log_read(&self, node: NodeId, answer: v1::LogRead) {
+        let Ok(mut pending) = self.log_reads.lock() else { return };
+        let matches = pending
+            .get(&answer.request_id)
+            .is_some_and(|w| w.node == node && w.attempt_id == answer.attempt_id && w.stream == answer.stream);
+        if !matches {
+            return;
+        }
+        if let Some(w) = pending.remove(&answer.request_id) {
+            let _ = w.tx.send(answer);
         }
     }
 
@@ -226,6 +243,35 @@ impl AgentHub {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_disk_read_takes_only_the_answer_of_the_node_asked_about_what_it_asked() {
+        let hub = std::sync::Arc::new(AgentHub::new(AgentTimeouts::default()));
+        let (node, other) = (NodeId(1), NodeId(2));
+        let mut routed = hub.add_route(node, 1);
+        let asking = hub.clone();
+        let req = v1::ReadLog { attempt_id: 7, stream: 1, max_bytes: 10, ..Default::default() };
+        let read = tokio::spawn(async move { asking.read_agent_log(node, req, Duration::from_secs(5)).await });
+        let sent = routed.recv().await.expect("the request went to the node's session");
+        let Some(v1::server_message::Payload::ReadLog(r)) = sent[0].1.payload.clone() else { panic!("{sent:?}") };
+        let answer = |attempt_id, stream, data: &[u8]| v1::LogRead {
+            request_id: r.request_id,
+            attempt_id,
+            stream,
+            data: data.to_vec(),
+            found: true,
+            ..Default::default()
+        };
+        hub.log_read(other, answer(7, 1, b"from another node"));
+        hub.log_read(node, answer(8, 1, b"about another attempt"));
+        hub.log_read(node, answer(7, 2, b"about another stream"));
+        hub.log_read(node, answer(7, 1, b"the answer"));
+        let got = read.await.expect("task").expect("an answer");
+        assert_eq!(got.data, b"the answer");
+        // No session, no read.
+        let req = v1::ReadLog { attempt_id: 7, stream: 1, ..Default::default() };
+        assert!(hub.read_agent_log(other, req, Duration::from_millis(50)).await.is_none());
+    }
 
     fn hub_in_office_for(secs: u64) -> AgentHub {
         let hub = AgentHub::new(AgentTimeouts::default());

@@ -136,7 +136,7 @@ fn signed_in(shared: &Shared, headers: &hyper::HeaderMap) -> Result<Principal, S
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.trim().split_once('='))
         .find(|(k, _)| *k == COOKIE)
-        .map(|(_, v)| v.to_string());
+        .map(|(_, v)| decode(v));
     match token {
         Some(t) if !t.is_empty() => shared.auth.token_principal(&t),
         _ if shared.security.is_tls() || shared.auth.bootstrapped() => {

@@ -65,38 +65,38 @@ impl StreamFiles {
 
     /// The stream offsets kept on disk: `[first, end)`.
     pub fn kept(&self) -> (u64, u64) {
-        loop {
-            let start = self.start();
-            let (prev, cur) = (Self::len(&self.previous()), Self::len(&self.path));
-            // A rotation in between moves the start: read again.
-            if self.start() == start {
-                return (start.saturating_sub(prev), start + cur);
-            }
-        }
+        let _rotating = rotation_lock();
+        let start = self.start();
+        let (prev, cur) = (Self::len(&self.previous()), Self::len(&self.path));
+        (start.saturating_sub(prev), start.saturating_add(cur))
     }
 
     /// Up to `max` bytes from stream offset `offset`, moved up to the first byte kept: the
     /// offset of the first byte returned, and the bytes (empty at the end).
     pub fn read(&self, offset: u64, max: u64) -> (u64, Vec<u8>) {
-        for _ in 0..8 {
-            let start = self.start();
-            let prev_len = Self::len(&self.previous());
-            let from = offset.max(start.saturating_sub(prev_len));
-            let mut data = Vec::new();
-            if from < start {
-                read_at(&self.previous(), from - (start - prev_len), max, &mut data);
-                // On into the current segment.
-                read_at(&self.path, 0, max - data.len() as u64, &mut data);
-            } else {
-                read_at(&self.path, from - start, max, &mut data);
-            }
-            // Rotated while reading: the bytes may be from the wrong segment.
-            if self.start() == start {
-                return (from, data);
-            }
+        // No rotation while the segments and their start are read together.
+        let _rotating = rotation_lock();
+        let start = self.start();
+        let prev_len = Self::len(&self.previous());
+        let first = start.saturating_sub(prev_len);
+        let from = offset.max(first);
+        let mut data = Vec::new();
+        if from < start {
+            read_at(&self.previous(), from - first, max, &mut data);
+            // On into the current segment.
+            read_at(&self.path, 0, max.saturating_sub(data.len() as u64), &mut data);
+        } else {
+            read_at(&self.path, from - start, max, &mut data);
         }
-        (offset, Vec::new())
+        (from, data)
     }
+}
+
+/// Held by a rotation (renaming the segment and writing the new start) and by every reader, so a
+/// reader never pairs one segment with another's start. Rotations are rare and reads short.
+fn rotation_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Appends up to `max` bytes of `path` from `at` to `data`.
@@ -174,13 +174,16 @@ pub(crate) async fn copy_rotating<R: AsyncRead + Unpin>(
 }
 
 /// The current segment is full: it becomes the previous one, and a new one begins at `offset`.
+/// The renames and the small write happen under the rotation lock, synchronously (a few
+/// milliseconds, twice per cap's worth of output).
 async fn rotate(f: &mut tokio::fs::File, files: &StreamFiles, offset: u64) -> std::io::Result<tokio::fs::File> {
     f.flush().await?;
-    tokio::fs::rename(&files.path, files.previous()).await?;
+    let _rotating = rotation_lock();
+    std::fs::rename(&files.path, files.previous())?;
     let tmp = with_suffix(&files.path, ".start.tmp");
-    tokio::fs::write(&tmp, offset.to_string()).await?;
-    tokio::fs::rename(&tmp, files.start_file()).await?;
-    tokio::fs::File::create(&files.path).await
+    std::fs::write(&tmp, offset.to_string())?;
+    std::fs::rename(&tmp, files.start_file())?;
+    Ok(tokio::fs::File::from_std(std::fs::File::create(&files.path)?))
 }
 
 /// Whether a file in an attempt's directory is part of its output (`stdout.log`, its rotated
@@ -288,6 +291,15 @@ mod tests {
         copy_rotating(&b"hello"[..], file, files.clone(), "stderr", 1000).await;
         assert_eq!(files.kept(), (0, 5));
         assert_eq!(files.read(0, 100), (0, b"hello".to_vec()));
+        // The job can write its own directory: a start file it wrote is no reason to panic.
+        for start in ["18446744073709551615", "0", "garbage", "3"] {
+            std::fs::write(with_suffix(files.path(), ".start"), start).unwrap();
+            std::fs::write(files.previous(), "0123456789").unwrap();
+            let (first, end) = files.kept();
+            assert!(first <= end, "{start}: {first}..{end}");
+            let _ = files.read(0, 100);
+            let _ = files.read(u64::MAX, 100);
+        }
         let none = StreamFiles::new(dir.path().join("absent.log"));
         assert_eq!(none.kept(), (0, 0));
         assert_eq!(none.read(0, 10), (0, Vec::new()));

@@ -102,3 +102,28 @@ fn usage_keys_parse_by_name() {
         assert_eq!(UsageKey::parse(k.name()), Some(k));
     }
 }
+
+#[test]
+fn usage_counts_every_attempt_of_a_job_whose_history_overflowed() {
+    let mut sim = Sim::new();
+    let t0 = sim.now;
+    sim.node(NodeSpec { price: 2_000_000, ..n("a") });
+    let mut s = spec(1, 4);
+    s.retry.max_attempts = 100;
+    s.retry.backoff_secs = 0;
+    let j = sim.submit(s);
+    // 90 attempts of one minute each, every one failing: 4 events each, 360 in all.
+    for _ in 0..90 {
+        sim.round();
+        sim.start_all(j);
+        sim.now += MIN;
+        sim.exit(j, 0, 1).unwrap();
+    }
+    let job = sim.state.job(j).unwrap();
+    assert!(crate::timeline::dropped(job) > 0, "the history overflowed");
+    let placed = job.events.iter().filter(|e| matches!(e.kind, crate::model::JobEventKind::Placed { .. })).count();
+    let exited = job.events.iter().filter(|e| matches!(e.kind, crate::model::JobEventKind::Exited { .. })).count();
+    assert_eq!((placed, exited), (90, 90), "placements and ends are kept over starts and requeues");
+    // 90 minutes on 4 GPUs at $2: 6 GPU-hours, $12.
+    assert_eq!(keyed(&rows(&sim, t0, &[], None)), vec![(vec![], 6.0, 12_000_000, 90, 1)]);
+}
