@@ -366,8 +366,16 @@ impl v1::job_service_server::JobService for Jobs {
             if !req.follow {
                 return;
             }
-            let min_attempt: std::collections::BTreeMap<u32, u32> =
-                kept.iter().map(|c| (c.owner.shard, c.owner.attempt)).collect();
+            // Following moves on from the attempts shown (from memory or from the agents' disks).
+            let mut min_attempt: std::collections::BTreeMap<u32, u32> = std::collections::BTreeMap::new();
+            for (shard, attempt) in kept
+                .iter()
+                .map(|c| (c.owner.shard, c.owner.attempt))
+                .chain(on_disk.iter().map(|a| (a.owner.shard, a.owner.attempt)))
+            {
+                let m = min_attempt.entry(shard).or_insert(attempt);
+                *m = (*m).max(attempt);
+            }
             let mut finished_at: Option<tokio::time::Instant> = None;
             let mut check = tokio::time::interval(Duration::from_millis(500));
             loop {
