@@ -102,46 +102,43 @@ pub async fn liveness_loop(shared: Arc<Shared>) {
     }
 }
 
-/// Stop what ran past its job's time limit, and what is still on a node past its drain
-/// deadline (apply checks both again).
+/// Stop what ran past its job's time limit, what is still on a node past its drain deadline,
+/// and (hang detection) the running shards of jobs with a progress timeout whose step has not
+/// moved for that long, as this leader has seen it since it took office: their gang restarts
+/// from the checkpoint. One walk over the live attempts on the Raft thread; apply checks each
+/// command again.
 async fn enforce_limits(shared: &Shared) {
     let t = now();
-    stop_stalled(shared, t).await;
-    let due = shared
+    let found = shared
         .raft
         .local(move |n| {
             let state = &n.state_machine().state;
-            let mut out = Vec::new();
-            let mut jobs = BTreeSet::new();
+            let mut due = Vec::new();
+            let mut watched = Vec::new();
+            let mut timed_out = BTreeSet::new();
             for (attempt, r) in state.live_attempts() {
-                if !jobs.contains(&r.job) && state.past_time_limit(r.job, *attempt, t) {
-                    jobs.insert(r.job);
-                    out.push(Command::TimeLimit { job: r.job, attempt: *attempt });
+                if !timed_out.contains(&r.job) && state.past_time_limit(r.job, *attempt, t) {
+                    timed_out.insert(r.job);
+                    due.push(Command::TimeLimit { job: r.job, attempt: *attempt });
+                }
+                let Some(job) = state.job(r.job) else { continue };
+                let Some(timeout) = job.spec.progress_timeout_secs else { continue };
+                let shard = &job.shards[r.shard as usize];
+                if let Some(a) = shard.attempt.as_ref().filter(|_| shard.state == ShardState::Running) {
+                    watched.push((r.job, *attempt, a.started_at.unwrap_or(a.assigned_at).0, timeout));
                 }
             }
             for node in state.nodes().values() {
                 if matches!(node.state, NodeState::Draining { deadline: Some(d), .. } if d <= t)
                     && !state.past_drain_deadline(node.id, t).is_empty()
                 {
-                    out.push(Command::DrainDeadline { node: node.id });
+                    due.push(Command::DrainDeadline { node: node.id });
                 }
             }
-            out
+            (due, watched)
         })
-        .await
-        .unwrap_or_default();
-    for cmd in due {
-        match shared.write(&cmd).await {
-            Ok(_) => tracing::info!(command = cmd.kind(), "limit enforced"),
-            Err(e) => tracing::debug!(error = %e.message(), "limit not enforced"),
-        }
-    }
-}
-
-/// Hang detection: running shards of jobs with a progress timeout whose step has not moved for
-/// that long, as this leader has seen it (from its heartbeats, since it took office), restart
-/// their gang from the checkpoint.
-async fn stop_stalled(shared: &Shared, t: Timestamp) {
+        .await;
+    let Ok((mut due, watched)) = found else { return };
     // The earliest time this leader can vouch for: it saw no heartbeat before taking office.
     let office = shared
         .agents
@@ -150,27 +147,6 @@ async fn stop_stalled(shared: &Shared, t: Timestamp) {
         .ok()
         .and_then(|l| *l)
         .map_or(t.0, |since| t.0.saturating_sub(since.elapsed().as_millis() as u64));
-    let watched = shared
-        .raft
-        .local(move |n| {
-            let state = &n.state_machine().state;
-            let mut out = Vec::new();
-            for (attempt, r) in state.live_attempts() {
-                let Some(job) = state.job(r.job) else { continue };
-                let Some(timeout) = job.spec.progress_timeout_secs else { continue };
-                let shard = &job.shards[r.shard as usize];
-                let Some(a) =
-                    shard.attempt.as_ref().filter(|_| shard.state == tessera_core::model::ShardState::Running)
-                else {
-                    continue;
-                };
-                let start = a.started_at.unwrap_or(a.assigned_at);
-                out.push((r.job, *attempt, start.0, timeout));
-            }
-            out
-        })
-        .await
-        .unwrap_or_default();
     let mut stalled: std::collections::BTreeMap<JobId, Vec<AttemptId>> = std::collections::BTreeMap::new();
     for (job, attempt, start, timeout) in watched {
         let last = start.max(office).max(shared.live.stepped_at(attempt.0).unwrap_or(0));
@@ -180,8 +156,12 @@ async fn stop_stalled(shared: &Shared, t: Timestamp) {
     }
     for (job, attempts) in stalled {
         tracing::warn!(%job, ranks = attempts.len(), "shards made no progress within the job's timeout: restarting the gang");
-        if let Err(e) = shared.write(&Command::Stalled { job, attempts }).await {
-            tracing::debug!(%job, error = %e.message(), "stall not acted on");
+        due.push(Command::Stalled { job, attempts });
+    }
+    for cmd in due {
+        match shared.write(&cmd).await {
+            Ok(_) => tracing::info!(command = cmd.kind(), "limit enforced"),
+            Err(e) => tracing::debug!(command = cmd.kind(), error = %e.message(), "limit not enforced"),
         }
     }
 }
