@@ -392,6 +392,52 @@ pub struct Job {
     /// job's own fields say them. At most [`crate::timeline::MAX_EVENTS`].
     #[serde(default, rename = "ev", skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<JobEvent>,
+    /// A job array's own record (its spec has `array`; it has no shards): how far its elements
+    /// have got. See [`crate::arrays`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub array: Option<ArrayProgress>,
+    /// An element of a job array: which array, and its index (`TESSERA_ARRAY_INDEX`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub element_of: Option<ArrayElement>,
+    /// Its `after_ok`/`after_any` dependencies that have not ended yet: it is not placed (nor,
+    /// for an array, are its elements created) while any remains.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_on: Vec<JobId>,
+}
+
+impl Job {
+    /// True for a job array's own record (which has no shards of its own).
+    pub fn is_array(&self) -> bool {
+        self.spec.array.is_some()
+    }
+}
+
+/// Where a job array's elements are. Every element is a job of its own, created in index order
+/// as the array's limit allows; `next` counts those created (and, after a cancel, those that
+/// never will be).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ArrayProgress {
+    /// Elements created so far (position in the index list of the next one).
+    pub next: u64,
+    /// Created and not finished.
+    pub active: u32,
+    /// Created and pending (waiting for placement).
+    pub queued: u32,
+    /// Elements that succeeded.
+    pub succeeded: u64,
+    /// Elements that failed.
+    pub failed: u64,
+    /// Elements cancelled, including those never created because the array was cancelled.
+    pub cancelled: u64,
+}
+
+/// An array element's place in its array.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ArrayElement {
+    /// The array's own job.
+    pub array: JobId,
+    /// Its index (`TESSERA_ARRAY_INDEX`).
+    pub index: u32,
 }
 
 /// One thing that happened to a job's shard, as stored in [`Job::events`]. Kept small (a job

@@ -54,6 +54,14 @@ pub mod limits {
     pub const MAX_GPU_MEMORY_MIB: u64 = 1024 * 1024;
     /// Exit codes listed as never retried.
     pub const MAX_EXIT_CODES: usize = 64;
+    /// Elements of one job array.
+    pub const MAX_ARRAY_SIZE: u64 = 1_000_000;
+    /// Highest index of a job array element.
+    pub const MAX_ARRAY_INDEX: u32 = 100_000_000;
+    /// Comma-separated parts of an array's index list.
+    pub const MAX_ARRAY_RANGES: usize = 1024;
+    /// Jobs a job may depend on (`after_ok` and `after_any` together).
+    pub const MAX_DEPENDENCIES: usize = 64;
 }
 
 /// Named priority levels. Any integer from 0 to [`limits::MAX_PRIORITY`] is also accepted.
@@ -249,6 +257,161 @@ pub struct JobSpec {
     pub retry: RetryPolicy,
     /// How shards are stopped (preemption, drain, spot notice, cancel).
     pub stop: StopPolicy,
+    /// A job array: one job of this spec per index (see [`ArraySpec`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub array: Option<ArraySpec>,
+    /// Jobs (ids) that must all succeed before this one is placed; if one ends otherwise, this
+    /// job is cancelled ("dependency never satisfied").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after_ok: Vec<u64>,
+    /// Jobs (ids) that must all end, however, before this one is placed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after_any: Vec<u64>,
+}
+
+/// A job array, Slurm's `--array` form: `0-999%50` is indices 0 to 999, at most 50 of them
+/// running at once; `1,3,8-20:4` lists indices and ranges with a step. Each index becomes a job
+/// of its own (an element) with `TESSERA_ARRAY_INDEX` set, created as the limit allows.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ArraySpec {
+    /// (first, last, step) parts in increasing order, none overlapping the one before.
+    pub ranges: Vec<(u32, u32, u32)>,
+    /// At most this many elements exist unfinished (pending or running) at once; None: no
+    /// limit beyond the servers' own window of waiting elements.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_running: Option<u32>,
+}
+
+impl ArraySpec {
+    /// Parse `0-999%50`, `1,3,8-20:4`, `7`. Errors say what is wrong with which part.
+    pub fn parse(s: &str) -> Result<ArraySpec, String> {
+        let t = s.trim();
+        let (list, limit) = match t.split_once('%') {
+            Some((l, m)) => (l, Some(m)),
+            None => (t, None),
+        };
+        let max_running = match limit {
+            None => None,
+            Some(m) => match m.trim().parse::<u32>() {
+                Ok(n) if n >= 1 => Some(n),
+                _ => return Err(format!("'%{m}' is not a limit: use %N with N at least 1, like 0-999%50")),
+            },
+        };
+        if list.trim().is_empty() {
+            return Err(format!("'{s}' lists no indices: use a form like 0-999%50 or 1,3,8-20:4"));
+        }
+        let num = |x: &str| {
+            x.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("'{x}' in '{s}' is not an index: use a form like 0-999%50 or 1,3,8-20:4"))
+        };
+        let mut ranges = Vec::new();
+        for part in list.split(',') {
+            let (span, step) = match part.split_once(':') {
+                Some((r, st)) => (r, num(st)?),
+                None => (part, 1),
+            };
+            let (first, last) = match span.split_once('-') {
+                Some((a, b)) => (num(a)?, num(b)?),
+                None => {
+                    let i = num(span)?;
+                    (i, i)
+                }
+            };
+            ranges.push((first, last, step));
+        }
+        let spec = ArraySpec { ranges, max_running };
+        spec.check()?;
+        Ok(spec)
+    }
+
+    /// The rules [`ArraySpec::parse`] enforces, for a spec that came another way.
+    pub fn check(&self) -> Result<(), String> {
+        if self.ranges.is_empty() {
+            return Err("lists no indices".into());
+        }
+        if self.ranges.len() > limits::MAX_ARRAY_RANGES {
+            return Err(format!("has {} parts; at most {} allowed", self.ranges.len(), limits::MAX_ARRAY_RANGES));
+        }
+        let mut prev: Option<u32> = None;
+        for &(first, last, step) in &self.ranges {
+            if step == 0 {
+                return Err(format!("{first}-{last}:0 has a step of 0"));
+            }
+            if first > last {
+                return Err(format!("{first}-{last} runs backwards"));
+            }
+            if last > limits::MAX_ARRAY_INDEX {
+                return Err(format!("index {last} is above the highest allowed, {}", limits::MAX_ARRAY_INDEX));
+            }
+            if let Some(p) = prev
+                && first <= p
+            {
+                return Err(format!("{first} comes after {p}: list the parts in increasing order, without overlap"));
+            }
+            prev = Some(last);
+        }
+        if self.max_running == Some(0) {
+            return Err("%0 would never run an element".into());
+        }
+        let n = self.len();
+        if n > limits::MAX_ARRAY_SIZE {
+            return Err(format!("has {n} elements; at most {} allowed", limits::MAX_ARRAY_SIZE));
+        }
+        Ok(())
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> u64 {
+        self.ranges.iter().map(|&(f, l, st)| u64::from((l - f) / st.max(1)) + 1).sum()
+    }
+
+    /// Always false: an array has at least one element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The index of the `pos`-th element (from 0), in order.
+    pub fn index_at(&self, mut pos: u64) -> Option<u32> {
+        for &(first, last, step) in &self.ranges {
+            let step = step.max(1);
+            let n = u64::from(last.saturating_sub(first) / step) + 1;
+            if pos < n {
+                return u32::try_from(u64::from(first) + pos * u64::from(step)).ok();
+            }
+            pos -= n;
+        }
+        None
+    }
+}
+
+impl fmt::Display for ArraySpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, &(first, last, step)) in self.ranges.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            match (first == last, step) {
+                (true, _) => write!(f, "{first}")?,
+                (false, 1) => write!(f, "{first}-{last}")?,
+                (false, st) => write!(f, "{first}-{last}:{st}")?,
+            }
+        }
+        if let Some(m) = self.max_running {
+            write!(f, "%{m}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Parse a job reference: `12` or `job-12`.
+pub fn parse_job_ref(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.strip_prefix("job-").unwrap_or(t);
+    match digits.parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("'{s}' is not a job id: use a number like 12 or job-12")),
+    }
 }
 
 /// One problem with a spec: which field, what is wrong, and where in the file.
@@ -330,6 +493,9 @@ impl JobSpec {
             checkpoint_dir: None,
             retry: RetryPolicy::default(),
             stop: StopPolicy::default(),
+            array: None,
+            after_ok: Vec::new(),
+            after_any: Vec::new(),
         }
     }
 
@@ -469,6 +635,19 @@ impl JobSpec {
         if st.term_grace_secs > 3600 {
             push(&mut e, "stop.term_grace", "must be at most one hour");
         }
+        if let Some(a) = &self.array
+            && let Err(m) = a.check()
+        {
+            push(&mut e, "array", m);
+        }
+        if self.after_ok.len() + self.after_any.len() > limits::MAX_DEPENDENCIES {
+            push(&mut e, "after_ok", format!("more than {} dependencies in all", limits::MAX_DEPENDENCIES));
+        }
+        for (field, list) in [("after_ok", &self.after_ok), ("after_any", &self.after_any)] {
+            if list.contains(&0) {
+                push(&mut e, field, "job ids start at 1");
+            }
+        }
         if e.is_empty() { Ok(()) } else { Err(SpecError { errors: e }) }
     }
 
@@ -580,6 +759,9 @@ struct RawSpec {
     placement: Option<Spanned<RawPlacement>>,
     retry: Option<Spanned<RawRetry>>,
     stop: Option<Spanned<RawStop>>,
+    array: Option<Spanned<String>>,
+    after_ok: Option<Spanned<Vec<toml::Value>>>,
+    after_any: Option<Spanned<Vec<toml::Value>>>,
 }
 
 #[derive(Deserialize)]
@@ -757,6 +939,30 @@ pub fn parse_toml(src: &str) -> Result<JobSpec, SpecError> {
         c.at("env", v.span());
         spec.env = v.get_ref().clone();
     }
+    if let Some(v) = &raw.array {
+        c.at("array", v.span());
+        match ArraySpec::parse(v.get_ref()) {
+            Ok(a) => spec.array = Some(a),
+            Err(m) => c.err("array", v.span(), m),
+        }
+    }
+    for (field, raw_list, list) in
+        [("after_ok", &raw.after_ok, &mut spec.after_ok), ("after_any", &raw.after_any, &mut spec.after_any)]
+    {
+        let Some(v) = raw_list else { continue };
+        c.at(field, v.span());
+        for item in v.get_ref() {
+            let parsed = match item {
+                toml::Value::Integer(i) => parse_job_ref(&i.to_string()),
+                toml::Value::String(s) => parse_job_ref(s),
+                other => Err(format!("expected a job id like 12 or \"job-12\", found {}", other.type_str())),
+            };
+            match parsed {
+                Ok(id) => list.push(id),
+                Err(m) => c.err(field, v.span(), m),
+            }
+        }
+    }
     if let Some(res) = &raw.resources {
         c.at("resources", res.span());
         let r = res.get_ref();
@@ -911,6 +1117,12 @@ pub struct OneLine {
     pub checkpoint_dir: Option<String>,
     /// `--env K=V`, repeated.
     pub env: Vec<String>,
+    /// `--array`, like `0-999%50`.
+    pub array: Option<String>,
+    /// `--after-ok`, comma-separated job ids.
+    pub after_ok: Option<String>,
+    /// `--after-any`, comma-separated job ids.
+    pub after_any: Option<String>,
     /// The command after `--`.
     pub command: Vec<String>,
 }
@@ -955,6 +1167,22 @@ impl OneLine {
                 _ => push(&mut errors, "--env", format!("'{kv}' is not NAME=VALUE")),
             }
         }
+        if let Some(a) = &self.array {
+            match ArraySpec::parse(a) {
+                Ok(a) => spec.array = Some(a),
+                Err(m) => push(&mut errors, "--array", m),
+            }
+        }
+        for (flag, given, list) in
+            [("--after-ok", &self.after_ok, &mut spec.after_ok), ("--after-any", &self.after_any, &mut spec.after_any)]
+        {
+            for part in given.iter().flat_map(|g| g.split(',')).filter(|p| !p.trim().is_empty()) {
+                match parse_job_ref(part) {
+                    Ok(id) => list.push(id),
+                    Err(m) => push(&mut errors, flag, m),
+                }
+            }
+        }
         for (flag, given, field) in [
             ("--max-runtime", &self.max_runtime, &mut spec.max_runtime_secs),
             ("--progress-timeout", &self.progress_timeout, &mut spec.progress_timeout_secs),
@@ -978,6 +1206,9 @@ impl OneLine {
                     "max_runtime" => "--max-runtime".into(),
                     "progress_timeout" => "--progress-timeout".into(),
                     "checkpoint_dir" => "--checkpoint-dir".into(),
+                    "array" => "--array".into(),
+                    "after_ok" => "--after-ok".into(),
+                    "after_any" => "--after-any".into(),
                     f if f.starts_with("env") => "--env".into(),
                     "command" => "command (after --)".into(),
                     other => other.to_string(),
@@ -1122,6 +1353,7 @@ term_grace = 10
             checkpoint_dir: Some("s3://ckpt/llama".into()),
             env: vec!["NCCL_DEBUG=INFO".into()],
             command: ["python", "train.py", "--lr", "3e-4"].map(String::from).to_vec(),
+            ..Default::default()
         };
         let from_line = line.to_spec().unwrap();
         let mut from_toml = parse_toml(GOOD).unwrap();
@@ -1175,6 +1407,60 @@ term_grace = 10
         let err = parse_toml("command = [\"x\"]\n\nprogress_timeout = 3\n").unwrap_err();
         assert_eq!(err.errors[0].field, "progress_timeout");
         assert_eq!(err.errors[0].location.map(|l| l.0), Some(3), "{err}");
+    }
+
+    #[test]
+    fn array_forms_parse_count_and_print_back() {
+        let a = ArraySpec::parse("0-999%50").unwrap();
+        assert_eq!((a.len(), a.max_running), (1000, Some(50)));
+        assert_eq!((a.index_at(0), a.index_at(999), a.index_at(1000)), (Some(0), Some(999), None));
+        assert_eq!(a.to_string(), "0-999%50");
+        let b = ArraySpec::parse("1,3, 8-20:4").unwrap();
+        let all: Vec<u32> = (0..b.len()).filter_map(|p| b.index_at(p)).collect();
+        assert_eq!(all, [1, 3, 8, 12, 16, 20]);
+        assert_eq!(b.to_string(), "1,3,8-20:4");
+        for (bad, says) in [
+            ("", "lists no indices"),
+            ("5-1", "runs backwards"),
+            ("0-9%0", "not a limit"),
+            ("0-9:0", "step of 0"),
+            ("3,1", "increasing order"),
+            ("0-5,5-9", "increasing order"),
+            ("a-b", "not an index"),
+            ("0-1000000", "at most 1000000"),
+        ] {
+            let err = ArraySpec::parse(bad).unwrap_err();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
+        assert!(ArraySpec::parse("0-999999").is_ok());
+    }
+
+    #[test]
+    fn arrays_and_dependencies_in_both_forms() {
+        let spec = parse_toml("command = [\"x\"]\narray = \"0-9%2\"\nafter_ok = [4, \"job-5\"]\nafter_any = [\"6\"]\n")
+            .unwrap();
+        assert_eq!(spec.array.as_ref().map(ArraySpec::len), Some(10));
+        assert_eq!((spec.after_ok.clone(), spec.after_any.clone()), (vec![4, 5], vec![6]));
+        let line = OneLine {
+            array: Some("0-9%2".into()),
+            after_ok: Some("4,job-5".into()),
+            after_any: Some("6".into()),
+            command: vec!["x".into()],
+            ..Default::default()
+        };
+        assert_eq!(line.to_spec().unwrap(), spec);
+        let err = parse_toml("command = [\"x\"]\n\narray = \"9-0\"\nafter_ok = [\"x\"]\n").unwrap_err();
+        let got: Vec<_> = err.errors.iter().map(|e| (e.field.as_str(), e.location.map(|l| l.0))).collect();
+        assert_eq!(got, [("array", Some(3)), ("after_ok", Some(4))], "{err}");
+        let bad = OneLine {
+            array: Some("1-%3".into()),
+            after_any: Some("0".into()),
+            command: vec!["x".into()],
+            ..Default::default()
+        };
+        let err = bad.to_spec().unwrap_err();
+        let fields: Vec<_> = err.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["--array", "--after-any"], "{err}");
     }
 
     #[test]

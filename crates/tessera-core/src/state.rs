@@ -32,6 +32,9 @@ use crate::model::{
 use crate::placement::{GangPlacement, Plan, Preemption, node_admits, span_ok};
 use crate::spec::{Cloud, limits};
 
+mod arrays;
+pub use arrays::ARRAY_WINDOW;
+
 /// Longest idempotency key accepted, in bytes.
 pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 
@@ -127,6 +130,18 @@ pub struct State {
     live_on: BTreeMap<NodeId, BTreeSet<AttemptId>>,
     #[serde(skip)]
     pending: BTreeSet<JobId>,
+    /// The unfinished elements of each job array.
+    #[serde(skip)]
+    array_live: BTreeMap<JobId, BTreeSet<JobId>>,
+    /// The unfinished jobs waiting on each job (their `waiting_on` lists it).
+    #[serde(skip)]
+    dependents: BTreeMap<JobId, BTreeSet<JobId>>,
+    /// Work for the end of the command being applied (see [`State::settle`]): arrays whose
+    /// elements moved, and jobs that ended.
+    #[serde(skip)]
+    touched_arrays: BTreeSet<JobId>,
+    #[serde(skip)]
+    ended: Vec<JobId>,
 }
 
 impl Default for State {
@@ -282,6 +297,10 @@ impl State {
             live: BTreeMap::new(),
             live_on: BTreeMap::new(),
             pending: BTreeSet::new(),
+            array_live: BTreeMap::new(),
+            dependents: BTreeMap::new(),
+            touched_arrays: BTreeSet::new(),
+            ended: Vec::new(),
         }
     }
 
@@ -365,6 +384,10 @@ impl State {
             live: BTreeMap::new(),
             live_on: BTreeMap::new(),
             pending: BTreeSet::new(),
+            array_live: BTreeMap::new(),
+            dependents: BTreeMap::new(),
+            touched_arrays: BTreeSet::new(),
+            ended: Vec::new(),
         }
     }
 
@@ -428,9 +451,10 @@ impl State {
             t.gpus_in_use = 0;
             t.cloud_gpus_in_use.clear();
         }
+        self.rebuild_array_indexes();
         for job in self.jobs.values() {
             for shard in &job.shards {
-                if shard.state == ShardState::Pending {
+                if shard.state == ShardState::Pending && !job.state.is_terminal() && job.waiting_on.is_empty() {
                     self.pending.insert(job.id);
                 }
                 if shard.state.is_live() {
@@ -502,6 +526,7 @@ impl State {
             }
             Command::Acl { change } => self.acl.apply(change, &mut ev)?,
         }
+        self.settle(now, &mut ev);
         #[cfg(debug_assertions)]
         if let Err(broken) = self.check_invariants() {
             panic!("invariant broken after applying index {}: {broken}", ctx.index);
@@ -552,6 +577,7 @@ impl State {
                 return Err(Rejection::PriorityAboveCap { tenant: t.name.clone(), cap, asked: spec.priority });
             }
         }
+        let waiting_on = self.unmet_dependencies(&spec)?;
         let id = JobId(self.next_job);
         if let Some(k) = key {
             self.idempotency.insert((spec.tenant.clone(), k), id);
@@ -571,7 +597,7 @@ impl State {
                 not_before: now,
             })
             .collect();
-        let job = Job {
+        let mut job = Job {
             id,
             spec,
             state: JobState::Pending,
@@ -584,10 +610,22 @@ impl State {
             message: None,
             submitted_by,
             events: Vec::new(),
+            array: None,
+            element_of: None,
+            waiting_on,
         };
+        self.wait_on(id, &job.waiting_on);
+        let (array, waiting) = (job.is_array(), !job.waiting_on.is_empty());
+        if array {
+            State::new_array_record(&mut job);
+        }
         self.jobs.insert(id, Arc::new(job));
-        self.pending.insert(id);
         ev.push(Event::JobSubmitted { job: id, deduplicated: false });
+        if array {
+            self.touched_arrays.insert(id);
+        } else if !waiting {
+            self.pending.insert(id);
+        }
         Ok(())
     }
 
@@ -610,7 +648,12 @@ impl State {
             return Err(Rejection::JobFinished { job: id, state: job.state });
         }
         job.cancel_requested = true;
-        job.message = Some(reason.unwrap_or_else(|| "cancelled".into()));
+        let reason = reason.unwrap_or_else(|| "cancelled".into());
+        job.message = Some(reason.clone());
+        if job.is_array() {
+            self.cancel_array(id, &reason, now, ev);
+            return Ok(());
+        }
         for i in 0..job.shards.len() as u32 {
             self.end_or_stop(id, i, StopReason::Cancelled, now, ev);
         }
@@ -758,6 +801,10 @@ impl State {
     /// Recompute a job's state and its membership of the pending set.
     fn refresh_job(&mut self, id: JobId, now: Timestamp, ev: &mut Vec<Event>) {
         let Some(job) = self.jobs.get_mut(&id).map(Arc::make_mut) else { return };
+        if job.is_array() {
+            self.touched_arrays.insert(id);
+            return;
+        }
         let live = job.shards.iter().any(|s| s.state.is_live());
         let pending = job.shards.iter().any(|s| s.state == ShardState::Pending);
         let new = if live {
@@ -779,14 +826,21 @@ impl State {
             }
             job.finished_at.get_or_insert(now);
         }
-        if pending && !new.is_terminal() {
+        if pending && !new.is_terminal() && job.waiting_on.is_empty() {
             self.pending.insert(id);
         } else {
             self.pending.remove(&id);
         }
         if new != job.state {
+            let (old, element) = (job.state, job.element_of);
             job.state = new;
             ev.push(Event::JobStateChanged { job: id, state: new });
+            if new.is_terminal() {
+                self.ended.push(id);
+            }
+            if let Some(element) = element {
+                self.element_moved(element, id, old, new);
+            }
         }
     }
 
@@ -1509,7 +1563,7 @@ impl State {
             if job.id != *id {
                 return Err(format!("jobs.{}.id is {}", id.0, job.id.0));
             }
-            if job.shards.len() != job.spec.shards as usize {
+            if job.shards.len() != job.spec.shards as usize && !job.is_array() {
                 return Err(format!(
                     "jobs.{}.shards has {} shards, its spec {}",
                     id.0,
@@ -1610,7 +1664,7 @@ impl State {
             if job.state.is_terminal() && (live > 0 || pending) {
                 return Err(format!("{} is {:?} but still has live or pending shards", job.id, job.state));
             }
-            if (pending && !job.state.is_terminal()) != self.pending.contains(&job.id) {
+            if (pending && !job.state.is_terminal() && job.waiting_on.is_empty()) != self.pending.contains(&job.id) {
                 return Err(format!("{} pending index is wrong", job.id));
             }
             for s in job.shards.iter().filter(|s| s.state.is_live()) {
@@ -1680,6 +1734,6 @@ impl State {
                 return Err(format!("{} names unknown tenant {}", job.id, job.spec.tenant));
             }
         }
-        Ok(())
+        self.check_arrays()
     }
 }

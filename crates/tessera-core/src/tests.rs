@@ -12,8 +12,10 @@ use crate::model::{
 };
 use crate::planner::{PlanLimits, PlanOutput, WaitReason, node_admits, plan, span_ok};
 use crate::spec::{Cloud, JobSpec, SpotPolicy};
+use crate::state::ARRAY_WINDOW;
 use crate::{AttemptId, JobId, NodeId, State, Timestamp};
 
+mod arrays;
 mod gpu_faults;
 mod limits;
 mod tenants;
@@ -1147,6 +1149,16 @@ enum Op {
     Tick {
         secs: u16,
     },
+    /// A job array of `size` 1-GPU elements, at most `limit` unfinished (0: no limit).
+    SubmitArray {
+        size: u8,
+        limit: u8,
+    },
+    /// A job depending on an existing one (which may be an array or an element).
+    SubmitAfter {
+        pick: u16,
+        ok: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -1181,6 +1193,8 @@ fn op() -> impl Strategy<Value = Op> {
                 tenant, weight, quota, hours, cloud_hours, window, max_prio, mode
             }),
         2 => (1u16..4000).prop_map(|secs| Op::Tick { secs }),
+        1 => (1u8..30, 0u8..4).prop_map(|(size, limit)| Op::SubmitArray { size, limit }),
+        1 => (any::<u16>(), any::<bool>()).prop_map(|(pick, ok)| Op::SubmitAfter { pick, ok }),
     ]
 }
 
@@ -1311,6 +1325,24 @@ fn concretise(state: &State, op: &Op, now: Timestamp) -> Option<Command> {
             mode: [TenantWrite::Upsert, TenantWrite::Create, TenantWrite::Update][mode as usize],
         },
         Op::Tick { .. } => return None,
+        Op::SubmitArray { size, limit } => {
+            let mut s = spec(1, 1);
+            let cap = if limit == 0 { String::new() } else { format!("%{limit}") };
+            s.array = crate::spec::ArraySpec::parse(&format!("0-{}{cap}", size - 1)).ok();
+            s.retry.max_attempts = 1;
+            submit_cmd(s, None)
+        }
+        Op::SubmitAfter { pick, ok } => {
+            let ids: Vec<JobId> = state.jobs().keys().copied().collect();
+            let dep = *ids.get(pick as usize % ids.len().max(1))?;
+            let mut s = spec(1, 2);
+            if ok {
+                s.after_ok = vec![dep.0];
+            } else {
+                s.after_any = vec![dep.0];
+            }
+            submit_cmd(s, None)
+        }
     })
 }
 

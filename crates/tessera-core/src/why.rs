@@ -47,6 +47,11 @@ pub enum WhyKind {
     PlanFull,
     /// Everything it needs is free: the next planning round places it.
     NextRound,
+    /// It waits for jobs it depends on (`after_ok`, `after_any`) to end.
+    Dependency,
+    /// A job array: its elements wait (each has its own reason), or its `%N` limit holds the
+    /// next ones back.
+    Array,
 }
 
 impl WhyKind {
@@ -65,6 +70,8 @@ impl WhyKind {
             WhyKind::Capacity => "CAPACITY",
             WhyKind::PlanFull => "PLAN_FULL",
             WhyKind::NextRound => "NEXT_ROUND",
+            WhyKind::Dependency => "DEPENDENCY",
+            WhyKind::Array => "ARRAY",
         }
     }
 }
@@ -261,6 +268,33 @@ fn own_reason(state: &State, job: &Job, now: Timestamp) -> Option<Option<(WhyKin
     }
     if job.cancel_requested {
         return Some(Some((WhyKind::Cancelling, "a cancel was requested: it will not be placed".into(), Vec::new())));
+    }
+    if !job.waiting_on.is_empty() {
+        let list: Vec<String> = job.waiting_on.iter().map(|d| d.to_string()).collect();
+        let ok = job.waiting_on.iter().any(|d| job.spec.after_ok.contains(&d.0));
+        let how = if ok { "; if an after-ok one does not succeed, this job is cancelled" } else { "" };
+        return Some(Some((
+            WhyKind::Dependency,
+            format!("waits for {} to end{how}", list.join(", ")),
+            vec![format!("cancel the dependency, or cancel this job: it runs only after {}", list.join(", "))],
+        )));
+    }
+    if let (Some(spec), Some(p)) = (&job.spec.array, &job.array) {
+        let total = spec.len();
+        let limit = match spec.max_running {
+            Some(m) if p.active >= m => format!("; its limit of {m} unfinished at once holds back the rest"),
+            _ => String::new(),
+        };
+        return Some(Some((
+            WhyKind::Array,
+            format!(
+                "array of {total}: {} elements waiting for placement, {} not created yet{limit} (each element's own reason: tessera job list --array {})",
+                p.queued,
+                total.saturating_sub(p.next),
+                job.id.0
+            ),
+            Vec::new(),
+        )));
     }
     let live = job.shards.iter().filter(|s| s.state.is_live()).count();
     if live > 0 {

@@ -315,6 +315,7 @@ pub(crate) fn grpc_requests() -> Vec<Vec<u8>> {
                 page_size: 10,
                 page_token: "0".into(),
                 consistency: 0,
+                array_job_id: 0,
             }
             .encode_to_vec(),
         ),

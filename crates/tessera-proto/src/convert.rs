@@ -282,6 +282,9 @@ pub fn spec_from_proto(p: v1::JobSpec) -> Result<JobSpec, SpecError> {
         retry,
         stop,
         progress_timeout_seconds,
+        array,
+        after_ok,
+        after_any,
     } = p;
 
     let name = if name.is_empty() { JobSpec::new(command.clone(), 1, 1).name } else { name };
@@ -369,7 +372,17 @@ pub fn spec_from_proto(p: v1::JobSpec) -> Result<JobSpec, SpecError> {
         checkpoint_dir: (!checkpoint_dir.is_empty()).then_some(checkpoint_dir),
         retry,
         stop,
+        array: None,
+        after_ok,
+        after_any,
     };
+    let mut spec = spec;
+    if !array.is_empty() {
+        match spec::ArraySpec::parse(&array) {
+            Ok(a) => spec.array = Some(a),
+            Err(m) => errors.push(spec_field_error("array", m)),
+        }
+    }
     if let Err(invalid) = spec.validate() {
         for fe in spec_error_to_wire(&invalid).errors {
             // A field whose mapping already failed has its error; do not report it twice.
@@ -406,6 +419,9 @@ impl From<&JobSpec> for v1::JobSpec {
             checkpoint_dir,
             retry,
             stop,
+            array,
+            after_ok,
+            after_any,
         } = s;
         let Resources { gpus, gpu_model, min_gpu_memory_mib, cpu_millis, memory_mib } = resources;
         let Placement { clouds, regions, labels, spot, span_regions, span_clouds } = placement;
@@ -446,6 +462,9 @@ impl From<&JobSpec> for v1::JobSpec {
                 checkpoint_grace_seconds: Some(*checkpoint_grace_secs),
                 term_grace_seconds: Some(*term_grace_secs),
             }),
+            array: array.as_ref().map(ToString::to_string).unwrap_or_default(),
+            after_ok: after_ok.clone(),
+            after_any: after_any.clone(),
         }
     }
 }
@@ -527,6 +546,9 @@ pub fn job_to_proto(job: &Job, state: &State) -> v1::Job {
         submitted_by,
         // The timeline is returned by JobEvents, not with the job.
         events: _,
+        array,
+        element_of,
+        waiting_on,
     } = job;
     // As the core's resume point: the highest step, then the latest time.
     let latest_checkpoint = shards
@@ -550,6 +572,18 @@ pub fn job_to_proto(job: &Job, state: &State) -> v1::Job {
         submitted_by: submitted_by.clone().unwrap_or_default(),
         // Advice from the planner and the fleet, not state: the server fills it in.
         pending_reason: None,
+        array: array.as_ref().map(|p| v1::ArrayStatus {
+            total: spec.array.as_ref().map_or(0, |a| a.len()),
+            not_created: spec.array.as_ref().map_or(0, |a| a.len()).saturating_sub(p.next),
+            pending: p.queued,
+            running: p.active.saturating_sub(p.queued),
+            succeeded: p.succeeded,
+            failed: p.failed,
+            cancelled: p.cancelled,
+        }),
+        array_job_id: element_of.map_or(0, |e| e.array.0),
+        array_index: element_of.map(|e| e.index),
+        waiting_on: waiting_on.iter().map(|j| j.0).collect(),
     }
 }
 
@@ -679,6 +713,8 @@ pub fn why_kind_to_proto(kind: WhyKind) -> v1::PendingReasonKind {
         WhyKind::Capacity => K::Capacity,
         WhyKind::PlanFull => K::PlanFull,
         WhyKind::NextRound => K::NextRound,
+        WhyKind::Dependency => K::Dependency,
+        WhyKind::Array => K::Array,
     }
 }
 
@@ -981,6 +1017,9 @@ mod tests {
             checkpoint_dir: Some("s3://ckpt/llama".into()),
             retry: RetryPolicy { max_attempts: 5, backoff_secs: 0, never_retry_exit_codes: vec![2, 137] },
             stop: StopPolicy { signal: "SIGUSR2".into(), checkpoint_grace_secs: 120, term_grace_secs: 0 },
+            array: Some(tessera_core::spec::ArraySpec::parse("1,3,8-20:4%2").unwrap()),
+            after_ok: vec![7, 9],
+            after_any: vec![8],
         }
     }
 
@@ -1009,6 +1048,15 @@ mod tests {
         // And the defaults of the core survive the trip too.
         let plain = JobSpec::new(vec!["/usr/bin/sleep".into(), "1".into()], 1, 1);
         assert_eq!(spec_from_proto(v1::JobSpec::from(&plain)).unwrap(), plain);
+    }
+
+    #[test]
+    fn a_bad_array_names_its_wire_field() {
+        let mut wire = minimal_wire_spec();
+        wire.array = "5-1".into();
+        wire.after_ok = vec![0];
+        let err = spec_from_proto(wire).unwrap_err();
+        assert_eq!(fields(&err), ["spec.array", "spec.after_ok"], "{err}");
     }
 
     #[test]

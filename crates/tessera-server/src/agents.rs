@@ -238,6 +238,16 @@ fn stop_reason(r: tessera_core::model::StopReason) -> v1::StopReason {
 
 /// Build the assignment message for a live attempt.
 /// The assignment of `attempt` to `node`, if that attempt is still live there.
+/// The job's own environment, and for an array element its index and array.
+fn shard_env(j: &tessera_core::model::Job) -> std::collections::BTreeMap<String, String> {
+    let mut env = j.spec.env.clone();
+    if let Some(e) = j.element_of {
+        env.insert("TESSERA_ARRAY_INDEX".into(), e.index.to_string());
+        env.insert("TESSERA_ARRAY_JOB_ID".into(), e.array.0.to_string());
+    }
+    env
+}
+
 fn assign_message(state: &State, hub: &AgentHub, attempt: AttemptId, node: NodeId) -> Option<v1::ServerMessage> {
     let (j, s) = state.attempt(attempt)?;
     let (job, shard) = (j.id, s.index);
@@ -257,7 +267,7 @@ fn assign_message(state: &State, hub: &AgentHub, attempt: AttemptId, node: NodeI
             attempt: a.number,
             gpus: a.gpus.clone(),
             command: spec.command.clone(),
-            env: spec.env.clone().into_iter().collect(),
+            env: shard_env(j),
             launch: Some(v1::LaunchEnv {
                 master_addr,
                 // The port shard 0's attempt holds on its node (no other live gang there has

@@ -525,6 +525,16 @@ fn print_spec(s: &tessera_core::JobSpec) {
     println!("priority:       {}", s.priority);
     println!("max runtime:    {}", s.max_runtime_secs.map_or("none".into(), |r| format!("{r} s")));
     println!("checkpoint dir: {}", s.checkpoint_dir.as_deref().unwrap_or("none"));
+    if let Some(a) = &s.array {
+        println!("array:          {a} ({} elements)", a.len());
+    }
+    let ids = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+    if !s.after_ok.is_empty() {
+        println!("after ok:       {}", ids(&s.after_ok));
+    }
+    if !s.after_any.is_empty() {
+        println!("after any:      {}", ids(&s.after_any));
+    }
     println!(
         "retry:          {} attempts, {} s backoff, never on {:?}",
         s.retry.max_attempts, s.retry.backoff_secs, s.retry.never_retry_exit_codes

@@ -100,6 +100,7 @@ impl v1::job_service_server::JobService for Jobs {
         }
         let crate::context::Page { size: page_size, first } = crate::context::page(req.page_size, &req.page_token)?;
         let (tenant, finished, shards) = (req.tenant, req.include_finished, req.include_shards);
+        let array = JobId(req.array_job_id);
         let (waiting, now) = (self.0.waiting(), crate::clock::now());
         let (jobs, next) = self
             .0
@@ -113,7 +114,10 @@ impl v1::job_service_server::JobService for Jobs {
                     } else {
                         states.contains(&job.state)
                     };
+                    // One array is one row (its own record); its elements only when asked for.
+                    let in_array = job.element_of.map_or(JobId(0), |e| e.array) == array;
                     if !wanted
+                        || !in_array
                         || (!tenant.is_empty() && job.spec.tenant != tenant)
                         || readable.as_ref().is_some_and(|r| !r.contains(&job.spec.tenant))
                     {

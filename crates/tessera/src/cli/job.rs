@@ -48,6 +48,9 @@ enum JobCommand {
     Submit(Box<SubmitArgs>),
     /// List jobs in id order: pending and running ones, or every job with --all.
     ///
+    /// A job array is one row, with its elements' counts per state in the SHARDS column's
+    /// place; --array ID lists the elements of one.
+    ///
     /// JSON: {"jobs": [Job]}, each Job as `tessera job status` prints it, with "shards" empty.
     #[command(after_help = super::CLIENT_AFTER_HELP)]
     List {
@@ -57,6 +60,9 @@ enum JobCommand {
         /// Only this tenant's jobs.
         #[arg(long)]
         tenant: Option<String>,
+        /// The elements of this job array instead.
+        #[arg(long, value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
+        array: Option<u64>,
     },
     /// Show a job and each shard: node, cloud, attempt, state, step, last checkpoint, restarts.
     ///
@@ -163,7 +169,7 @@ enum JobCommand {
 #[derive(clap::Args, Debug)]
 struct SubmitArgs {
     /// A TOML job spec (see README). Leave it out for the one-line form.
-    #[arg(value_name = "SPEC.toml", conflicts_with_all = ["shards", "gpus", "gpu_model", "cloud", "priority", "name", "tenant", "max_runtime", "progress_timeout", "checkpoint_dir", "env", "command"])]
+    #[arg(value_name = "SPEC.toml", conflicts_with_all = ["shards", "gpus", "gpu_model", "cloud", "priority", "name", "tenant", "max_runtime", "progress_timeout", "checkpoint_dir", "env", "array", "after_ok", "after_any", "command"])]
     spec: Option<PathBuf>,
     /// One-line form: shards (nodes) of the gang [default: 1].
     #[arg(long)]
@@ -199,6 +205,17 @@ struct SubmitArgs {
     /// One-line form: an environment variable for every shard, NAME=VALUE (repeatable).
     #[arg(long, value_name = "NAME=VALUE")]
     env: Vec<String>,
+    /// One-line form: a job array, one job per index with TESSERA_ARRAY_INDEX set, like
+    /// 0-999%50 (indices 0 to 999, at most 50 unfinished at once) or 1,3,8-20:4.
+    #[arg(long, value_name = "INDICES[%LIMIT]")]
+    array: Option<String>,
+    /// One-line form: place the job only after these jobs succeeded (comma-separated ids); if
+    /// one does not, the job is cancelled.
+    #[arg(long, value_name = "IDS")]
+    after_ok: Option<String>,
+    /// One-line form: place the job only after these jobs ended, however (comma-separated ids).
+    #[arg(long, value_name = "IDS")]
+    after_any: Option<String>,
     /// Key that makes a repeated submission return the first job instead of a new one
     /// [default: a fresh key per invocation, so retries across servers are safe].
     #[arg(long, value_name = "KEY")]
@@ -217,7 +234,7 @@ pub async fn run(args: JobArgs) -> CliResult {
     let out = args.client.output;
     match args.command {
         JobCommand::Submit(a) => submit(&servers, *a, out).await,
-        JobCommand::List { all, tenant } => list(&servers, all, tenant, out).await,
+        JobCommand::List { all, tenant, array } => list(&servers, all, tenant, array, out).await,
         JobCommand::Status { id } => status(&servers, id, out).await,
         JobCommand::Why { id } => why(&servers, id, out).await,
         JobCommand::Events { id } => events(&servers, id, out).await,
@@ -259,6 +276,9 @@ fn submission_spec(a: &SubmitArgs) -> Result<tessera_core::JobSpec, CliError> {
         progress_timeout: a.progress_timeout.clone(),
         checkpoint_dir: a.checkpoint_dir.clone(),
         env: a.env.clone(),
+        array: a.array.clone(),
+        after_ok: a.after_ok.clone(),
+        after_any: a.after_any.clone(),
         command: a.command.clone(),
     };
     line.to_spec().map_err(|e| CliError::Invalid(e.to_string()))
@@ -311,7 +331,7 @@ struct ListJson {
     jobs: Vec<JobJson>,
 }
 
-async fn list(servers: &Servers, all: bool, tenant: Option<String>, out: Format) -> CliResult {
+async fn list(servers: &Servers, all: bool, tenant: Option<String>, array: Option<u64>, out: Format) -> CliResult {
     let jobs = servers
         .call_repeatable(Some(UNARY_TIMEOUT), |ch| {
             let tenant = tenant.clone().unwrap_or_default();
@@ -325,6 +345,7 @@ async fn list(servers: &Servers, all: bool, tenant: Option<String>, out: Format)
                         include_finished: all,
                         page_size: 1000,
                         page_token: token.clone(),
+                        array_job_id: array.unwrap_or(0),
                         ..Default::default()
                     };
                     let page = c.list_jobs(req).await?.into_inner();
@@ -366,13 +387,22 @@ async fn list(servers: &Servers, all: bool, tenant: Option<String>, out: Format)
         if j.cancel_requested && j.state == v1::JobState::Running as i32 {
             state.push_str(" (cancelling)");
         }
+        let name = match (&j.array, j.array_index) {
+            (Some(_), _) => format!("{} [{}]", spec.name, spec.array),
+            (None, Some(i)) => format!("{}[{i}]", spec.name),
+            _ => spec.name,
+        };
+        let shards = match &j.array {
+            Some(a) => output::array_counts(a),
+            None => spec.shards.to_string(),
+        };
         t.add_row(vec![
             j.id.to_string(),
-            spec.name,
+            name,
             spec.tenant,
             state,
             output::priority(spec.priority.unwrap_or(500)),
-            spec.shards.to_string(),
+            shards,
             gpus,
             output::when(Some(j.submitted_unix_ms)),
             j.restarts.to_string(),
@@ -546,6 +576,23 @@ fn print_job(job: &v1::Job) -> Result<(), CliError> {
     }
     if job.finished_unix_ms.is_some() {
         lines.push(format!("finished:     {}", output::when(job.finished_unix_ms)));
+    }
+    if let Some(a) = &job.array {
+        lines.push(format!("array:        {} ({} elements): {}", spec.array, a.total, output::array_counts(a)));
+        lines.push(format!("elements:     tessera job list --all --array {}", job.id));
+    }
+    if let Some(i) = job.array_index {
+        lines.push(format!("array:        element {i} of job {} (TESSERA_ARRAY_INDEX={i})", job.array_job_id));
+    }
+    for (what, list) in [("after ok:    ", &spec.after_ok), ("after any:   ", &spec.after_any)] {
+        if !list.is_empty() {
+            let ids: Vec<String> = list.iter().map(u64::to_string).collect();
+            lines.push(format!("{what} {}", ids.join(", ")));
+        }
+    }
+    if !job.waiting_on.is_empty() {
+        let ids: Vec<String> = job.waiting_on.iter().map(u64::to_string).collect();
+        lines.push(format!("waiting on:   {} (not placed until they end)", ids.join(", ")));
     }
     lines.push(format!("restarts:     {} (failures counted against retries: {})", job.restarts, job.failures));
     if let Some(c) = &job.latest_checkpoint {
@@ -1148,6 +1195,9 @@ mod tests {
             progress_timeout: None,
             checkpoint_dir: None,
             env: Vec::new(),
+            array: None,
+            after_ok: None,
+            after_any: None,
             idempotency_key: None,
             watch: false,
             command: vec![],
@@ -1162,5 +1212,11 @@ mod tests {
         let spec = submission_spec(&a).unwrap();
         assert_eq!((spec.shards, spec.resources.gpus, spec.placement.clouds.len()), (2, 8, 2));
         assert_eq!(spec.name, "t.py");
+        let a = SubmitArgs { array: Some("0-99%5".into()), after_ok: Some("3,job-4".into()), ..a };
+        let spec = submission_spec(&a).unwrap();
+        assert_eq!(spec.array.map(|x| (x.len(), x.max_running)), Some((100, Some(5))));
+        assert_eq!(spec.after_ok, [3, 4]);
+        let a = SubmitArgs { array: Some("9-1".into()), ..a };
+        assert!(matches!(submission_spec(&a), Err(CliError::Invalid(m)) if m.contains("--array")));
     }
 }

@@ -290,6 +290,46 @@ pub struct JobJson {
     pub latest_checkpoint: Option<CheckpointJson>,
     pub pending_reason: Option<ReasonJson>,
     pub shards: Vec<ShardJson>,
+    /// A job array's own record: its index list and its elements' counts.
+    pub array: Option<ArrayJson>,
+    /// An array element: its array and index.
+    pub array_job_id: Option<u64>,
+    pub array_index: Option<u32>,
+    pub after_ok: Vec<u64>,
+    pub after_any: Vec<u64>,
+    /// Dependencies not ended yet.
+    pub waiting_on: Vec<u64>,
+}
+
+/// A job array's elements: {"indices": "0-999%50", "total", "not_created", "pending",
+/// "running", "succeeded", "failed", "cancelled"}.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct ArrayJson {
+    pub indices: String,
+    pub total: u64,
+    pub not_created: u64,
+    pub pending: u32,
+    pub running: u32,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+}
+
+/// An array's counts on one line: "12 running, 38 pending, 900 not created, 50 succeeded".
+pub fn array_counts(a: &v1::ArrayStatus) -> String {
+    let parts: Vec<String> = [
+        (u64::from(a.running), "running"),
+        (u64::from(a.pending), "pending"),
+        (a.not_created, "not created"),
+        (a.succeeded, "succeeded"),
+        (a.failed, "failed"),
+        (a.cancelled, "cancelled"),
+    ]
+    .into_iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, what)| format!("{n} {what}"))
+    .collect();
+    if parts.is_empty() { "-".into() } else { parts.join(", ") }
 }
 
 /// Why a job waits: {"kind": "capacity", "message": "..."}.
@@ -397,6 +437,21 @@ impl From<&v1::Job> for JobJson {
             latest_checkpoint: j.latest_checkpoint.as_ref().map(CheckpointJson::from),
             pending_reason: j.pending_reason.as_ref().map(ReasonJson::from),
             shards: j.shards.iter().map(ShardJson::from).collect(),
+            array: j.array.as_ref().map(|a| ArrayJson {
+                indices: spec.array.clone(),
+                total: a.total,
+                not_created: a.not_created,
+                pending: a.pending,
+                running: a.running,
+                succeeded: a.succeeded,
+                failed: a.failed,
+                cancelled: a.cancelled,
+            }),
+            array_job_id: (j.array_job_id != 0).then_some(j.array_job_id),
+            array_index: j.array_index,
+            after_ok: spec.after_ok.clone(),
+            after_any: spec.after_any.clone(),
+            waiting_on: j.waiting_on.clone(),
         }
     }
 }
