@@ -555,3 +555,92 @@ fn bad_input_and_unreachable_servers_get_clear_errors() {
         assert!(script.contains("tessera") && script.contains("snapshot"), "{shell}: {script}");
     }
 }
+
+/// A job array and dependencies through the CLI: the array is one row in `job list` with
+/// counts per state, at most its limit of elements run at once, each element sees its index,
+/// an after-ok job waits for the whole array and then runs, and a job whose after-ok
+/// dependency was cancelled is cancelled with the reason.
+#[test]
+fn arrays_and_dependencies_run_through_the_cli() {
+    let Some((c, servers, agent, _trainer)) = cluster_with_agent() else { return };
+    let s = servers.as_str();
+    wait_for_node(s, &agent);
+    // Each element records when it ran, so that the limit can be checked from the outside.
+    let marks = c.dir.path().join("marks");
+    std::fs::create_dir_all(&marks).expect("marks dir");
+    let script = format!(
+        "echo \"index=$TESSERA_ARRAY_INDEX of $TESSERA_ARRAY_JOB_ID\"; touch {m}/start-$TESSERA_ARRAY_INDEX; \
+         sleep 1; ls {m} | grep -c start- >{m}/seen-$TESSERA_ARRAY_INDEX; rm {m}/start-$TESSERA_ARRAY_INDEX",
+        m = marks.display()
+    );
+    let arr = job_id(&json(&[
+        "job", "submit", "--array", "0-7%3", "--name", "sweep", "-o", "json", "--server", s, "--", "sh", "-c", &script,
+    ]));
+    let after = job_id(&json(&[
+        "job",
+        "submit",
+        "--after-ok",
+        &arr.to_string(),
+        "--name",
+        "report",
+        "-o",
+        "json",
+        "--server",
+        s,
+        "--",
+        "true",
+    ]));
+    let why = json(&["job", "why", &after.to_string(), "-o", "json", "--server", s]);
+    assert_eq!(why["reason"]["kind"], "dependency", "{why}");
+    assert!(why["reason"]["message"].as_str().unwrap_or("").contains(&format!("job-{arr}")), "{why}");
+
+    // While it runs: one row for the array, with counts, and no rows for its elements.
+    let running = wait_job(s, arr, "running", |j| j["state"] == "running");
+    assert_eq!(running["array"]["total"], 8, "{running}");
+    let listed = json(&["job", "list", "-o", "json", "--server", s]);
+    let rows = listed["jobs"].as_array().cloned().unwrap_or_default();
+    assert!(rows.iter().any(|j| j["id"] == arr && j["array"]["indices"] == "0-7%3"), "{listed}");
+    assert!(rows.iter().all(|j| j["array_job_id"].is_null()), "elements are listed only with --array: {listed}");
+
+    let done = wait_job(s, arr, "succeeded", |j| j["state"] == "succeeded");
+    assert_eq!(done["array"]["succeeded"], 8, "{done}");
+    let after_done = wait_job(s, after, "the dependent job succeeded", |j| j["state"] == "succeeded");
+    assert!(after_done["started_unix_ms"].as_u64() >= done["finished_unix_ms"].as_u64(), "{after_done}\n{done}");
+
+    // The elements: eight jobs, indices 0..8, never more than three at once.
+    let elements = json(&["job", "list", "--all", "--array", &arr.to_string(), "-o", "json", "--server", s]);
+    let elements = elements["jobs"].as_array().cloned().unwrap_or_default();
+    let mut indices: Vec<u64> = elements.iter().filter_map(|e| e["array_index"].as_u64()).collect();
+    indices.sort_unstable();
+    assert_eq!(indices, (0..8).collect::<Vec<u64>>(), "{elements:?}");
+    let most = (0..8)
+        .map(|i| {
+            std::fs::read_to_string(marks.join(format!("seen-{i}"))).unwrap_or_default().trim().parse().unwrap_or(0)
+        })
+        .max()
+        .unwrap_or(0);
+    assert!((1..=3).contains(&most), "at most 3 elements at once, saw {most}");
+    let e3 = elements.iter().find(|e| e["array_index"] == 3).expect("element 3");
+    let id3 = e3["id"].as_u64().expect("id").to_string();
+    let out = run(&["job", "logs", &id3, "--server", s]);
+    assert!(stdout(&out).contains(&format!("index=3 of {arr}")), "{}{}", stdout(&out), stderr(&out));
+    let table = stdout(&run(&["job", "list", "--all", "--server", s]));
+    let row = table.lines().find(|l| l.contains("sweep [0-7%3]")).unwrap_or_else(|| panic!("{table}"));
+    assert!(row.contains("8 succeeded"), "{table}");
+
+    // A dependency that is cancelled: the job waiting on it is cancelled, saying why.
+    let long = job_id(&json(&["job", "submit", "-o", "json", "--server", s, "--", "sleep", "60"]));
+    let dependent =
+        job_id(&json(&["job", "submit", "--after-ok", &long.to_string(), "-o", "json", "--server", s, "--", "true"]));
+    assert_eq!(run(&["job", "cancel", &long.to_string(), "--server", s]).status.code(), Some(0));
+    let j = wait_job(s, dependent, "cancelled", |j| j["state"] == "cancelled");
+    assert_eq!(
+        j["message"].as_str().unwrap_or(""),
+        format!("dependency never satisfied: job-{long} ended cancelled (after-ok)"),
+        "{j}"
+    );
+    // A dependency that can never be met is refused at once, naming the flag's field.
+    let out = run(&["job", "submit", "--after-ok", &long.to_string(), "--server", s, "--", "true"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr(&out).contains("after_ok") && stderr(&out).contains("already ended cancelled"), "{}", stderr(&out));
+}
