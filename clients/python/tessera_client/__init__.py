@@ -182,9 +182,17 @@ class Client:
         max_runtime_seconds: Optional[int] = None,
         checkpoint_dir: str = "",
         idempotency_key: Optional[str] = None,
+        array: str = "",
+        after_ok: Sequence[int] = (),
+        after_any: Sequence[int] = (),
     ) -> int:
         """Submit a job; returns its id. An empty tenant is the server's "default"; the
-        idempotency key defaults to a fresh UUID, so retries of this call make one job."""
+        idempotency key defaults to a fresh UUID, so retries of this call make one job.
+
+        ``array`` makes a job array in Slurm's form ("0-999%50": indices 0 to 999, at most 50
+        unfinished at once); the id returned is the array's own, and each element is a job
+        with ``TESSERA_ARRAY_INDEX`` set (``jobs(array=ID)`` lists them). ``after_ok`` and
+        ``after_any`` hold the job until those jobs have succeeded, or ended however."""
         if isinstance(command, str):
             raise TypeError("command: give a list of arguments, e.g. ['python', 'train.py']")
         spec = common_pb2.JobSpec(
@@ -195,6 +203,9 @@ class Client:
             shards=shards,
             resources=common_pb2.Resources(gpus=gpus, gpu_model=gpu_model, cpu_millis=cpu_millis, memory_mib=memory_mib),
             checkpoint_dir=checkpoint_dir,
+            array=array,
+            after_ok=list(after_ok),
+            after_any=list(after_any),
         )
         if priority is not None:
             spec.priority = priority
@@ -227,8 +238,11 @@ class Client:
         tenant: str = "",
         include_finished: bool = False,
         page_size: int = 500,
+        array: int = 0,
     ) -> Iterator:
-        """Jobs (``pb.Job``), oldest first, page by page. ``states``: names of ``JOB_STATES``."""
+        """Jobs (``pb.Job``), oldest first, page by page. ``states``: names of ``JOB_STATES``.
+        A job array is one job (its own record, with counts in ``.array``); ``array=ID`` lists
+        that array's elements instead."""
         wanted = []
         for s in states:
             if s not in JOB_STATES:
@@ -237,7 +251,12 @@ class Client:
         token = ""
         while True:
             req = jobs_pb2.ListJobsRequest(
-                states=wanted, tenant=tenant, include_finished=include_finished, page_size=page_size, page_token=token
+                states=wanted,
+                tenant=tenant,
+                include_finished=include_finished,
+                page_size=page_size,
+                page_token=token,
+                array_job_id=array,
             )
             resp = self._unary("ListJobs", req)
             yield from resp.jobs

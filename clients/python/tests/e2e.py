@@ -118,6 +118,20 @@ def main():
         all_ids = [j.id for j in c.jobs(include_finished=True, page_size=2)]
         check({job, first, big} <= set(all_ids), f"jobs(include_finished=True) pages through all ({all_ids})")
 
+        # A job array: one id, elements listed apart, each seeing its index; a job after it.
+        arr = c.submit(["sh", "-c", "echo element $TESSERA_ARRAY_INDEX"], array="0-3%2")
+        after = c.submit(["true"], after_ok=[arr])
+        check(c.why(after).reason.kind == pb.PENDING_REASON_KIND_DEPENDENCY, "why() says it waits on the array")
+        done = c.wait(arr, timeout=60)
+        check(
+            done.state == pb.JOB_STATE_SUCCEEDED and done.array.total == 4 and done.array.succeeded == 4,
+            f"the array of 4 succeeded ({done.state}, {done.array})",
+        )
+        elements = list(c.jobs(include_finished=True, array=arr))
+        check(sorted(e.array_index for e in elements) == [0, 1, 2, 3], "jobs(array=) lists its 4 elements")
+        check(arr not in [e.id for e in elements] and all(e.array_job_id == arr for e in elements), "only elements")
+        check(c.wait(after, timeout=60).state == pb.JOB_STATE_SUCCEEDED, "the after-ok job ran once the array ended")
+
         # Reflection alone, then the job it made runs like any other.
         rj = reflection_only(a.servers.split(",")[0], a.ca, a.cert, a.key)
         check(c.wait(rj, timeout=60).state == pb.JOB_STATE_SUCCEEDED, "the reflection job succeeded")
