@@ -106,6 +106,22 @@ fn unacknowledged_reports_go_again_in_order_after_a_reconnect() {
 }
 
 #[test]
+fn reports_queued_during_an_outage_go_once_at_the_next_registration() {
+    let t0 = Instant::now();
+    let mut p = registered(t0);
+    p.session_ended(SessionEnd::Broken, 0);
+    // Between sessions: a shard exits, a GPU fails.
+    p.started(3, 30);
+    p.exited(3, 1, 0, Some(v1::shard_exited::Termination::ExitCode(0)));
+    p.queue(In::GpuHealthReport(v1::GpuHealthReport { gpu_index: 1, ..Default::default() }));
+    p.next_address();
+    assert_eq!(p.register(v1::Register::default()).seq, 5);
+    assert_eq!(p.finished().get(&3), Some(&(1, 0)), "the exit is listed at registration");
+    assert_eq!(seqs(&p.registered(&registration(1000, 3000), t0)), vec![2, 3, 4]);
+    assert!(p.flush().is_empty(), "nothing goes twice in one session");
+}
+
+#[test]
 fn an_ack_removes_exactly_its_report() {
     let t0 = Instant::now();
     let mut p = registered(t0);
