@@ -3,11 +3,15 @@
 //! has been acknowledged for the fence timeout (self-fencing), so a cut-off shard never runs
 //! twice. Reports (starts, exits, checkpoints, GPU health) are kept until acknowledged and sent
 //! again after a reconnect.
+//!
+//! The rules of all that live in [`crate::protocol`], a pure state machine; this module is its
+//! IO: it feeds it what happens (messages, exits, time) and performs the actions it returns
+//! (sends, starts, stops, kills, waits).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tessera_proto::v1;
@@ -17,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::gpu::{GpuEventKind, GpuSource};
+use crate::protocol::{Action, Protocol, SessionEnd};
 use crate::shard::{ExitInfo, LaunchSpec, Shard};
 
 /// Most output sent per attempt stream and heartbeat.
@@ -29,8 +34,6 @@ const LOG_RESEND_BYTES: u64 = 1024 * 1024;
 const LOG_SWEEP_EVERY: Duration = Duration::from_secs(600);
 /// Most output sent in one answer to ReadLog.
 const LOG_READ_MAX_BYTES: u64 = 1024 * 1024;
-/// Most output kept waiting for acknowledgement.
-const LOG_OUTBOX_BYTES: u64 = 8 * 1024 * 1024;
 
 /// New output of an attempt since `offsets`, as log chunks of at most `max` bytes per stream.
 fn log_chunks(attempt: u64, shard: &Shard, offsets: &mut [u64; 2], max: u64) -> Vec<In> {
@@ -99,32 +102,21 @@ pub struct Agent {
     cfg: AgentConfig,
     gpus: Box<dyn GpuSource>,
     running: BTreeMap<u64, Running>,
-    /// Reports not yet acknowledged, in order, by sequence number.
-    outbox: VecDeque<(u64, In)>,
-    seq: u64,
+    /// The protocol's state, shared with the fence watchdog.
+    shared: Arc<Shared>,
     exit_tx: mpsc::UnboundedSender<(u64, ExitInfo)>,
     exit_rx: mpsc::UnboundedReceiver<(u64, ExitInfo)>,
     fault_tx: mpsc::UnboundedSender<(u32, GpuEventKind)>,
     fault_rx: mpsc::UnboundedReceiver<(u32, GpuEventKind)>,
     notice_tx: mpsc::UnboundedSender<crate::cloud::Notice>,
-    /// Azure Scheduled Events to acknowledge once no shard runs here any more (then the cloud
-    /// need not wait out the event's notice period), and where to send their ids.
-    awaiting_ack: Vec<String>,
+    /// Where to send the ids of Azure Scheduled Events to acknowledge once no shard runs here
+    /// any more (then the cloud need not wait out the event's notice period).
     ack_tx: Option<mpsc::UnboundedSender<String>>,
     notice_rx: mpsc::UnboundedReceiver<crate::cloud::Notice>,
-    /// Attempts that exited but whose exit is not acknowledged yet: still listed as running
-    /// when registering, so a new leader waits for the exit report instead of declaring them
-    /// lost. Value: (job, shard).
-    finished: BTreeMap<u64, (u64, u32)>,
     /// When output past its retention was last looked for.
     last_sweep: Option<Instant>,
     /// Last progress of attempts that exited since the previous heartbeat (sent with it once).
     final_progress: Vec<v1::AttemptProgress>,
-    /// The self-fencing watchdog's view: last acknowledgement, fence timeout, running shards.
-    fencer: Arc<Fencer>,
-    /// Attempt ids this agent has started (recent ones): an attempt never runs twice here.
-    ran: VecDeque<u64>,
-    /// The acknowledgement after which the agent last fenced itself (once per silence).
     /// What the metrics endpoint shows.
     pub metrics: Arc<AgentMetrics>,
 }
@@ -190,17 +182,6 @@ impl AgentMetrics {
             }
         }
         out
-    }
-}
-
-/// The attempt a report is about.
-fn report_attempt(p: &In) -> Option<u64> {
-    match p {
-        In::ShardStarted(s) => Some(s.attempt_id),
-        In::ShardExited(e) => Some(e.attempt_id),
-        In::CheckpointReport(c) => Some(c.attempt_id),
-        In::LogChunk(l) => Some(l.attempt_id),
-        _ => None,
     }
 }
 
@@ -270,74 +251,42 @@ fn host_memory_mib() -> u64 {
         .map_or(0, |kb| kb / 1024)
 }
 
-/// Self-fencing, apart from the session loop: a watchdog task checks it every 50 ms, so no wait
-/// in the loop (a slow connect to a partitioned server, a stream that does not drain) can delay
-/// the fence past the servers' node-down timeout.
-struct Fencer {
-    inner: Mutex<FenceState>,
+/// What the session loop and the self-fencing watchdog share. The watchdog checks the fence
+/// every 50 ms apart from the loop, so no wait in the loop (a slow connect to a partitioned
+/// server, a stream that does not drain) can delay the fence past the servers' node-down
+/// timeout. Neither lock is held across an await, nor both at once.
+struct Shared {
+    core: Mutex<Protocol>,
+    /// The running shards by attempt, for the watchdog to kill.
+    shards: Mutex<BTreeMap<u64, Arc<Shard>>>,
 }
 
-struct FenceState {
-    last_ack: Instant,
-    timeout: Duration,
-    /// The acknowledgement after which the agent last fenced itself (once per silence).
-    fenced_after: Option<Instant>,
-    running: BTreeMap<u64, Arc<Shard>>,
-    /// Attempts killed by the fence: their exit is the node's fault, not the job's.
-    fenced: BTreeSet<u64>,
-}
-
-impl Fencer {
-    fn new() -> Fencer {
-        Fencer {
-            inner: Mutex::new(FenceState {
-                last_ack: Instant::now(),
-                timeout: Duration::from_secs(3),
-                fenced_after: None,
-                running: BTreeMap::new(),
-                fenced: BTreeSet::new(),
-            }),
-        }
+impl Shared {
+    fn core(&self) -> MutexGuard<'_, Protocol> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, FenceState> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn acked(&self, timeout: Duration) {
-        let mut s = self.lock();
-        s.last_ack = Instant::now();
-        s.timeout = timeout;
-    }
-
-    fn watch(&self, attempt: u64, shard: Arc<Shard>) {
-        self.lock().running.insert(attempt, shard);
-    }
-
-    /// Stop watching an attempt (it exited or was forgotten); true if the fence killed it.
-    fn forget(&self, attempt: u64) -> bool {
-        let mut s = self.lock();
-        s.running.remove(&attempt);
-        s.fenced.remove(&attempt)
+    fn shards(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<Shard>>> {
+        self.shards.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Kill every shard when nothing was acknowledged for the fence timeout.
-    fn check(&self, metrics: &AgentMetrics) {
-        let mut s = self.lock();
-        if s.running.is_empty() || s.last_ack.elapsed() < s.timeout || s.fenced_after == Some(s.last_ack) {
-            return;
+    fn check_fence(&self, metrics: &AgentMetrics) {
+        let actions = self.core().check_fence(Instant::now());
+        for action in actions {
+            let Action::Fence { attempts } = action else { continue };
+            tracing::warn!(running = attempts.len(), "no leader reachable for the fence timeout: killing every shard");
+            metrics.fenced.fetch_add(1, Ordering::Relaxed);
+            // The leader may place these shards elsewhere once its node-down timeout (just after
+            // the fence) passes: there is no time for a checkpoint ladder. Their exits are
+            // reported once reconnected.
+            let shards = self.shards();
+            for id in attempts {
+                if let Some(shard) = shards.get(&id) {
+                    shard.kill_now();
+                }
+            }
         }
-        s.fenced_after = Some(s.last_ack);
-        tracing::warn!(running = s.running.len(), "no leader reachable for the fence timeout: killing every shard");
-        metrics.fenced.fetch_add(1, Ordering::Relaxed);
-        // The leader may place these shards elsewhere once its node-down timeout (just after
-        // the fence) passes: there is no time for a checkpoint ladder. Their exits are reported
-        // once reconnected.
-        let ids: Vec<u64> = s.running.keys().copied().collect();
-        for (_, shard) in std::mem::take(&mut s.running) {
-            shard.kill_now();
-        }
-        s.fenced.extend(ids);
     }
 }
 
@@ -356,33 +305,22 @@ fn attempt_progress(attempt: u64, p: &crate::shard::Progress) -> v1::AttemptProg
     }
 }
 
-enum SessionEnd {
-    /// Try this address next.
-    Redirect(String),
-    /// The server could not be reached, or refused the session: try the next one.
-    Unreachable,
-    /// The server answered but knows of no leader: an election is under way.
-    NoLeader,
-    /// A registered session broke (the leader died or stepped down): try the next server now.
-    Broken,
-    /// Shutting down.
-    Shutdown,
+/// Log what the leader says that only the log needs (the protocol acts on the rest).
+fn log_message(m: &v1::ServerMessage) {
+    match &m.payload {
+        Some(Out::Ack(a)) if a.rejected => tracing::debug!(seq = a.seq, reason = %a.reason, "report refused"),
+        Some(Out::ForgetAttempts(f)) => {
+            tracing::info!(attempts = ?f.attempt_ids, reason = %f.reason, "forgetting attempts");
+        }
+        Some(Out::Drain(d)) => tracing::info!(draining = d.draining, "drain state changed"),
+        _ => {}
+    }
 }
 
-/// The first wait after every server has failed once; it doubles up to [`MAX_BACKOFF`].
-const BASE_BACKOFF: Duration = Duration::from_millis(100);
-/// The longest wait between rounds of tries. Well under the fence timeout, so an agent that
-/// lost its leader finds the next one before it has to fence itself.
-const MAX_BACKOFF: Duration = Duration::from_secs(1);
-/// How soon to ask again while the servers hold an election.
-const ELECTION_RETRY: Duration = Duration::from_millis(200);
-
-/// A random wait in `[d/2, d]`, so that a fleet of agents does not reconnect in lockstep.
-fn jittered(d: Duration) -> Duration {
+/// A random number for the protocol's jitter.
+fn random() -> u64 {
     use std::hash::{BuildHasher, Hasher};
-    let r = std::collections::hash_map::RandomState::new().build_hasher().finish();
-    let half = d.as_millis() as u64 / 2;
-    Duration::from_millis(half + r % (half + 1))
+    std::collections::hash_map::RandomState::new().build_hasher().finish()
 }
 
 impl Agent {
@@ -391,23 +329,22 @@ impl Agent {
         let (exit_tx, exit_rx) = mpsc::unbounded_channel();
         let (fault_tx, fault_rx) = mpsc::unbounded_channel();
         let (notice_tx, notice_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            core: Mutex::new(Protocol::new(cfg.servers.clone(), Instant::now())),
+            shards: Mutex::new(BTreeMap::new()),
+        });
         Agent {
             cfg,
             gpus,
             running: BTreeMap::new(),
-            outbox: VecDeque::new(),
-            seq: 0,
+            shared,
             exit_tx,
             exit_rx,
             fault_tx,
             fault_rx,
-            finished: BTreeMap::new(),
             last_sweep: None,
             final_progress: Vec::new(),
-            fencer: Arc::new(Fencer::new()),
-            ran: VecDeque::new(),
             notice_tx,
-            awaiting_ack: Vec::new(),
             ack_tx: None,
             notice_rx,
             metrics: Arc::new(AgentMetrics::default()),
@@ -432,19 +369,10 @@ impl Agent {
     /// Acknowledge the Azure events waiting for this host's shards to stop, once none runs and
     /// the servers have acknowledged every report (exits, last checkpoints, last output): after
     /// the acknowledgement the host may go at once.
-    fn acknowledge_when_idle(&mut self) {
-        if self.awaiting_ack.is_empty()
-            || !self.running.is_empty()
-            || !self.finished.is_empty()
-            || !self.outbox.is_empty()
-        {
-            return;
-        }
-        for id in std::mem::take(&mut self.awaiting_ack) {
-            tracing::info!(event = %id, "every shard stopped: acknowledging the scheduled event");
-            if let Some(tx) = &self.ack_tx {
-                let _ = tx.send(id);
-            }
+    fn acknowledge_when_idle(&self, event_id: String) {
+        tracing::info!(event = %event_id, "every shard stopped: acknowledging the scheduled event");
+        if let Some(tx) = &self.ack_tx {
+            let _ = tx.send(event_id);
         }
     }
 
@@ -453,7 +381,7 @@ impl Agent {
             r.shard.checkpoint_now();
         }
         if matches!(n.kind, crate::cloud::NoticeKind::AzurePreempt | crate::cloud::NoticeKind::AzureTerminate) {
-            self.awaiting_ack.push(n.event_id.clone());
+            self.shared.core().acknowledge_when_idle(n.event_id.clone());
         }
         let kind = match n.kind {
             crate::cloud::NoticeKind::AwsInstanceAction => v1::SpotNoticeKind::AwsInstanceAction,
@@ -474,66 +402,33 @@ impl Agent {
     }
 
     fn queue(&mut self, p: In) {
-        self.seq += 1;
-        self.outbox.push_back((self.seq, p));
+        self.shared.core().queue(p);
     }
 
     /// Run until `shutdown` fires; then stop every shard.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let (fencer, metrics) = (self.fencer.clone(), self.metrics.clone());
+        let (shared, metrics) = (self.shared.clone(), self.metrics.clone());
         let watchdog = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                fencer.check(&metrics);
+                shared.check_fence(&metrics);
             }
         });
-        let mut next = 0usize;
-        let mut redirect: Option<String> = None;
-        let mut backoff = BASE_BACKOFF;
-        // Failed tries since the last registered session: every server is tried once before
-        // the agent waits, so one dead server never delays finding the live ones.
-        let mut misses = 0usize;
-        let mut redirects = 0usize;
-        let mut last_ack = Instant::now();
-        let mut fence = Duration::from_secs(3);
-        let mut first = true;
         loop {
-            let addr = redirect.take().unwrap_or_else(|| {
-                let a = self.cfg.servers[next % self.cfg.servers.len()].clone();
-                next += 1;
-                a
-            });
-            let end = tokio::select! {
-                _ = &mut shutdown => SessionEnd::Shutdown,
-                end = self.session(&addr, &mut last_ack, &mut fence, first) => end,
+            let Some(addr) = self.shared.core().next_address() else {
+                tracing::error!("no server to connect to");
+                break;
             };
-            match end {
-                SessionEnd::Shutdown => break,
-                SessionEnd::Redirect(a) => {
-                    // Servers that disagree on the leader for a moment must not make a busy loop.
-                    redirects += 1;
-                    if redirects > self.cfg.servers.len() {
-                        redirects = 0;
-                        self.pause(jittered(ELECTION_RETRY)).await;
-                    }
-                    redirect = Some(a);
-                }
-                SessionEnd::Broken => {
-                    backoff = BASE_BACKOFF;
-                    misses = 0;
-                    redirects = 0;
-                }
-                SessionEnd::NoLeader => self.pause(jittered(ELECTION_RETRY)).await,
-                SessionEnd::Unreachable => {
-                    misses += 1;
-                    if misses.is_multiple_of(self.cfg.servers.len()) {
-                        self.pause(jittered(backoff)).await;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                    }
-                }
+            let end = tokio::select! {
+                _ = &mut shutdown => None,
+                end = self.session(&addr) => Some(end),
+            };
+            let Some(end) = end else { break };
+            let wait = self.shared.core().session_ended(end, random());
+            if !wait.is_zero() {
+                self.pause(wait).await;
             }
-            first = false;
         }
         watchdog.abort();
         tracing::info!("agent stopping: stopping every shard");
@@ -560,12 +455,10 @@ impl Agent {
             // Output and checkpoints written before the exit go first: after it the attempt is
             // not live.
             let mut r = r;
-            for chunk in log_chunks(attempt, &r.shard, &mut r.log_offsets, LOG_FINAL_BYTES) {
-                self.queue(chunk);
-            }
+            let mut reports = log_chunks(attempt, &r.shard, &mut r.log_offsets, LOG_FINAL_BYTES);
             for (step, uri) in r.shard.new_checkpoints() {
                 if r.last_checkpoint_step.is_none_or(|s| step >= s) {
-                    self.queue(In::CheckpointReport(v1::CheckpointReport {
+                    reports.push(In::CheckpointReport(v1::CheckpointReport {
                         attempt_id: attempt,
                         step,
                         uri,
@@ -574,24 +467,17 @@ impl Agent {
                 }
             }
             self.final_progress.push(attempt_progress(attempt, &r.shard.progress()));
-            self.finished.insert(attempt, (r.job_id, r.shard_index));
             let termination = match (exit.code, exit.signal) {
                 (Some(c), _) => Some(v1::shard_exited::Termination::ExitCode(c)),
                 (None, Some(s)) => Some(v1::shard_exited::Termination::Signal(s)),
                 _ => None,
             };
-            let fenced = self.fencer.forget(attempt);
-            self.queue(In::ShardExited(v1::ShardExited {
-                attempt_id: attempt,
-                termination,
-                node_fault: fenced,
-                message: if fenced {
-                    "stopped by the agent: no leader answered for the fence timeout".into()
-                } else {
-                    String::new()
-                },
-                ..Default::default()
-            }));
+            self.shared.shards().remove(&attempt);
+            let mut core = self.shared.core();
+            for report in reports {
+                core.queue(report);
+            }
+            core.exited(attempt, r.job_id, r.shard_index, termination);
         }
     }
 
@@ -608,7 +494,7 @@ impl Agent {
         }
     }
 
-    async fn session(&mut self, addr: &str, last_ack: &mut Instant, fence: &mut Duration, first: bool) -> SessionEnd {
+    async fn session(&mut self, addr: &str) -> SessionEnd {
         let endpoint = match self.cfg.security.endpoint(addr) {
             Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
             Err(e) => {
@@ -620,8 +506,8 @@ impl Agent {
             .http2_keep_alive_interval(Duration::from_secs(1))
             .keep_alive_timeout(Duration::from_secs(2))
             .keep_alive_while_idle(true);
-        // Never wait on one server longer than the fence: the caller fences between tries.
-        let limit = (*fence).max(Duration::from_secs(1));
+        // Never wait on one server longer than the fence: the watchdog fences between tries.
+        let limit = self.shared.core().connect_limit();
         let channel = match tokio::time::timeout(limit, self.cfg.security.connect(&endpoint)).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
@@ -631,9 +517,10 @@ impl Agent {
             Err(_) => return SessionEnd::Unreachable,
         };
         let (tx, out) = mpsc::channel::<v1::AgentMessage>(1024);
-        self.seq += 1;
-        let reg = registration(&self.cfg, self.gpus.as_ref(), &self.running, &self.finished);
-        let _ = tx.send(v1::AgentMessage { seq: self.seq, payload: Some(In::Register(reg)) }).await;
+        let finished = self.shared.core().finished().clone();
+        let reg = registration(&self.cfg, self.gpus.as_ref(), &self.running, &finished);
+        let reg = self.shared.core().register(reg);
+        let _ = tx.send(reg).await;
         let mut client = v1::agent_service_client::AgentServiceClient::new(channel);
         let mut inbound = match tokio::time::timeout(limit, client.session(ReceiverStream::new(out))).await {
             Ok(Ok(resp)) => resp.into_inner(),
@@ -647,19 +534,14 @@ impl Agent {
             Ok(m) => m,
             Err(_) => return SessionEnd::Unreachable,
         };
-        let heartbeat = match reply {
+        let resend = match reply {
             Ok(Some(v1::ServerMessage { payload: Some(Out::Registered(r)) })) => {
-                *fence = Duration::from_millis(r.fence_timeout_ms.max(1000));
-                *last_ack = Instant::now();
-                self.fencer.acked(*fence);
                 tracing::info!(%addr, node = r.node_id, leader = r.leader_id, "registered");
-                Duration::from_millis(r.heartbeat_interval_ms.max(100))
+                // The fence counts from now; reports never acknowledged go again.
+                self.shared.core().registered(&r, Instant::now())
             }
             Ok(Some(v1::ServerMessage { payload: Some(Out::NotLeader(n)) })) => {
-                return match n.leader.map(|l| l.leader_address).filter(|a| !a.is_empty()) {
-                    Some(a) => SessionEnd::Redirect(a),
-                    None => SessionEnd::NoLeader,
-                };
+                return crate::protocol::not_leader(n);
             }
             Ok(other) => {
                 tracing::warn!(%addr, reply = ?other, "unexpected answer to Register");
@@ -670,7 +552,7 @@ impl Agent {
                 return SessionEnd::Unreachable;
             }
         };
-        if !first {
+        if self.shared.core().is_reconnect() {
             self.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
         }
         // A new leader keeps no logs yet: start it with the tail of each running attempt's.
@@ -680,118 +562,111 @@ impl Agent {
                 r.log_offsets[i] = r.log_offsets[i].min(end.saturating_sub(LOG_RESEND_BYTES));
             }
         }
-        // Drop queued output beyond a bound so an outage cannot grow the outbox without limit.
-        let mut kept = 0u64;
-        self.outbox.retain(|(_, p)| match p {
-            In::LogChunk(c) => {
-                kept += c.data.len() as u64;
-                kept <= LOG_OUTBOX_BYTES
-            }
-            _ => true,
-        });
-        // Reports that were never acknowledged go again.
-        for (seq, p) in self.outbox.iter() {
-            let _ = tx.send(v1::AgentMessage { seq: *seq, payload: Some(p.clone()) }).await;
+        if let Some(end) = self.perform(&tx, resend).await {
+            return end;
         }
-        let mut sent_up_to = self.seq;
-        let mut tick = tokio::time::interval(heartbeat);
         loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    self.sweep_logs();
-                    self.collect_exits();
-                    self.acknowledge_when_idle();
-                    self.watch_progress_and_gpus();
-                    // Send what was queued since.
-                    self.flush(&tx, &mut sent_up_to).await;
-                    self.seq += 1;
-                    let hb = self.heartbeat();
-                    if tx.send(v1::AgentMessage { seq: self.seq, payload: Some(In::Heartbeat(hb)) }).await.is_err() {
-                        return SessionEnd::Broken;
-                    }
-                    sent_up_to = sent_up_to.max(self.seq);
-                    // Every message is acknowledged: three silent heartbeats mean a dead
-                    // connection (a crashed host or a partition without a reset).
-                    if last_ack.elapsed() > heartbeat * 3 {
-                        tracing::warn!(%addr, "no acknowledgement for three heartbeats; reconnecting");
-                        return SessionEnd::Broken;
-                    }
-                }
+            let due = tokio::time::Instant::from_std(self.shared.core().next_heartbeat());
+            let actions = tokio::select! {
+                _ = tokio::time::sleep_until(due) => self.shared.core().tick(Instant::now()),
                 // An exit is reported at once, not at the next heartbeat: the servers re-place
                 // work only once they know.
                 Some((attempt, exit)) = self.exit_rx.recv() => {
                     self.exited(attempt, exit);
-                    self.flush(&tx, &mut sent_up_to).await;
+                    self.shared.core().flush()
                 }
                 msg = inbound.message() => {
                     let m = match msg {
                         Ok(Some(m)) => m,
                         _ => return SessionEnd::Broken,
                     };
-                    match m.payload {
-                        Some(Out::Ack(a)) => {
-                            *last_ack = Instant::now();
-                            self.fencer.acked(*fence);
-                            if a.rejected {
-                                tracing::debug!(seq = a.seq, reason = %a.reason, "report refused");
-                            }
-                            if let Some(pos) = self.outbox.iter().position(|(s, _)| *s == a.seq)
-                                && let Some((_, In::ShardExited(e))) = self.outbox.remove(pos)
-                            {
-                                self.finished.remove(&e.attempt_id);
-                            }
-                        }
-                        Some(Out::AssignShard(a)) => {
-                            // ShardStarted goes at once too.
-                            self.assign(a);
-                            self.flush(&tx, &mut sent_up_to).await;
-                        }
-                        Some(Out::StopShard(s)) => {
-                            if let Some(r) = self.running.get(&s.attempt_id) {
-                                let shard = r.shard.clone();
-                                tokio::spawn(async move { shard.stop().await });
-                            }
-                        }
-                        Some(Out::ForgetAttempts(f)) => {
-                            // The scheduler no longer runs these here (they may run elsewhere):
-                            // kill at once, and report nothing more about them.
-                            tracing::info!(attempts = ?f.attempt_ids, reason = %f.reason, "forgetting attempts");
-                            for id in f.attempt_ids {
-                                if let Some(r) = self.running.remove(&id) {
-                                    for g in &r.gpus {
-                                        self.gpus.set_busy(*g, false);
-                                    }
-                                    r.shard.kill_now();
-                                }
-                                self.finished.remove(&id);
-                                self.fencer.forget(id);
-                                self.outbox.retain(|(_, p)| report_attempt(p) != Some(id));
-                            }
-                        }
-                        Some(Out::Drain(d)) => tracing::info!(draining = d.draining, "drain state changed"),
-                        Some(Out::NotLeader(n)) => {
-                            return match n.leader.map(|l| l.leader_address).filter(|a| !a.is_empty()) {
-                                Some(a) => SessionEnd::Redirect(a),
-                                None => SessionEnd::NoLeader,
-                            };
-                        }
-                        Some(Out::ReadLog(r)) => {
-                            // Sent at once, after what was queued before (sequence numbers stay
-                            // in order), and not kept for resending: the server asks again.
-                            let answer = self.read_log(&r);
-                            self.flush(&tx, &mut sent_up_to).await;
-                            self.seq += 1;
-                            let msg = v1::AgentMessage { seq: self.seq, payload: Some(In::LogRead(answer)) };
-                            if tx.send(msg).await.is_err() {
-                                return SessionEnd::Broken;
-                            }
-                            sent_up_to = self.seq;
-                        }
-                        Some(Out::GpuHealthCleared(_)) | Some(Out::Registered(_)) | None => {}
-                    }
+                    log_message(&m);
+                    self.shared.core().on_message(m, Instant::now())
                 }
+            };
+            if let Some(end) = self.perform(&tx, actions).await {
+                if end == SessionEnd::Silent {
+                    // Every message is acknowledged: three silent heartbeats mean a dead
+                    // connection (a crashed host or a partition without a reset).
+                    tracing::warn!(%addr, "no acknowledgement for three heartbeats; reconnecting");
+                }
+                return end;
             }
         }
+    }
+
+    /// Perform the protocol's actions in order, and those they lead to; `Some` when the
+    /// session is over.
+    async fn perform(&mut self, tx: &mpsc::Sender<v1::AgentMessage>, actions: Vec<Action>) -> Option<SessionEnd> {
+        let mut todo: VecDeque<Action> = actions.into();
+        while let Some(action) = todo.pop_front() {
+            let more = match action {
+                // A report stays in the outbox: if the stream is gone it goes again later.
+                Action::Send(m) => {
+                    let _ = tx.send(m).await;
+                    Vec::new()
+                }
+                Action::SendOnce(m) => {
+                    if tx.send(m).await.is_err() {
+                        return Some(SessionEnd::Broken);
+                    }
+                    Vec::new()
+                }
+                Action::Heartbeat => {
+                    self.sweep_logs();
+                    self.collect_exits();
+                    let mut more = self.shared.core().idle_acks();
+                    self.watch_progress_and_gpus();
+                    let hb = self.heartbeat();
+                    // The reports queued since go first, then the heartbeat.
+                    more.extend(self.shared.core().heartbeat(hb, Instant::now()));
+                    more
+                }
+                Action::Start(a) => {
+                    // ShardStarted goes at once too.
+                    self.assign(a);
+                    self.shared.core().flush()
+                }
+                Action::Stop { attempt } => {
+                    if let Some(r) = self.running.get(&attempt) {
+                        let shard = r.shard.clone();
+                        tokio::spawn(async move { shard.stop().await });
+                    }
+                    Vec::new()
+                }
+                Action::Forget { attempts } => {
+                    // The scheduler no longer runs these here (they may run elsewhere): kill at
+                    // once; the protocol reports nothing more about them.
+                    for id in attempts {
+                        if let Some(r) = self.running.remove(&id) {
+                            for g in &r.gpus {
+                                self.gpus.set_busy(*g, false);
+                            }
+                            r.shard.kill_now();
+                        }
+                        self.shared.shards().remove(&id);
+                    }
+                    Vec::new()
+                }
+                // Only the watchdog checks the fence.
+                Action::Fence { .. } => Vec::new(),
+                Action::ReadLog(r) => {
+                    // Sent at once, after what was queued before, and not kept for resending:
+                    // the server asks again.
+                    let answer = self.read_log(&r);
+                    self.shared.core().answer(In::LogRead(answer))
+                }
+                Action::AckCloudEvent(id) => {
+                    self.acknowledge_when_idle(id);
+                    Vec::new()
+                }
+                Action::End(end) => return Some(end),
+            };
+            for a in more.into_iter().rev() {
+                todo.push_front(a);
+            }
+        }
+        None
     }
 
     /// Every ten minutes, remove the output of attempts that no longer run here once it is
@@ -802,7 +677,8 @@ impl Agent {
         }
         self.last_sweep = Some(Instant::now());
         let Some(before) = std::time::SystemTime::now().checked_sub(self.cfg.log_retention) else { return };
-        let keep = |a: u64| self.running.contains_key(&a) || self.finished.contains_key(&a);
+        let finished = self.shared.core().finished().clone();
+        let keep = |a: u64| self.running.contains_key(&a) || finished.contains_key(&a);
         let removed = crate::shard::sweep_output(&self.cfg.work_dir, &keep, before);
         if removed > 0 {
             tracing::info!(removed, retention_s = self.cfg.log_retention.as_secs(), "removed old shard output");
@@ -832,22 +708,7 @@ impl Agent {
         }
     }
 
-    /// Send the reports queued since `sent_up_to`.
-    async fn flush(&self, tx: &mpsc::Sender<v1::AgentMessage>, sent_up_to: &mut u64) {
-        for (seq, p) in self.outbox.iter().filter(|(s, _)| *s > *sent_up_to) {
-            let _ = tx.send(v1::AgentMessage { seq: *seq, payload: Some(p.clone()) }).await;
-        }
-        *sent_up_to = self.seq;
-    }
-
     fn assign(&mut self, a: v1::AssignShard) {
-        if self.running.contains_key(&a.attempt_id) || self.ran.contains(&a.attempt_id) {
-            return;
-        }
-        self.ran.push_back(a.attempt_id);
-        if self.ran.len() > 10_000 {
-            self.ran.pop_front();
-        }
         let launch = a.launch.unwrap_or_default();
         let spec = LaunchSpec {
             job_id: a.job_id,
@@ -890,12 +751,9 @@ impl Agent {
                     let exit = waiter.wait().await;
                     let _ = exits.send((attempt, exit));
                 });
-                self.queue(In::ShardStarted(v1::ShardStarted {
-                    attempt_id: a.attempt_id,
-                    pid: shard.pid(),
-                    ..Default::default()
-                }));
-                self.fencer.watch(a.attempt_id, shard.clone());
+                // The watchdog can kill it before the protocol fences it.
+                self.shared.shards().insert(a.attempt_id, shard.clone());
+                self.shared.core().started(a.attempt_id, shard.pid());
                 self.running.insert(
                     a.attempt_id,
                     Running {
@@ -910,12 +768,7 @@ impl Agent {
             }
             Err(e) => {
                 tracing::warn!(attempt = a.attempt_id, error = %e, "shard could not start");
-                self.queue(In::ShardExited(v1::ShardExited {
-                    attempt_id: a.attempt_id,
-                    termination: Some(v1::shard_exited::Termination::ExitCode(127)),
-                    message: e.to_string(),
-                    ..Default::default()
-                }));
+                self.shared.core().start_failed(a.attempt_id, e.to_string());
             }
         }
     }

@@ -3,12 +3,16 @@
 //! - [`gpu`]: inventory and telemetry from NVML, or simulated GPUs that say so.
 //! - [`shard`]: one process group per attempt, its launch environment, size-capped logs, the
 //!   stop ladder, and the progress protocol.
-//! - [`agent`]: the stream to the leader: registration, heartbeats with telemetry and progress,
-//!   assignments and stops, acknowledged reports, reconnects and self-fencing.
+//! - [`protocol`]: the stream protocol as a pure state machine (no IO, no clock): the outbox,
+//!   sequence numbers and acks, the fence, heartbeat timing, reconnect waits, the stop ladder's
+//!   timing. It answers with actions.
+//! - [`agent`]: the IO loop that drives [`protocol`]: the stream to the leader, registration,
+//!   heartbeats with telemetry and progress, assignments and stops, self-fencing.
 
 pub mod agent;
 pub mod cloud;
 pub mod gpu;
+pub mod protocol;
 pub mod shard;
 
 #[cfg(test)]

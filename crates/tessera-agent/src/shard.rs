@@ -30,6 +30,8 @@ use nix::unistd::Pid;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
+use crate::protocol::{Rung, StopLadder};
+
 pub use logs::{LogStats, StreamFiles, sweep_output};
 pub use progress::{CheckpointReport, Progress, ProgressParser};
 
@@ -573,22 +575,28 @@ struct Ladder {
 }
 
 impl Ladder {
+    /// Runs the ladder; its timing comes from [`StopLadder`].
     async fn run(self) {
-        let rungs = [(self.checkpoint_signal, self.checkpoint_grace), (Some(Signal::SIGTERM), self.term_grace)];
-        for (sig, grace) in rungs {
+        let mut ladder = StopLadder::new(self.checkpoint_signal.is_some(), self.checkpoint_grace, self.term_grace);
+        while let Some(step) = ladder.next(std::time::Instant::now(), self.exited()) {
+            let (sig, grace) = match step.rung {
+                Rung::Checkpoint => (self.checkpoint_signal, self.checkpoint_grace),
+                Rung::Term => (Some(Signal::SIGTERM), self.term_grace),
+                Rung::Kill => {
+                    tracing::warn!("shard still running after its graces; SIGKILL");
+                    signal_group(self.pid, Signal::SIGKILL);
+                    return;
+                }
+            };
+            // The ladder has a checkpoint rung only when there is a signal.
             let Some(sig) = sig else { continue };
-            if self.exited() {
-                return;
-            }
             tracing::info!(signal = sig.as_str(), grace_ms = grace.as_millis() as u64, "stopping shard");
             signal_group(self.pid, sig);
-            if tokio::time::timeout(grace, wait_set(self.leader.clone())).await.is_ok() {
+            if let Some(until) = step.wait_until
+                && tokio::time::timeout_at(until.into(), wait_set(self.leader.clone())).await.is_ok()
+            {
                 return;
             }
-        }
-        if !self.exited() {
-            tracing::warn!("shard still running after its graces; SIGKILL");
-            signal_group(self.pid, Signal::SIGKILL);
         }
     }
 
