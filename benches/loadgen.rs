@@ -104,7 +104,11 @@ struct Args {
     /// phases use the servers' default (raft-engine).
     #[arg(long, value_delimiter = ',')]
     log_store: Vec<String>,
-    /// Phases to run, of cluster, fleet, restart and depth (depth is not in the default).
+    /// Elements of the job array the array phase submits in one request.
+    #[arg(long, default_value_t = 100_000)]
+    array_size: usize,
+    /// Phases to run, of cluster, fleet, restart, depth and array (depth and array are not in
+    /// the default).
     #[arg(long, value_delimiter = ',', default_value = "cluster,fleet,restart")]
     phases: Vec<String>,
     /// Where to write the JSON report.
@@ -146,6 +150,7 @@ struct Scale {
     p3_rate: usize,
     fill_timeout: u64,
     depth_seconds: u64,
+    array_size: usize,
 }
 
 impl Scale {
@@ -166,6 +171,7 @@ impl Scale {
             p3_rate: a.p3_rate.max(1),
             fill_timeout: a.fill_timeout,
             depth_seconds: a.depth_seconds.unwrap_or(if a.full { 300 } else { 60 }).max(20),
+            array_size: a.array_size.max(1),
         }
     }
 }
@@ -417,7 +423,11 @@ fn raise_open_files_limit() {
 
 /// `clients` clients submitting to every server until `until`; returns acknowledged latencies.
 async fn submit_load(net: Net, addrs: Vec<String>, clients: usize, until: Instant, tag: String) -> Vec<f64> {
-    submit_load_timed(net, addrs, clients, Instant::now(), until, tag).await.into_iter().map(|(_, l)| l).collect()
+    submit_load_timed(net, addrs, clients, Instant::now(), until, tag, spec("load"))
+        .await
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect()
 }
 
 /// Kill the leader with kill -9 and time until a write is accepted again; restarts it after.
@@ -582,10 +592,11 @@ async fn submit_load_timed(
     t0: Instant,
     until: Instant,
     tag: String,
+    job: v1::JobSpec,
 ) -> Vec<(f64, f64)> {
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let (addr, tag) = (addrs[c % addrs.len()].clone(), tag.clone());
+        let (addr, tag, job) = (addrs[c % addrs.len()].clone(), tag.clone(), job.clone());
         let ch = net.channel(&addr);
         tasks.push(tokio::spawn(async move {
             let mut client = v1::job_service_client::JobServiceClient::new(ch);
@@ -594,7 +605,7 @@ async fn submit_load_timed(
             while Instant::now() < until {
                 let t = Instant::now();
                 let mut req = tonic::Request::new(v1::SubmitJobRequest {
-                    spec: Some(spec("load")),
+                    spec: Some(job.clone()),
                     idempotency_key: format!("{tag}-c{c}-{n}"),
                 });
                 req.set_timeout(Duration::from_secs(2));
@@ -634,7 +645,9 @@ async fn depth_phase(s: &Scale, run: usize, net: &Net, report: &mut Report, stor
     let secs = s.depth_seconds as f64;
     let t0 = Instant::now();
     let until = t0 + Duration::from_secs(s.depth_seconds);
-    let acks = submit_load_timed(net.clone(), addrs.clone(), s.clients, t0, until, format!("r{run}-depth")).await;
+    let acks =
+        submit_load_timed(net.clone(), addrs.clone(), s.clients, t0, until, format!("r{run}-depth"), spec("load"))
+            .await;
     let stretch = 60f64.min(secs / 3.0).floor();
     let (first, _) = window(&acks, 0.0, stretch);
     let (last, _) = window(&acks, secs - stretch, secs);
@@ -660,6 +673,7 @@ async fn depth_phase(s: &Scale, run: usize, net: &Net, report: &mut Report, stor
         t1,
         t1 + Duration::from_secs(10),
         format!("r{run}-depthkill"),
+        spec("load"),
     ));
     tokio::time::sleep(Duration::from_secs(3)).await;
     let leader = net.leader(&addrs, Duration::from_secs(5)).await.context("no leader before the kill")?;
@@ -673,6 +687,85 @@ async fn depth_phase(s: &Scale, run: usize, net: &Net, report: &mut Report, stor
         during.len() as f64 / 10.0 / last * 100.0,
     );
     eprintln!("run {run}: depth phase done ({}), {} jobs pending", net.name(), acks.len());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arrays: one submission of a huge job array, and other tenants' admission while it is placed
+// ---------------------------------------------------------------------------------------------
+
+/// A fresh cluster and `--agents` simulated agents. Other tenants' single-GPU jobs (each running
+/// 200 ms) from `--clients` clients for `--seconds` (P1 before); then one `--array-size` array of
+/// 1-second single-GPU elements in one request (its round trip); then the same other-tenant load
+/// again while the array's elements are being placed (P1 during), and how many elements started.
+async fn array_phase(s: &Scale, run: usize, net: &Net, report: &mut Report) -> anyhow::Result<()> {
+    let c = net.cluster(&[]);
+    let addrs = c.running_addrs();
+    let leader = net.leader(&addrs, Duration::from_secs(20)).await.context("no leader")?;
+    let leader_addr = c.servers[&leader].addr.clone();
+    let leader_index = addrs.iter().position(|a| *a == leader_addr).unwrap_or(0);
+    let prefix = format!("arr{run}");
+    let conns = net.fleet_conns(s, &prefix, s.agents)?;
+    let fleet = fleet::start(&addrs, leader_index, &prefix, s.agents, conns).await?;
+    let mut other = spec("other");
+    other.tenant = "others".into();
+    other.env.insert("SIM_RUN_MS".into(), "200".into());
+    let secs = s.seconds as f64;
+    let load = |tag: &str| {
+        let t0 = Instant::now();
+        submit_load_timed(
+            net.clone(),
+            addrs.clone(),
+            s.clients,
+            t0,
+            t0 + Duration::from_secs(s.seconds),
+            format!("r{run}-{tag}"),
+            other.clone(),
+        )
+    };
+    let before = load("array-before").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let n = s.array_size;
+    let mut array = spec("sweep");
+    array.tenant = "sweep".into();
+    array.array = format!("0-{}", n - 1);
+    array.env.insert("SIM_RUN_MS".into(), "1000".into());
+    let mut client = v1::job_service_client::JobServiceClient::new(net.channel(&leader_addr));
+    let t = Instant::now();
+    let mut req =
+        tonic::Request::new(v1::SubmitJobRequest { spec: Some(array), idempotency_key: format!("r{run}-array") });
+    req.set_timeout(Duration::from_secs(30));
+    let id = client.submit_job(req).await.context("the array's submission")?.into_inner().job_id;
+    let admitted = ms(t.elapsed());
+    let during = load("array-during").await;
+    let job = client
+        .get_job(v1::GetJobRequest { job_id: id, consistency: 0 })
+        .await
+        .context("the array")?
+        .into_inner()
+        .job
+        .context("no job")?;
+    let a = job.array.context("the array's counts")?;
+    let started = a.total - a.not_created - u64::from(a.pending);
+    let lat = |acks: &[(f64, f64)]| sorted(acks.iter().map(|(_, l)| *l).collect());
+    let (rate_before, rate_during) = (before.len() as f64 / secs, during.len() as f64 / secs);
+    report.add("P1", format!("array: {n}-element submission, one round trip"), "ms", "", admitted);
+    report.add(
+        "P1",
+        format!("array: other tenants' submissions/s before, {} clients", s.clients),
+        "/s",
+        "",
+        rate_before,
+    );
+    report.add("P1", "array: other tenants' submissions/s while it is placed", "/s", "", rate_during);
+    report.add("P1", "array: while placed / before", "%", ">= 90", rate_during / rate_before.max(1e-9) * 100.0);
+    report.add("P1", "array: other tenants' p99 before", "ms", "", pct(&lat(&before), 0.99));
+    report.add("P1", "array: other tenants' p99 while it is placed", "ms", "", pct(&lat(&during), 0.99));
+    report.add("P1", format!("array: elements started in those {secs} s"), "", "", started as f64);
+    report.servers("array", run, &c);
+    drop(fleet);
+    eprintln!("run {run}: array phase done ({}), {started} elements started", net.name());
     Ok(())
 }
 
@@ -1193,8 +1286,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let s = Scale::from(&args);
     for p in &args.phases {
-        if !["cluster", "fleet", "restart", "depth"].contains(&p.as_str()) {
-            bail!("--phases: unknown phase {p:?} (cluster, fleet, restart, depth)");
+        if !["cluster", "fleet", "restart", "depth", "array"].contains(&p.as_str()) {
+            bail!("--phases: unknown phase {p:?} (cluster, fleet, restart, depth, array)");
         }
     }
     let phase = |p: &str| args.phases.iter().any(|x| x == p);
@@ -1253,8 +1346,8 @@ async fn main() -> anyhow::Result<()> {
             if run % 2 == 1 {
                 order.reverse();
             }
-            for which in ["cluster", "fleet", "depth"] {
-                if !phase(which) || (which == "fleet" && s.agents == 0) {
+            for which in ["cluster", "fleet", "depth", "array"] {
+                if !phase(which) || (matches!(which, "fleet" | "array") && s.agents == 0) {
                     continue;
                 }
                 for net in &order {
@@ -1283,6 +1376,7 @@ async fn main() -> anyhow::Result<()> {
                     report.passes.push(format!("run {run}: {which} {}", net.name()));
                     let result = match which {
                         "cluster" => cluster_phase(&s, run, net, &mut report).await,
+                        "array" => array_phase(&s, run, net, &mut report).await,
                         _ => fleet_phase(&s, run, net, &mut report).await,
                     };
                     if let Err(e) = result {
