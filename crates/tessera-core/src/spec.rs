@@ -363,7 +363,7 @@ impl ArraySpec {
 
     /// Number of elements.
     pub fn len(&self) -> u64 {
-        self.ranges.iter().map(|&(f, l, st)| u64::from((l - f) / st.max(1)) + 1).sum()
+        self.ranges.iter().map(|&(f, l, st)| u64::from(l.saturating_sub(f) / st.max(1)) + 1).sum()
     }
 
     /// Always false: an array has at least one element.
