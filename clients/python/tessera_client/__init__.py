@@ -182,11 +182,16 @@ class Client:
         max_runtime_seconds: Optional[int] = None,
         checkpoint_dir: str = "",
         idempotency_key: Optional[str] = None,
+        launch: str = "process",
     ) -> int:
         """Submit a job; returns its id. An empty tenant is the server's "default"; the
-        idempotency key defaults to a fresh UUID, so retries of this call make one job."""
+        idempotency key defaults to a fresh UUID, so retries of this call make one job.
+        ``launch`` is "process" (one process per shard, e.g. torchrun) or "per-gpu"."""
         if isinstance(command, str):
             raise TypeError("command: give a list of arguments, e.g. ['python', 'train.py']")
+        modes = {"process": common_pb2.LAUNCH_MODE_PROCESS, "per-gpu": common_pb2.LAUNCH_MODE_PER_GPU}
+        if launch not in modes:
+            raise ValueError(f"launch: {launch!r} is not 'process' or 'per-gpu'")
         spec = common_pb2.JobSpec(
             name=name,
             tenant=tenant,
@@ -195,6 +200,7 @@ class Client:
             shards=shards,
             resources=common_pb2.Resources(gpus=gpus, gpu_model=gpu_model, cpu_millis=cpu_millis, memory_mib=memory_mib),
             checkpoint_dir=checkpoint_dir,
+            launch=modes[launch],
         )
         if priority is not None:
             spec.priority = priority
