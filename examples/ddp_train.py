@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """A real PyTorch DistributedDataParallel trainer speaking the Tessera contracts.
 
-One Tessera shard runs one process of this script. It joins the job's process group through
-torch.distributed's env:// rendezvous: MASTER_ADDR, MASTER_PORT, WORLD_SIZE and RANK are set by
-the agent. It uses NCCL when CUDA is available, with the GPU that CUDA_VISIBLE_DEVICES exposes,
-and gloo on CPU otherwise. It trains a small regression model on synthetic data.
+It runs however the job launches it: one process per shard (`python ddp_train.py`), one per
+GPU under torchrun (`torchrun ddp_train.py`, no flags: the agent sets the PET_* variables torchrun
+reads), or one per GPU started by the agent (`launch = "per-gpu"`). It joins the job's process
+group through torch.distributed's env:// rendezvous: MASTER_ADDR, MASTER_PORT, WORLD_SIZE and
+RANK come from the agent or from torchrun. It uses NCCL when CUDA is available, with the GPU
+LOCAL_RANK selects among those CUDA_VISIBLE_DEVICES lists, and gloo on CPU otherwise. It trains a
+small regression model on synthetic data.
 
 Tessera contracts:
 
@@ -85,6 +88,7 @@ def main():
     env = os.environ
     rank = int(env.get("RANK", "0"))
     world = int(env.get("WORLD_SIZE", "1"))
+    local_rank = int(env.get("LOCAL_RANK", "0"))
     ckpt_dir = env.get("TESSERA_CHECKPOINT_DIR", "checkpoints")
     progress_file = env.get("TESSERA_PROGRESS_FILE")
     resume_from = env.get("TESSERA_RESUME_FROM")
@@ -96,18 +100,18 @@ def main():
     use_cuda = torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
     dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
-    device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     print(
-        f"rank {rank}/{world} backend={backend} device={device} "
+        f"rank {rank}/{world} local_rank={local_rank} backend={backend} device={device} "
         f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')} attempt={env.get('TESSERA_ATTEMPT', '1')}",
         flush=True,
     )
 
     torch.manual_seed(1234)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1)).to(device)
-    ddp = DDP(model, device_ids=[0] if use_cuda else None)
+    ddp = DDP(model, device_ids=[local_rank] if use_cuda else None)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
     true_w = torch.randn(32, 1, device=device)
 

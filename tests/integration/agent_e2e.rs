@@ -829,6 +829,150 @@ async fn a_pytorch_ddp_gang_trains_on_two_nodes_and_resumes_after_a_rank_dies() 
     }
 }
 
+/// How the 2 x 2 gang below is launched.
+#[derive(Clone, Copy, PartialEq)]
+enum TwoByTwo {
+    /// `launch = "process"` running `torchrun ddp_train.py` without flags.
+    Torchrun,
+    /// `launch = "per-gpu"` running `python ddp_train.py`.
+    PerGpu,
+}
+
+/// Two shards of two (simulated) GPUs each, four ranks of the real PyTorch DDP example training
+/// with gloo on CPU: WORLD_SIZE 4 and ranks 0..3 each once; then one node's processes are
+/// killed, and the gang resumes from rank 0's checkpoint and finishes.
+async fn a_two_by_two_gang(mode: TwoByTwo) {
+    let Some(py) = python_with("TESSERA_TORCH_PYTHON", "import torch.distributed as d; assert d.is_gloo_available()")
+    else {
+        eprintln!("no Python with torch and gloo (set TESSERA_TORCH_PYTHON): skipping");
+        return;
+    };
+    let c = Cluster::start(3, &[]);
+    let addrs = c.running_addrs();
+    wait_for_leader(&addrs, T).await.expect("leader");
+    let script = c.dir.path().join("ddp_train.py");
+    std::fs::copy(workspace_root().join("examples/ddp_train.py"), &script).expect("copy the DDP example");
+    let script = script.display().to_string();
+    let _reaper = Reaper(script.clone());
+    // A rendezvous port of this test's own: other gangs on this host (tests run in parallel)
+    // would get 29500 too.
+    let port = tessera_tests::free_port();
+    let ports = format!("{port}-{port}");
+    let a = AgentProc::start("gang-a", &addrs, "2xH100-80GB", c.dir.path(), &["--rendezvous-ports", &ports]);
+    let b = AgentProc::start("gang-b", &addrs, "2xH100-80GB", c.dir.path(), &["--rendezvous-ports", &ports]);
+    let (steps, launch) = (60u64, mode);
+    let mut command = match launch {
+        TwoByTwo::Torchrun => {
+            // The venv's torchrun next to its python, else the module.
+            let torchrun = std::path::Path::new(&py).with_file_name("torchrun");
+            if torchrun.is_file() {
+                vec![torchrun.display().to_string()]
+            } else {
+                vec![py.clone(), "-m".into(), "torch.distributed.run".into()]
+            }
+        }
+        TwoByTwo::PerGpu => vec![py.clone()],
+    };
+    command.extend(
+        [script.as_str(), "--steps", &steps.to_string(), "--step-seconds", "0.1", "--checkpoint-every", "10"]
+            .map(String::from),
+    );
+    let req = v1::SubmitJobRequest {
+        spec: Some(v1::JobSpec {
+            name: "gang2x2".into(),
+            command,
+            shards: 2,
+            resources: Some(v1::Resources { gpus: 2, ..Default::default() }),
+            launch: match launch {
+                TwoByTwo::Torchrun => v1::LaunchMode::Process as i32,
+                TwoByTwo::PerGpu => v1::LaunchMode::PerGpu as i32,
+            },
+            retry: Some(v1::RetryPolicy { max_attempts: 3, backoff_seconds: Some(0), never_retry_exit_codes: vec![] }),
+            stop: Some(v1::StopPolicy {
+                signal: "SIGUSR1".into(),
+                checkpoint_grace_seconds: Some(5),
+                term_grace_seconds: Some(5),
+            }),
+            ..Default::default()
+        }),
+        idempotency_key: String::new(),
+    };
+    let started = Instant::now();
+    let id = submit(&addrs, req).await;
+    // Six Python processes importing torch on a busy machine take a while.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let before = loop {
+        let j = job(&addrs, id).await;
+        if let Some(j) = j.filter(|j| j.shards[0].last_checkpoint.as_ref().is_some_and(|c| c.step >= 20)) {
+            break j;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint at step 20\n{}\n{}", a.log_tail(), b.log_tail());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_ne!(before.shards[0].node_name, before.shards[1].node_name, "one shard per node");
+    let first_attempt = before.shards[1].attempt;
+
+    // One node's processes die (torchrun and its workers, or the two per-GPU processes).
+    let victims = pids_with(&script, "TESSERA_SHARD_INDEX=1");
+    let expected = if launch == TwoByTwo::Torchrun { 3 } else { 2 };
+    assert!(victims.len() >= expected, "shard 1's processes not found: {victims:?}");
+    for pid in victims {
+        let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let done = loop {
+        let j = job(&addrs, id).await.expect("job");
+        if j.state == v1::JobState::Succeeded as i32 {
+            break j;
+        }
+        assert!(
+            j.state != v1::JobState::Failed as i32 && Instant::now() < deadline,
+            "the 2x2 job did not finish: {j:?}\n{}\n{}",
+            a.log_tail(),
+            b.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let took = started.elapsed();
+    assert!(done.shards[1].attempt > first_attempt, "shard 1 was not restarted: {done:?}");
+    let ck = done.shards[0].last_checkpoint.clone().expect("a final checkpoint");
+    assert_eq!(ck.step, steps, "{ck:?}");
+    // The last attempts: four ranks of a world of 4, each once, two per node, each resumed from
+    // the checkpoint and finished.
+    let mut ranks = Vec::new();
+    for s in &done.shards {
+        let log = attempt_log(&c, s, id);
+        let mine: Vec<&str> = log.lines().filter(|l| l.starts_with("rank ")).collect();
+        assert_eq!(mine.len(), 2, "shard {} should run two ranks:\n{log}", s.index);
+        for line in mine {
+            let (rank, world) =
+                line["rank ".len()..].split_whitespace().next().and_then(|r| r.split_once('/')).expect(line);
+            assert_eq!(world, "4", "{line}");
+            assert!(line.contains("backend=gloo"), "{line}");
+            ranks.push(rank.parse::<u32>().expect(line));
+        }
+        assert_eq!(log.matches("resuming from step").count(), 2, "shard {}:\n{log}", s.index);
+        assert_eq!(log.matches(&format!("done at step {steps}")).count(), 2, "shard {}:\n{log}", s.index);
+    }
+    ranks.sort_unstable();
+    assert_eq!(ranks, [0, 1, 2, 3]);
+    let name = match launch {
+        TwoByTwo::Torchrun => "torchrun-2x2",
+        TwoByTwo::PerGpu => "per-gpu-2x2",
+    };
+    eprintln!("LAUNCH {name} {:.1}", took.as_secs_f64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torchrun_gang_of_two_nodes_by_two_gpus_trains_and_resumes_after_a_node_dies() {
+    a_two_by_two_gang(TwoByTwo::Torchrun).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_gpu_gang_of_two_nodes_by_two_gpus_trains_and_resumes_after_a_node_dies() {
+    a_two_by_two_gang(TwoByTwo::PerGpu).await;
+}
+
 /// What must hold after any failure: every acknowledged job is still known, no attempt holds
 /// GPUs on two nodes, no shard's GPUs are held by two attempts, and no shard runs as two
 /// processes (looked up by the launch environment of processes running `trainer`).

@@ -185,9 +185,11 @@ class Client:
         array: str = "",
         after_ok: Sequence[int] = (),
         after_any: Sequence[int] = (),
+        launch: str = "process",
     ) -> int:
         """Submit a job; returns its id. An empty tenant is the server's "default"; the
         idempotency key defaults to a fresh UUID, so retries of this call make one job.
+        ``launch`` is "process" (one process per shard, e.g. torchrun) or "per-gpu".
 
         ``array`` makes a job array in Slurm's form ("0-999%50": indices 0 to 999, at most 50
         unfinished at once); the id returned is the array's own, and each element is a job
@@ -195,6 +197,9 @@ class Client:
         ``after_any`` hold the job until those jobs have succeeded, or ended however."""
         if isinstance(command, str):
             raise TypeError("command: give a list of arguments, e.g. ['python', 'train.py']")
+        modes = {"process": common_pb2.LAUNCH_MODE_PROCESS, "per-gpu": common_pb2.LAUNCH_MODE_PER_GPU}
+        if launch not in modes:
+            raise ValueError(f"launch: {launch!r} is not 'process' or 'per-gpu'")
         spec = common_pb2.JobSpec(
             name=name,
             tenant=tenant,
@@ -206,6 +211,7 @@ class Client:
             array=array,
             after_ok=list(after_ok),
             after_any=list(after_any),
+            launch=modes[launch],
         )
         if priority is not None:
             spec.priority = priority

@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::gpu::{GpuEventKind, GpuSource};
 use crate::protocol::{Action, Protocol, SessionEnd};
-use crate::shard::{ExitInfo, LaunchSpec, Shard};
+use crate::shard::{ExitInfo, LaunchMode, LaunchSpec, Shard};
 
 /// Most output sent per attempt stream and heartbeat.
 const LOG_TICK_BYTES: u64 = 256 * 1024;
@@ -726,6 +726,11 @@ impl Agent {
             node_rank: launch.node_rank,
             nnodes: launch.nnodes,
             local_rank: launch.local_rank,
+            launch: match v1::LaunchMode::try_from(a.launch_mode) {
+                Ok(v1::LaunchMode::PerGpu) => LaunchMode::PerGpu,
+                // Unspecified, PROCESS, or a mode this agent does not know: one process.
+                _ => LaunchMode::Process,
+            },
             checkpoint_dir: (!a.checkpoint_dir.is_empty()).then_some(a.checkpoint_dir),
             resume_from: a.resume_from,
             checkpoint_signal: a.checkpoint_signal,

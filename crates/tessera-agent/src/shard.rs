@@ -2,12 +2,15 @@
 //!
 //! [`Shard::spawn`] makes the attempt's working directory
 //! `<work_root>/job-<id>/shard-<index>/attempt-<attempt_id>/`, starts the command in a process
-//! group of its own with the launch environment ([`launch_env`]), copies its stdout and stderr
-//! into `stdout.log` / `stderr.log` there up to a cap, and tails `progress.jsonl` (the progress
-//! protocol, see [`progress`]). [`Shard::stop`] runs the stop ladder: checkpoint signal, grace,
-//! SIGTERM, grace, SIGKILL to the whole group. Whenever the group's leader exits, the rest of the
-//! group is SIGKILLed, so nothing of an attempt outlives it (short of a process that left the
-//! group with `setsid`).
+//! group of its own with the launch environment ([`launch_env`]): one process, or in per-GPU
+//! mode ([`LaunchMode::PerGpu`]) one per GPU, all in that one group with their output on shared
+//! pipes. It copies their stdout and stderr into `stdout.log` / `stderr.log` there up to a cap,
+//! and tails `progress.jsonl` (the progress protocol, see [`progress`]). [`Shard::stop`] runs
+//! the stop ladder: checkpoint signal, grace, SIGTERM, grace, SIGKILL to the whole attempt.
+//! Once the processes the agent started have exited (in per-GPU mode: all of them, or one
+//! failed, when the others are killed), the rest of the attempt is SIGKILLed, so nothing of it
+//! outlives it. "The attempt" is its process group plus the processes that left the group but
+//! carry its `TESSERA_PROGRESS_FILE` (torchrun's workers, each in a session of its own).
 
 mod logs;
 pub mod network;
@@ -25,8 +28,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::{Pid, getpgid};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
@@ -52,7 +55,18 @@ pub const LAUNCH_VARS: &[&str] = &[
     "NODE_RANK",
     "NNODES",
     "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
     "CUDA_VISIBLE_DEVICES",
+    "PET_NNODES",
+    "PET_NODE_RANK",
+    "PET_NPROC_PER_NODE",
+    "PET_MASTER_ADDR",
+    "PET_MASTER_PORT",
+    "PET_RDZV_BACKEND",
+    "PET_RDZV_ENDPOINT",
+    "PET_RDZV_ID",
+    "PET_MAX_RESTARTS",
     "TESSERA_JOB_ID",
     "TESSERA_SHARD_INDEX",
     "TESSERA_NUM_SHARDS",
@@ -61,6 +75,19 @@ pub const LAUNCH_VARS: &[&str] = &[
     "TESSERA_RESUME_FROM",
     "TESSERA_PROGRESS_FILE",
 ];
+
+/// How an attempt's processes are started (the job spec's `launch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LaunchMode {
+    /// One process (it may start workers of its own, as torchrun does). It also gets the
+    /// `PET_*` variables, so that a bare `torchrun train.py` joins the gang.
+    #[default]
+    Process,
+    /// One process per assigned GPU, all in the attempt's one process group. Process `i` gets
+    /// `RANK` = `rank` + i and `LOCAL_RANK` = `local_rank` + i; every one sees all the shard's
+    /// GPUs in `CUDA_VISIBLE_DEVICES` (as under torchrun) and picks its own by `LOCAL_RANK`.
+    PerGpu,
+}
 
 /// How long, after the group's leader exits, the agent waits for the log copiers and the last
 /// read of the progress file before reporting the exit.
@@ -92,6 +119,8 @@ pub struct LaunchSpec {
     pub node_rank: u32,
     pub nnodes: u32,
     pub local_rank: u32,
+    /// One process, or one per GPU.
+    pub launch: LaunchMode,
     /// The job's checkpoint directory or URI; `<workdir>/checkpoints` when `None`.
     pub checkpoint_dir: Option<String>,
     /// Checkpoint URI to resume from.
@@ -112,6 +141,15 @@ impl LaunchSpec {
             .join(format!("job-{}", self.job_id))
             .join(format!("shard-{}", self.shard_index))
             .join(format!("attempt-{}", self.attempt_id))
+    }
+
+    /// How many processes the attempt starts: one per GPU in per-GPU mode (one without
+    /// GPUs), else one. This is also `LOCAL_WORLD_SIZE`.
+    pub fn processes(&self) -> u32 {
+        match self.launch {
+            LaunchMode::Process => 1,
+            LaunchMode::PerGpu => u32::try_from(self.gpus.len()).unwrap_or(u32::MAX).max(1),
+        }
     }
 }
 
@@ -161,8 +199,11 @@ pub struct Shard {
     spec: LaunchSpec,
     workdir: PathBuf,
     pid: Pid,
+    /// `TESSERA_PROGRESS_FILE=<path>`: in the environment of every process of this attempt,
+    /// also of those that left its process group (see [`signal_attempt`]).
+    marker: Vec<u8>,
     checkpoint_signal: Option<Signal>,
-    /// Set as soon as the leader is reaped.
+    /// Set as soon as all the processes the agent started are reaped.
     leader: watch::Receiver<Option<ExitInfo>>,
     /// Set once the leader is reaped, the group killed, logs flushed and progress read to the end.
     exit: watch::Receiver<Option<ExitInfo>>,
@@ -188,12 +229,24 @@ pub fn parse_checkpoint_signal(name: &str) -> Result<Option<Signal>, ShardError>
     }
 }
 
-/// The complete environment of a shard: the inherited part of the agent's environment
-/// (`INHERITED_ENV`, taken from `agent_env`), then the job's env, then the launch variables.
+/// The complete environment of a shard's (first) process: the inherited part of the agent's
+/// environment (`INHERITED_ENV`, taken from `agent_env`), then the job's env, then the launch
+/// variables.
 pub fn launch_env(
     spec: &LaunchSpec,
     workdir: &Path,
     agent_env: impl IntoIterator<Item = (String, String)>,
+) -> BTreeMap<String, String> {
+    process_env(spec, workdir, agent_env, 0)
+}
+
+/// The environment of the attempt's local process `local` (0 in process mode): as
+/// [`launch_env`], with `RANK` = `spec.rank` + local and `LOCAL_RANK` = `spec.local_rank` + local.
+pub fn process_env(
+    spec: &LaunchSpec,
+    workdir: &Path,
+    agent_env: impl IntoIterator<Item = (String, String)>,
+    local: u32,
 ) -> BTreeMap<String, String> {
     let agent_env: Vec<(String, String)> = agent_env.into_iter().collect();
     let mut env: BTreeMap<String, String> = spec.network.iter().cloned().collect();
@@ -212,10 +265,12 @@ pub fn launch_env(
         ("MASTER_ADDR", spec.master_addr.clone()),
         ("MASTER_PORT", spec.master_port.to_string()),
         ("WORLD_SIZE", spec.world_size.to_string()),
-        ("RANK", spec.rank.to_string()),
+        ("RANK", spec.rank.saturating_add(local).to_string()),
         ("NODE_RANK", spec.node_rank.to_string()),
+        ("GROUP_RANK", spec.node_rank.to_string()),
         ("NNODES", spec.nnodes.to_string()),
-        ("LOCAL_RANK", spec.local_rank.to_string()),
+        ("LOCAL_RANK", spec.local_rank.saturating_add(local).to_string()),
+        ("LOCAL_WORLD_SIZE", spec.processes().to_string()),
         ("CUDA_VISIBLE_DEVICES", gpus.join(",")),
         ("TESSERA_JOB_ID", spec.job_id.to_string()),
         ("TESSERA_SHARD_INDEX", spec.shard_index.to_string()),
@@ -225,10 +280,37 @@ pub fn launch_env(
         ("TESSERA_PROGRESS_FILE", workdir.join("progress.jsonl").to_string_lossy().into_owned()),
     ];
     env.extend(vars.into_iter().map(|(k, v)| (k.to_string(), v)));
+    if spec.launch == LaunchMode::Process {
+        env.extend(torchrun_env(spec).into_iter().map(|(k, v)| (k.to_string(), v)));
+    }
     if let Some(resume) = &spec.resume_from {
         env.insert("TESSERA_RESUME_FROM".to_string(), resume.clone());
     }
     env
+}
+
+/// What a bare `torchrun train.py` reads (each `--flag` defaults to `PET_FLAG`): this node's
+/// place in the gang and a static rendezvous at the gang's `MASTER_ADDR:MASTER_PORT`, hosted by
+/// node rank 0's torchrun. Static, because every attempt of a gang is placed whole with its
+/// ranks fixed, and a new attempt gets a fresh store. `PET_MAX_RESTARTS=0`: Tessera restarts the
+/// gang, from its checkpoint, not torchrun. Flags on torchrun's command line still win.
+fn torchrun_env(spec: &LaunchSpec) -> [(&'static str, String); 9] {
+    let host = if spec.master_addr.contains(':') && !spec.master_addr.starts_with('[') {
+        format!("[{}]", spec.master_addr)
+    } else {
+        spec.master_addr.clone()
+    };
+    [
+        ("PET_NNODES", spec.nnodes.to_string()),
+        ("PET_NODE_RANK", spec.node_rank.to_string()),
+        ("PET_NPROC_PER_NODE", spec.gpus.len().max(1).to_string()),
+        ("PET_MASTER_ADDR", spec.master_addr.clone()),
+        ("PET_MASTER_PORT", spec.master_port.to_string()),
+        ("PET_RDZV_BACKEND", "static".to_string()),
+        ("PET_RDZV_ENDPOINT", format!("{host}:{}", spec.master_port)),
+        ("PET_RDZV_ID", format!("tessera-job-{}", spec.job_id)),
+        ("PET_MAX_RESTARTS", "0".to_string()),
+    ]
 }
 
 fn validate(spec: &LaunchSpec) -> Result<Option<Signal>, ShardError> {
@@ -265,6 +347,160 @@ fn validate(spec: &LaunchSpec) -> Result<Option<Signal>, ShardError> {
     parse_checkpoint_signal(&spec.checkpoint_signal)
 }
 
+/// A stream of the attempt's output.
+type Output = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+
+/// The processes of an attempt just started: the first one's pid is the process group's id.
+struct Started {
+    pid: Pid,
+    children: Vec<tokio::process::Child>,
+    out: Option<Output>,
+    err: Option<Output>,
+}
+
+/// The command of one process of the attempt, without its stdout, stderr and process group.
+/// torchrun gets the checkpoint signal ignored (see [`ignores_checkpoint_signal`]).
+fn command(
+    spec: &LaunchSpec,
+    workdir: &Path,
+    env: &BTreeMap<String, String>,
+    checkpoint_signal: Option<Signal>,
+) -> tokio::process::Command {
+    let mut cmd = match checkpoint_signal.filter(|_| is_torchrun(&spec.command)) {
+        Some(sig) => {
+            // A shell sets the signal to "ignored" and execs torchrun, which keeps it so (a
+            // disposition that survives exec); the workers install their own handlers.
+            let mut c = tokio::process::Command::new("/bin/sh");
+            let name = sig.as_str().trim_start_matches("SIG");
+            c.arg("-c").arg(format!("trap '' {name}; exec \"$@\"")).arg("tessera-launch").args(&spec.command);
+            c
+        }
+        None => {
+            let mut c = tokio::process::Command::new(&spec.command[0]);
+            c.args(&spec.command[1..]);
+            c
+        }
+    };
+    cmd.current_dir(workdir).env_clear().envs(env).stdin(Stdio::null()).kill_on_drop(false);
+    cmd
+}
+
+/// Is this command torchrun (`torchrun ...`, `python -m torch.distributed.run ...`)? torchrun
+/// starts every worker in a session of its own and dies of a SIGUSR1 it does not handle, which
+/// would orphan its workers; so the agent starts it with the checkpoint signal ignored and
+/// sends that signal to the workers itself ([`signal_attempt`]).
+pub fn is_torchrun(command: &[String]) -> bool {
+    let base = |s: &str| s.rsplit('/').next().unwrap_or(s).to_string();
+    match command {
+        [prog, ..] if base(prog) == "torchrun" => true,
+        [prog, rest @ ..] if base(prog).starts_with("python") => rest
+            .windows(2)
+            .any(|w| w[0] == "-m" && matches!(w[1].as_str(), "torch.distributed.run" | "torch.distributed.launch")),
+        _ => false,
+    }
+}
+
+fn child_pid(child: &tokio::process::Child, program: &str) -> Result<Pid, ShardError> {
+    match child.id().and_then(|id| i32::try_from(id).ok()) {
+        Some(id) => Ok(Pid::from_raw(id)),
+        // Cannot happen for a child nobody has waited on yet.
+        None => Err(ShardError::Spawn { program: program.to_string(), source: std::io::Error::other("no pid") }),
+    }
+}
+
+/// Per-GPU mode: `processes` processes in one process group (the first one's), their stdout
+/// and stderr on one shared pipe each. If one cannot be started, those already started are
+/// killed.
+fn spawn_per_gpu(
+    spec: &LaunchSpec,
+    workdir: &Path,
+    agent_env: &[(String, String)],
+    checkpoint_signal: Option<Signal>,
+    processes: u32,
+) -> Result<Started, ShardError> {
+    let program = spec.command[0].clone();
+    let spawn_err = |source| ShardError::Spawn { program: program.clone(), source };
+    let (out_r, out_w) = std::io::pipe().map_err(spawn_err)?;
+    let (err_r, err_w) = std::io::pipe().map_err(spawn_err)?;
+    let mut children = Vec::new();
+    let mut pgid: Option<Pid> = None;
+    for local in 0..processes {
+        let env = process_env(spec, workdir, agent_env.iter().cloned(), local);
+        let mut cmd = command(spec, workdir, &env, checkpoint_signal);
+        let spawned = out_w
+            .try_clone()
+            .and_then(|o| Ok((o, err_w.try_clone()?)))
+            .and_then(|(o, e)| {
+                cmd.stdout(o).stderr(e).process_group(pgid.map_or(0, Pid::as_raw));
+                cmd.spawn()
+            })
+            .map_err(spawn_err)
+            .and_then(|child| Ok((child_pid(&child, &program)?, child)));
+        match spawned {
+            Ok((pid, child)) => {
+                pgid.get_or_insert(pid);
+                children.push(child);
+            }
+            Err(e) => {
+                if let Some(g) = pgid {
+                    signal_group(g, Signal::SIGKILL);
+                }
+                return Err(e);
+            }
+        }
+    }
+    // Only the children hold the write ends now: the readers see the end when all have exited.
+    drop((out_w, err_w));
+    let pid = pgid.ok_or_else(|| spawn_err(std::io::Error::other("no process to start")))?;
+    let reader = |r: std::io::PipeReader| -> Option<Output> {
+        match tokio::net::unix::pipe::Receiver::from_owned_fd(std::os::fd::OwnedFd::from(r)) {
+            Ok(rx) => Some(Box::new(rx)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the shard's output pipe");
+                None
+            }
+        }
+    };
+    Ok(Started { pid, children, out: reader(out_r), err: reader(err_r) })
+}
+
+/// Waits for every process the agent started. The attempt's exit is the first failure, and
+/// once one process failed the rest of the attempt is killed; otherwise (all exited 0) success.
+async fn wait_all(children: Vec<tokio::process::Child>, pgid: Pid, marker: &[u8]) -> ExitInfo {
+    let mut waits = tokio::task::JoinSet::new();
+    for mut child in children {
+        waits.spawn(async move { child.wait().await });
+    }
+    let (mut first_failure, mut last) = (None, ExitInfo::default());
+    while let Some(joined) = waits.join_next().await {
+        let info = match joined {
+            Ok(Ok(status)) => ExitInfo::from_status(status),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "waiting for the shard failed");
+                ExitInfo::default()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the task waiting for the shard failed");
+                ExitInfo::default()
+            }
+        };
+        if !info.success() && first_failure.is_none() {
+            first_failure = Some(info);
+            if !waits.is_empty() {
+                tracing::warn!(%info, "a process of the shard failed; killing the others");
+                signal_attempt(pgid, marker, Signal::SIGKILL);
+            }
+        }
+        last = info;
+    }
+    first_failure.unwrap_or(last)
+}
+
+/// `TESSERA_PROGRESS_FILE=<path>`, as it stands in the environment of the attempt's processes.
+fn marker(progress_path: &Path) -> Vec<u8> {
+    format!("TESSERA_PROGRESS_FILE={}", progress_path.to_string_lossy()).into_bytes()
+}
+
 impl Shard {
     /// Starts the attempt. Must be called inside a tokio runtime.
     pub fn spawn(spec: LaunchSpec) -> Result<Shard, ShardError> {
@@ -289,43 +525,42 @@ impl Shard {
         let stderr_path = workdir.join("stderr.log");
         let stderr_file = std::fs::File::create(&stderr_path).map_err(wd_err(&stderr_path))?;
 
-        let env = launch_env(
-            &spec,
-            &workdir,
-            std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
-        );
+        let agent_env: Vec<(String, String)> =
+            std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))).collect();
         let program = spec.command[0].clone();
-        let mut cmd = tokio::process::Command::new(&program);
-        cmd.args(&spec.command[1..])
-            .current_dir(&workdir)
-            .env_clear()
-            .envs(&env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(false);
-        let mut child = cmd.spawn().map_err(|source| ShardError::Spawn { program: program.clone(), source })?;
-        let Some(raw_pid) = child.id() else {
-            // Cannot happen for a child nobody has waited on yet.
-            return Err(ShardError::Spawn { program, source: std::io::Error::other("no pid after spawn") });
+        let processes = spec.processes();
+        let started = if processes <= 1 {
+            let env = launch_env(&spec, &workdir, agent_env);
+            let mut cmd = command(&spec, &workdir, &env, checkpoint_signal);
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+            let mut child = cmd.spawn().map_err(|source| ShardError::Spawn { program: program.clone(), source })?;
+            let pid = child_pid(&child, &program)?;
+            let out = child.stdout.take().map(|o| Box::new(o) as Output);
+            let err = child.stderr.take().map(|e| Box::new(e) as Output);
+            Started { pid, children: vec![child], out, err }
+        } else {
+            spawn_per_gpu(&spec, &workdir, &agent_env, checkpoint_signal, processes)?
         };
-        let pid = Pid::from_raw(raw_pid as i32);
-        span.in_scope(|| tracing::info!(pid = raw_pid, workdir = %workdir.display(), ?program, "shard started"));
+        let Started { pid, children, out, err } = started;
+        let raw_pid = pid.as_raw();
+        span.in_scope(
+            || tracing::info!(pid = raw_pid, processes, workdir = %workdir.display(), ?program, "shard started"),
+        );
         // So that an agent restarted after a crash finds and kills what this one left running.
         let pid_file = workdir.join(PID_FILE);
         if let Err(e) = std::fs::write(&pid_file, raw_pid.to_string()) {
             span.in_scope(|| tracing::warn!(error = %e, "cannot write the shard's pid file"));
         }
+        let marker = marker(&progress_path);
 
         let mut copiers = Vec::new();
-        if let Some(out) = child.stdout.take() {
+        if let Some(out) = out {
             copiers.push(tokio::spawn(
                 logs::copy_rotating(out, stdout_file, StreamFiles::new(stdout_path), "stdout", spec.log_cap_bytes)
                     .instrument(span.clone()),
             ));
         }
-        if let Some(err) = child.stderr.take() {
+        if let Some(err) = err {
             copiers.push(tokio::spawn(
                 logs::copy_rotating(err, stderr_file, StreamFiles::new(stderr_path), "stderr", spec.log_cap_bytes)
                     .instrument(span.clone()),
@@ -340,18 +575,13 @@ impl Shard {
 
         let (leader_tx, leader_rx) = watch::channel(None);
         let (exit_tx, exit_rx) = watch::channel(None);
+        let sweep = marker.clone();
         tokio::spawn(
             async move {
-                let info = match child.wait().await {
-                    Ok(status) => ExitInfo::from_status(status),
-                    Err(e) => {
-                        tracing::error!(error = %e, "waiting for the shard failed");
-                        ExitInfo::default()
-                    }
-                };
+                let info = wait_all(children, pid, &sweep).await;
                 leader_tx.send_replace(Some(info));
-                // Whatever is left of the group goes with its leader.
-                signal_group(pid, Signal::SIGKILL);
+                // Whatever is left of the attempt goes with its processes.
+                signal_attempt(pid, &sweep, Signal::SIGKILL);
                 let _ = std::fs::remove_file(&pid_file);
                 let finish = async {
                     for c in copiers {
@@ -373,6 +603,7 @@ impl Shard {
             spec,
             workdir,
             pid,
+            marker,
             checkpoint_signal,
             leader: leader_rx,
             exit: exit_rx,
@@ -468,7 +699,7 @@ impl Shard {
             return false;
         }
         self.span.in_scope(|| tracing::info!(signal = sig.as_str(), "asking the shard for a checkpoint"));
-        signal_group(self.pid, sig)
+        signal_attempt(self.pid, &self.marker, sig)
     }
 
     /// Starts the stop ladder unless it has started already, without waiting. It runs in a task
@@ -479,6 +710,7 @@ impl Shard {
         }
         let ladder = Ladder {
             pid: self.pid,
+            marker: self.marker.clone(),
             checkpoint_signal: self.checkpoint_signal,
             checkpoint_grace: self.spec.checkpoint_grace,
             term_grace: self.spec.term_grace,
@@ -493,7 +725,7 @@ impl Shard {
         self.stop_started.store(true, Ordering::SeqCst);
         if self.leader.borrow().is_none() {
             self.span.in_scope(|| tracing::warn!("killing the shard's group now"));
-            signal_group(self.pid, Signal::SIGKILL);
+            signal_attempt(self.pid, &self.marker, Signal::SIGKILL);
         }
     }
 
@@ -510,7 +742,7 @@ impl Drop for Shard {
     fn drop(&mut self) {
         if self.leader.borrow().is_none() {
             self.span.in_scope(|| tracing::warn!("shard dropped while running; killing its group"));
-            signal_group(self.pid, Signal::SIGKILL);
+            signal_attempt(self.pid, &self.marker, Signal::SIGKILL);
         }
     }
 }
@@ -554,6 +786,31 @@ pub fn kill_leftovers(work_root: &Path) -> usize {
     killed
 }
 
+/// Signals the attempt: its process group, and every process that left the group but carries
+/// the attempt's `marker` in its environment (torchrun starts each worker in a session of its
+/// own; a process that calls `setsid` leaves too). False when nothing was signalled.
+fn signal_attempt(pgid: Pid, marker: &[u8], sig: Signal) -> bool {
+    let mut any = signal_group(pgid, sig);
+    for pid in escaped(pgid, marker) {
+        any |= kill(pid, sig).is_ok();
+    }
+    any
+}
+
+/// Processes outside the group `pgid` whose environment holds `marker` exactly.
+fn escaped(pgid: Pid, marker: &[u8]) -> Vec<Pid> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let me = std::process::id();
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&p| p > 1 && u32::try_from(p).is_ok_and(|p| p != me))
+        .map(Pid::from_raw)
+        .filter(|&p| getpgid(Some(p)).is_ok_and(|g| g != pgid))
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/environ")).is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == marker))
+        })
+        .collect()
+}
+
 /// Signals the process group; false when it no longer exists.
 fn signal_group(pgid: Pid, sig: Signal) -> bool {
     match killpg(pgid, sig) {
@@ -568,6 +825,7 @@ fn signal_group(pgid: Pid, sig: Signal) -> bool {
 
 struct Ladder {
     pid: Pid,
+    marker: Vec<u8>,
     checkpoint_signal: Option<Signal>,
     checkpoint_grace: Duration,
     term_grace: Duration,
@@ -584,14 +842,14 @@ impl Ladder {
                 Rung::Term => (Some(Signal::SIGTERM), self.term_grace),
                 Rung::Kill => {
                     tracing::warn!("shard still running after its graces; SIGKILL");
-                    signal_group(self.pid, Signal::SIGKILL);
+                    signal_attempt(self.pid, &self.marker, Signal::SIGKILL);
                     return;
                 }
             };
             // The ladder has a checkpoint rung only when there is a signal.
             let Some(sig) = sig else { continue };
             tracing::info!(signal = sig.as_str(), grace_ms = grace.as_millis() as u64, "stopping shard");
-            signal_group(self.pid, sig);
+            signal_attempt(self.pid, &self.marker, sig);
             if let Some(until) = step.wait_until
                 && tokio::time::timeout_at(until.into(), wait_set(self.leader.clone())).await.is_ok()
             {

@@ -154,6 +154,55 @@ impl std::str::FromStr for SpotPolicy {
     }
 }
 
+/// How the agent starts a shard's processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LaunchMode {
+    /// One process per shard (the command, often `torchrun`, starts the per-GPU workers itself):
+    /// `RANK` = `NODE_RANK` = shard index, `WORLD_SIZE` = shards, and the `PET_*` variables
+    /// that make a bare `torchrun train.py` join the gang.
+    #[default]
+    Process,
+    /// One process per GPU of the shard, started by the agent: `RANK` = shard x GPUs + local
+    /// index, `LOCAL_RANK` = local index, `WORLD_SIZE` = shards x GPUs.
+    PerGpu,
+}
+
+impl LaunchMode {
+    /// The name used in specs, flags and the API: "process" or "per-gpu".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LaunchMode::Process => "process",
+            LaunchMode::PerGpu => "per-gpu",
+        }
+    }
+
+    /// Processes one shard with `gpus` GPUs runs (at least 1).
+    pub fn processes_per_shard(self, gpus: u32) -> u32 {
+        match self {
+            LaunchMode::Process => 1,
+            LaunchMode::PerGpu => gpus.max(1),
+        }
+    }
+}
+
+impl fmt::Display for LaunchMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for LaunchMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+            "process" => Ok(LaunchMode::Process),
+            "per-gpu" => Ok(LaunchMode::PerGpu),
+            other => Err(format!("unknown launch mode '{other}' (expected process or per-gpu)")),
+        }
+    }
+}
+
 /// What one shard needs from the node it runs on.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Resources {
@@ -251,6 +300,9 @@ pub struct JobSpec {
     /// like a NCCL deadlock): its gang restarts from the checkpoint. None: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress_timeout_secs: Option<u64>,
+    /// How the agent starts each shard's processes; default one process per shard.
+    #[serde(default, skip_serializing_if = "is_process")]
+    pub launch: LaunchMode,
     /// Where the job writes checkpoints (a path or URI), passed as `TESSERA_CHECKPOINT_DIR`.
     pub checkpoint_dir: Option<String>,
     /// Retry policy.
@@ -458,6 +510,10 @@ impl SpecError {
     }
 }
 
+fn is_process(mode: &LaunchMode) -> bool {
+    *mode == LaunchMode::Process
+}
+
 fn is_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
 }
@@ -490,6 +546,7 @@ impl JobSpec {
             priority: DEFAULT_PRIORITY,
             max_runtime_secs: None,
             progress_timeout_secs: None,
+            launch: LaunchMode::Process,
             checkpoint_dir: None,
             retry: RetryPolicy::default(),
             stop: StopPolicy::default(),
@@ -553,10 +610,14 @@ impl JobSpec {
         }
         let r = &self.resources;
         if r.gpus == 0 || r.gpus > limits::MAX_GPUS_PER_SHARD {
+            let why = match self.launch {
+                LaunchMode::PerGpu => "; launch = \"per-gpu\" starts one process per GPU",
+                LaunchMode::Process => "",
+            };
             push(
                 &mut e,
                 "resources.gpus",
-                format!("must be between 1 and {} (got {})", limits::MAX_GPUS_PER_SHARD, r.gpus),
+                format!("must be between 1 and {} (got {}){why}", limits::MAX_GPUS_PER_SHARD, r.gpus),
             );
         }
         if let Some(m) = &r.gpu_model {
@@ -753,6 +814,7 @@ struct RawSpec {
     priority: Option<Spanned<toml::Value>>,
     max_runtime: Option<Spanned<toml::Value>>,
     progress_timeout: Option<Spanned<toml::Value>>,
+    launch: Option<Spanned<String>>,
     checkpoint_dir: Option<Spanned<String>>,
     env: Option<Spanned<BTreeMap<String, String>>>,
     resources: Option<Spanned<RawResources>>,
@@ -930,6 +992,13 @@ pub fn parse_toml(src: &str) -> Result<JobSpec, SpecError> {
     }
     if let Some(v) = &raw.progress_timeout {
         spec.progress_timeout_secs = c.duration("progress_timeout", v);
+    }
+    if let Some(v) = &raw.launch {
+        c.at("launch", v.span());
+        match v.get_ref().parse::<LaunchMode>() {
+            Ok(m) => spec.launch = m,
+            Err(m) => c.err("launch", v.span(), m),
+        }
     }
     if let Some(v) = &raw.checkpoint_dir {
         c.at("checkpoint_dir", v.span());
@@ -1113,6 +1182,8 @@ pub struct OneLine {
     pub max_runtime: Option<String>,
     /// `--progress-timeout`, a duration like 10m.
     pub progress_timeout: Option<String>,
+    /// `--launch`, process or per-gpu.
+    pub launch: Option<String>,
     /// `--checkpoint-dir`.
     pub checkpoint_dir: Option<String>,
     /// `--env K=V`, repeated.
@@ -1158,6 +1229,12 @@ impl OneLine {
         }
         if let Some(d) = &self.checkpoint_dir {
             spec.checkpoint_dir = Some(d.clone());
+        }
+        if let Some(m) = &self.launch {
+            match m.parse::<LaunchMode>() {
+                Ok(m) => spec.launch = m,
+                Err(m) => push(&mut errors, "--launch", m),
+            }
         }
         for kv in &self.env {
             match kv.split_once('=') {
@@ -1205,6 +1282,7 @@ impl OneLine {
                     "priority" => "--priority".into(),
                     "max_runtime" => "--max-runtime".into(),
                     "progress_timeout" => "--progress-timeout".into(),
+                    "launch" => "--launch".into(),
                     "checkpoint_dir" => "--checkpoint-dir".into(),
                     "array" => "--array".into(),
                     "after_ok" => "--after-ok".into(),
@@ -1237,6 +1315,7 @@ command = ["python", "train.py", "--lr", "3e-4"]
 shards = 4
 priority = "high"
 max_runtime = "2h30m"
+launch = "per-gpu"
 checkpoint_dir = "s3://ckpt/llama"
 
 [env]
@@ -1282,6 +1361,7 @@ term_grace = 10
         assert_eq!(s.retry.backoff_secs, 30);
         assert_eq!(s.retry.never_retry_exit_codes, vec![2]);
         assert_eq!(s.total_gpus(), 32);
+        assert_eq!(s.launch, LaunchMode::PerGpu);
         assert_eq!(s.stop, StopPolicy { signal: "SIGUSR2".into(), checkpoint_grace_secs: 120, term_grace_secs: 10 });
     }
 
@@ -1350,6 +1430,7 @@ term_grace = 10
             tenant: Some("nlp".into()),
             max_runtime: Some("2h30m".into()),
             progress_timeout: None,
+            launch: Some("per-gpu".into()),
             checkpoint_dir: Some("s3://ckpt/llama".into()),
             env: vec!["NCCL_DEBUG=INFO".into()],
             command: ["python", "train.py", "--lr", "3e-4"].map(String::from).to_vec(),
@@ -1461,6 +1542,46 @@ term_grace = 10
         let err = bad.to_spec().unwrap_err();
         let fields: Vec<_> = err.errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["--array", "--after-any"], "{err}");
+    }
+
+    #[test]
+    fn launch_mode_in_a_spec_file_and_on_the_line() {
+        assert_eq!(parse_toml("command = [\"x\"]\n").unwrap().launch, LaunchMode::Process);
+        assert_eq!(parse_toml("command = [\"x\"]\nlaunch = \"process\"\n").unwrap().launch, LaunchMode::Process);
+        let s = parse_toml("command = [\"x\"]\nshards = 2\nlaunch = \"per-gpu\"\n[resources]\ngpus = 4\n").unwrap();
+        assert_eq!((s.launch, s.launch.processes_per_shard(s.resources.gpus)), (LaunchMode::PerGpu, 4));
+        let err = parse_toml("command = [\"x\"]\n\nlaunch = \"per-node\"\n").unwrap_err();
+        assert_eq!(err.errors.len(), 1, "{err}");
+        assert_eq!(err.errors[0].field, "launch");
+        assert_eq!(err.errors[0].location.map(|l| l.0), Some(3), "{err}");
+        assert!(err.to_string().contains("process or per-gpu"), "{err}");
+        let err = parse_toml("command = [\"x\"]\nlaunch = 1\n").unwrap_err();
+        assert_eq!(err.errors[0].location.map(|l| l.0), Some(2), "{err}");
+        // One process per GPU needs a GPU: the error says why.
+        let err = parse_toml("command = [\"x\"]\nlaunch = \"per-gpu\"\n[resources]\ngpus = 0\n").unwrap_err();
+        assert_eq!(err.errors[0].field, "resources.gpus", "{err}");
+        assert!(err.errors[0].message.contains("one process per GPU"), "{err}");
+
+        let line =
+            |launch: &str| OneLine { launch: Some(launch.into()), command: vec!["x".into()], ..Default::default() };
+        assert_eq!(line("per-gpu").to_spec().unwrap().launch, LaunchMode::PerGpu);
+        assert_eq!(line("Process").to_spec().unwrap().launch, LaunchMode::Process);
+        let err = line("gpu").to_spec().unwrap_err();
+        assert_eq!(err.errors[0].field, "--launch", "{err}");
+        let err = OneLine { gpus: Some(0), ..line("per-gpu") }.to_spec().unwrap_err();
+        assert_eq!(err.errors[0].field, "--gpus", "{err}");
+    }
+
+    #[test]
+    fn a_spec_without_launch_decodes_as_process_and_process_is_not_written() {
+        let mut spec = JobSpec::new(vec!["x".into()], 2, 8);
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(!json.contains("launch"), "{json}");
+        assert_eq!(serde_json::from_str::<JobSpec>(&json).unwrap().launch, LaunchMode::Process);
+        spec.launch = LaunchMode::PerGpu;
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(json.contains("\"launch\":\"per-gpu\""), "{json}");
+        assert_eq!(serde_json::from_str::<JobSpec>(&json).unwrap(), spec);
     }
 
     #[test]

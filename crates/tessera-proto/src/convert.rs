@@ -19,7 +19,9 @@ use tessera_core::model::{
     Attempt, Checkpoint, DrainReason, Gpu, GpuHealth, GpuInfo, Job, JobEvent, JobEventKind, JobState, Node, NodeInfo,
     NodeState, Requeue, Shard, ShardState, StopReason,
 };
-use tessera_core::spec::{self, Cloud, FieldError, Placement, Resources, RetryPolicy, SpotPolicy, StopPolicy};
+use tessera_core::spec::{
+    self, Cloud, FieldError, LaunchMode, Placement, Resources, RetryPolicy, SpotPolicy, StopPolicy,
+};
 use tessera_core::timeline::{self, Entry};
 use tessera_core::why::WhyKind;
 use tessera_core::{JobSpec, Rejection, SpecError, State};
@@ -117,6 +119,23 @@ pub fn spot_policy_from_proto(value: i32, field: &str) -> Result<SpotPolicy, Con
         v1::SpotPolicy::Allow => SpotPolicy::Allow,
         v1::SpotPolicy::Prefer => SpotPolicy::Prefer,
         v1::SpotPolicy::Require => SpotPolicy::Require,
+    })
+}
+
+impl From<LaunchMode> for v1::LaunchMode {
+    fn from(m: LaunchMode) -> Self {
+        match m {
+            LaunchMode::Process => v1::LaunchMode::Process,
+            LaunchMode::PerGpu => v1::LaunchMode::PerGpu,
+        }
+    }
+}
+
+/// A launch mode from the wire; `LAUNCH_MODE_UNSPECIFIED` is the default, PROCESS.
+pub fn launch_mode_from_proto(value: i32, field: &str) -> Result<LaunchMode, ConvertError> {
+    Ok(match enum_from_proto::<v1::LaunchMode>(value, field)? {
+        v1::LaunchMode::Unspecified | v1::LaunchMode::Process => LaunchMode::Process,
+        v1::LaunchMode::PerGpu => LaunchMode::PerGpu,
     })
 }
 
@@ -285,6 +304,7 @@ pub fn spec_from_proto(p: v1::JobSpec) -> Result<JobSpec, SpecError> {
         array,
         after_ok,
         after_any,
+        launch,
     } = p;
 
     let name = if name.is_empty() { JobSpec::new(command.clone(), 1, 1).name } else { name };
@@ -358,6 +378,11 @@ pub fn spec_from_proto(p: v1::JobSpec) -> Result<JobSpec, SpecError> {
         None => StopPolicy::default(),
     };
 
+    let launch = launch_mode_from_proto(launch, "spec.launch").unwrap_or_else(|e| {
+        errors.push(e.into());
+        LaunchMode::default()
+    });
+
     let spec = JobSpec {
         name,
         tenant,
@@ -369,6 +394,7 @@ pub fn spec_from_proto(p: v1::JobSpec) -> Result<JobSpec, SpecError> {
         priority,
         max_runtime_secs: max_runtime_seconds,
         progress_timeout_secs: progress_timeout_seconds,
+        launch,
         checkpoint_dir: (!checkpoint_dir.is_empty()).then_some(checkpoint_dir),
         retry,
         stop,
@@ -416,6 +442,7 @@ impl From<&JobSpec> for v1::JobSpec {
             priority,
             max_runtime_secs,
             progress_timeout_secs,
+            launch,
             checkpoint_dir,
             retry,
             stop,
@@ -451,6 +478,7 @@ impl From<&JobSpec> for v1::JobSpec {
             priority: Some(u32::from(*priority)),
             max_runtime_seconds: *max_runtime_secs,
             progress_timeout_seconds: *progress_timeout_secs,
+            launch: v1::LaunchMode::from(*launch) as i32,
             checkpoint_dir: checkpoint_dir.clone().unwrap_or_default(),
             retry: Some(v1::RetryPolicy {
                 max_attempts: *max_attempts,
@@ -1014,6 +1042,7 @@ mod tests {
             priority: 750,
             max_runtime_secs: Some(9000),
             progress_timeout_secs: Some(600),
+            launch: LaunchMode::PerGpu,
             checkpoint_dir: Some("s3://ckpt/llama".into()),
             retry: RetryPolicy { max_attempts: 5, backoff_secs: 0, never_retry_exit_codes: vec![2, 137] },
             stop: StopPolicy { signal: "SIGUSR2".into(), checkpoint_grace_secs: 120, term_grace_secs: 0 },
@@ -1100,6 +1129,17 @@ mod tests {
         assert!(err.errors[0].message.contains("42 is not a known Cloud value"), "{err}");
         assert!(err.errors[1].message.contains("CLOUD_UNSPECIFIED"), "{err}");
         assert!(err.errors[2].message.contains("99 is not a known SpotPolicy value"), "{err}");
+    }
+
+    #[test]
+    fn launch_modes_on_the_wire() {
+        assert_eq!(spec_from_proto(minimal_wire_spec()).unwrap().launch, LaunchMode::Process);
+        let mut wire = minimal_wire_spec();
+        wire.launch = v1::LaunchMode::PerGpu as i32;
+        assert_eq!(spec_from_proto(wire.clone()).unwrap().launch, LaunchMode::PerGpu);
+        wire.launch = 7;
+        let err = spec_from_proto(wire).unwrap_err();
+        assert_eq!(fields(&err), ["spec.launch"], "{err}");
     }
 
     #[test]

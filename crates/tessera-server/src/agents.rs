@@ -253,6 +253,7 @@ fn assign_message(state: &State, hub: &AgentHub, attempt: AttemptId, node: NodeI
     let (job, shard) = (j.id, s.index);
     let a = s.attempt.as_ref().filter(|a| a.id == attempt && a.node == node && s.state == ShardState::Assigned)?;
     let spec = &j.spec;
+    let per_shard = spec.launch.processes_per_shard(spec.resources.gpus);
     let master_node = j.shards.first().and_then(|s0| s0.attempt.as_ref()).map(|a0| a0.node)?;
     let master_addr = hub
         .address(master_node)
@@ -278,8 +279,9 @@ fn assign_message(state: &State, hub: &AgentHub, attempt: AttemptId, node: NodeI
                     .and_then(|s0| s0.attempt.as_ref())
                     .and_then(|a0| a0.port)
                     .map_or(29_500 + (job.0 % 2_000) as u32, u32::from),
-                world_size: spec.shards,
-                rank: shard,
+                // Per-GPU: `rank` is the shard's first process; the agent adds the local index.
+                world_size: spec.shards.saturating_mul(per_shard),
+                rank: shard.saturating_mul(per_shard),
                 node_rank: shard,
                 nnodes: spec.shards,
                 local_rank: 0,
@@ -292,6 +294,7 @@ fn assign_message(state: &State, hub: &AgentHub, attempt: AttemptId, node: NodeI
             term_grace_ms: spec.stop.term_grace_secs * 1000,
             job_name: spec.name.clone(),
             tenant: spec.tenant.clone(),
+            launch_mode: v1::LaunchMode::from(spec.launch) as i32,
         })),
     })
 }

@@ -30,6 +30,7 @@ fn spec(root: &Path, command: &[&str]) -> LaunchSpec {
         node_rank: 1,
         nnodes: 2,
         local_rank: 3,
+        launch: LaunchMode::Process,
         checkpoint_dir: None,
         resume_from: None,
         checkpoint_signal: "SIGUSR1".into(),
@@ -110,6 +111,7 @@ async fn env_is_exactly_the_launch_environment() {
         ("FOO".to_string(), "bar baz".to_string()),
         ("MULTI".to_string(), "line1\nline2".to_string()),
         ("RANK".to_string(), "999".to_string()),
+        ("PET_NNODES".to_string(), "99".to_string()),
         ("CUDA_VISIBLE_DEVICES".to_string(), "0,1,2,3,4,5,6,7".to_string()),
         ("TESSERA_RESUME_FROM".to_string(), "stale".to_string()),
     ]);
@@ -128,7 +130,20 @@ async fn env_is_exactly_the_launch_environment() {
         ("NODE_RANK", "1".to_string()),
         ("NNODES", "2".to_string()),
         ("LOCAL_RANK", "3".to_string()),
+        ("LOCAL_WORLD_SIZE", "1".to_string()),
+        ("GROUP_RANK", "1".to_string()),
         ("CUDA_VISIBLE_DEVICES", "3,1,7".to_string()),
+        // What a bare `torchrun train.py` reads: this node of the gang, 3 workers on it, and a
+        // static rendezvous at the gang's master; no restarts by torchrun itself.
+        ("PET_NNODES", "2".to_string()),
+        ("PET_NODE_RANK", "1".to_string()),
+        ("PET_NPROC_PER_NODE", "3".to_string()),
+        ("PET_MASTER_ADDR", "10.0.0.5".to_string()),
+        ("PET_MASTER_PORT", "29500".to_string()),
+        ("PET_RDZV_BACKEND", "static".to_string()),
+        ("PET_RDZV_ENDPOINT", "10.0.0.5:29500".to_string()),
+        ("PET_RDZV_ID", "tessera-job-42".to_string()),
+        ("PET_MAX_RESTARTS", "0".to_string()),
         ("TESSERA_JOB_ID", "42".to_string()),
         ("TESSERA_SHARD_INDEX", "1".to_string()),
         ("TESSERA_NUM_SHARDS", "4".to_string()),
@@ -176,6 +191,169 @@ async fn env_without_gpus_with_resume_and_checkpoint_dir() {
     assert_eq!(env.get("TESSERA_RESUME_FROM").map(String::as_str), Some("s3://bucket/job-42/step-100"));
     assert_eq!(env.get("TESSERA_CHECKPOINT_DIR").map(String::as_str), Some("s3://bucket/job-42"));
     assert!(!shard.workdir().join("checkpoints").exists());
+}
+
+/// Per-GPU mode: a 3-GPU shard (node rank 1, its first rank 3, in a world of 12) runs as three
+/// processes of one group, each with its own rank; no torchrun variables.
+#[tokio::test]
+async fn per_gpu_mode_starts_one_process_per_gpu_with_its_own_rank() {
+    let root = tempfile::tempdir().unwrap();
+    let mut s = sh(
+        root.path(),
+        "env -0 > env-$LOCAL_RANK.dump; cut -d' ' -f5 /proc/$$/stat > pgid-$LOCAL_RANK; \
+         echo out-$LOCAL_RANK; echo err-$LOCAL_RANK >&2",
+    );
+    s.launch = LaunchMode::PerGpu;
+    s.world_size = 12;
+    s.rank = 3;
+    s.local_rank = 0;
+    s.env = BTreeMap::from([("PET_NNODES".to_string(), "7".to_string())]);
+    assert_eq!(s.processes(), 3);
+    let shard = Shard::spawn(s).unwrap();
+    assert_eq!(within("per-gpu", shard.wait()).await, ExitInfo { code: Some(0), signal: None });
+    let wd = shard.workdir().to_path_buf();
+    for local in 0..3u32 {
+        let env = read_env_dump(&wd.join(format!("env-{local}.dump")));
+        let get = |k: &str| env.get(k).cloned().unwrap_or_else(|| panic!("process {local}: no {k}"));
+        assert_eq!(get("RANK"), (3 + local).to_string());
+        assert_eq!(get("LOCAL_RANK"), local.to_string());
+        assert_eq!(get("LOCAL_WORLD_SIZE"), "3");
+        assert_eq!(get("WORLD_SIZE"), "12");
+        assert_eq!(get("NODE_RANK"), "1");
+        assert_eq!(get("GROUP_RANK"), "1");
+        assert_eq!(get("NNODES"), "2");
+        assert_eq!(get("MASTER_ADDR"), "10.0.0.5");
+        assert_eq!(get("CUDA_VISIBLE_DEVICES"), "3,1,7", "every process sees all the shard's GPUs");
+        assert_eq!(get("TESSERA_PROGRESS_FILE"), wd.join("progress.jsonl").to_str().unwrap());
+        let pet: Vec<_> = env.keys().filter(|k| k.starts_with("PET_")).collect();
+        assert!(pet.is_empty(), "torchrun variables in per-GPU mode: {pet:?}");
+        let pgid = std::fs::read_to_string(wd.join(format!("pgid-{local}"))).unwrap();
+        assert_eq!(pgid.trim(), shard.pid().to_string(), "process {local} is not in the attempt's group");
+    }
+    let out = std::fs::read_to_string(shard.stdout_path()).unwrap();
+    let err = std::fs::read_to_string(shard.stderr_path()).unwrap();
+    for local in 0..3 {
+        assert!(out.lines().any(|l| l == format!("out-{local}")), "{out}");
+        assert!(err.lines().any(|l| l == format!("err-{local}")), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn per_gpu_mode_one_failure_kills_the_others_and_is_the_exit() {
+    let root = tempfile::tempdir().unwrap();
+    let mut s = sh(
+        root.path(),
+        "if [ \"$LOCAL_RANK\" = 1 ]; then \
+           while [ ! -s pid-0 ] || [ ! -s pid-2 ]; do sleep 0.05; done; exit 5; \
+         fi; trap '' USR1 TERM; echo $$ > pid-$LOCAL_RANK; while true; do sleep 0.1; done",
+    );
+    s.launch = LaunchMode::PerGpu;
+    s.local_rank = 0;
+    let shard = Shard::spawn(s).unwrap();
+    let p0: i32 = read_when_written(&shard.workdir().join("pid-0")).await.parse().unwrap();
+    let p2: i32 = read_when_written(&shard.workdir().join("pid-2")).await.parse().unwrap();
+    assert_eq!(within("one fails", shard.wait()).await, ExitInfo { code: Some(5), signal: None });
+    assert_dies(p0).await;
+    assert_dies(p2).await;
+}
+
+#[tokio::test]
+async fn per_gpu_mode_the_stop_ladder_reaches_every_process() {
+    let root = tempfile::tempdir().unwrap();
+    let mut s = sh(
+        root.path(),
+        "trap 'touch usr1-$LOCAL_RANK' USR1; trap 'exit 0' TERM; echo up > up-$LOCAL_RANK; \
+         while true; do sleep 0.1; done",
+    );
+    s.launch = LaunchMode::PerGpu;
+    s.local_rank = 0;
+    let shard = Shard::spawn(s).unwrap();
+    for local in 0..3 {
+        read_when_written(&shard.workdir().join(format!("up-{local}"))).await;
+    }
+    assert_eq!(within("stop", shard.stop()).await, ExitInfo { code: Some(0), signal: None });
+    for local in 0..3 {
+        assert!(shard.workdir().join(format!("usr1-{local}")).exists(), "process {local} got no checkpoint signal");
+    }
+}
+
+/// A process that left the attempt's group (as torchrun's workers do) still gets the ladder's
+/// signals and does not outlive the attempt.
+#[tokio::test]
+async fn a_process_that_left_the_group_goes_with_the_attempt() {
+    let root = tempfile::tempdir().unwrap();
+    // It ignores USR1 and TERM (inherited): only the final SIGKILL ends it.
+    let shard =
+        Shard::spawn(sh(root.path(), "trap '' USR1 TERM; setsid sleep 1000 & echo $! > escaped.pid; wait")).unwrap();
+    let pid: i32 = read_when_written(&shard.workdir().join("escaped.pid")).await.parse().unwrap();
+    within("setsid", async {
+        while nix::unistd::getpgid(Some(Pid::from_raw(pid))).is_ok_and(|g| g.as_raw() == shard.pid() as i32) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(alive(pid));
+    assert_eq!(within("stop", shard.stop()).await.signal, Some(9));
+    assert_dies(pid).await;
+
+    // Its checkpoint signal reaches it too, and it goes when the leader exits by itself.
+    let mut s = sh(
+        root.path(),
+        "trap true USR1; setsid sh -c 'trap \"touch usr1\" USR1; echo $$ > escaped.pid; while true; do sleep 0.1; done' & \
+         while [ ! -f usr1 ]; do sleep 0.05; done; exit 3",
+    );
+    s.attempt_id += 1;
+    let shard = Shard::spawn(s).unwrap();
+    let pid: i32 = read_when_written(&shard.workdir().join("escaped.pid")).await.parse().unwrap();
+    within("checkpoint signal", async {
+        while !shard.checkpoint_now() || !shard.workdir().join("usr1").exists() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(within("exit 3", shard.wait()).await.code, Some(3));
+    assert_dies(pid).await;
+}
+
+#[test]
+fn torchrun_is_recognised() {
+    let cmd = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert!(is_torchrun(&cmd(&["torchrun", "train.py"])));
+    assert!(is_torchrun(&cmd(&["/venv/bin/torchrun", "--nproc-per-node=8", "train.py"])));
+    assert!(is_torchrun(&cmd(&["python3", "-m", "torch.distributed.run", "train.py"])));
+    assert!(!is_torchrun(&cmd(&["python3", "train.py", "-m", "torchrun"])));
+    assert!(!is_torchrun(&cmd(&["python3", "torchrun.py"])));
+    assert!(!is_torchrun(&cmd(&["sh", "-c", "torchrun train.py"])));
+}
+
+/// torchrun dies of a SIGUSR1 it does not handle, orphaning its workers: the agent starts it
+/// with the checkpoint signal ignored (the workers install their own handlers). Other commands
+/// keep the default.
+#[tokio::test]
+async fn torchrun_starts_with_the_checkpoint_signal_ignored() {
+    let root = tempfile::tempdir().unwrap();
+    let bin = root.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let fake = bin.join("torchrun");
+    std::fs::write(&fake, "#!/bin/sh\ngrep SigIgn /proc/$$/status > sigign\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let ignored = |dir: &Path| {
+        let line = std::fs::read_to_string(dir.join("sigign")).expect("sigign");
+        let mask = u64::from_str_radix(line.split_whitespace().nth(1).expect("mask"), 16).expect("hex");
+        mask & (1 << (Signal::SIGUSR1 as u64 - 1)) != 0
+    };
+    let path = format!("{}:{DEFAULT_PATH}", bin.display());
+    let mut s = spec(root.path(), &["torchrun", "train.py"]);
+    s.env = BTreeMap::from([("PATH".to_string(), path.clone())]);
+    let shard = Shard::spawn(s).unwrap();
+    assert!(within("fake torchrun", shard.wait()).await.success());
+    assert!(ignored(shard.workdir()), "torchrun would die of SIGUSR1");
+
+    let mut s = sh(root.path(), "grep SigIgn /proc/$$/status > sigign");
+    s.attempt_id += 1;
+    let shard = Shard::spawn(s).unwrap();
+    assert!(within("sh", shard.wait()).await.success());
+    assert!(!ignored(shard.workdir()), "a plain command must keep SIGUSR1's default");
 }
 
 #[tokio::test]

@@ -169,7 +169,7 @@ enum JobCommand {
 #[derive(clap::Args, Debug)]
 struct SubmitArgs {
     /// A TOML job spec (see README). Leave it out for the one-line form.
-    #[arg(value_name = "SPEC.toml", conflicts_with_all = ["shards", "gpus", "gpu_model", "cloud", "priority", "name", "tenant", "max_runtime", "progress_timeout", "checkpoint_dir", "env", "array", "after_ok", "after_any", "command"])]
+    #[arg(value_name = "SPEC.toml", conflicts_with_all = ["shards", "gpus", "gpu_model", "cloud", "priority", "name", "tenant", "max_runtime", "progress_timeout", "launch", "checkpoint_dir", "env", "array", "after_ok", "after_any", "command"])]
     spec: Option<PathBuf>,
     /// One-line form: shards (nodes) of the gang [default: 1].
     #[arg(long)]
@@ -199,6 +199,10 @@ struct SubmitArgs {
     /// step for this long, like 10m (a hang).
     #[arg(long, value_name = "DURATION")]
     progress_timeout: Option<String>,
+    /// One-line form: how the agent starts each shard: one process (which may be torchrun, set
+    /// up to join the gang without flags), or one process per GPU [default: process].
+    #[arg(long, value_name = "MODE", value_parser = ["process", "per-gpu"])]
+    launch: Option<String>,
     /// One-line form: where the job writes checkpoints (TESSERA_CHECKPOINT_DIR).
     #[arg(long, value_name = "PATH_OR_URI")]
     checkpoint_dir: Option<String>,
@@ -274,6 +278,7 @@ fn submission_spec(a: &SubmitArgs) -> Result<tessera_core::JobSpec, CliError> {
         tenant: a.tenant.clone(),
         max_runtime: a.max_runtime.clone(),
         progress_timeout: a.progress_timeout.clone(),
+        launch: a.launch.clone(),
         checkpoint_dir: a.checkpoint_dir.clone(),
         env: a.env.clone(),
         array: a.array.clone(),
@@ -1193,6 +1198,7 @@ mod tests {
             tenant: None,
             max_runtime: None,
             progress_timeout: None,
+            launch: None,
             checkpoint_dir: None,
             env: Vec::new(),
             array: None,
