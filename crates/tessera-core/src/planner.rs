@@ -935,6 +935,10 @@ pub fn plan(state: &State, now: Timestamp, limits: &PlanLimits) -> PlanOutput {
     let mut preempt_tries = 0usize;
     let mut shards_planned = 0usize;
     let mut no_room: HashSet<Shape<'_>> = HashSet::new();
+    // Shapes no set of nodes could ever hold: judged once per round, not once per job (a deep
+    // queue of identical jobs, like an array's waiting elements, would otherwise walk every live
+    // attempt for each).
+    let mut never: HashSet<Shape<'_>> = HashSet::new();
     for (_, mut tenants) in levels {
         let mut heap: BinaryHeap<Reverse<(Share, &str)>> = tenants
             .keys()
@@ -983,13 +987,19 @@ pub fn plan(state: &State, now: Timestamp, limits: &PlanLimits) -> PlanOutput {
                 out.plan.preemptions.push(Preemption { job: job.id, victims });
                 out.waiting.insert(job.id, WaitReason::AwaitingPreemption);
             } else if out.reservation.is_none() {
-                match reserve(state, &mut view, &need, job.id, now) {
-                    Some(r) => {
-                        out.waiting.insert(job.id, WaitReason::Reserved(r.start));
-                        out.reservation = Some(r);
-                    }
-                    None => {
-                        out.waiting.insert(job.id, WaitReason::Unschedulable);
+                let shape = Shape::of(&need);
+                if shape.as_ref().is_some_and(|s| never.contains(s)) {
+                    out.waiting.insert(job.id, WaitReason::Unschedulable);
+                } else {
+                    match reserve(state, &mut view, &need, job.id, now) {
+                        Some(r) => {
+                            out.waiting.insert(job.id, WaitReason::Reserved(r.start));
+                            out.reservation = Some(r);
+                        }
+                        None => {
+                            out.waiting.insert(job.id, WaitReason::Unschedulable);
+                            never.extend(shape);
+                        }
                     }
                 }
             } else {

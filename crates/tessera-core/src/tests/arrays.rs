@@ -249,3 +249,22 @@ fn why_names_dependencies_and_arrays() {
     assert_eq!(kind, crate::why::WhyKind::Array);
     assert!(msg.contains("array of 10: 2 elements waiting for placement, 8 not created yet"), "{msg}");
 }
+
+#[test]
+fn an_array_of_a_shape_no_node_holds_waits_and_others_are_still_placed() {
+    let mut sim = Sim::new();
+    sim.node(n("a"));
+    let mut s = array("0-999");
+    s.resources.gpu_model = Some("B200".into());
+    let parent = sim.submit(s);
+    let mut other = spec(1, 4);
+    other.tenant = "other".into();
+    let o = sim.submit(other);
+    let (out, _) = sim.round();
+    // Every waiting element is judged (once per round, as one shape), and none is placed.
+    let waiting: Vec<&JobId> = sim.state.pending_jobs().iter().filter(|j| **j != o).collect();
+    assert_eq!(waiting.len(), ARRAY_WINDOW as usize);
+    assert!(waiting.iter().all(|j| out.waiting.get(j) == Some(&WaitReason::Unschedulable)), "{:?}", out.waiting);
+    assert_eq!(sim.job_state(o), JobState::Running);
+    assert_eq!(sim.job_state(parent), JobState::Pending);
+}
