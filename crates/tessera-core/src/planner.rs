@@ -939,6 +939,10 @@ pub fn plan(state: &State, now: Timestamp, limits: &PlanLimits) -> PlanOutput {
     // queue of identical jobs, like an array's waiting elements, would otherwise walk every live
     // attempt for each).
     let mut never: HashSet<Shape<'_>> = HashSet::new();
+    // Arrays whose next fresh element could not be placed this round, and why: their later fresh
+    // elements are the same job in all but the index, so they wait for the same reason without
+    // being judged one by one (an array keeps up to `ARRAY_WINDOW` elements waiting).
+    let mut blocked: BTreeMap<JobId, WaitReason> = BTreeMap::new();
     for (_, mut tenants) in levels {
         let mut heap: BinaryHeap<Reverse<(Share, &str)>> = tenants
             .keys()
@@ -948,6 +952,17 @@ pub fn plan(state: &State, now: Timestamp, limits: &PlanLimits) -> PlanOutput {
             let Some(queue) = tenants.get_mut(tenant) else { continue };
             let Some(job) = queue.pop_front() else { continue };
             let more = !queue.is_empty();
+            let fresh_element = job.element_of.filter(|_| job.shards.iter().all(|s| s.attempt.is_none()));
+            if let Some(why) = fresh_element.and_then(|e| blocked.get(&e.array)) {
+                out.waiting.insert(job.id, why.clone());
+                if more {
+                    heap.push(Reverse((
+                        share(state, tenant, planned_gpus.get(tenant).copied().unwrap_or(0), now),
+                        tenant,
+                    )));
+                }
+                continue;
+            }
             let closed = gates.get(tenant).and_then(Option::as_deref).unwrap_or_default();
             let need = Need::new(job, &view, now, closed);
             let total = job.spec.total_gpus();
@@ -1004,6 +1019,17 @@ pub fn plan(state: &State, now: Timestamp, limits: &PlanLimits) -> PlanOutput {
                 }
             } else {
                 out.waiting.insert(job.id, WaitReason::NoCapacity);
+            }
+            if let Some(e) = fresh_element
+                && let Some(
+                    why @ (WaitReason::Unschedulable
+                    | WaitReason::NoCapacity
+                    | WaitReason::Quota
+                    | WaitReason::GpuHoursQuota
+                    | WaitReason::PlanFull),
+                ) = out.waiting.get(&job.id)
+            {
+                blocked.insert(e.array, why.clone());
             }
             if more {
                 heap.push(Reverse((share(state, tenant, planned_gpus.get(tenant).copied().unwrap_or(0), now), tenant)));
