@@ -236,8 +236,6 @@ fn stop_reason(r: tessera_core::model::StopReason) -> v1::StopReason {
     v1::StopReason::from(r)
 }
 
-/// Build the assignment message for a live attempt.
-/// The assignment of `attempt` to `node`, if that attempt is still live there.
 /// The job's own environment, and for an array element its index and array.
 fn shard_env(j: &tessera_core::model::Job) -> std::collections::BTreeMap<String, String> {
     let mut env = j.spec.env.clone();
@@ -248,6 +246,8 @@ fn shard_env(j: &tessera_core::model::Job) -> std::collections::BTreeMap<String,
     env
 }
 
+/// The assignment of `attempt` to `node` (a live attempt's assignment message), if that
+/// attempt is still live there.
 fn assign_message(state: &State, hub: &AgentHub, attempt: AttemptId, node: NodeId) -> Option<v1::ServerMessage> {
     let (j, s) = state.attempt(attempt)?;
     let (job, shard) = (j.id, s.index);
