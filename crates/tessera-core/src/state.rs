@@ -651,7 +651,7 @@ impl State {
         let reason = reason.unwrap_or_else(|| "cancelled".into());
         job.message = Some(reason.clone());
         if job.is_array() {
-            self.cancel_array(id, &reason, now, ev);
+            self.cancel_array(id, now, ev);
             return Ok(());
         }
         for i in 0..job.shards.len() as u32 {
@@ -1390,6 +1390,9 @@ impl State {
         let job = self.jobs.get(&gang.job).ok_or("job no longer exists")?;
         if job.state.is_terminal() || job.cancel_requested {
             return Err("job has finished or is being cancelled".into());
+        }
+        if !job.waiting_on.is_empty() {
+            return Err("job waits on its dependencies".into());
         }
         if job.shards.iter().any(|s| s.state.is_live()) {
             return Err("job still has live shards".into());

@@ -31,8 +31,9 @@ use crate::command::{Event, Rejection};
 use crate::model::{ArrayElement, ArrayProgress, Job, JobId, JobState, Shard, ShardState, Timestamp};
 use crate::spec::JobSpec;
 
-/// Most elements of one array waiting for placement at once: the planner sees at most this many
-/// of an array's elements, however large the array.
+/// No new element of an array is created while this many wait for placement, so the planner
+/// sees about this many of an array's elements however large the array (elements requeued
+/// after a retry, a preemption or a lost node come on top).
 pub const ARRAY_WINDOW: u32 = 512;
 
 impl State {
@@ -160,7 +161,7 @@ impl State {
     }
 
     /// Cancel an array: no more elements, and its unfinished ones are cancelled.
-    pub(super) fn cancel_array(&mut self, id: JobId, reason: &str, now: Timestamp, ev: &mut Vec<Event>) {
+    pub(super) fn cancel_array(&mut self, id: JobId, now: Timestamp, ev: &mut Vec<Event>) {
         let Some(job) = self.jobs.get_mut(&id).map(Arc::make_mut) else { return };
         let total = job.spec.array.as_ref().map_or(0, |a| a.len());
         if let Some(p) = job.array.as_mut() {
@@ -169,8 +170,9 @@ impl State {
         }
         let elements: Vec<JobId> = self.array_live.get(&id).into_iter().flatten().copied().collect();
         for e in elements {
-            // An element may have ended already within this command; that is fine.
-            let _ = self.cancel(e, Some(format!("array {id} cancelled: {reason}")), now, ev);
+            // A short reason of its own (the array's may be at the length limit already); an
+            // element may have ended within this command, which is fine.
+            let _ = self.cancel(e, Some(format!("array {id} cancelled")), now, ev);
         }
         self.touched_arrays.insert(id);
     }
@@ -216,6 +218,17 @@ impl State {
     /// A dependency ended: strike it off its dependents' lists, releasing those it was the last
     /// of, and cancel those that needed it to succeed.
     fn dependency_ended(&mut self, id: JobId, now: Timestamp, ev: &mut Vec<Event>) {
+        // A job that ended waits on nothing any more (it may have been cancelled while waiting).
+        let own: Vec<JobId> =
+            self.jobs.get_mut(&id).map(Arc::make_mut).map(|j| std::mem::take(&mut j.waiting_on)).unwrap_or_default();
+        for d in own {
+            if let Some(w) = self.dependents.get_mut(&d) {
+                w.remove(&id);
+                if w.is_empty() {
+                    self.dependents.remove(&d);
+                }
+            }
+        }
         let Some(waiting) = self.dependents.remove(&id) else { return };
         let Some(state) = self.job(id).map(|j| j.state) else { return };
         for d in waiting {
@@ -283,8 +296,14 @@ impl State {
                 return Err(format!("{} is half an array: spec, progress and shards disagree", job.id));
             }
             if let Some(e) = job.element_of {
-                if !self.job(e.array).is_some_and(Job::is_array) || job.is_array() {
-                    return Err(format!("{} is an element of {}, which is not an array", job.id, e.array));
+                let parent = self.job(e.array).and_then(|p| p.spec.array.as_ref());
+                if parent.is_none() || job.is_array() || e.array >= job.id {
+                    return Err(format!("{} is an element of {}, which is not an earlier array", job.id, e.array));
+                }
+                if !parent.is_some_and(|a| {
+                    a.ranges.iter().any(|&(f, l, st)| (f..=l).contains(&e.index) && (e.index - f) % st.max(1) == 0)
+                }) {
+                    return Err(format!("{} has index {}, which its array does not list", job.id, e.index));
                 }
                 let s = seen.entry(e.array).or_default();
                 if job.state.is_terminal() {
@@ -299,9 +318,12 @@ impl State {
                     }
                 }
             }
+            if job.state.is_terminal() && !job.waiting_on.is_empty() {
+                return Err(format!("{} has ended but still waits on {:?}", job.id, job.waiting_on));
+            }
             for d in &job.waiting_on {
-                if job.state.is_terminal() {
-                    break;
+                if *d >= job.id || !(job.spec.after_ok.contains(&d.0) || job.spec.after_any.contains(&d.0)) {
+                    return Err(format!("{} waits on {d}, which is not an earlier job it depends on", job.id));
                 }
                 if self.job(*d).is_none_or(|dep| dep.state.is_terminal()) {
                     return Err(format!("{} waits on {d}, which has ended or does not exist", job.id));
@@ -320,8 +342,16 @@ impl State {
                     job.id, p.active, p.queued, s.active, s.queued
                 ));
             }
-            if p.next > spec.len() || p.succeeded + p.failed + p.cancelled + u64::from(p.active) != p.next {
+            let sum = p
+                .succeeded
+                .checked_add(p.failed)
+                .and_then(|x| x.checked_add(p.cancelled))
+                .and_then(|x| x.checked_add(u64::from(p.active)));
+            if p.next > spec.len() || sum != Some(p.next) {
                 return Err(format!("array {} counts do not add up: {p:?}", job.id));
+            }
+            if job.state.is_terminal() && (p.active > 0 || p.next < spec.len()) {
+                return Err(format!("array {} has ended with elements unfinished or not created", job.id));
             }
             if s.ended > p.succeeded + p.failed + p.cancelled {
                 return Err(format!("array {} has more ended elements than it counts", job.id));

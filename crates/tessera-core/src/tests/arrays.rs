@@ -268,3 +268,53 @@ fn an_array_of_a_shape_no_node_holds_waits_and_others_are_still_placed() {
     assert_eq!(sim.job_state(o), JobState::Running);
     assert_eq!(sim.job_state(parent), JobState::Pending);
 }
+
+#[test]
+fn a_cancel_with_a_reason_at_the_length_limit_still_cancels_every_element() {
+    let mut sim = Sim::new();
+    sim.node(n("a"));
+    let parent = sim.submit(array("0-19%12"));
+    sim.round();
+    sim.apply(Command::CancelJob { job: parent, reason: Some("r".repeat(1024)) }).unwrap();
+    for e in elements(&sim, parent) {
+        assert!(e.cancel_requested, "{} was not cancelled", e.id);
+        assert_eq!(e.message.as_deref(), Some(format!("array {parent} cancelled").as_str()));
+    }
+}
+
+#[test]
+fn a_job_cancelled_while_waiting_waits_on_nothing_and_restores_equal() {
+    let mut sim = Sim::new();
+    sim.node(n("a"));
+    let mut once = spec(1, 1);
+    once.retry.max_attempts = 1;
+    let a = sim.submit(once);
+    let b = sim.submit(spec(1, 1));
+    let mut s = spec(1, 1);
+    s.after_ok = vec![a.0, b.0];
+    let x = sim.submit(s);
+    sim.round();
+    sim.start_all(a);
+    sim.exit(a, 0, 1).unwrap();
+    let xj = sim.state.job(x).unwrap();
+    assert_eq!(xj.state, JobState::Cancelled);
+    assert!(xj.waiting_on.is_empty(), "{:?}", xj.waiting_on);
+    assert_eq!(State::restore(&sim.state.snapshot()).unwrap(), sim.state);
+    // A plan that places a job still waiting on a dependency is refused at apply.
+    let mut s = spec(1, 1);
+    s.after_any = vec![b.0];
+    let y = sim.submit(s);
+    let mut forged = plan(&sim.state, Timestamp(sim.now), &PlanLimits::default()).plan;
+    assert!(forged.placements.iter().all(|p| p.job != y), "the planner does not place it");
+    let mut free = sim.submit(spec(1, 1));
+    let out = plan(&sim.state, Timestamp(sim.now), &PlanLimits::default()).plan;
+    if let Some(mut p) = out.placements.into_iter().find(|p| p.job == free) {
+        p.job = y;
+        forged.placements.push(p);
+        free = y;
+    }
+    assert_eq!(free, y, "a placement to forge");
+    let ev = sim.apply(Command::ApplyPlan { plan: forged }).unwrap();
+    assert!(ev.iter().any(|e| matches!(e, Event::PlacementRejected { job, .. } if *job == y)), "{ev:?}");
+    assert_eq!(sim.shard_state(y, 0), ShardState::Pending);
+}

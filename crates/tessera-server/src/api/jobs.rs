@@ -31,6 +31,20 @@ impl v1::job_service_server::JobService for Jobs {
             spec_from_proto(req.get_ref().spec.clone().ok_or_else(|| Status::invalid_argument("spec: required"))?)
                 .map_err(|e| tessera_proto::convert::spec_error_to_status(&e))?;
         self.0.authorize(&req, Rpc::SubmitJob, Resource::Tenant(&spec.tenant))?;
+        // A job may wait on another's end only if its submitter may read that job: a dependency
+        // tells whether the job exists and how it ended.
+        let deps: Vec<u64> = spec.after_ok.iter().chain(&spec.after_any).copied().collect();
+        if !deps.is_empty() {
+            let tenants = self
+                .0
+                .read(0, move |s| {
+                    deps.iter().filter_map(|d| s.job(JobId(*d)).map(|j| j.spec.tenant.clone())).collect::<Vec<_>>()
+                })
+                .await?;
+            for t in &tenants {
+                self.0.authorize(&req, Rpc::GetJob, Resource::Tenant(t))?;
+            }
+        }
         note(&req, format!("tenant {}", spec.tenant));
         let req_ref = &req;
         let req = req_ref.get_ref().clone();
