@@ -525,6 +525,21 @@ async fn every_rpc_and_role_over_mutual_tls() {
     assert!(err.contains("not authenticated"), "{err}");
     let (code_, _, err) = cli(&["cluster", "status"], Some("not-a-token"));
     assert!(code_ == Some(1) && err.contains("not authenticated"), "{err}");
+    // A dependency reveals another job's end: only on a job the submitter may read.
+    let (code_, out, err) =
+        cli(&["job", "submit", "--tenant", "nlp", "--gpus", "1", "-o", "json", "--", "true"], Some(&root));
+    assert_eq!(code_, Some(0), "{err}");
+    let nlp_job = serde_json::from_str::<serde_json::Value>(&out).expect("json")["job_id"].to_string();
+    let (code_, _, err) =
+        cli(&["job", "submit", "--tenant", "ml", "--after-ok", &nlp_job, "--gpus", "1", "--", "true"], Some(&ml));
+    assert!(code_ == Some(1) && err.contains("permission denied"), "{code_:?} {err}");
+    let (code_, out, err) =
+        cli(&["job", "submit", "--tenant", "ml", "--gpus", "1", "-o", "json", "--", "true"], Some(&ml));
+    assert_eq!(code_, Some(0), "{err}");
+    let ml_job = serde_json::from_str::<serde_json::Value>(&out).expect("json")["job_id"].to_string();
+    let (code_, _, err) =
+        cli(&["job", "submit", "--tenant", "ml", "--after-any", &ml_job, "--gpus", "1", "--", "true"], Some(&ml));
+    assert_eq!(code_, Some(0), "a dependency on its own tenant's job: {err}");
     for s in &mut servers {
         s.kill();
     }
