@@ -130,6 +130,21 @@ fn build() -> State {
         let deadline = Some(Timestamp(T0 + 120_000));
         apply(&mut state, Command::DrainNode { node: spot, reason: DrainReason::SpotInterruption, deadline }, 9);
     }
+    // A job array (its record and its first elements) and a job waiting on the big one.
+    let mut array = JobSpec::new(vec!["sweep.py".into()], 1, 1);
+    array.array = tessera_core::spec::ArraySpec::parse("0-9%3").ok();
+    apply(
+        &mut state,
+        Command::SubmitJob { spec: array, idempotency_key: None, priority_defaulted: false, submitted_by: None },
+        10,
+    );
+    let mut after = JobSpec::new(vec!["report.py".into()], 1, 1);
+    after.after_ok = vec![3];
+    apply(
+        &mut state,
+        Command::SubmitJob { spec: after, idempotency_key: None, priority_defaulted: false, submitted_by: None },
+        11,
+    );
     state
 }
 
