@@ -338,6 +338,21 @@ pub struct Shard {
     pub not_before: Timestamp,
 }
 
+impl Shard {
+    /// Shard `index` of a new job (or a new array element): pending from `now`, never placed.
+    pub fn new_pending(index: u32, now: Timestamp) -> Shard {
+        Shard {
+            index,
+            state: ShardState::Pending,
+            attempt: None,
+            attempts: 0,
+            restarts: 0,
+            checkpoint: None,
+            not_before: now,
+        }
+    }
+}
+
 /// Lifecycle of a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum JobState {
@@ -357,6 +372,16 @@ impl JobState {
     /// Finished for good.
     pub fn is_terminal(self) -> bool {
         matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+    /// The state in words, as listings print it: "pending", "running", "succeeded"...
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
     }
 }
 

@@ -586,17 +586,7 @@ impl State {
         if !self.tenants.contains_key(&spec.tenant) {
             self.tenants.insert(spec.tenant.clone(), Tenant::new(&spec.tenant, now));
         }
-        let shards = (0..spec.shards)
-            .map(|index| Shard {
-                index,
-                state: ShardState::Pending,
-                attempt: None,
-                attempts: 0,
-                restarts: 0,
-                checkpoint: None,
-                not_before: now,
-            })
-            .collect();
+        let shards = (0..spec.shards).map(|index| Shard::new_pending(index, now)).collect();
         let mut job = Job {
             id,
             spec,

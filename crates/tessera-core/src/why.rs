@@ -169,12 +169,9 @@ pub fn explain(state: &State, id: JobId, planned: Option<&WaitReason>, now: Time
     let why = |kind, reason: String, funnel, remedies| Some(Why { kind, reason, funnel, remedies, ahead });
     if let Some(early) = own_reason(state, job, now) {
         return match early {
-            None => why(
-                WhyKind::NotPending,
-                format!("it is {}, not pending", state_name(job.state)),
-                Vec::new(),
-                Vec::new(),
-            ),
+            None => {
+                why(WhyKind::NotPending, format!("it is {}, not pending", job.state.as_str()), Vec::new(), Vec::new())
+            }
             Some((kind, reason, remedies)) => why(kind, reason, Vec::new(), remedies),
         };
     }
@@ -355,16 +352,6 @@ fn own_reason(state: &State, job: &Job, now: Timestamp) -> Option<Option<(WhyKin
         return Some(Some((WhyKind::Quota, quota_text(state, job), remedies)));
     }
     None
-}
-
-fn state_name(s: JobState) -> &'static str {
-    match s {
-        JobState::Pending => "pending",
-        JobState::Running => "running",
-        JobState::Succeeded => "succeeded",
-        JobState::Failed => "failed",
-        JobState::Cancelled => "cancelled",
-    }
 }
 
 fn pending_shards(job: &Job) -> u32 {

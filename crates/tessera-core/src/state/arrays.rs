@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use super::State;
 use crate::command::{Event, Rejection};
-use crate::model::{ArrayElement, ArrayProgress, Job, JobId, JobState, Shard, ShardState, Timestamp};
+use crate::model::{ArrayElement, ArrayProgress, Job, JobId, JobState, Shard, Timestamp};
 use crate::spec::JobSpec;
 
 /// No new element of an array is created while this many wait for placement, so the planner
@@ -54,7 +54,7 @@ impl State {
                         field,
                         message: format!(
                             "{id} already ended {}: the dependency could never be met",
-                            state_word(dep.state)
+                            dep.state.as_str()
                         ),
                     });
                 }
@@ -94,17 +94,7 @@ impl State {
             element_spec.after_any.clear();
             let element = Job {
                 id: JobId(self.next_job),
-                shards: (0..element_spec.shards)
-                    .map(|index| Shard {
-                        index,
-                        state: ShardState::Pending,
-                        attempt: None,
-                        attempts: 0,
-                        restarts: 0,
-                        checkpoint: None,
-                        not_before: now,
-                    })
-                    .collect(),
+                shards: (0..element_spec.shards).map(|index| Shard::new_pending(index, now)).collect(),
                 spec: element_spec,
                 state: JobState::Pending,
                 submitted_at: parent.submitted_at,
@@ -238,7 +228,7 @@ impl State {
             }
             job.waiting_on.retain(|w| *w != id);
             if job.spec.after_ok.contains(&id.0) && state != JobState::Succeeded {
-                let reason = format!("dependency never satisfied: {id} ended {} (after-ok)", state_word(state));
+                let reason = format!("dependency never satisfied: {id} ended {} (after-ok)", state.as_str());
                 let _ = self.cancel(d, Some(reason), now, ev);
             } else if job.waiting_on.is_empty() {
                 if job.is_array() {
@@ -364,16 +354,5 @@ impl State {
             return Err(format!("elements of {id}, which is not an array"));
         }
         Ok(())
-    }
-}
-
-/// A final state in words, as job listings print it.
-fn state_word(s: JobState) -> &'static str {
-    match s {
-        JobState::Pending => "pending",
-        JobState::Running => "running",
-        JobState::Succeeded => "succeeded",
-        JobState::Failed => "failed",
-        JobState::Cancelled => "cancelled",
     }
 }
