@@ -260,7 +260,13 @@ pub fn explain(state: &State, id: JobId, planned: Option<&WaitReason>, now: Time
 /// not pending, `Some(Some(..))` for a reason found, None to look further.
 #[allow(clippy::type_complexity)]
 fn own_reason(state: &State, job: &Job, now: Timestamp) -> Option<Option<(WhyKind, String, Vec<String>)>> {
-    if job.state != JobState::Pending && !job.shards.iter().any(|s| s.state == ShardState::Pending) {
+    // An array waits while some of its elements do, or are not created yet, running or not.
+    let array_waits = job
+        .array
+        .as_ref()
+        .zip(job.spec.array.as_ref())
+        .is_some_and(|(p, a)| !job.state.is_terminal() && (p.queued > 0 || p.next < a.len()));
+    if job.state != JobState::Pending && !job.shards.iter().any(|s| s.state == ShardState::Pending) && !array_waits {
         return Some(None);
     }
     if job.cancel_requested {

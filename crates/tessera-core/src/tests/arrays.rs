@@ -248,6 +248,13 @@ fn why_names_dependencies_and_arrays() {
     let (kind, msg) = crate::why::brief(&sim.state, sim.state.job(arr).unwrap(), None, now).unwrap();
     assert_eq!(kind, crate::why::WhyKind::Array);
     assert!(msg.contains("array of 10: 2 elements waiting for placement, 8 not created yet"), "{msg}");
+    // Running, with the rest held back by its limit: still a reason.
+    sim.node(n("a"));
+    sim.round();
+    assert_eq!(sim.job_state(arr), JobState::Running);
+    let (kind, msg) = crate::why::brief(&sim.state, sim.state.job(arr).unwrap(), None, now).unwrap();
+    assert_eq!(kind, crate::why::WhyKind::Array);
+    assert!(msg.contains("0 elements waiting for placement, 8 not created yet; its limit of 2"), "{msg}");
 }
 
 #[test]
