@@ -255,16 +255,23 @@ pub enum StopReason {
     /// The shard reported no new step within the job's `progress_timeout` (a hang): the gang
     /// restarts from its checkpoint, as a restart, not a failure.
     Stalled,
+    /// The job hung [`MAX_STALLS`] times in a row without a new checkpoint: the shard ends
+    /// failed, and so does the job.
+    Hung,
 }
 
 impl StopReason {
     /// After stopping for this reason, is the shard placed again?
     pub fn requeues(self) -> bool {
-        !matches!(self, StopReason::Cancelled | StopReason::JobFailed | StopReason::TimeLimit)
+        !matches!(self, StopReason::Cancelled | StopReason::JobFailed | StopReason::TimeLimit | StopReason::Hung)
     }
     /// How a shard stopped for this reason ends, when it is not placed again.
     pub fn ends_as(self) -> ShardState {
-        if self == StopReason::TimeLimit { ShardState::Failed } else { ShardState::Cancelled }
+        if matches!(self, StopReason::TimeLimit | StopReason::Hung) {
+            ShardState::Failed
+        } else {
+            ShardState::Cancelled
+        }
     }
 }
 
@@ -428,6 +435,18 @@ pub struct Job {
     /// for an array, are its elements created) while any remains.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waiting_on: Vec<JobId>,
+    /// Hangs in a row (stops for its `progress_timeout`) with no new checkpoint between them;
+    /// the job fails at [`MAX_STALLS`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stalls: u32,
+}
+
+/// Hangs in a row without a new checkpoint after which a job fails: restarting it again would
+/// only hang again from the same place. The ones before are restarts, not failures.
+pub const MAX_STALLS: u32 = 3;
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Job {

@@ -603,6 +603,7 @@ impl State {
             array: None,
             element_of: None,
             waiting_on,
+            stalls: 0,
         };
         self.wait_on(id, &job.waiting_on);
         let (array, waiting) = (job.is_array(), !job.waiting_on.is_empty());
@@ -1051,6 +1052,25 @@ impl State {
         }
         reject_if(shards.is_empty(), || format!("no listed attempt of {id} is running"))?;
         let ranks: Vec<String> = shards.iter().map(u32::to_string).collect();
+        let n = job.shards.len() as u32;
+        let stalls = self.jobs.get_mut(&id).map(Arc::make_mut).map_or(0, |j| {
+            j.stalls += 1;
+            j.stalls
+        });
+        if stalls >= crate::model::MAX_STALLS {
+            // Hung again and again from the same checkpoint: restarting would not help.
+            if let Some(job) = self.jobs.get_mut(&id).map(Arc::make_mut) {
+                job.message = Some(format!(
+                    "hung: no new step for {timeout} s, {stalls} times in a row without a new checkpoint"
+                ));
+            }
+            for i in 0..n {
+                let detail = shards.contains(&i).then(|| format!("stalled ranks: {}", ranks.join(", ")));
+                self.stop_shard(id, i, StopReason::Hung, detail, now, ev);
+            }
+            self.refresh_job(id, now, ev);
+            return Ok(());
+        }
         for s in &shards {
             let detail = format!("no new step for {timeout} s; stalled ranks: {}", ranks.join(", "));
             self.stop_shard(id, *s, StopReason::Stalled, Some(detail), now, ev);
@@ -1252,12 +1272,18 @@ impl State {
             });
         }
         let r = self.live_ref(attempt)?;
-        let s = &mut self.job_mut(r.job)?.shards[r.shard as usize];
+        let job = self.job_mut(r.job)?;
+        let s = &mut job.shards[r.shard as usize];
         if s.checkpoint.as_ref().is_some_and(|c| c.step > step) {
             // An older checkpoint than the one recorded: keep the newer one.
             return Ok(());
         }
+        let newer = s.checkpoint.as_ref().is_none_or(|c| step > c.step);
         s.checkpoint = Some(Checkpoint { step, uri, at: now });
+        if newer {
+            // Progress kept: the hangs before it no longer count.
+            job.stalls = 0;
+        }
         ev.push(Event::CheckpointRecorded { job: r.job, shard: r.shard, step });
         self.note(r.job, r.shard, now, JobEventKind::Checkpoint { step }, None);
         Ok(())

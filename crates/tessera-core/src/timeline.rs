@@ -149,6 +149,9 @@ fn stop_text(r: StopReason, node: &str) -> String {
         StopReason::JobFailed => "another shard failed the job".to_string(),
         StopReason::TimeLimit => "the job ran past its time limit".to_string(),
         StopReason::Stalled => "it made no progress (a hang); the gang restarts from its checkpoint".to_string(),
+        StopReason::Hung => {
+            format!("it hung {} times in a row without a new checkpoint: the job fails", crate::model::MAX_STALLS)
+        }
     }
 }
 

@@ -190,7 +190,7 @@ impl From<StopReason> for v1::StopReason {
             StopReason::GangRestart => v1::StopReason::GangRestart,
             StopReason::JobFailed => v1::StopReason::JobFailed,
             StopReason::TimeLimit => v1::StopReason::TimeLimit,
-            StopReason::Stalled => v1::StopReason::Stalled,
+            StopReason::Stalled | StopReason::Hung => v1::StopReason::Stalled,
         }
     }
 }
@@ -577,6 +577,7 @@ pub fn job_to_proto(job: &Job, state: &State) -> v1::Job {
         array,
         element_of,
         waiting_on,
+        stalls: _,
     } = job;
     // As the core's resume point: the highest step, then the latest time.
     let latest_checkpoint = shards

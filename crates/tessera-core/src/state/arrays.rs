@@ -108,6 +108,7 @@ impl State {
                 array: None,
                 element_of: Some(ArrayElement { array: id, index }),
                 waiting_on: Vec::new(),
+                stalls: 0,
             };
             let eid = element.id;
             self.next_job += 1;

@@ -141,6 +141,55 @@ fn a_stalled_rank_restarts_its_gang_from_the_checkpoint_without_using_a_retry() 
 }
 
 #[test]
+fn a_job_that_hangs_again_and_again_without_a_new_checkpoint_fails() {
+    let mut sim = Sim::new();
+    sim.node(n("a"));
+    let mut s = spec(2, 2);
+    s.progress_timeout_secs = Some(60);
+    let j = sim.submit(s);
+    let hang = |sim: &mut Sim| -> Vec<Event> {
+        sim.round();
+        sim.start_all(j);
+        let a1 = sim.attempt(j, 1);
+        sim.apply(Command::Stalled { job: j, attempts: vec![a1] }).unwrap()
+    };
+    let exit_all = |sim: &mut Sim| {
+        for i in 0..2 {
+            let attempt = sim.attempt(j, i);
+            sim.apply(Command::ShardExited {
+                attempt,
+                exit: ExitStatus { code: None, signal: Some(9) },
+                node_fault: false,
+                message: None,
+            })
+            .unwrap();
+        }
+    };
+    // Two hangs: restarts. A new checkpoint in between starts the count again.
+    hang(&mut sim);
+    exit_all(&mut sim);
+    hang(&mut sim);
+    let a0 = sim.attempt(j, 0);
+    sim.apply(Command::RecordCheckpoint { attempt: a0, step: 10, uri: "/ckpt/10".into() }).unwrap();
+    assert_eq!(sim.state.job(j).unwrap().stalls, 0, "a new checkpoint clears the count");
+    exit_all(&mut sim);
+    for _ in 0..2 {
+        hang(&mut sim);
+        exit_all(&mut sim);
+        assert_eq!(sim.job_state(j), JobState::Pending, "a restart");
+    }
+    // The third hang in a row from the same checkpoint: the job fails, saying why.
+    hang(&mut sim);
+    assert_eq!(sim.shard_state(j, 1), ShardState::Stopping(StopReason::Hung));
+    assert_eq!(sim.shard_state(j, 0), ShardState::Stopping(StopReason::Hung));
+    exit_all(&mut sim);
+    let job = sim.state.job(j).unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.message.as_deref(), Some("hung: no new step for 60 s, 3 times in a row without a new checkpoint"));
+    assert_eq!((job.failures, job.shards[0].restarts), (0, 4), "{job:?}");
+}
+
+#[test]
 fn gangs_whose_rank_0_share_a_node_get_rendezvous_ports_of_their_own() {
     let mut sim = Sim::new();
     let mut small = info(&n("a"));
