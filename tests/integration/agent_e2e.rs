@@ -735,6 +735,41 @@ fn pids_with(pattern: &str, var: &str) -> Vec<i32> {
         .collect()
 }
 
+/// Wait (up to `timeout`: importing torch takes a while on a busy machine) until shard 0 has a
+/// checkpoint at `step` or later; the job then.
+async fn checkpointed(addrs: &[String], id: u64, step: u64, timeout: Duration, agents: [&AgentProc; 2]) -> v1::Job {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let j = job(addrs, id).await;
+        if let Some(j) = j.filter(|j| j.shards[0].last_checkpoint.as_ref().is_some_and(|c| c.step >= step)) {
+            return j;
+        }
+        let [a, b] = agents;
+        assert!(Instant::now() < deadline, "no checkpoint at step {step}\n{}\n{}", a.log_tail(), b.log_tail());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Wait (up to `timeout`) until the job has succeeded; failing or running out of time fails the
+/// test with the agents' logs.
+async fn succeeded(addrs: &[String], id: u64, timeout: Duration, agents: [&AgentProc; 2]) -> v1::Job {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let j = job(addrs, id).await.expect("job");
+        if j.state == v1::JobState::Succeeded as i32 {
+            return j;
+        }
+        let [a, b] = agents;
+        assert!(
+            j.state != v1::JobState::Failed as i32 && Instant::now() < deadline,
+            "job {id} did not finish: {j:?}\n{}\n{}",
+            a.log_tail(),
+            b.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The real PyTorch DDP example: two ranks on two nodes rendezvous through the MASTER_ADDR and
 /// MASTER_PORT the agents set, train with gloo on CPU, checkpoint through the progress protocol,
 /// and when one rank is killed the gang restarts from rank 0's checkpoint and finishes.
@@ -776,15 +811,7 @@ async fn a_pytorch_ddp_gang_trains_on_two_nodes_and_resumes_after_a_rank_dies() 
     };
     let id = submit(&addrs, req).await;
     // Importing torch takes a while on a busy machine.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let before = loop {
-        let j = job(&addrs, id).await;
-        if let Some(j) = j.filter(|j| j.shards[0].last_checkpoint.as_ref().is_some_and(|c| c.step >= 20)) {
-            break j;
-        }
-        assert!(Instant::now() < deadline, "no checkpoint at step 20\n{}\n{}", a.log_tail(), b.log_tail());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let before = checkpointed(&addrs, id, 20, Duration::from_secs(120), [&a, &b]).await;
     assert_ne!(before.shards[0].node_name, before.shards[1].node_name, "one rank per node");
     let first_attempt = before.shards[1].attempt;
 
@@ -794,20 +821,7 @@ async fn a_pytorch_ddp_gang_trains_on_two_nodes_and_resumes_after_a_rank_dies() 
     for pid in victims {
         let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
     }
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let done = loop {
-        let j = job(&addrs, id).await.expect("job");
-        if j.state == v1::JobState::Succeeded as i32 {
-            break j;
-        }
-        assert!(
-            j.state != v1::JobState::Failed as i32 && Instant::now() < deadline,
-            "the DDP job did not finish: {j:?}\n{}\n{}",
-            a.log_tail(),
-            b.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let done = succeeded(&addrs, id, Duration::from_secs(180), [&a, &b]).await;
     assert!(done.shards[1].attempt > first_attempt, "rank 1 was not restarted: {done:?}");
     let ck = done.shards[0].last_checkpoint.clone().expect("a final checkpoint");
     assert_eq!(ck.step, 120, "{ck:?}");
@@ -900,15 +914,7 @@ async fn a_two_by_two_gang(mode: TwoByTwo) {
     let started = Instant::now();
     let id = submit(&addrs, req).await;
     // Six Python processes importing torch on a busy machine take a while.
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let before = loop {
-        let j = job(&addrs, id).await;
-        if let Some(j) = j.filter(|j| j.shards[0].last_checkpoint.as_ref().is_some_and(|c| c.step >= 20)) {
-            break j;
-        }
-        assert!(Instant::now() < deadline, "no checkpoint at step 20\n{}\n{}", a.log_tail(), b.log_tail());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let before = checkpointed(&addrs, id, 20, Duration::from_secs(300), [&a, &b]).await;
     assert_ne!(before.shards[0].node_name, before.shards[1].node_name, "one shard per node");
     let first_attempt = before.shards[1].attempt;
 
@@ -919,20 +925,7 @@ async fn a_two_by_two_gang(mode: TwoByTwo) {
     for pid in victims {
         let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
     }
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let done = loop {
-        let j = job(&addrs, id).await.expect("job");
-        if j.state == v1::JobState::Succeeded as i32 {
-            break j;
-        }
-        assert!(
-            j.state != v1::JobState::Failed as i32 && Instant::now() < deadline,
-            "the 2x2 job did not finish: {j:?}\n{}\n{}",
-            a.log_tail(),
-            b.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let done = succeeded(&addrs, id, Duration::from_secs(300), [&a, &b]).await;
     let took = started.elapsed();
     assert!(done.shards[1].attempt > first_attempt, "shard 1 was not restarted: {done:?}");
     let ck = done.shards[0].last_checkpoint.clone().expect("a final checkpoint");

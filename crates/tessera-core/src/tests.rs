@@ -161,6 +161,11 @@ impl Sim {
         let attempt = self.attempt(j, s);
         self.apply(Command::ShardExited { attempt, exit: ok(code), node_fault: false, message: None })
     }
+    /// The attempt's process was killed by `signal` (its stop ladder's, or someone's).
+    fn killed(&mut self, attempt: AttemptId, signal: i32) -> Vec<Event> {
+        let exit = ExitStatus { code: None, signal: Some(signal) };
+        self.apply(Command::ShardExited { attempt, exit, node_fault: false, message: None }).unwrap()
+    }
     fn start_all(&mut self, j: JobId) {
         let n = self.state.job(j).unwrap().shards.len() as u32;
         for s in 0..n {
@@ -274,13 +279,7 @@ fn lost_node_requeues_from_the_checkpoint_and_restarts_the_gang() {
     assert_eq!(sim.shard_state(j, 0), ShardState::Stopping(StopReason::GangRestart));
     let (out, _) = sim.round();
     assert!(out.plan.placements.is_empty(), "no partial gang while a rank is still stopping");
-    sim.apply(Command::ShardExited {
-        attempt: att0,
-        exit: ExitStatus { code: None, signal: Some(15) },
-        node_fault: false,
-        message: None,
-    })
-    .unwrap();
+    sim.killed(att0, 15);
     assert_eq!(sim.shard_state(j, 0), ShardState::Pending);
     assert_eq!(sim.state.job(j).unwrap().failures, 0, "infrastructure failures use no retry budget");
     let (_, ev) = sim.round();

@@ -117,13 +117,7 @@ fn cancelling_an_array_cancels_its_elements_and_creates_no_more() {
     for j in &placed {
         assert_eq!(sim.shard_state(*j, 0), ShardState::Stopping(StopReason::Cancelled));
         let attempt = sim.attempt(*j, 0);
-        sim.apply(Command::ShardExited {
-            attempt,
-            exit: ExitStatus { code: None, signal: Some(15) },
-            node_fault: false,
-            message: None,
-        })
-        .unwrap();
+        sim.killed(attempt, 15);
     }
     let p = sim.state.job(parent).unwrap();
     assert_eq!(p.state, JobState::Cancelled);

@@ -29,13 +29,7 @@ fn a_job_past_its_max_runtime_is_stopped_and_fails_with_time_limit() {
     // The shards end failed once their processes exit, and so does the job, saying why.
     for i in 0..2 {
         let a = sim.attempt(j, i);
-        sim.apply(Command::ShardExited {
-            attempt: a,
-            exit: ExitStatus { code: None, signal: Some(15) },
-            node_fault: false,
-            message: None,
-        })
-        .unwrap();
+        sim.killed(a, 15);
     }
     let job = sim.state.job(j).unwrap();
     assert_eq!(job.state, JobState::Failed);
@@ -110,13 +104,7 @@ fn a_stalled_rank_restarts_its_gang_from_the_checkpoint_without_using_a_retry() 
         .unwrap();
     assert_eq!(e.detail.as_deref(), Some("no new step for 600 s; stalled ranks: 1"));
     for a in [a0, a1] {
-        sim.apply(Command::ShardExited {
-            attempt: a,
-            exit: ExitStatus { code: None, signal: Some(9) },
-            node_fault: false,
-            message: None,
-        })
-        .unwrap();
+        sim.killed(a, 9);
     }
     let job = sim.state.job(j).unwrap();
     assert!(job.shards.iter().all(|s| s.state == ShardState::Pending), "requeued");
@@ -156,13 +144,7 @@ fn a_job_that_hangs_again_and_again_without_a_new_checkpoint_fails() {
     let exit_all = |sim: &mut Sim| {
         for i in 0..2 {
             let attempt = sim.attempt(j, i);
-            sim.apply(Command::ShardExited {
-                attempt,
-                exit: ExitStatus { code: None, signal: Some(9) },
-                node_fault: false,
-                message: None,
-            })
-            .unwrap();
+            sim.killed(attempt, 9);
         }
     };
     // Two hangs: restarts. A new checkpoint in between starts the count again.

@@ -28,13 +28,7 @@ fn a_gang_records_placements_starts_checkpoints_faults_losses_and_requeues() {
     // Rank 1's node is lost: rank 1 is requeued, rank 0 stopped for a gang restart.
     sim.now += 1000;
     sim.apply(Command::MarkNodeDown { node: b, reason: "no heartbeat for 10 s".into(), registration: None }).unwrap();
-    sim.apply(Command::ShardExited {
-        attempt: att0,
-        exit: ExitStatus { code: None, signal: Some(15) },
-        node_fault: false,
-        message: None,
-    })
-    .unwrap();
+    sim.killed(att0, 15);
     sim.round();
 
     let placed = |number| JobEventKind::Placed { number };
