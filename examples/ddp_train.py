@@ -77,6 +77,14 @@ def save_checkpoint(ckpt_dir, shard, step, model, optimizer):
     return "file://" + os.path.abspath(final)
 
 
+def say(line):
+    """Print one whole line with a single write. Under torchrun every worker of a node shares one
+    stdout pipe, and an unbuffered print() writes the text and the newline separately, so two
+    ranks' lines could run together; a write of under PIPE_BUF bytes to a pipe is atomic."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200)
@@ -103,10 +111,9 @@ def main():
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    print(
+    say(
         f"rank {rank}/{world} local_rank={local_rank} backend={backend} device={device} "
-        f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')} attempt={env.get('TESSERA_ATTEMPT', '1')}",
-        flush=True,
+        f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')} attempt={env.get('TESSERA_ATTEMPT', '1')}"
     )
 
     torch.manual_seed(1234)
@@ -121,7 +128,7 @@ def main():
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
-        print(f"resuming from step {step} ({resume_from})", flush=True)
+        say(f"resuming from step {step} ({resume_from})")
 
     gen = torch.Generator(device="cpu").manual_seed(rank * 7919 + step)
     while step < args.steps:
@@ -144,15 +151,15 @@ def main():
         if want_ckpt or want_stop or step % args.checkpoint_every == 0 or step == args.steps:
             if rank == 0:
                 record["checkpoint"] = save_checkpoint(ckpt_dir, shard, step, ddp, optimizer)
-                print(f"checkpoint step={step} {record['checkpoint']}", flush=True)
+                say(f"checkpoint step={step} {record['checkpoint']}")
             dist.barrier()
         report(progress_file, record)
         if want_stop:
-            print(f"SIGTERM at step {step}: checkpointed, exiting", flush=True)
+            say(f"SIGTERM at step {step}: checkpointed, exiting")
             dist.destroy_process_group()
             sys.exit(143)
 
-    print(f"done at step {step} loss={loss.item():.6f}", flush=True)
+    say(f"done at step {step} loss={loss.item():.6f}")
     dist.destroy_process_group()
 
 
