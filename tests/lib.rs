@@ -86,12 +86,18 @@ pub struct Proc {
     dir: PathBuf,
     args: Vec<String>,
     log_filter: &'static str,
+    /// Extra environment variables.
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 impl Proc {
     fn new(dir: &Path, args: Vec<String>, log_filter: &'static str) -> Proc {
-        let mut p = Proc { dir: dir.to_path_buf(), args, log_filter, child: None };
+        Proc::with_env(dir, args, log_filter, Vec::new())
+    }
+
+    fn with_env(dir: &Path, args: Vec<String>, log_filter: &'static str, env: Vec<(String, String)>) -> Proc {
+        let mut p = Proc { dir: dir.to_path_buf(), args, log_filter, env, child: None };
         p.restart();
         p
     }
@@ -108,6 +114,7 @@ impl Proc {
         let child = Command::new(tessera_bin())
             .args(&self.args)
             .env("TESSERA_LOG", self.log_filter)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log)
@@ -423,6 +430,18 @@ impl AgentProc {
     /// Start an agent named `name` with simulated `gpus` (like "8xH100-80GB"; empty: none)
     /// against `servers`; its attempts work in `<dir>/agent-<name>/`.
     pub fn start(name: &str, servers: &[String], gpus: &str, dir: &Path, extra: &[&str]) -> AgentProc {
+        AgentProc::start_with_env(name, servers, gpus, dir, extra, &[])
+    }
+
+    /// [`AgentProc::start`] with extra environment variables (object-store credentials, say).
+    pub fn start_with_env(
+        name: &str,
+        servers: &[String],
+        gpus: &str,
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> AgentProc {
         let work_dir = dir.join(format!("agent-{name}"));
         let http = format!("127.0.0.1:{}", free_port());
         let mut args = vec![
@@ -445,7 +464,8 @@ impl AgentProc {
             args.push("--insecure".into());
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        AgentProc { name: name.into(), http, proc: Proc::new(&work_dir, args, "info") }
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        AgentProc { name: name.into(), http, proc: Proc::with_env(&work_dir, args, "info", env) }
     }
 }
 
@@ -459,5 +479,108 @@ impl std::ops::Deref for AgentProc {
 impl std::ops::DerefMut for AgentProc {
     fn deref_mut(&mut self) -> &mut Proc {
         &mut self.proc
+    }
+}
+
+/// moto's S3 server (PyPI `moto[server]`) on 127.0.0.1, a real S3 API for checkpoint tests;
+/// killed on drop. Found at `TESSERA_MOTO_SERVER`, else `target/moto-venv/bin/moto_server`
+/// (where `.ci/run` installs it), else `moto_server` on the PATH.
+pub struct Moto {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    /// Holds its log.
+    dir: tempfile::TempDir,
+}
+
+impl Moto {
+    /// Start it without waiting for it to answer (importing moto takes many seconds on a busy
+    /// machine: start it first, set the rest up meanwhile, then [`Moto::create_bucket`] waits),
+    /// or `None` (after saying why) when it is not installed; with `TESSERA_REQUIRE_MOTO=1` a
+    /// missing server is a failure instead.
+    pub fn start() -> Option<Moto> {
+        let on_path = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).map(|d| d.join("moto_server")).collect::<Vec<_>>())
+            .unwrap_or_default();
+        let candidates = [std::env::var("TESSERA_MOTO_SERVER").ok().map(PathBuf::from)]
+            .into_iter()
+            .flatten()
+            .chain([workspace_root().join("target/moto-venv/bin/moto_server")])
+            .chain(on_path);
+        let Some(bin) = candidates.into_iter().find(|b| b.is_file()) else {
+            assert!(
+                std::env::var("TESSERA_REQUIRE_MOTO").as_deref() != Ok("1"),
+                "TESSERA_REQUIRE_MOTO=1 but moto_server was not found (pip install 'moto[server]')"
+            );
+            eprintln!("moto_server not found (pip install 'moto[server]', or set TESSERA_MOTO_SERVER): skipping");
+            return None;
+        };
+        let dir = tempfile::tempdir().expect("a directory for moto's log");
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("moto.log")).expect("moto's log");
+        let child = Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("start moto_server");
+        Some(Moto { child, endpoint: format!("http://127.0.0.1:{port}"), dir })
+    }
+
+    /// Wait until it answers.
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while self.http("GET", "/").is_err() {
+            let log = std::fs::read_to_string(self.dir.path().join("moto.log")).unwrap_or_default();
+            assert!(Instant::now() < deadline, "moto_server did not answer at {}:\n{log}", self.endpoint);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// One unsigned request (moto's server does not check signatures); the response body.
+    pub fn http(&self, method: &str, path: &str) -> std::io::Result<String> {
+        use std::io::{Read, Write};
+        let addr = self.endpoint.trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        let ok = head.lines().next().is_some_and(|l| l.contains(" 200 ") || l.contains(" 204 "));
+        if !ok {
+            return Err(std::io::Error::other(format!("{method} {path}: {}", head.lines().next().unwrap_or(""))));
+        }
+        Ok(body.to_string())
+    }
+
+    /// Create a bucket.
+    pub fn create_bucket(&self, bucket: &str) {
+        self.wait_ready();
+        self.http("PUT", &format!("/{bucket}")).expect("create the bucket");
+    }
+
+    /// The keys under `prefix` in `bucket`.
+    pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let body = self.http("GET", &format!("/{bucket}?list-type=2&prefix={prefix}")).expect("list the bucket");
+        body.split("<Key>").skip(1).filter_map(|k| k.split_once("</Key>").map(|(k, _)| k.to_string())).collect()
+    }
+
+    /// The credentials and endpoint an agent needs for it.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+        ]
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use tessera_proto::v1;
-use tessera_tests::{AgentProc, Cluster, channel, python_with, wait_for_leader, workspace_root};
+use tessera_tests::{AgentProc, Cluster, Moto, channel, python_with, wait_for_leader, workspace_root};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -586,6 +586,158 @@ async fn a_finished_job_s_whole_output_is_read_from_its_agent_after_leader_chang
     )
     .await;
     assert_eq!(err.iter().flat_map(|c| c.data.clone()).collect::<Vec<u8>>(), b"the-end\n");
+}
+
+/// Text without its terminal colour sequences (ESC [ ... m).
+fn plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
+
+/// The stdout of one attempt, from its agent's disk.
+fn attempt_stdout(c: &Cluster, agent: &str, id: u64, s: &v1::Shard) -> String {
+    let path = c.dir.path().join(format!("agent-{agent}")).join(format!(
+        "job-{id}/shard-{}/attempt-{}/stdout.log",
+        s.index,
+        s.attempt_id.unwrap_or(0)
+    ));
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Checkpoints in a real S3 API (moto's server): the agent copies each one from the shard's
+/// local directory and reports it only once it is in the bucket; a spot notice's checkpoint is
+/// in the bucket before the deadline; a host that dies with its disk takes nothing with it,
+/// because the next attempt downloads the checkpoint; old steps are pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_in_s3_outlive_their_host_and_a_spot_notice() {
+    use tessera_agent::cloud::fake::FakeAws;
+    let Some(moto) = Moto::start() else { return };
+    let Some((c, addrs, tr, _reaper)) = cluster_with_trainer().await else { return };
+    moto.create_bucket("ckpt");
+    let fake = FakeAws::start().await.expect("fake AWS metadata on 127.0.0.1");
+    let env = moto.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let endpoint = fake.endpoint();
+    let spot_args = ["--cloud", "aws", "--metadata-endpoint", &endpoint, "--checkpoint-keep", "2"];
+    let spot = AgentProc::start_with_env("gpu-spot", &addrs, "8xH100-80GB", c.dir.path(), &spot_args, &env);
+    registered(&addrs[0], "gpu-spot", &spot).await;
+    let mut b =
+        AgentProc::start_with_env("gpu-b", &addrs, "8xH100-80GB", c.dir.path(), &["--checkpoint-keep", "2"], &env);
+    registered(&addrs[0], "gpu-b", &b).await;
+
+    let mut req = train_job(&tr, 300, 0.05);
+    let spec = req.spec.as_mut().unwrap();
+    spec.checkpoint_dir = "s3://ckpt/runs".into();
+    spec.placement = Some(v1::Placement { spot: v1::SpotPolicy::Prefer as i32, ..Default::default() });
+    let id = submit(&addrs, req).await;
+    let prefix = format!("s3://ckpt/runs/job-{id}/shard-0/");
+    let in_s3 = |j: &v1::Job, after: u64| {
+        j.shards[0].last_checkpoint.as_ref().is_some_and(|ck| ck.step > after && ck.uri.starts_with(&prefix))
+    };
+    let first = wait_until(&addrs, id, "a checkpoint in S3", |j| in_s3(j, 10)).await;
+    assert_eq!(first.shards[0].node_name, "gpu-spot");
+    let ck = first.shards[0].last_checkpoint.clone().unwrap();
+    // What the servers hold is in the bucket, under the job, shard, step and attempt.
+    let key = ck.uri.trim_start_matches("s3://ckpt/");
+    assert!(
+        key.ends_with(&format!("-{}/ckpt-shard0-step{:08}.json", first.shards[0].attempt_id.unwrap(), ck.step)),
+        "{key}"
+    );
+    assert!(moto.keys("ckpt", key).contains(&key.to_string()), "{key} is not in the bucket");
+
+    // AWS posts the two-minute warning: the shard checkpoints, the copy lands before the
+    // deadline, and the shard moves to gpu-b, which downloads it.
+    fake.post_instance_action("terminate", &rfc3339_in(120));
+    let moved = wait_until(&addrs, id, "running on gpu-b", |j| {
+        j.shards[0].node_name == "gpu-b" && j.shards[0].state == v1::ShardState::Running as i32
+    })
+    .await;
+    let out = attempt_stdout(&c, "gpu-spot", id, &first.shards[0]);
+    assert!(out.contains("checkpoint requested"), "the shard was not asked to checkpoint at the notice:\n{out}");
+    let margin = plain(&spot.log())
+        .lines()
+        .rev()
+        .filter(|l| l.contains("before the spot deadline"))
+        .find_map(|l| l.split("spot_margin_ms=").nth(1)?.split_whitespace().next()?.parse::<i64>().ok());
+    let margin = margin.unwrap_or_else(|| panic!("no checkpoint copied after the notice:\n{}", spot.log_tail()));
+    assert!(margin > 60_000, "the notice gave 120 s; the copy left {margin} ms");
+    eprintln!("SPOT_CHECKPOINT_MARGIN_MS {margin}");
+    let resumed = wait_until(&addrs, id, "gpu-b's attempt resumed and checkpointed to S3", |j| {
+        let attempt = j.shards[0].attempt_id.unwrap_or(0);
+        j.shards[0].last_checkpoint.as_ref().is_some_and(|ck| ck.uri.contains(&format!("-{attempt}/")))
+    })
+    .await;
+    let out = attempt_stdout(&c, "gpu-b", id, &moved.shards[0]);
+    let local = c
+        .dir
+        .path()
+        .join(format!("agent-gpu-b/job-{id}/shard-0/attempt-{}/resume/", moved.shards[0].attempt_id.unwrap()));
+    assert!(
+        out.contains("resuming from step") && out.contains(&local.display().to_string()),
+        "gpu-b's attempt did not resume from a downloaded copy in {}:\n{out}",
+        local.display()
+    );
+    assert!(b.log().contains("checkpoint downloaded"), "{}", b.log_tail());
+
+    // gpu-b dies with its disk (kill -9 of the agent and its shard, then its directory wiped),
+    // and a third host takes over: the checkpoint it resumes from can only come from S3.
+    let _c3 =
+        AgentProc::start_with_env("gpu-c", &addrs, "8xH100-80GB", c.dir.path(), &["--checkpoint-keep", "2"], &env);
+    registered(&addrs[0], "gpu-c", &_c3).await;
+    let step_before = resumed.shards[0].last_checkpoint.as_ref().unwrap().step;
+    b.kill();
+    for pid in pids_with(&tr, &format!("TESSERA_JOB_ID={id}")) {
+        let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    std::fs::remove_dir_all(c.dir.path().join("agent-gpu-b")).expect("wipe gpu-b's disk");
+    let third = wait_until(&addrs, id, "running on gpu-c", |j| {
+        j.shards[0].node_name == "gpu-c" && j.shards[0].state == v1::ShardState::Running as i32
+    })
+    .await;
+    let done = succeeded_within(&addrs, id, Duration::from_secs(120)).await;
+    let out = attempt_stdout(&c, "gpu-c", id, &third.shards[0]);
+    let resumed_at: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("resuming from step ")?.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("gpu-c's attempt did not resume:\n{out}"));
+    assert!(resumed_at >= step_before, "resumed at {resumed_at}, before the durable step {step_before}");
+    assert!(out.contains("/resume/"), "{out}");
+    let last = done.shards[0].last_checkpoint.clone().unwrap();
+    assert_eq!(last.step, 300);
+    assert!(last.uri.starts_with(&prefix), "{last:?}");
+
+    // Keep-last-2: only the newest two steps of the shard are left in the bucket.
+    let keys = moto.keys("ckpt", &format!("runs/job-{id}/shard-0/"));
+    let steps: std::collections::BTreeSet<&str> =
+        keys.iter().filter_map(|k| k.split('/').nth(3)?.split('-').next()).collect();
+    assert_eq!(steps.len(), 2, "{keys:?}");
+    assert!(steps.contains(format!("{:012}", 300).as_str()), "{keys:?}");
+}
+
+/// Wait until the job succeeded.
+async fn succeeded_within(addrs: &[String], id: u64, timeout: Duration) -> v1::Job {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(j) = job(addrs, id).await
+            && j.state == v1::JobState::Succeeded as i32
+        {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "job {id} did not succeed: {:?}", job(addrs, id).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn rfc3339_in(secs: u64) -> String {

@@ -20,6 +20,7 @@ use tessera_proto::v1::server_message::Payload as Out;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::checkpoint::{Remote, Stores, Target, UploadEvent, Uploader};
 use crate::gpu::{GpuEventKind, GpuSource};
 use crate::protocol::{Action, Protocol, SessionEnd};
 use crate::shard::{ExitInfo, LaunchMode, LaunchSpec, Shard};
@@ -85,6 +86,11 @@ pub struct AgentConfig {
     /// TLS with the agent's certificate (naming `tessera://agent/<name>`), or plain
     /// (`--insecure`).
     pub security: tessera_tls::Security,
+    /// Object-store clients for jobs whose `checkpoint_dir` is an `s3://`, `az://` or `gs://`
+    /// URL (see [`crate::checkpoint`]).
+    pub checkpoint_stores: Stores,
+    /// Steps of each shard kept in the object store; older ones are deleted after an upload.
+    pub checkpoint_keep: usize,
 }
 
 struct Running {
@@ -95,6 +101,30 @@ struct Running {
     shard_index: u32,
     gpus: Vec<u32>,
     last_checkpoint_step: Option<u64>,
+    /// For a job whose checkpoints go to an object store: the worker copying them. Dropped at
+    /// the exit, after the last checkpoints are queued.
+    uploads: Option<Uploader>,
+}
+
+/// An attempt that exited while its checkpoints were still being copied to the object store:
+/// its exit is reported once the copies are done (or given up), so that the servers re-place
+/// it from the newest durable checkpoint. Until then it is still running as the servers see it.
+struct Held {
+    running: Running,
+    exit: ExitInfo,
+}
+
+/// An assigned attempt whose checkpoint is being downloaded before it starts.
+struct Preparing {
+    job_id: u64,
+    shard_index: u32,
+    task: tokio::task::AbortHandle,
+}
+
+/// A download finished: start the attempt with the local copy, or report why not.
+struct Prepared {
+    assignment: v1::AssignShard,
+    result: Result<(std::path::PathBuf, u64, Duration), String>,
 }
 
 /// The agent's state across sessions.
@@ -117,6 +147,17 @@ pub struct Agent {
     last_sweep: Option<Instant>,
     /// Last progress of attempts that exited since the previous heartbeat (sent with it once).
     final_progress: Vec<v1::AttemptProgress>,
+    /// Attempts that exited with checkpoint copies still under way.
+    held: BTreeMap<u64, Held>,
+    /// Attempts downloading their checkpoint before they start.
+    preparing: BTreeMap<u64, Preparing>,
+    prepared_tx: mpsc::UnboundedSender<Prepared>,
+    prepared_rx: mpsc::UnboundedReceiver<Prepared>,
+    upload_tx: mpsc::UnboundedSender<UploadEvent>,
+    upload_rx: mpsc::UnboundedReceiver<UploadEvent>,
+    /// The deadline of the latest spot notice (Unix ms), to report each checkpoint copied
+    /// before it with its margin.
+    spot_deadline_ms: Option<u64>,
     /// What the metrics endpoint shows.
     pub metrics: Arc<AgentMetrics>,
 }
@@ -137,6 +178,17 @@ pub struct AgentMetrics {
     pub progress_lines_rejected: AtomicU64,
     /// Per GPU: processes using it that belong to no shard (from the per-process query).
     pub foreign: std::sync::Mutex<BTreeMap<u32, usize>>,
+    /// Checkpoints copied to an object store, and their bytes.
+    pub checkpoint_uploads: AtomicU64,
+    pub checkpoint_upload_bytes: AtomicU64,
+    /// Failed tries to copy a checkpoint (each retried with backoff, or given up).
+    pub checkpoint_upload_failures: AtomicU64,
+    /// Checkpoints downloaded before an attempt started, and their bytes.
+    pub checkpoint_downloads: AtomicU64,
+    pub checkpoint_download_bytes: AtomicU64,
+    /// Seconds between the last checkpoint copied after a spot notice and the notice's
+    /// deadline (negative: after it), in milliseconds; 0 until there is one.
+    pub spot_checkpoint_margin_ms: std::sync::atomic::AtomicI64,
 }
 
 impl AgentMetrics {
@@ -170,6 +222,41 @@ impl AgentMetrics {
             "Malformed progress lines of the running attempts.",
             self.progress_lines_rejected.load(Ordering::Relaxed),
         );
+        one(
+            "tessera_agent_checkpoint_uploads_total",
+            "counter",
+            "Checkpoints copied to an object store.",
+            self.checkpoint_uploads.load(Ordering::Relaxed),
+        );
+        one(
+            "tessera_agent_checkpoint_upload_bytes_total",
+            "counter",
+            "Bytes of checkpoints copied to an object store.",
+            self.checkpoint_upload_bytes.load(Ordering::Relaxed),
+        );
+        one(
+            "tessera_agent_checkpoint_upload_failures_total",
+            "counter",
+            "Failed tries to copy a checkpoint to an object store.",
+            self.checkpoint_upload_failures.load(Ordering::Relaxed),
+        );
+        one(
+            "tessera_agent_checkpoint_downloads_total",
+            "counter",
+            "Checkpoints downloaded from an object store before an attempt started.",
+            self.checkpoint_downloads.load(Ordering::Relaxed),
+        );
+        one(
+            "tessera_agent_checkpoint_download_bytes_total",
+            "counter",
+            "Bytes of checkpoints downloaded from an object store.",
+            self.checkpoint_download_bytes.load(Ordering::Relaxed),
+        );
+        let margin = self.spot_checkpoint_margin_ms.load(Ordering::Relaxed);
+        out.push_str(&format!(
+            "# HELP tessera_agent_spot_checkpoint_margin_seconds Time left before the spot notice's deadline when the last checkpoint after it was durable.\n# TYPE tessera_agent_spot_checkpoint_margin_seconds gauge\ntessera_agent_spot_checkpoint_margin_seconds {}\n",
+            margin as f64 / 1000.0
+        ));
         if let Ok(f) = self.foreign.lock()
             && !f.is_empty()
         {
@@ -190,6 +277,7 @@ fn registration(
     gpus: &dyn GpuSource,
     running: &BTreeMap<u64, Running>,
     finished: &BTreeMap<u64, (u64, u32)>,
+    waiting: &BTreeMap<u64, (u64, u32)>,
 ) -> v1::Register {
     v1::Register {
         name: cfg.name.clone(),
@@ -223,7 +311,7 @@ fn registration(
                 pid: r.shard.pid(),
                 started_unix_ms: 0,
             })
-            .chain(finished.iter().map(|(id, (job, shard))| v1::RunningAttempt {
+            .chain(finished.iter().chain(waiting.iter()).map(|(id, (job, shard))| v1::RunningAttempt {
                 attempt_id: *id,
                 job_id: *job,
                 shard_index: *shard,
@@ -329,6 +417,8 @@ impl Agent {
         let (exit_tx, exit_rx) = mpsc::unbounded_channel();
         let (fault_tx, fault_rx) = mpsc::unbounded_channel();
         let (notice_tx, notice_rx) = mpsc::unbounded_channel();
+        let (prepared_tx, prepared_rx) = mpsc::unbounded_channel();
+        let (upload_tx, upload_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             core: Mutex::new(Protocol::new(cfg.servers.clone(), Instant::now())),
             shards: Mutex::new(BTreeMap::new()),
@@ -344,6 +434,13 @@ impl Agent {
             fault_rx,
             last_sweep: None,
             final_progress: Vec::new(),
+            held: BTreeMap::new(),
+            preparing: BTreeMap::new(),
+            prepared_tx,
+            prepared_rx,
+            upload_tx,
+            upload_rx,
+            spot_deadline_ms: None,
             notice_tx,
             ack_tx: None,
             notice_rx,
@@ -377,6 +474,9 @@ impl Agent {
     }
 
     fn spot_notice(&mut self, n: crate::cloud::Notice) {
+        if n.deadline_unix_ms > 0 {
+            self.spot_deadline_ms = Some(n.deadline_unix_ms);
+        }
         for r in self.running.values() {
             r.shard.checkpoint_now();
         }
@@ -445,16 +545,43 @@ impl Agent {
         while let Ok((attempt, exit)) = self.exit_rx.try_recv() {
             self.exited(attempt, exit);
         }
+        while let Ok(e) = self.upload_rx.try_recv() {
+            self.upload_event(e);
+        }
+        while let Ok(p) = self.prepared_rx.try_recv() {
+            self.prepared(p);
+        }
     }
 
     fn exited(&mut self, attempt: u64, exit: ExitInfo) {
-        if let Some(r) = self.running.remove(&attempt) {
+        if let Some(mut r) = self.running.remove(&attempt) {
             for g in &r.gpus {
                 self.gpus.set_busy(*g, false);
             }
+            self.shared.shards().remove(&attempt);
+            if let Some(uploads) = r.uploads.take() {
+                // The last checkpoints go to the worker, and the exit waits for their copies:
+                // the next attempt must resume from the newest durable one.
+                for (step, uri) in r.shard.new_checkpoints() {
+                    if r.last_checkpoint_step.is_none_or(|s| step >= s) {
+                        r.last_checkpoint_step = Some(step);
+                        uploads.push(step, uri);
+                    }
+                }
+                drop(uploads);
+                tracing::info!(attempt, "shard exited: its exit is reported once its checkpoints are copied");
+                self.held.insert(attempt, Held { running: r, exit });
+                return;
+            }
+            self.report_exit(attempt, r, exit);
+        }
+    }
+
+    /// Report an exit, after the attempt's last output and checkpoints.
+    fn report_exit(&mut self, attempt: u64, mut r: Running, exit: ExitInfo) {
+        {
             // Output and checkpoints written before the exit go first: after it the attempt is
             // not live.
-            let mut r = r;
             let mut reports = log_chunks(attempt, &r.shard, &mut r.log_offsets, LOG_FINAL_BYTES);
             for (step, uri) in r.shard.new_checkpoints() {
                 if r.last_checkpoint_step.is_none_or(|s| step >= s) {
@@ -472,12 +599,94 @@ impl Agent {
                 (None, Some(s)) => Some(v1::shard_exited::Termination::Signal(s)),
                 _ => None,
             };
-            self.shared.shards().remove(&attempt);
             let mut core = self.shared.core();
             for report in reports {
                 core.queue(report);
             }
             core.exited(attempt, r.job_id, r.shard_index, termination);
+        }
+    }
+
+    /// What an attempt's upload worker says.
+    fn upload_event(&mut self, e: UploadEvent) {
+        let m = &self.metrics;
+        match e {
+            UploadEvent::Durable { attempt, step, uri, bytes, took } => {
+                m.checkpoint_uploads.fetch_add(1, Ordering::Relaxed);
+                m.checkpoint_upload_bytes.fetch_add(bytes, Ordering::Relaxed);
+                let now_ms = unix_ms();
+                match self.spot_deadline_ms {
+                    Some(deadline) => {
+                        let margin = deadline as i64 - now_ms as i64;
+                        m.spot_checkpoint_margin_ms.store(margin, Ordering::Relaxed);
+                        tracing::info!(attempt, step, %uri, bytes, took_ms = took.as_millis() as u64, spot_margin_ms = margin,
+                            "checkpoint durable in the object store before the spot deadline");
+                    }
+                    None => tracing::info!(attempt, step, %uri, bytes, took_ms = took.as_millis() as u64,
+                        "checkpoint durable in the object store"),
+                }
+                if self.running.contains_key(&attempt) || self.held.contains_key(&attempt) {
+                    self.queue(In::CheckpointReport(v1::CheckpointReport {
+                        attempt_id: attempt,
+                        step,
+                        uri,
+                        reported_unix_ms: now_ms,
+                    }));
+                }
+            }
+            UploadEvent::Failed { attempt, step, try_number, error, retry_in } => {
+                m.checkpoint_upload_failures.fetch_add(1, Ordering::Relaxed);
+                match retry_in {
+                    Some(wait) => {
+                        tracing::warn!(attempt, step, try_number, %error, retry_in_ms = wait.as_millis() as u64,
+                        "checkpoint copy to the object store failed; retrying")
+                    }
+                    None => tracing::error!(attempt, step, try_number, %error,
+                        "checkpoint copy to the object store failed; giving up on this checkpoint (it is not reported)"),
+                }
+            }
+            UploadEvent::Pruned { attempt, objects } => {
+                tracing::debug!(
+                    attempt,
+                    objects,
+                    keep = self.cfg.checkpoint_keep,
+                    "old checkpoints deleted from the object store"
+                );
+            }
+            UploadEvent::Done { attempt } => {
+                if let Some(h) = self.held.remove(&attempt) {
+                    self.report_exit(attempt, h.running, h.exit);
+                }
+            }
+        }
+    }
+
+    /// A checkpoint download ended: start the attempt from the local copy, or report why not.
+    fn prepared(&mut self, p: Prepared) {
+        let attempt = p.assignment.attempt_id;
+        // Stopped or forgotten while it downloaded: already reported, or not to be.
+        let Some(prep) = self.preparing.remove(&attempt) else { return };
+        if self.shared.core().is_fenced(attempt) {
+            // No leader answered while it downloaded: it must not start now.
+            self.shared.core().exited(attempt, prep.job_id, prep.shard_index, None);
+            return;
+        }
+        match p.result {
+            Ok((path, bytes, took)) => {
+                self.metrics.checkpoint_downloads.fetch_add(1, Ordering::Relaxed);
+                self.metrics.checkpoint_download_bytes.fetch_add(bytes, Ordering::Relaxed);
+                let from = p.assignment.resume_from.clone().unwrap_or_default();
+                tracing::info!(attempt, %from, to = %path.display(), bytes, took_ms = took.as_millis() as u64,
+                    "checkpoint downloaded");
+                let mut a = p.assignment;
+                a.resume_from = Some(path.to_string_lossy().into_owned());
+                self.launch(a);
+            }
+            Err(e) => {
+                let from = p.assignment.resume_from.unwrap_or_default();
+                tracing::warn!(attempt, %from, error = %e, "checkpoint download failed");
+                self.shared.core().start_failed(attempt, format!("could not download the checkpoint {from}: {e}"));
+            }
         }
     }
 
@@ -518,7 +727,14 @@ impl Agent {
         };
         let (tx, out) = mpsc::channel::<v1::AgentMessage>(1024);
         let finished = self.shared.core().finished().clone();
-        let reg = registration(&self.cfg, self.gpus.as_ref(), &self.running, &finished);
+        // Attempts still copying checkpoints, or downloading one, run as far as the servers know.
+        let waiting: BTreeMap<u64, (u64, u32)> = self
+            .held
+            .iter()
+            .map(|(id, h)| (*id, (h.running.job_id, h.running.shard_index)))
+            .chain(self.preparing.iter().map(|(id, p)| (*id, (p.job_id, p.shard_index))))
+            .collect();
+        let reg = registration(&self.cfg, self.gpus.as_ref(), &self.running, &finished, &waiting);
         let reg = self.shared.core().register(reg);
         let _ = tx.send(reg).await;
         let mut client = v1::agent_service_client::AgentServiceClient::new(channel);
@@ -573,6 +789,15 @@ impl Agent {
                 // work only once they know.
                 Some((attempt, exit)) = self.exit_rx.recv() => {
                     self.exited(attempt, exit);
+                    self.shared.core().flush()
+                }
+                // A durable checkpoint is reported at once too; so is a start after a download.
+                Some(e) = self.upload_rx.recv() => {
+                    self.upload_event(e);
+                    self.shared.core().flush()
+                }
+                Some(p) = self.prepared_rx.recv() => {
+                    self.prepared(p);
                     self.shared.core().flush()
                 }
                 msg = inbound.message() => {
@@ -631,8 +856,16 @@ impl Agent {
                     if let Some(r) = self.running.get(&attempt) {
                         let shard = r.shard.clone();
                         tokio::spawn(async move { shard.stop().await });
+                        Vec::new()
+                    } else if let Some(p) = self.preparing.remove(&attempt) {
+                        // Nothing runs yet: end the download and report the stop at once.
+                        p.task.abort();
+                        let mut core = self.shared.core();
+                        core.exited(attempt, p.job_id, p.shard_index, Some(v1::shard_exited::Termination::Signal(15)));
+                        core.flush()
+                    } else {
+                        Vec::new()
                     }
-                    Vec::new()
                 }
                 Action::Forget { attempts } => {
                     // The scheduler no longer runs these here (they may run elsewhere): kill at
@@ -643,6 +876,10 @@ impl Agent {
                                 self.gpus.set_busy(*g, false);
                             }
                             r.shard.kill_now();
+                        }
+                        self.held.remove(&id);
+                        if let Some(p) = self.preparing.remove(&id) {
+                            p.task.abort();
                         }
                         self.shared.shards().remove(&id);
                     }
@@ -709,6 +946,63 @@ impl Agent {
     }
 
     fn assign(&mut self, a: v1::AssignShard) {
+        // Resuming from an object store: download first, start when it is here.
+        if let Some(uri) = a.resume_from.as_deref() {
+            match Remote::parse(uri) {
+                Ok(Some(remote)) => return self.prepare(a, remote),
+                Ok(None) => {}
+                Err(e) => {
+                    let message = format!("resume_from: {e}");
+                    return self.shared.core().start_failed(a.attempt_id, message);
+                }
+            }
+        }
+        self.launch(a);
+    }
+
+    /// Download the checkpoint an attempt resumes from into its directory, in the background.
+    fn prepare(&mut self, a: v1::AssignShard, remote: Remote) {
+        let attempt = a.attempt_id;
+        let from = a.resume_from.clone().unwrap_or_default();
+        let store = match self.cfg.checkpoint_stores.get(&remote) {
+            Ok(s) => s,
+            Err(e) => {
+                let message = format!("could not download the checkpoint {from}: {e}");
+                return self.shared.core().start_failed(attempt, message);
+            }
+        };
+        let dest = crate::shard::attempt_dir(&self.cfg.work_dir, a.job_id, a.shard_index, attempt).join("resume");
+        let dest = std::path::absolute(&dest).unwrap_or(dest);
+        tracing::info!(attempt, %from, to = %dest.display(), "downloading the checkpoint before starting");
+        self.shared.core().preparing(attempt);
+        let (job_id, shard_index) = (a.job_id, a.shard_index);
+        let tx = self.prepared_tx.clone();
+        let task = tokio::spawn(async move {
+            let t0 = Instant::now();
+            let result = crate::checkpoint::download(store.as_ref(), &remote, &dest)
+                .await
+                .map(|(path, bytes)| (path, bytes, t0.elapsed()))
+                .map_err(|e| e.to_string());
+            let _ = tx.send(Prepared { assignment: a, result });
+        });
+        self.preparing.insert(attempt, Preparing { job_id, shard_index, task: task.abort_handle() });
+    }
+
+    /// Start an attempt.
+    fn launch(&mut self, a: v1::AssignShard) {
+        // An object-store checkpoint directory: the process writes into its own local one, and
+        // the agent copies each checkpoint it reports.
+        let (checkpoint_dir, remote) = match Remote::parse(&a.checkpoint_dir) {
+            Ok(Some(r)) => match self.cfg.checkpoint_stores.get(&r) {
+                Ok(store) => (None, Some((r, store))),
+                Err(e) => {
+                    let message = format!("checkpoint_dir {}: {e}", a.checkpoint_dir);
+                    return self.shared.core().start_failed(a.attempt_id, message);
+                }
+            },
+            Ok(None) => ((!a.checkpoint_dir.is_empty()).then(|| a.checkpoint_dir.clone()), None),
+            Err(e) => return self.shared.core().start_failed(a.attempt_id, e.to_string()),
+        };
         let launch = a.launch.unwrap_or_default();
         let spec = LaunchSpec {
             job_id: a.job_id,
@@ -731,7 +1025,7 @@ impl Agent {
                 // Unspecified, PROCESS, or a mode this agent does not know: one process.
                 _ => LaunchMode::Process,
             },
-            checkpoint_dir: (!a.checkpoint_dir.is_empty()).then_some(a.checkpoint_dir),
+            checkpoint_dir,
             resume_from: a.resume_from,
             checkpoint_signal: a.checkpoint_signal,
             checkpoint_grace: Duration::from_millis(a.checkpoint_grace_ms),
@@ -743,8 +1037,20 @@ impl Agent {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         };
+        let base = std::path::absolute(spec.workdir()).unwrap_or_else(|_| spec.workdir()).join("checkpoints");
         match Shard::spawn(spec) {
             Ok(shard) => {
+                let uploads = remote.map(|(remote, store)| {
+                    let target = Target {
+                        remote,
+                        base,
+                        job: a.job_id,
+                        shard: a.shard_index,
+                        attempt: a.attempt_id,
+                        keep: self.cfg.checkpoint_keep,
+                    };
+                    Uploader::start(store, target, self.upload_tx.clone())
+                });
                 let shard = Arc::new(shard);
                 for g in &a.gpus {
                     self.gpus.set_busy(*g, true);
@@ -768,6 +1074,7 @@ impl Agent {
                         shard_index: a.shard_index,
                         gpus: a.gpus,
                         last_checkpoint_step: None,
+                        uploads,
                     },
                 );
             }
@@ -787,6 +1094,11 @@ impl Agent {
             for (step, uri) in r.shard.new_checkpoints() {
                 if r.last_checkpoint_step.is_none_or(|s| step >= s) {
                     r.last_checkpoint_step = Some(step);
+                    if let Some(uploads) = &r.uploads {
+                        // Reported once it is durable in the object store.
+                        uploads.push(step, uri);
+                        continue;
+                    }
                     reports.push(In::CheckpointReport(v1::CheckpointReport {
                         attempt_id: *id,
                         step,
@@ -889,4 +1201,9 @@ impl Agent {
             running_attempt_ids: self.running.keys().copied().collect(),
         }
     }
+}
+
+/// Now, Unix milliseconds (for reports and the spot margin; decisions never read it).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

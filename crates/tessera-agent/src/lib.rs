@@ -6,10 +6,14 @@
 //! - [`protocol`]: the stream protocol as a pure state machine (no IO, no clock): the outbox,
 //!   sequence numbers and acks, the fence, heartbeat timing, reconnect waits, the stop ladder's
 //!   timing. It answers with actions.
+//! - [`checkpoint`]: checkpoints in object stores (S3, Azure Blob, GCS): copied from the
+//!   attempt's local directory in the background and reported only once durable; downloaded
+//!   before a resumed attempt starts; old steps pruned.
 //! - [`agent`]: the IO loop that drives [`protocol`]: the stream to the leader, registration,
 //!   heartbeats with telemetry and progress, assignments and stops, self-fencing.
 
 pub mod agent;
+pub mod checkpoint;
 pub mod cloud;
 pub mod gpu;
 pub mod protocol;

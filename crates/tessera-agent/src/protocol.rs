@@ -432,11 +432,24 @@ impl Protocol {
     /// An assigned attempt started: report it, and fence it if the leader goes silent.
     pub fn started(&mut self, attempt: u64, pid: u32) {
         self.queue(In::ShardStarted(v1::ShardStarted { attempt_id: attempt, pid, ..Default::default() }));
-        self.running.insert(attempt, Attempt { fenced: false });
+        self.running.entry(attempt).or_insert(Attempt { fenced: false });
+    }
+
+    /// An assigned attempt is getting ready to start (its checkpoint is downloading): it can be
+    /// stopped, and the fence covers it, before it has started.
+    pub fn preparing(&mut self, attempt: u64) {
+        self.running.entry(attempt).or_insert(Attempt { fenced: false });
+    }
+
+    /// Whether the fence has fired for this attempt (an attempt still preparing must then not
+    /// start).
+    pub fn is_fenced(&self, attempt: u64) -> bool {
+        self.running.get(&attempt).is_some_and(|a| a.fenced)
     }
 
     /// An assigned attempt could not start: report it as exit code 127.
     pub fn start_failed(&mut self, attempt: u64, message: String) {
+        self.running.remove(&attempt);
         self.queue(In::ShardExited(v1::ShardExited {
             attempt_id: attempt,
             termination: Some(v1::shard_exited::Termination::ExitCode(127)),

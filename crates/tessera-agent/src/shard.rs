@@ -137,10 +137,7 @@ pub struct LaunchSpec {
 impl LaunchSpec {
     /// `<work_root>/job-<id>/shard-<index>/attempt-<attempt_id>`.
     pub fn workdir(&self) -> PathBuf {
-        self.work_root
-            .join(format!("job-{}", self.job_id))
-            .join(format!("shard-{}", self.shard_index))
-            .join(format!("attempt-{}", self.attempt_id))
+        attempt_dir(&self.work_root, self.job_id, self.shard_index, self.attempt_id)
     }
 
     /// How many processes the attempt starts: one per GPU in per-GPU mode (one without
@@ -494,6 +491,11 @@ async fn wait_all(children: Vec<tokio::process::Child>, pgid: Pid, marker: &[u8]
         last = info;
     }
     first_failure.unwrap_or(last)
+}
+
+/// An attempt's working directory under the agent's `work_root`.
+pub fn attempt_dir(work_root: &Path, job: u64, shard: u32, attempt: u64) -> PathBuf {
+    work_root.join(format!("job-{job}")).join(format!("shard-{shard}")).join(format!("attempt-{attempt}"))
 }
 
 /// `TESSERA_PROGRESS_FILE=<path>`, as it stands in the environment of the attempt's processes.

@@ -471,6 +471,8 @@ impl Cluster {
                 log_retention: std::time::Duration::from_secs(7 * 86_400),
                 rendezvous_ports: None,
                 security: load_tls(&certs, &format!("agent-{}", plan.name))?,
+                checkpoint_stores: tessera_agent::checkpoint::Stores::default(),
+                checkpoint_keep: 3,
             };
             let (kill_tx, kill_rx) = oneshot::channel();
             let (dead_tx, dead_rx) = oneshot::channel();

@@ -131,6 +131,12 @@ struct AgentArgs {
     /// Connect without TLS, to servers started with --insecure.
     #[arg(long)]
     insecure: bool,
+    /// Steps of each shard's checkpoints kept in the object store when a job's checkpoint_dir
+    /// is an s3://, az:// or gs:// URL; older ones are deleted after each upload. Credentials
+    /// and endpoints come from the standard environment (AWS_*, with AWS_ENDPOINT_URL for an
+    /// S3-compatible store; AZURE_*; GOOGLE_*).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    checkpoint_keep: u32,
 }
 
 /// Flags override the config file; the config file overrides defaults.
@@ -417,6 +423,8 @@ fn agent(a: AgentArgs) -> ExitCode {
         log_retention,
         rendezvous_ports,
         security,
+        checkpoint_stores: tessera_agent::checkpoint::Stores::new(a.metadata_endpoint.clone()),
+        checkpoint_keep: a.checkpoint_keep as usize,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,

@@ -485,3 +485,41 @@ fn the_stop_ladder_ends_once_the_shard_exited() {
     // Over for good.
     assert_eq!(l.next(t0 + ms(200), false), None);
 }
+
+#[test]
+fn an_attempt_downloading_its_checkpoint_can_be_stopped_and_fenced_before_it_starts() {
+    let t0 = Instant::now();
+    let mut p = registered(t0);
+    let assign = v1::AssignShard { attempt_id: 7, job_id: 2, ..Default::default() };
+    assert_eq!(p.on_message(msg(Out::AssignShard(assign)), t0).len(), 1);
+    p.preparing(7);
+    // Nothing is reported while it prepares, but a stop reaches it.
+    assert!(p.flush().is_empty());
+    let stop = msg(Out::StopShard(v1::StopShard { attempt_id: 7, ..Default::default() }));
+    assert_eq!(p.on_message(stop, t0), vec![Action::Stop { attempt: 7 }]);
+    // The fence covers it; once fenced it stays fenced when it is started.
+    assert!(!p.is_fenced(7));
+    assert_eq!(p.check_fence(t0 + ms(3000)), vec![Action::Fence { attempts: vec![7] }]);
+    assert!(p.is_fenced(7));
+    p.started(7, 100);
+    assert!(p.is_fenced(7), "starting must not clear the fence");
+    p.exited(7, 2, 0, None);
+    let out = sent(&p.flush());
+    let Some((_, In::ShardExited(e))) = out.last() else { panic!("expected an exit: {out:?}") };
+    assert!(e.node_fault);
+}
+
+#[test]
+fn a_download_that_fails_reports_exit_127_and_leaves_nothing_running() {
+    let t0 = Instant::now();
+    let mut p = registered(t0);
+    p.preparing(8);
+    assert!(p.is_running(8));
+    p.start_failed(8, "could not download the checkpoint s3://b/k: 404".into());
+    assert!(!p.is_running(8));
+    let out = sent(&p.flush());
+    let [(_, In::ShardExited(e))] = out.as_slice() else { panic!("expected one exit: {out:?}") };
+    assert_eq!(e.termination, Some(v1::shard_exited::Termination::ExitCode(127)));
+    // Nothing left to fence, so the host can be acknowledged idle once the exit is.
+    assert!(p.check_fence(t0 + ms(10_000)).is_empty());
+}
