@@ -597,12 +597,13 @@ fn check_pod(what: &str, pod: &Value, claims: &[&str], config_maps: &BTreeMap<St
         .collect();
     for v in pod["volumes"].as_array().into_iter().flatten() {
         if !v["secret"].is_null() {
-            let mode = v["secret"]["defaultMode"]
-                .as_u64()
-                .unwrap_or_else(|| panic!("{what}: {} sets no defaultMode", v["name"]));
-            // YAML 1.1 (Kubernetes) reads 0400 as octal; a YAML 1.2 reader gives 400.
-            let octal =
-                if mode > 0o777 { u64::from_str_radix(&mode.to_string(), 8).expect("octal digits") } else { mode };
+            // Kubernetes reads YAML 1.1, where 0440 is octal; this reader leaves a number with a
+            // leading zero as its text. Without the zero it would be decimal: 440 is 0o670.
+            let mode = &v["secret"]["defaultMode"];
+            let text = mode.as_str().map(str::to_string).or_else(|| mode.as_u64().map(|n| n.to_string()));
+            let text = text.unwrap_or_else(|| panic!("{what}: {} sets no defaultMode", v["name"]));
+            assert!(text.starts_with('0'), "{what}: defaultMode {text} is not octal (write 0400)");
+            let octal = u64::from_str_radix(&text, 8).unwrap_or_else(|_| panic!("{what}: defaultMode {text}"));
             assert_eq!(octal & 0o037, 0, "{what}: secret volume {} mode {octal:o} lets others read keys", v["name"]);
         }
     }
