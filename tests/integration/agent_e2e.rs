@@ -588,6 +588,63 @@ async fn a_finished_job_s_whole_output_is_read_from_its_agent_after_leader_chang
     assert_eq!(err.iter().flat_map(|c| c.data.clone()).collect::<Vec<u8>>(), b"the-end\n");
 }
 
+/// A leader frozen (SIGSTOP, as a paused VM or container) for 8 s, well past the election and
+/// fence timeouts, restarts no shard: the agents leave its silent connections and register
+/// with its successor inside their fence, and once it resumes it judges no one on the silence
+/// it slept through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_frozen_for_eight_seconds_restarts_no_shard() {
+    let Some((c, addrs, tr, _reaper)) = cluster_with_trainer().await else { return };
+    let a = AgentProc::start("gpu-a", &addrs, "8xH100-80GB", c.dir.path(), &[]);
+    let b = AgentProc::start("gpu-b", &addrs, "8xH100-80GB", c.dir.path(), &[]);
+    registered(&addrs[0], "gpu-a", &a).await;
+    registered(&addrs[0], "gpu-b", &b).await;
+    let mut req = train_job(&tr, 100_000, 0.05);
+    let spec = req.spec.as_mut().unwrap();
+    spec.shards = 2;
+    spec.resources = Some(v1::Resources { gpus: 8, ..Default::default() });
+    let id = submit(&addrs, req).await;
+    let before = wait_until(&addrs, id, "both shards running", |j| {
+        j.shards.iter().all(|s| s.state == v1::ShardState::Running as i32)
+    })
+    .await;
+    let leader = wait_for_leader(&addrs, T).await.expect("leader");
+    let frozen = &c.servers[&leader];
+    let others: Vec<String> = addrs.iter().filter(|a| **a != frozen.addr).cloned().collect();
+    frozen.signal("STOP");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    frozen.signal("CONT");
+    // Time for the resumed server to hear of its successor, and for any verdict to land.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = job(&others, id).await.expect("the job");
+    for (s0, s1) in before.shards.iter().zip(&after.shards) {
+        assert_eq!(
+            (s1.attempt_id, s1.state),
+            (s0.attempt_id, v1::ShardState::Running as i32),
+            "shard {} was restarted or stopped:\n{}\n{}\n{}",
+            s0.index,
+            a.log_tail(),
+            b.log_tail(),
+            c.logs()
+        );
+    }
+    for name in ["gpu-a", "gpu-b"] {
+        let node = get_node(&others[0], name).await.expect("node");
+        assert_eq!(node.state, v1::NodeState::Ready as i32, "{name} is not ready: {node:?}");
+    }
+    for agent in [&a, &b] {
+        assert!(
+            !agent.log().contains("killing every shard"),
+            "{} fenced its shards:\n{}",
+            agent.name,
+            agent.log_tail()
+        );
+    }
+    let new_leader = wait_for_leader(&others, T).await.expect("a leader");
+    assert_ne!(new_leader, leader, "the frozen leader was not replaced");
+    assert!(!frozen.log().contains("marking node down"), "the deposed leader judged nodes:\n{}", frozen.log_tail());
+}
+
 /// Text without its terminal colour sequences (ESC [ ... m).
 fn plain(text: &str) -> String {
     let mut out = String::with_capacity(text.len());

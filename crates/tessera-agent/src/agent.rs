@@ -782,7 +782,7 @@ impl Agent {
             return end;
         }
         loop {
-            let due = tokio::time::Instant::from_std(self.shared.core().next_heartbeat());
+            let due = tokio::time::Instant::from_std(self.shared.core().next_wake());
             let actions = tokio::select! {
                 _ = tokio::time::sleep_until(due) => self.shared.core().tick(Instant::now()),
                 // An exit is reported at once, not at the next heartbeat: the servers re-place
@@ -811,9 +811,10 @@ impl Agent {
             };
             if let Some(end) = self.perform(&tx, actions).await {
                 if end == SessionEnd::Silent {
-                    // Every message is acknowledged: three silent heartbeats mean a dead
-                    // connection (a crashed host or a partition without a reset).
-                    tracing::warn!(%addr, "no acknowledgement for three heartbeats; reconnecting");
+                    // Every message is acknowledged: silence means a dead or frozen far end (a
+                    // crashed host, a paused leader, a partition without a reset).
+                    let silence_ms = self.shared.core().silence_limit().as_millis() as u64;
+                    tracing::warn!(%addr, silence_ms, "no acknowledgement within the silence limit; reconnecting");
                 }
                 return end;
             }

@@ -10,8 +10,9 @@
 //! - the attempts running here and those whose exit is not acknowledged yet (registration lists
 //!   both), and the attempt ids started here (an attempt never runs twice);
 //! - liveness: the last acknowledgement, the fence timeout (nothing acknowledged for that long
-//!   while shards run: [`Action::Fence`], once per silence), the heartbeat schedule, and three
-//!   silent heartbeat intervals ending the session;
+//!   while shards run: [`Action::Fence`], once per silence), the heartbeat schedule, and a
+//!   silence of half the fence ending the session (a frozen leader is left while there is time
+//!   to find its successor);
 //! - the choice of the next server, leader hints, and the waits between tries (doubling with
 //!   jitter, capped well inside the fence);
 //! - Azure Scheduled Events waiting for every shard to stop and every report to be acknowledged.
@@ -34,7 +35,8 @@ pub const DEFAULT_FENCE: Duration = Duration::from_secs(3);
 pub const MIN_FENCE: Duration = Duration::from_secs(1);
 /// The shortest heartbeat interval the agent accepts from a leader.
 pub const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
-/// Heartbeat intervals without any acknowledgement after which a session is taken for dead.
+/// Heartbeat intervals without any acknowledgement after which a session is taken for dead, at
+/// most (see [`Protocol::silence_limit`]).
 pub const SILENT_HEARTBEATS: u32 = 3;
 /// The first wait after every server has failed once; it doubles up to [`MAX_BACKOFF`].
 pub const BASE_BACKOFF: Duration = Duration::from_millis(100);
@@ -92,8 +94,8 @@ pub enum SessionEnd {
     NoLeader,
     /// A registered session broke (the leader died or stepped down): try the next server now.
     Broken,
-    /// Nothing was acknowledged for [`SILENT_HEARTBEATS`] heartbeat intervals: a dead
-    /// connection (a crashed host, a partition without a reset). Handled like `Broken`.
+    /// Nothing was acknowledged for [`Protocol::silence_limit`]: a dead or frozen far end (a
+    /// crashed host, a paused leader, a partition without a reset). Handled like `Broken`.
     Silent,
 }
 
@@ -300,9 +302,26 @@ impl Protocol {
         self.next_heartbeat
     }
 
+    /// How long a session may go without any acknowledgement before it is taken for dead:
+    /// [`SILENT_HEARTBEATS`] intervals, but never more than half the fence. A leader that froze
+    /// keeps its connections open (its kernel still answers TCP), so only this silence shows it;
+    /// the agent must leave it, and find the new leader, well before its fence kills the shards.
+    /// With the defaults (1 s heartbeats, 3 s fence): 1.5 s.
+    pub fn silence_limit(&self) -> Duration {
+        (self.heartbeat * SILENT_HEARTBEATS).min(self.fence / 2).max(self.heartbeat)
+    }
+
+    /// When [`Self::tick`] next has something to do: the next heartbeat, or the end of a silence.
+    pub fn next_wake(&self) -> Instant {
+        self.next_heartbeat.min(self.last_ack + self.silence_limit() + Duration::from_millis(1))
+    }
+
     /// Time passed in a session: [`Action::Heartbeat`] when one is due. Heartbeats keep to
     /// their schedule: one late by several intervals is followed by the missed ones at once.
     pub fn tick(&mut self, now: Instant) -> Vec<Action> {
+        if now.saturating_duration_since(self.last_ack) > self.silence_limit() {
+            return vec![Action::End(SessionEnd::Silent)];
+        }
         if now < self.next_heartbeat {
             return Vec::new();
         }
@@ -311,11 +330,11 @@ impl Protocol {
     }
 
     /// Send a heartbeat: first the reports queued since the last send, then the heartbeat;
-    /// then, if nothing was acknowledged for [`SILENT_HEARTBEATS`] intervals, end the session
+    /// then, if nothing was acknowledged for [`Self::silence_limit`], end the session
     /// (every message is acknowledged, so silence means a dead connection).
     pub fn heartbeat(&mut self, hb: v1::Heartbeat, now: Instant) -> Vec<Action> {
         let mut actions = self.answer(In::Heartbeat(hb));
-        if now.saturating_duration_since(self.last_ack) > self.heartbeat * SILENT_HEARTBEATS {
+        if now.saturating_duration_since(self.last_ack) > self.silence_limit() {
             actions.push(Action::End(SessionEnd::Silent));
         }
         actions

@@ -42,6 +42,10 @@ pub enum ProposeError {
     /// No leader is known right now (an election is running); retry shortly.
     #[error("no leader is known; retry")]
     NoLeader,
+    /// A leader-only proposal ([`RaftNode::propose_as_leader`]) on a server that is not the
+    /// leader.
+    #[error("this server is not the leader")]
+    NotLeader,
     /// The entry did not apply in time. It may still apply later: the outcome is unknown.
     #[error("timed out before the entry was applied; the outcome is unknown")]
     Timeout,
@@ -327,6 +331,19 @@ impl<S: LogStore, M: StateMachine> RaftNode<S, M> {
             Err(raft::Error::ProposalDropped) => respond(Err(ProposeError::NoLeader)),
             Err(e) => respond(Err(ProposeError::Invalid(e.to_string()))),
         }
+    }
+
+    /// Propose an entry only if this server is the leader now; otherwise fail at once with
+    /// [`ProposeError::NotLeader`] instead of forwarding it. For judgements only a leader may
+    /// make from what it alone has seen (an agent's silence): a deposed leader, resuming from a
+    /// freeze before it has heard of its successor, must not have its stale verdicts committed
+    /// by the new leader. A proposal it makes while it still believes it leads stays in its
+    /// own log under its old term, which the new leader overwrites.
+    pub fn propose_as_leader(&mut self, data: Vec<u8>, respond: Responder<M::Output>) {
+        if self.raw.raft.state != StateRole::Leader {
+            return respond(Err(ProposeError::NotLeader));
+        }
+        self.propose(data, respond);
     }
 
     /// Propose a membership change; followers forward it to the leader. `address` travels with

@@ -436,3 +436,26 @@ fn membership_add_a_learner_promote_it_and_remove_the_leader() {
     assert_eq!(net.nodes[&4].status().voters.len(), 3, "{:?} removed {leader}", net.nodes[&4].status());
     net.assert_converged();
 }
+
+#[test]
+fn a_leader_only_proposal_fails_on_a_follower_and_applies_on_the_leader() {
+    let mut net = Net::new(3, 1000);
+    let leader = net.elect();
+    let follower = *net.nodes.keys().find(|id| **id != leader).unwrap();
+    let on_follower: Outcome = Arc::new(Mutex::new(None));
+    let o = on_follower.clone();
+    net.nodes
+        .get_mut(&follower)
+        .unwrap()
+        .propose_as_leader(b"verdict".to_vec(), Box::new(move |r| *o.lock().unwrap() = Some(r)));
+    // At once, and nothing was forwarded: it never applies anywhere.
+    assert_eq!(done(&on_follower), Some(Err(ProposeError::NotLeader)));
+    let on_leader: Outcome = Arc::new(Mutex::new(None));
+    let o = on_leader.clone();
+    net.nodes
+        .get_mut(&leader)
+        .unwrap()
+        .propose_as_leader(b"verdict".to_vec(), Box::new(move |r| *o.lock().unwrap() = Some(r)));
+    net.run(3);
+    assert!(matches!(done(&on_leader), Some(Ok(_))), "{:?}", done(&on_leader));
+}

@@ -31,14 +31,33 @@ use crate::context::{Shared, now};
 use crate::hub::Routed;
 pub use crate::hub::{AgentHub, AgentTimeouts};
 
+/// A pause of the liveness loop this long means the server was frozen or starved.
+const FROZEN_GAP: Duration = Duration::from_secs(1);
+
 /// Watches liveness on the leader and proposes overdue nodes down.
 pub async fn liveness_loop(shared: Arc<Shared>) {
     let mut was_leader = false;
     let mut ticks = 0u64;
+    let mut last_round = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         ticks += 1;
+        let gap = last_round.elapsed();
+        last_round = Instant::now();
         let leader = shared.raft.status().role == StateRole::Leader;
+        if leader && was_leader && gap >= FROZEN_GAP {
+            // This loop did not run for a while: the process was frozen (a paused VM or
+            // container, SIGSTOP) or starved. The agents' heartbeats went unread meanwhile, and
+            // a successor may have been elected: judge no one on that silence. Count afresh
+            // from now, as a new leader does; if this server was deposed it hears so shortly,
+            // and its verdicts could not commit anyway (`write_as_leader`).
+            tracing::warn!(
+                gap_ms = gap.as_millis() as u64,
+                "liveness loop resumed after a gap: judging agents afresh from now"
+            );
+            shared.agents.forgive();
+            continue;
+        }
         if leader != was_leader {
             // A new leader knows nothing of the agents yet: they reconnect, and it counts from
             // the moment it took office.
@@ -93,7 +112,7 @@ pub async fn liveness_loop(shared: Arc<Shared>) {
             metrics::counter!("tessera_nodes_marked_down_total").increment(1);
             // Refused if the agent registered again after this verdict: it is back.
             let registration = up.iter().find(|(n, ..)| *n == node).map(|(_, r, _)| *r);
-            if shared.write(&Command::MarkNodeDown { node, reason, registration }).await.is_ok()
+            if shared.write_as_leader(&Command::MarkNodeDown { node, reason, registration }).await.is_ok()
                 && let Ok(mut s) = shared.agents.sessions.lock()
             {
                 s.remove(&node);
@@ -159,7 +178,12 @@ async fn enforce_limits(shared: &Shared) {
         due.push(Command::Stalled { job, attempts });
     }
     for cmd in due {
-        match shared.write(&cmd).await {
+        // A stall is judged from this leader's own view of the heartbeats: only it may say so.
+        let written = match &cmd {
+            Command::Stalled { .. } => shared.write_as_leader(&cmd).await,
+            _ => shared.write(&cmd).await,
+        };
+        match written {
             Ok(_) => tracing::info!(command = cmd.kind(), "limit enforced"),
             Err(e) => tracing::debug!(command = cmd.kind(), error = %e.message(), "limit not enforced"),
         }

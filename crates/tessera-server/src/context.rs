@@ -141,6 +141,21 @@ impl Shared {
         }
     }
 
+    /// Propose a judgement only a leader may make, from what it alone has seen (an agent's
+    /// silence, a shard's stalled progress): once, here, and only while this server leads.
+    /// Never forwarded, so a leader deposed while frozen cannot have its stale verdicts
+    /// committed by its successor (see [`tessera_raft::node::RaftNode::propose_as_leader`]).
+    pub async fn write_as_leader(&self, cmd: &Command) -> Result<Vec<Event>, Status> {
+        match self.raft.propose_as_leader(encode_entry(cmd, now())).await.map_err(unavailable)? {
+            Outcome::Applied(events) => {
+                self.plan_now.notify_one();
+                Ok(events)
+            }
+            Outcome::Rejected(r) => Err(rejection_to_status(&r)),
+            Outcome::Undecodable(m) => Err(Status::internal(m)),
+        }
+    }
+
     /// Wait until a leader is known (a proposal made then reaches it), at most until
     /// `deadline`; false when the deadline came first. At least a short pause, so that a
     /// status not yet updated cannot spin the caller.

@@ -204,6 +204,25 @@ impl AgentHub {
         self.addresses.lock().ok().and_then(|a| a.get(&node).cloned())
     }
 
+    /// Forget the silence seen so far: every session counts as heard from now, and this leader's
+    /// time in office starts now (nodes without a session get a full node-down timeout).
+    pub(crate) fn forgive(&self) {
+        let now = Instant::now();
+        if let Ok(mut s) = self.sessions.lock() {
+            for session in s.values_mut() {
+                session.last_seen = now;
+                if session.closed_at.is_some() {
+                    session.closed_at = Some(now);
+                }
+            }
+        }
+        if let Ok(mut l) = self.leader_since.lock()
+            && l.is_some()
+        {
+            *l = Some(now);
+        }
+    }
+
     /// Nodes to propose down now, given the nodes the state holds as not down (with when each
     /// first registered) and the time now.
     ///
@@ -296,6 +315,23 @@ mod tests {
         hub.open(new, String::new());
         let down: Vec<NodeId> = hub.overdue(&up, later).into_iter().map(|(n, _)| n).collect();
         assert_eq!(down, vec![old]);
+    }
+
+    #[test]
+    fn forgiving_clears_the_silence_seen_while_frozen() {
+        let hub = hub_in_office_for(60);
+        let (talking, closed, absent) = (NodeId(1), NodeId(2), NodeId(3));
+        hub.open(talking, String::new());
+        hub.open(closed, String::new());
+        let long_ago = Instant::now() - Duration::from_secs(30);
+        if let Ok(mut s) = hub.sessions.lock() {
+            s.get_mut(&talking).unwrap().last_seen = long_ago;
+            s.get_mut(&closed).unwrap().closed_at = Some(long_ago);
+        }
+        let up = [talking, closed, absent].map(|n| (n, Timestamp(NOW.0 - 60_000)));
+        assert_eq!(hub.overdue(&up, NOW).len(), 3, "all three look overdue after the freeze");
+        hub.forgive();
+        assert!(hub.overdue(&up, NOW).is_empty(), "{:?}", hub.overdue(&up, NOW));
     }
 
     #[test]

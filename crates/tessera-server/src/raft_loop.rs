@@ -23,6 +23,8 @@ pub type Node = RaftNode<ServerStore, ServerSm>;
 pub enum Request {
     /// Propose a log entry.
     Propose(Vec<u8>, Responder<Outcome>),
+    /// Propose a log entry only as the leader (never forwarded).
+    ProposeAsLeader(Vec<u8>, Responder<Outcome>),
     /// Propose a membership change.
     ConfChange(ConfChangeType, u64, String, Responder<Outcome>),
     /// A linearizable read.
@@ -63,6 +65,15 @@ impl RaftHandle {
     pub async fn propose(&self, data: Vec<u8>) -> Result<Outcome, ProposeError> {
         let (tx, rx) = oneshot::channel();
         self.send(Request::Propose(data, Box::new(move |r| drop(tx.send(r)))))
+            .map_err(|_| ProposeError::Storage("the Raft thread has stopped".into()))?;
+        rx.await.unwrap_or(Err(ProposeError::Storage("the Raft thread has stopped".into())))
+    }
+
+    /// Propose an entry only if this server leads now, and wait for it to apply; a follower
+    /// fails at once with [`ProposeError::NotLeader`] rather than forwarding it.
+    pub async fn propose_as_leader(&self, data: Vec<u8>) -> Result<Outcome, ProposeError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Request::ProposeAsLeader(data, Box::new(move |r| drop(tx.send(r)))))
             .map_err(|_| ProposeError::Storage("the Raft thread has stopped".into()))?;
         rx.await.unwrap_or(Err(ProposeError::Storage("the Raft thread has stopped".into())))
     }
@@ -263,6 +274,7 @@ fn run(
 fn handle(node: &mut Node, req: Request) -> bool {
     match req {
         Request::Propose(data, respond) => node.propose(data, respond),
+        Request::ProposeAsLeader(data, respond) => node.propose_as_leader(data, respond),
         Request::ConfChange(change, id, addr, respond) => {
             node.propose_conf_change(change, id, addr.into_bytes(), respond)
         }

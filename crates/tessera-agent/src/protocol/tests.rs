@@ -291,7 +291,9 @@ fn heartbeats_are_due_at_once_then_every_interval() {
     assert!(p.tick(t0 + ms(999)).is_empty());
     assert_eq!(p.next_heartbeat(), t0 + ms(1000));
     assert_eq!(p.tick(t0 + ms(1000)), vec![Action::Heartbeat]);
-    // Late by more than an interval: the missed ones follow at once, on the old schedule.
+    // Late by more than an interval: the missed ones follow at once, on the old schedule (the
+    // leader acknowledged something meanwhile, or the silence would end the session first).
+    p.on_message(ack(1), t0 + ms(3000));
     assert_eq!(p.tick(t0 + ms(3500)), vec![Action::Heartbeat]);
     assert_eq!(p.tick(t0 + ms(3500)), vec![Action::Heartbeat]);
     assert!(p.tick(t0 + ms(3500)).is_empty());
@@ -323,18 +325,35 @@ fn a_heartbeat_goes_after_the_queued_reports_and_is_not_kept() {
 }
 
 #[test]
-fn three_silent_heartbeat_intervals_end_the_session() {
+fn a_session_silent_for_half_the_fence_ends_between_heartbeats_too() {
     let t0 = Instant::now();
     let mut p = registered(t0);
-    assert!(ends(&p.heartbeat(v1::Heartbeat::default(), t0 + ms(3000))).is_empty(), "not more than 3 s yet");
-    assert_eq!(ends(&p.heartbeat(v1::Heartbeat::default(), t0 + ms(3001))), vec![SessionEnd::Silent]);
+    // 1 s heartbeats and a 3 s fence: 1.5 s of silence, well inside the fence.
+    assert_eq!(p.silence_limit(), ms(1500));
+    assert!(ends(&p.heartbeat(v1::Heartbeat::default(), t0 + ms(1500))).is_empty(), "not more than 1.5 s yet");
+    assert_eq!(ends(&p.heartbeat(v1::Heartbeat::default(), t0 + ms(1501))), vec![SessionEnd::Silent]);
     // An ack resets the count.
     p.on_message(ack(2), t0 + ms(2500));
-    assert!(ends(&p.heartbeat(v1::Heartbeat::default(), t0 + ms(5500))).is_empty());
+    assert!(ends(&p.heartbeat(v1::Heartbeat::default(), t0 + ms(4000))).is_empty());
     // The end comes after the heartbeat itself.
-    let actions = p.heartbeat(v1::Heartbeat::default(), t0 + ms(5501));
+    let actions = p.heartbeat(v1::Heartbeat::default(), t0 + ms(4001));
     assert!(matches!(actions.first(), Some(Action::SendOnce(_))));
     assert_eq!(actions.last(), Some(&Action::End(SessionEnd::Silent)));
+    // Between heartbeats, the session loop wakes at the end of the silence and a tick ends it.
+    let mut p = registered(t0);
+    p.tick(t0);
+    assert_eq!(p.next_wake(), t0 + ms(1000), "the next heartbeat comes first");
+    p.tick(t0 + ms(1000));
+    assert_eq!(p.next_wake(), t0 + ms(1501));
+    assert_eq!(p.tick(t0 + ms(1501)), vec![Action::End(SessionEnd::Silent)]);
+    // A long heartbeat interval is capped by the fence too; a short fence keeps one interval.
+    let mut p = Protocol::new(servers(1), t0);
+    p.next_address();
+    p.register(v1::Register::default());
+    p.registered(&registration(1000, 10_000), t0);
+    assert_eq!(p.silence_limit(), ms(3000), "three heartbeats when the fence is long");
+    p.registered(&registration(1000, 1000), t0);
+    assert_eq!(p.silence_limit(), ms(1000), "never under one heartbeat");
 }
 
 #[test]
