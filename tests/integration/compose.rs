@@ -111,6 +111,37 @@ impl Drop for Cluster {
     }
 }
 
+/// What an earlier run killed before its guard could run (Ctrl-C, SIGKILL) left behind:
+/// `tessera-test-PID` projects and `tessera-test:PID` images whose process is gone.
+fn remove_leftovers(compose: &[String], file: &Path) {
+    let listed = |args: &[&str]| -> Vec<String> {
+        Command::new("docker")
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect())
+            .unwrap_or_default()
+    };
+    let dead = |pid: &str| pid.parse::<u32>().is_ok_and(|p| !Path::new(&format!("/proc/{p}")).exists());
+    let mut projects = listed(&["ps", "-a", "--format", "{{.Label \"com.docker.compose.project\"}}"]);
+    projects.extend(listed(&["volume", "ls", "--format", "{{.Label \"com.docker.compose.project\"}}"]));
+    projects.sort();
+    projects.dedup();
+    for p in projects.iter().filter(|p| p.strip_prefix("tessera-test-").is_some_and(dead)) {
+        eprintln!("removing {p}, left behind by a run that was killed");
+        let _ = Command::new(&compose[0])
+            .args(&compose[1..])
+            .args(["-p", p, "-f"])
+            .arg(file)
+            .args(["down", "-v", "--remove-orphans", "--timeout", "1"])
+            .output();
+    }
+    for image in listed(&["images", "tessera-test", "--format", "{{.Repository}}:{{.Tag}}"]) {
+        if image.strip_prefix("tessera-test:").is_some_and(dead) {
+            let _ = Command::new("docker").args(["rmi", "-f", &image]).output();
+        }
+    }
+}
+
 /// `tessera ARGS -o json` from this host, as the admin, through the published ports (`-o json`
 /// goes before a `--` that starts a job's command).
 fn cli(certs: &Path, servers: &str, args: &[&str]) -> Result<Value, String> {
@@ -164,6 +195,8 @@ fn the_compose_cluster_runs_a_job_submitted_from_the_host() {
     let Some(compose) = compose_command(&target) else { return };
     let pid = std::process::id();
     let image = format!("tessera-test:{pid}");
+    let file = root.join("deploy/compose/compose.yaml");
+    remove_leftovers(&compose, &file);
 
     let t0 = Instant::now();
     let out = Command::new("bash")
@@ -187,7 +220,7 @@ fn the_compose_cluster_runs_a_job_submitted_from_the_host() {
     let cluster = Cluster {
         compose,
         project: format!("tessera-test-{pid}"),
-        file: root.join("deploy/compose/compose.yaml"),
+        file,
         image: image.clone(),
         env: env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
     };
