@@ -14,7 +14,7 @@
 # commit: no Dockerfile, no builder, no FROM to resolve).
 #
 # Usage: deploy/docker/build.sh [--bin PATH] [--tag IMAGE] [--s3-tag IMAGE] [--no-s3]
-#                               [--rebuild-s3] [--prepare]
+#                               [--rebuild-s3] [--prepare] [--offline]
 #   --bin PATH      the binary to put in (env TESSERA_BIN). Default target/release/tessera,
 #                   built with `cargo build --release -p tessera` if missing.
 #   --tag IMAGE     the image to write (env TESSERA_IMAGE, default tessera:dev).
@@ -23,6 +23,8 @@
 #   --rebuild-s3    build it even if it exists.
 #   --prepare       only the cached parts (root filesystem, base image, object store image): no
 #                   binary needed, so CI can run it while cargo builds.
+#   --offline       reach nothing outside this machine: if the root filesystem or the object
+#                   store's image would have to be made (Debian mirror, PyPI), say so and exit 3.
 # Env: TESSERA_DEBIAN_MIRROR (default: the first Debian mirror of /etc/apt), TESSERA_PIP_CERT
 # (a CA bundle for pip; default the system bundle when pip is configured with it).
 set -euo pipefail
@@ -36,6 +38,7 @@ S3_IMAGE=${TESSERA_S3_IMAGE:-tessera-s3:dev}
 BUILD_S3=1
 REBUILD_S3=0
 PREPARE=0
+OFFLINE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin) BIN=$2; shift 2 ;;
@@ -44,6 +47,7 @@ while [ $# -gt 0 ]; do
     --no-s3) BUILD_S3=0; shift ;;
     --rebuild-s3) REBUILD_S3=1; shift ;;
     --prepare) PREPARE=1; shift ;;
+    --offline) OFFLINE=1; shift ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build.sh: unknown argument '$1' (--help lists them)" >&2; exit 2 ;;
   esac
@@ -73,6 +77,15 @@ mirror() {
     awk '/^deb / && $0 !~ /security/ {for (i = 2; i <= NF; i++) if ($i ~ /^https?:/) {print $i; exit}}')
   echo "${m:-http://deb.debian.org/debian}"
 }
+
+if [ "$OFFLINE" = 1 ]; then
+  if [ ! -s "$ROOTFS_TAR" ] || { [ "$BUILD_S3" = 1 ] && ! docker image inspect "$S3_IMAGE" >/dev/null 2>&1; }; then
+    echo "build.sh: --offline: not prepared (no $ROOTFS_TAR or no $S3_IMAGE); run" \
+      "deploy/docker/build.sh --prepare first (it needs the Debian mirror and PyPI)" >&2
+    exit 3
+  fi
+  REBUILD_S3=0
+fi
 
 # ---- 1. The root filesystem tarball (cached) -----------------------------------------------
 if [ ! -s "$ROOTFS_TAR" ]; then
