@@ -5,6 +5,7 @@ mod agents;
 mod cli;
 mod cli_e2e;
 mod cluster;
+mod compose;
 mod deploy;
 mod dev;
 mod observability;
