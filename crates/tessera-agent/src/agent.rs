@@ -114,6 +114,19 @@ struct Held {
     exit: ExitInfo,
 }
 
+/// A session left for silence, kept open until the agent registers elsewhere or its fence has
+/// fired. The leader judges a node whose stream closed within a second (a dead agent's stream
+/// closes at once, and its shards should move fast), so a live agent must not close its
+/// stream while its shards may still run: a leader that is only slow, or one whose acks a
+/// one-way partition drops, would re-place them while they run here.
+struct Lingering {
+    _client: v1::agent_service_client::AgentServiceClient<tonic::transport::Channel>,
+    _tx: mpsc::Sender<v1::AgentMessage>,
+    _inbound: tonic::Streaming<v1::ServerMessage>,
+    /// When the fence has surely fired (or there were no shards to fence).
+    until: Instant,
+}
+
 /// An assigned attempt whose checkpoint is being downloaded before it starts.
 struct Preparing {
     job_id: u64,
@@ -158,6 +171,8 @@ pub struct Agent {
     /// The deadline of the latest spot notice (Unix ms), to report each checkpoint copied
     /// before it with its margin.
     spot_deadline_ms: Option<u64>,
+    /// The session last left for silence, still open (see [`Lingering`]).
+    lingering: Option<Lingering>,
     /// What the metrics endpoint shows.
     pub metrics: Arc<AgentMetrics>,
 }
@@ -441,6 +456,7 @@ impl Agent {
             upload_tx,
             upload_rx,
             spot_deadline_ms: None,
+            lingering: None,
             notice_tx,
             ack_tx: None,
             notice_rx,
@@ -516,6 +532,7 @@ impl Agent {
             }
         });
         loop {
+            self.end_lingering();
             let Some(addr) = self.shared.core().next_address() else {
                 tracing::error!("no server to connect to");
                 break;
@@ -690,11 +707,19 @@ impl Agent {
         }
     }
 
+    /// Close the session left for silence once the fence has surely fired.
+    fn end_lingering(&mut self) {
+        if self.lingering.as_ref().is_some_and(|l| Instant::now() >= l.until) {
+            self.lingering = None;
+        }
+    }
+
     /// Wait between tries, still collecting exits (the fence watchdog runs on its own).
     async fn pause(&mut self, d: Duration) {
         let until = Instant::now() + d;
         loop {
             self.collect_exits();
+            self.end_lingering();
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return;
@@ -753,6 +778,8 @@ impl Agent {
         let resend = match reply {
             Ok(Some(v1::ServerMessage { payload: Some(Out::Registered(r)) })) => {
                 tracing::info!(%addr, node = r.node_id, leader = r.leader_id, "registered");
+                // The new leader has us: the silent session may close now.
+                self.lingering = None;
                 // The fence counts from now; reports never acknowledged go again.
                 self.shared.core().registered(&r, Instant::now())
             }
@@ -815,6 +842,10 @@ impl Agent {
                     // crashed host, a paused leader, a partition without a reset).
                     let silence_ms = self.shared.core().silence_limit().as_millis() as u64;
                     tracing::warn!(%addr, silence_ms, "no acknowledgement within the silence limit; reconnecting");
+                    // Leave it open: closing it would tell that server we are gone while our
+                    // shards run on until the fence.
+                    let until = self.shared.core().fence_deadline() + Duration::from_millis(200);
+                    self.lingering = Some(Lingering { _client: client, _tx: tx, _inbound: inbound, until });
                 }
                 return end;
             }
