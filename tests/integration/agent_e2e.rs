@@ -617,14 +617,24 @@ async fn a_leader_frozen_for_eight_seconds_restarts_no_shard() {
     // Time for the resumed server to hear of its successor, and for any verdict to land.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let after = job(&others, id).await.expect("the job");
+    // On failure, what the agents did about their sessions (their logs are mostly progress).
+    let sessions = |agent: &AgentProc| -> String {
+        plain(&agent.log())
+            .lines()
+            .filter(|l| {
+                ["regist", "session", "silence", "fence", "leader", "unreachable"].iter().any(|w| l.contains(w))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     for (s0, s1) in before.shards.iter().zip(&after.shards) {
         assert_eq!(
             (s1.attempt_id, s1.state),
             (s0.attempt_id, v1::ShardState::Running as i32),
-            "shard {} was restarted or stopped:\n{}\n{}\n{}",
+            "shard {} was restarted or stopped:\n--- gpu-a ---\n{}\n--- gpu-b ---\n{}\n{}",
             s0.index,
-            a.log_tail(),
-            b.log_tail(),
+            sessions(&a),
+            sessions(&b),
             c.logs()
         );
     }

@@ -300,8 +300,8 @@ pub async fn download(
     tokio::fs::create_dir_all(dest).await.map_err(io(dest))?;
     let name_of = |key: &str| key.trim_end_matches('/').rsplit('/').next().unwrap_or("checkpoint").to_string();
     let key = remote.prefix.clone();
-    if key.is_empty() {
-        return Err(CheckpointError::Url(format!("{}: names no object", remote.uri(""))));
+    if key.is_empty() || key.split('/').any(|part| part == "." || part == "..") {
+        return Err(CheckpointError::Url(format!("{}: names no object", remote.uri(&key))));
     }
     // The URI as reported keeps a trailing '/' for a directory; `Remote::parse` trimmed it, so
     // look for objects under it first.
@@ -545,6 +545,9 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), big);
         let r10 = Remote::parse("s3://b/runs/x/job-7/shard-1/000000000010-42/s10.pt").unwrap().unwrap();
         assert!(download(&store, &r10, back.path()).await.is_err(), "step 10 was pruned");
+        // A URI that would climb out of the destination is refused.
+        let up = Remote::parse("s3://b/runs/..").unwrap().unwrap();
+        assert!(download(&store, &up, back.path()).await.unwrap_err().to_string().contains("names no object"));
     }
 
     #[tokio::test]

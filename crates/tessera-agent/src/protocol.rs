@@ -169,7 +169,18 @@ pub struct Protocol {
     redirects: usize,
     /// Sessions tried, registered or not.
     tries: u64,
+    /// The server of the session being tried or held.
+    current: Option<String>,
+    /// The server whose registered session went silent or broke: not tried again, even on a
+    /// follower's (stale) hint, until the agent has registered elsewhere or has skipped it
+    /// [`AVOID_SKIPS`] times. A frozen server still accepts TCP connections and then answers
+    /// nothing, so trying it again costs a whole connect limit, the fence's length.
+    avoid: Option<(String, usize)>,
 }
+
+/// How often the server just left is skipped before it may be tried again (it may have been
+/// only slow, and be the leader still).
+const AVOID_SKIPS: usize = 6;
 
 impl Protocol {
     /// A protocol that will try `servers` in turn, created at `now` (the fence counts from it).
@@ -194,6 +205,8 @@ impl Protocol {
             misses: 0,
             redirects: 0,
             tries: 0,
+            current: None,
+            avoid: None,
         }
     }
 
@@ -202,16 +215,30 @@ impl Protocol {
     /// The address to try next: a leader hint if one came, else the next server in turn.
     /// `None` only without servers.
     pub fn next_address(&mut self) -> Option<String> {
-        let addr = match self.redirect.take() {
+        let mut addr = match self.redirect.take() {
             Some(a) => a,
-            None => {
-                let a = self.servers.get(self.next_server % self.servers.len().max(1))?.clone();
-                self.next_server += 1;
-                a
-            }
+            None => self.next_in_turn()?,
         };
+        if let Some((avoided, skips)) = self.avoid.clone()
+            && avoided == addr
+            && skips < AVOID_SKIPS
+            && self.servers.len() > 1
+        {
+            self.avoid = Some((avoided.clone(), skips + 1));
+            addr = self.next_in_turn()?;
+            if addr == avoided {
+                addr = self.next_in_turn()?;
+            }
+        }
         self.tries += 1;
+        self.current = Some(addr.clone());
         Some(addr)
+    }
+
+    fn next_in_turn(&mut self) -> Option<String> {
+        let a = self.servers.get(self.next_server % self.servers.len().max(1))?.clone();
+        self.next_server += 1;
+        Some(a)
     }
 
     /// Whether the session being tried is not the agent's first (for the reconnect counter).
@@ -237,6 +264,7 @@ impl Protocol {
     /// again, in order.
     pub fn registered(&mut self, r: &v1::Registered, now: Instant) -> Vec<Action> {
         self.fence = Duration::from_millis(r.fence_timeout_ms).max(MIN_FENCE);
+        self.avoid = None;
         self.heartbeat = Duration::from_millis(r.heartbeat_interval_ms).max(MIN_HEARTBEAT);
         self.last_ack = now;
         self.next_heartbeat = now;
@@ -277,6 +305,7 @@ impl Protocol {
                 Duration::ZERO
             }
             SessionEnd::Broken | SessionEnd::Silent => {
+                self.avoid = self.current.clone().map(|a| (a, 0));
                 self.backoff = BASE_BACKOFF;
                 self.misses = 0;
                 self.redirects = 0;

@@ -542,3 +542,45 @@ fn a_download_that_fails_reports_exit_127_and_leaves_nothing_running() {
     // Nothing left to fence, so the host can be acknowledged idle once the exit is.
     assert!(p.check_fence(t0 + ms(10_000)).is_empty());
 }
+
+#[test]
+fn a_server_left_for_silence_is_not_tried_again_first_even_on_a_stale_hint() {
+    let t0 = Instant::now();
+    let mut p = Protocol::new(servers(3), t0);
+    // The first try is s0, which points at s1, the leader.
+    assert_eq!(p.next_address().as_deref(), Some("s0:7000"));
+    p.session_ended(SessionEnd::Redirect("s1:7000".into()), 0);
+    assert_eq!(p.next_address().as_deref(), Some("s1:7000"));
+    p.registered(&registration(1000, 3000), t0);
+    // s1 freezes: the session goes silent. In turn s1 would come next; it is skipped.
+    p.session_ended(SessionEnd::Silent, 0);
+    assert_eq!(p.next_address().as_deref(), Some("s2:7000"));
+    // s2 has not heard of the election yet and points back at s1: not followed either.
+    p.session_ended(SessionEnd::Redirect("s1:7000".into()), 0);
+    assert_eq!(p.next_address().as_deref(), Some("s0:7000"));
+    // Once registered elsewhere, s1 is an ordinary server again.
+    p.registered(&registration(1000, 3000), t0);
+    p.session_ended(SessionEnd::Redirect("s1:7000".into()), 0);
+    assert_eq!(p.next_address().as_deref(), Some("s1:7000"));
+}
+
+#[test]
+fn a_server_left_for_silence_is_tried_again_after_a_few_skips() {
+    let t0 = Instant::now();
+    let mut p = Protocol::new(servers(2), t0);
+    assert_eq!(p.next_address().as_deref(), Some("s0:7000"));
+    p.registered(&registration(1000, 3000), t0);
+    p.session_ended(SessionEnd::Silent, 0);
+    // It was only slow, and every other server points at it: after the skips it is tried.
+    let mut tried = Vec::new();
+    for _ in 0..8 {
+        let a = p.next_address().unwrap();
+        tried.push(a.clone());
+        if a == "s0:7000" {
+            break;
+        }
+        p.session_ended(SessionEnd::Redirect("s0:7000".into()), 0);
+    }
+    assert_eq!(tried.last().map(String::as_str), Some("s0:7000"), "{tried:?}");
+    assert!(tried.len() > 2, "{tried:?}");
+}
