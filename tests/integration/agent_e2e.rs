@@ -785,12 +785,20 @@ async fn checkpoints_in_s3_outlive_their_host_and_a_spot_notice() {
     assert_eq!(last.step, 300);
     assert!(last.uri.starts_with(&prefix), "{last:?}");
 
-    // Keep-last-2: only the newest two steps of the shard are left in the bucket.
-    let keys = moto.keys("ckpt", &format!("runs/job-{id}/shard-0/"));
-    let steps: std::collections::BTreeSet<&str> =
-        keys.iter().filter_map(|k| k.split('/').nth(3)?.split('-').next()).collect();
-    assert_eq!(steps.len(), 2, "{keys:?}");
-    assert!(steps.contains(format!("{:012}", 300).as_str()), "{keys:?}");
+    // Keep-last-2: once the servers have accepted the last checkpoint (pruning follows the
+    // acknowledgements, at the agent's next heartbeat), only the newest two steps are left.
+    let deadline = Instant::now() + T;
+    loop {
+        let keys = moto.keys("ckpt", &format!("runs/job-{id}/shard-0/"));
+        let steps: std::collections::BTreeSet<String> =
+            keys.iter().filter_map(|k| Some(k.split('/').nth(3)?.split('-').next()?.to_string())).collect();
+        if steps.len() == 2 {
+            assert!(steps.contains(&format!("{:012}", 300)), "{keys:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not pruned to two steps: {keys:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Wait until the job succeeded.

@@ -33,6 +33,8 @@ const LOG_FINAL_BYTES: u64 = 1024 * 1024;
 const LOG_RESEND_BYTES: u64 = 1024 * 1024;
 /// How often the agent looks for output past its retention.
 const LOG_SWEEP_EVERY: Duration = Duration::from_secs(600);
+/// Attempts whose checkpoints the agent still prunes as the servers accept newer ones.
+const PRUNABLE_KEPT: usize = 256;
 /// Most output sent in one answer to ReadLog.
 const LOG_READ_MAX_BYTES: u64 = 1024 * 1024;
 
@@ -173,6 +175,9 @@ pub struct Agent {
     spot_deadline_ms: Option<u64>,
     /// The session last left for silence, still open (see [`Lingering`]).
     lingering: Option<Lingering>,
+    /// Where recent attempts' checkpoints go, to prune them once the servers accept newer ones
+    /// (acks can come after the attempt is gone); the newest [`PRUNABLE_KEPT`].
+    prunable: BTreeMap<u64, (Arc<dyn object_store::ObjectStore>, Target)>,
     /// What the metrics endpoint shows.
     pub metrics: Arc<AgentMetrics>,
 }
@@ -457,6 +462,7 @@ impl Agent {
             upload_rx,
             spot_deadline_ms: None,
             lingering: None,
+            prunable: BTreeMap::new(),
             notice_tx,
             ack_tx: None,
             notice_rx,
@@ -707,6 +713,36 @@ impl Agent {
         }
     }
 
+    /// Prune each attempt's copies older than the newest `--checkpoint-keep` the servers have
+    /// accepted, in the background.
+    fn prune_checkpoints(&mut self) {
+        let acked = self.shared.core().take_acked_checkpoints();
+        let mut newest: BTreeMap<u64, u64> = BTreeMap::new();
+        for (attempt, step) in acked {
+            let s = newest.entry(attempt).or_default();
+            *s = (*s).max(step);
+        }
+        for (attempt, step) in newest {
+            let Some((store, target)) = self.prunable.get(&attempt).cloned() else { continue };
+            let events = self.upload_tx.clone();
+            tokio::spawn(async move {
+                let r = crate::checkpoint::prune(
+                    store.as_ref(),
+                    &target.remote,
+                    target.job,
+                    target.shard,
+                    target.keep,
+                    step,
+                );
+                match r.await {
+                    Ok(0) => {}
+                    Ok(objects) => drop(events.send(UploadEvent::Pruned { attempt, objects })),
+                    Err(e) => tracing::warn!(attempt, error = %e, "pruning old checkpoints failed"),
+                }
+            });
+        }
+    }
+
     /// Close the session left for silence once the fence has surely fired.
     fn end_lingering(&mut self) {
         if self.lingering.as_ref().is_some_and(|l| Instant::now() >= l.until) {
@@ -871,6 +907,7 @@ impl Agent {
                 }
                 Action::Heartbeat => {
                     self.sweep_logs();
+                    self.prune_checkpoints();
                     self.collect_exits();
                     let mut more = self.shared.core().idle_acks();
                     self.watch_progress_and_gpus();
@@ -1081,6 +1118,10 @@ impl Agent {
                         attempt: a.attempt_id,
                         keep: self.cfg.checkpoint_keep,
                     };
+                    self.prunable.insert(a.attempt_id, (store.clone(), target.clone()));
+                    while self.prunable.len() > PRUNABLE_KEPT {
+                        self.prunable.pop_first();
+                    }
                     Uploader::start(store, target, self.upload_tx.clone())
                 });
                 let shard = Arc::new(shard);

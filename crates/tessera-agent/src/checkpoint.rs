@@ -9,8 +9,9 @@
 //! Layout in the store, under the job's prefix:
 //! `job-<job>/shard-<shard>/<step, 12 digits>-<attempt>/<name>`, where `<name>` is the
 //! checkpoint's path relative to the attempt's local checkpoint directory (a file, or a
-//! directory uploaded file by file; its URI then ends with `/`). After each upload the shard's
-//! steps beyond the newest `keep` are deleted.
+//! directory uploaded file by file; its URI then ends with `/`). Each time the servers accept one, the
+//! shard's steps older than the newest `keep` that the servers have accepted are deleted (never one they
+//! may resume from: an agent cut off from them keeps uploading, but prunes nothing).
 //!
 //! Clients come from the `object_store` crate with the standard environment: `AWS_*`
 //! (`AWS_ENDPOINT_URL` for an S3-compatible store; plain HTTP is allowed only when that endpoint
@@ -254,7 +255,10 @@ async fn put_file(store: &dyn ObjectStore, key: &str, path: &Path) -> Result<u64
     Ok(n)
 }
 
-/// Delete the shard's checkpoints beyond the newest `keep` steps (by step, then attempt).
+/// Delete the shard's checkpoints older than the newest `keep` of those at or below
+/// `acked_step`, the newest step the servers accepted: they may resume from that one (or, for
+/// a gang, an older one), never from a copy they were not told of. Everything above it stays:
+/// an agent cut off from the servers keeps uploading, and must not delete what they hold.
 /// Returns how many objects went.
 pub async fn prune(
     store: &dyn ObjectStore,
@@ -262,6 +266,7 @@ pub async fn prune(
     job: u64,
     shard: u32,
     keep: usize,
+    acked_step: u64,
 ) -> Result<usize, CheckpointError> {
     use futures::TryStreamExt;
     let prefix = remote.shard_prefix(job, shard);
@@ -276,6 +281,7 @@ pub async fn prune(
             Some(((s.parse().ok()?, a.parse().ok()?), p))
         })
         .collect();
+    steps.retain(|((step, _), _)| *step <= acked_step);
     steps.sort_by_key(|(k, _)| *k);
     let old = steps.len().saturating_sub(keep.max(1));
     let mut removed = 0;
@@ -379,7 +385,7 @@ pub enum UploadEvent {
         /// None: the worker gave up on this checkpoint.
         retry_in: Option<Duration>,
     },
-    /// Old checkpoints deleted after an upload.
+    /// Old checkpoints deleted once a newer one was accepted by the servers.
     Pruned {
         /// Attempt.
         attempt: u64,
@@ -444,13 +450,6 @@ impl Uploader {
                         Ok((uri, bytes)) => {
                             let _ =
                                 events.send(UploadEvent::Durable { attempt, step, uri, bytes, took: since.elapsed() });
-                            match prune(store.as_ref(), &target.remote, target.job, target.shard, target.keep).await {
-                                Ok(0) => {}
-                                Ok(objects) => {
-                                    let _ = events.send(UploadEvent::Pruned { attempt, objects });
-                                }
-                                Err(e) => tracing::warn!(attempt, error = %e, "pruning old checkpoints failed"),
-                            }
                             break;
                         }
                         Err(e) => {
@@ -530,9 +529,12 @@ mod tests {
         let (uri, n) = upload(&store, &target(43), &base.join("step-30"), 30).await.unwrap();
         assert_eq!((uri.as_str(), n), ("s3://b/runs/x/job-7/shard-1/000000000030-43/step-30/", 10));
 
-        // Keep the newest two steps: step 10 goes, 20 and 30 stay.
-        assert_eq!(prune(&store, &remote, 7, 1, 2).await.unwrap(), 1);
-        assert_eq!(prune(&store, &remote, 7, 1, 2).await.unwrap(), 0);
+        // The servers accepted step 20 only (30 is not reported yet): 10 and 20 are the two
+        // newest at or below it, so nothing goes, and 30 is never a candidate.
+        assert_eq!(prune(&store, &remote, 7, 1, 2, 20).await.unwrap(), 0);
+        // With 30 accepted: 20 and 30 stay, 10 goes.
+        assert_eq!(prune(&store, &remote, 7, 1, 2, 30).await.unwrap(), 1);
+        assert_eq!(prune(&store, &remote, 7, 1, 2, 30).await.unwrap(), 0);
 
         let back = tempfile::tempdir().unwrap();
         let r = Remote::parse(&uri).unwrap().unwrap();

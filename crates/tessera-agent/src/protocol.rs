@@ -171,11 +171,29 @@ pub struct Protocol {
     tries: u64,
     /// The server of the session being tried or held.
     current: Option<String>,
+    /// Checkpoint reports the servers accepted, not yet taken.
+    acked_checkpoints: Vec<(u64, u64)>,
     /// The server whose registered session went silent or broke: not tried again, even on a
     /// follower's (stale) hint, until the agent has registered elsewhere or has skipped it
     /// [`AVOID_SKIPS`] times. A frozen server still accepts TCP connections and then answers
     /// nothing, so trying it again costs a whole connect limit, the fence's length.
     avoid: Option<(String, usize)>,
+}
+
+/// The longest message an exit report carries.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// `text` cut to at most `max` bytes at a character boundary, marked when cut.
+pub fn bounded(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max.saturating_sub(3);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
 }
 
 /// How often the server just left is skipped before it may be tried again (it may have been
@@ -207,6 +225,7 @@ impl Protocol {
             tries: 0,
             current: None,
             avoid: None,
+            acked_checkpoints: Vec::new(),
         }
     }
 
@@ -400,7 +419,7 @@ impl Protocol {
     pub fn on_message(&mut self, m: v1::ServerMessage, now: Instant) -> Vec<Action> {
         match m.payload {
             Some(Out::Ack(a)) => {
-                self.acked(a.seq, now);
+                self.acked(a.seq, now, a.rejected);
                 Vec::new()
             }
             Some(Out::AssignShard(a)) => {
@@ -437,13 +456,25 @@ impl Protocol {
     /// Any acknowledgement is a sign of life: the fence and the silence count from it. The
     /// acknowledged report (accepted or refused alike) leaves the outbox; an acknowledged exit
     /// is no longer listed at registration. An ack of nothing in the outbox changes nothing else.
-    fn acked(&mut self, seq: u64, now: Instant) {
+    fn acked(&mut self, seq: u64, now: Instant, rejected: bool) {
         self.last_ack = now;
-        if let Some(pos) = self.outbox.iter().position(|(s, _)| *s == seq)
-            && let Some((_, In::ShardExited(e))) = self.outbox.remove(pos)
-        {
-            self.finished.remove(&e.attempt_id);
+        if let Some(pos) = self.outbox.iter().position(|(s, _)| *s == seq) {
+            match self.outbox.remove(pos) {
+                Some((_, In::ShardExited(e))) => {
+                    self.finished.remove(&e.attempt_id);
+                }
+                Some((_, In::CheckpointReport(c))) if !rejected => {
+                    self.acked_checkpoints.push((c.attempt_id, c.step));
+                }
+                _ => {}
+            }
         }
+    }
+
+    /// Checkpoints the servers accepted since the last call, as (attempt, step): the servers
+    /// may resume from these, so only older ones may be pruned.
+    pub fn take_acked_checkpoints(&mut self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.acked_checkpoints)
     }
 
     /// Queue a report; it goes with the next [`Self::flush`].
@@ -498,6 +529,9 @@ impl Protocol {
     /// An assigned attempt could not start: report it as exit code 127.
     pub fn start_failed(&mut self, attempt: u64, message: String) {
         self.running.remove(&attempt);
+        // The servers refuse an exit whose message is over 4 KiB, and an exit refused is an
+        // attempt that never ends: an object store's error can carry a whole response body.
+        let message = bounded(message, MAX_MESSAGE);
         self.queue(In::ShardExited(v1::ShardExited {
             attempt_id: attempt,
             termination: Some(v1::shard_exited::Termination::ExitCode(127)),

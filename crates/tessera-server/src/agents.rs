@@ -648,6 +648,20 @@ async fn log_chunk(shared: &Shared, c: v1::LogChunk) -> Result<(), Status> {
     Ok(())
 }
 
+/// An agent's exit message cut to what the state keeps (4 KiB), at a character boundary.
+fn bounded_message(mut m: String) -> String {
+    const MAX: usize = 4096;
+    if m.len() > MAX {
+        let mut end = MAX - 3;
+        while !m.is_char_boundary(end) {
+            end -= 1;
+        }
+        m.truncate(end);
+        m.push_str("...");
+    }
+    m
+}
+
 /// The command an agent's report of `node` becomes in the log: a shard started or exited, a
 /// checkpoint, a GPU's health, a spot notice. None for what the session handles itself
 /// (heartbeats, log chunks, a second Register).
@@ -662,7 +676,8 @@ pub fn report_command(node: NodeId, report: In) -> Option<Command> {
                 None => ExitStatus { code: None, signal: None },
             },
             node_fault: e.node_fault,
-            message: (!e.message.is_empty()).then_some(e.message),
+            // Cut, not refused: a refused exit would leave its attempt live forever.
+            message: (!e.message.is_empty()).then(|| bounded_message(e.message)),
         },
         In::CheckpointReport(c) => {
             Command::RecordCheckpoint { attempt: AttemptId(c.attempt_id), step: c.step, uri: c.uri }
@@ -760,5 +775,20 @@ mod grace_tests {
         assert_eq!(fit_grace(60_000, 30_000, 25_000), (16_666, 8_334));
         assert_eq!(fit_grace(60_000, 30_000, 0), (0, 0));
         assert_eq!(fit_grace(0, 0, 0), (0, 0));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exit_s_long_message_is_cut_not_refused() {
+        let long = "x".repeat(10_000);
+        let report = In::ShardExited(v1::ShardExited { attempt_id: 1, message: long, ..Default::default() });
+        let Some(Command::ShardExited { message: Some(m), .. }) = report_command(NodeId(1), report) else {
+            panic!("expected an exit")
+        };
+        assert!(m.len() <= 4096 && m.ends_with("..."), "{}", m.len());
     }
 }

@@ -584,3 +584,32 @@ fn a_server_left_for_silence_is_tried_again_after_a_few_skips() {
     assert_eq!(tried.last().map(String::as_str), Some("s0:7000"), "{tried:?}");
     assert!(tried.len() > 2, "{tried:?}");
 }
+
+#[test]
+fn only_checkpoints_the_servers_accepted_are_handed_out_for_pruning() {
+    let t0 = Instant::now();
+    let mut p = registered(t0);
+    p.started(3, 100);
+    p.queue(checkpoint(3, 10));
+    p.queue(checkpoint(3, 20));
+    // The start, then the two checkpoints.
+    let seqs = seqs(&p.flush());
+    assert_eq!(seqs.len(), 3);
+    // Step 10 accepted, step 20 refused.
+    p.on_message(ack(seqs[1]), t0);
+    p.on_message(msg(Out::Ack(v1::Ack { seq: seqs[2], rejected: true, ..Default::default() })), t0);
+    assert_eq!(p.take_acked_checkpoints(), vec![(3, 10)]);
+    assert!(p.take_acked_checkpoints().is_empty(), "each once");
+}
+
+#[test]
+fn a_failed_start_s_message_is_cut_to_what_the_servers_accept() {
+    let t0 = Instant::now();
+    let mut p = registered(t0);
+    let body = "é".repeat(5000);
+    p.start_failed(4, format!("could not download the checkpoint s3://b/k: {body}"));
+    let out = sent(&p.flush());
+    let [(_, In::ShardExited(e))] = out.as_slice() else { panic!("expected one exit: {out:?}") };
+    assert!(e.message.len() <= MAX_MESSAGE, "{}", e.message.len());
+    assert!(e.message.starts_with("could not download the checkpoint s3://b/k: ") && e.message.ends_with("..."));
+}
