@@ -123,8 +123,14 @@ class Run:
         return self.sh(self.compose + list(args), timeout=timeout)
 
     def container(self, service):
-        cid = self.dc("ps", "-q", service)
-        return cid.splitlines()[0] if cid else ""
+        """The service's container id ("" if none), from one `docker ps` (compose's own `ps` is slow)."""
+        out = self.sh(
+            [
+                "docker", "ps", "-a", "--filter", f"label=com.docker.compose.project={self.args.project}",
+                "--filter", f"label=com.docker.compose.service={service}", "--format", "{{.ID}}",
+            ]
+        )
+        return out.splitlines()[0] if out else ""
 
     def inspect(self, cid, fmt):
         return self.sh(["docker", "inspect", "-f", fmt, cid])
@@ -385,10 +391,9 @@ class Run:
 
     # ----- nemesis ----------------------------------------------------------------------------
 
-    def probe_writes(self, since, until_event):
+    def probe_writes(self, clients, since, until_event):
         """Seconds from `since` to the first write (a 1-GPU job running `true`) acknowledged by
-        any server, each tried with a 1 s deadline in turn."""
-        clients = [self.client([s], timeout=1.0) for s in self.servers]
+        any server, each tried with a 1 s deadline in turn (`clients`: one per server)."""
         key = f"nemesis-{self.seed}-probe-{len(self.faults):03d}"
         req = pb.SubmitJobRequest(
             spec=pb.JobSpec(name=key, command=["true"], shards=1, resources=pb.Resources(gpus=1)), idempotency_key=key
@@ -456,18 +461,20 @@ class Run:
                 self.observe(f"events {jid}: {e}")
         return lost
 
-    def netns(self, service, *rule):
-        self.sh(["nsenter", "-t", self.pid(service), "-n", "iptables", "-w", *rule])
+    def netns(self, pid, *rule):
+        """iptables in the network namespace of process `pid` (a container's): the image has no
+        iptables, this host does."""
+        self.sh(["nsenter", "-t", pid, "-n", "iptables", "-w", *rule])
 
-    def partition(self, service, peers):
-        for peer in peers:
-            ip = self.ip(peer)
-            self.netns(service, "-I", "INPUT", "-s", ip, "-j", "DROP")
-            self.netns(service, "-I", "OUTPUT", "-d", ip, "-j", "DROP")
+    def partition(self, pid, ips):
+        """Drops every packet between the container and these addresses: no FIN, no RST."""
+        for ip in ips:
+            self.netns(pid, "-I", "INPUT", "-s", ip, "-j", "DROP")
+            self.netns(pid, "-I", "OUTPUT", "-d", ip, "-j", "DROP")
 
-    def heal_partition(self, service):
-        self.netns(service, "-F", "INPUT")
-        self.netns(service, "-F", "OUTPUT")
+    def heal_partition(self, pid):
+        self.netns(pid, "-F", "INPUT")
+        self.netns(pid, "-F", "OUTPUT")
 
     def wipe(self, agent):
         cid = self.container(agent)
@@ -514,24 +521,30 @@ class Run:
 
         def measure():
             if target in SERVERS:
-                result["recovery_s"] = self.probe_writes(start, done)
+                result["recovery_s"] = self.probe_writes(probes, start, done)
                 result["recovery"] = "first write acknowledged"
             else:
                 result["recovery_s"] = self.shards_moved(c, before, start, done)
                 result["recovery"] = "its shards running under new attempts"
 
+        cid = self.container(target)
+        pid = self.inspect(cid, "{{.State.Pid}}")
+        peers = followers if kind == "partition-leader" else SERVERS
+        ips = [self.ip(p) for p in peers] if kind.startswith("partition") else []
+        probes = [self.client([s], timeout=1.0) for s in self.servers] if target in SERVERS else []
+        for p in probes:  # connected before the fault, so that the time measured is the cluster's
+            try:
+                p._unary("GetJob", pb.GetJobRequest(job_id=1), retry_for=0)
+            except Exception:  # noqa: BLE001
+                pass
         log(f"fault {len(self.faults) + 1}: {kind} {target} (leader {leader}; {len(before)} shards on it)")
         start = now()
-        cid = self.container(target)
         hold = 0.0
         if kind in ("kill-server", "kill-leader"):
             self.sh(["docker", "kill", "-s", "KILL", cid])
             hold = 4.0
-        elif kind == "partition-leader":
-            self.partition(target, followers)
-            hold = 10.0
-        elif kind == "partition-agent":
-            self.partition(target, SERVERS)
+        elif kind.startswith("partition"):
+            self.partition(pid, ips)
             hold = 10.0
         elif kind in ("pause-leader", "pause-agent"):
             self.sh(["docker", "pause", cid])
@@ -546,7 +559,7 @@ class Run:
         if kind in ("kill-server", "kill-leader"):
             self.sh(["docker", "start", cid])
         elif kind in ("partition-leader", "partition-agent"):
-            self.heal_partition(target)
+            self.heal_partition(pid)
         elif kind in ("pause-leader", "pause-agent"):
             self.sh(["docker", "unpause", cid])
             self.paused.pop(target, None)
@@ -584,6 +597,8 @@ class Run:
                 self.note(f"{kind} {target} at {rel(start):.1f} s: {len(lost)} shard(s) lost their node: {lost[:3]}")
         rec["restarted_shards"] = sorted(f"{j}/{i}" for (j, i) in before)
         c.close()
+        for p in probes:
+            p.close()
         log(
             f"  healed after {rec['held_s']} s; recovery ({rec['recovery']}): {rec['recovery_s']} s; "
             f"healthy {rec['healthy_after_heal_s']} s after healing"
@@ -619,8 +634,8 @@ class Run:
                     self.sh(["docker", "unpause", cid])
                 elif st != "running":
                     self.sh(["docker", "start", cid])
-                    time.sleep(1)
-                self.heal_partition(svc)
+                    continue
+                self.heal_partition(self.inspect(cid, "{{.State.Pid}}"))
             except Exception as e:  # noqa: BLE001
                 self.observe(f"heal {svc}: {e}")
         self.paused.clear()
