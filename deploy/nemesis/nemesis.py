@@ -57,6 +57,10 @@ def rel(t):
     return t - T0
 
 
+def fmt(seconds):
+    return "-" if seconds is None else f"{seconds:.2f} s"
+
+
 def log(msg):
     print(f"[{rel(now()):7.1f}s] {msg}", flush=True)
 
@@ -743,13 +747,13 @@ class Run:
         p("faults (seconds from the start of the workload):")
         for r in self.faults:
             p(
-                f"  {r['start']:7.1f}-{r['end']:7.1f}  {r['kind']:<17} {r['target']:<9} recovery {r['recovery_s']} s, "
-                f"healthy {r['healthy_after_heal_s']} s after heal, shards on target {r['shards_on_target']}"
+                f"  {r['start']:7.1f}-{r['end']:7.1f}  {r['kind']:<17} {r['target']:<9} recovery {fmt(r['recovery_s'])}, "
+                f"healthy {fmt(r['healthy_after_heal_s'])} after heal, shards on target {r['shards_on_target']}"
             )
         p("")
         p(
             f"jobs: {len(jobs)} ({', '.join(f'{v} {k}' for k, v in sorted(states.items()))}); "
-            f"acknowledged {len(self.acked)}, never acknowledged {len(self.unacked)}; all ended {drained_s:.0f} s after the workload stopped"
+            f"acknowledged {len(self.acked)}, never acknowledged {len(self.unacked)}; waited {drained_s:.0f} s for them to end after the faults"
         )
         p(f"shards placed again after losing their node that resumed from a checkpoint in the store: {resumed}")
         p("client calls: " + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())))

@@ -10,6 +10,7 @@
 # usage. The cluster is always removed (`down -v`), also on failure or Ctrl-C.
 #
 # Usage: deploy/nemesis/run.sh [--minutes N] [--seed S] [--bin PATH] [--image IMAGE] [--out DIR]
+#                              [--drain-timeout S]
 #   --minutes N   how long faults are injected (default 5; fractions allowed).
 #   --seed S      the seed of the fault order, the faults' targets and the workload (default:
 #                 random, printed); the same seed gives the same schedule.
@@ -19,6 +20,8 @@
 #   --out DIR     where the record goes (default target/nemesis/PROJECT): acked.jsonl (every
 #                 acknowledged submission, key -> id), faults.jsonl, observations, report.txt
 #                 and the services' logs.
+#   --drain-timeout S  how long every job may take to end once the faults are over (default
+#                 180); a job still running then is a violation.
 # Needs: docker, docker-compose (or `docker compose`), nsenter and iptables on this host (the
 # partitions are iptables rules in a container's network namespace), and a Python with
 # tessera_client and grpc (TESSERA_CLIENT_PYTHON, default target/pyclient-venv/bin/python).
@@ -32,6 +35,7 @@ SEED=${TESSERA_NEMESIS_SEED:-$(( (RANDOM << 15) | RANDOM ))}
 BIN=""
 IMAGE=""
 OUT=""
+DRAIN=180
 while [ $# -gt 0 ]; do
   case "$1" in
     --minutes) MINUTES=$2; shift 2 ;;
@@ -39,6 +43,7 @@ while [ $# -gt 0 ]; do
     --bin) BIN=$2; shift 2 ;;
     --image) IMAGE=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
+    --drain-timeout) DRAIN=$2; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown argument '$1' (--help lists them)" >&2; exit 2 ;;
   esac
@@ -151,5 +156,5 @@ rc=0
 "$PY" "$ROOT/deploy/nemesis/nemesis.py" \
   --project "$PROJECT" --compose-file "$FILE" --compose "${COMPOSE[*]}" --cli "$CLI" \
   --servers "127.0.0.1:$P1,127.0.0.1:$P2,127.0.0.1:$P3" --certs "$OUT/certs" \
-  --minutes "$MINUTES" --seed "$SEED" --out "$OUT" || rc=$?
+  --minutes "$MINUTES" --seed "$SEED" --out "$OUT" --drain-timeout "$DRAIN" || rc=$?
 exit "$rc"

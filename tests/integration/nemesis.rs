@@ -70,7 +70,7 @@ fn faults_across_hosts_lose_no_acknowledged_job_and_run_no_shard_twice() {
     let t0 = Instant::now();
     let mut child = Command::new("bash")
         .arg(root.join("deploy/nemesis/run.sh"))
-        .args(["--minutes", "1.5", "--seed", "1", "--bin"])
+        .args(["--minutes", "1.5", "--seed", "1", "--drain-timeout", "60", "--bin"])
         .arg(&bin)
         .arg("--out")
         .arg(out.path())
