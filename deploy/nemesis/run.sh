@@ -13,7 +13,8 @@
 #                              [--drain-timeout S]
 #   --minutes N   how long faults are injected (default 5; fractions allowed).
 #   --seed S      the seed of the fault order, the faults' targets and the workload (default:
-#                 random, printed); the same seed gives the same schedule.
+#                 random, printed); the same seed deals the same kinds in the same order (which
+#                 server leads, and so the server targets, varies).
 #   --bin PATH    the binary to build the image from (default target/debug/tessera, else
 #                 target/release/tessera); the image is tessera-nemesis:PID, removed at exit.
 #   --image IMAGE use this image as it is instead of building one (e.g. tessera:dev).
