@@ -8,6 +8,7 @@ mod cluster;
 mod compose;
 mod deploy;
 mod dev;
+mod nemesis;
 mod observability;
 mod python_client;
 mod security;
