@@ -673,16 +673,6 @@ fn plain(text: &str) -> String {
     out
 }
 
-/// The stdout of one attempt, from its agent's disk.
-fn attempt_stdout(c: &Cluster, agent: &str, id: u64, s: &v1::Shard) -> String {
-    let path = c.dir.path().join(format!("agent-{agent}")).join(format!(
-        "job-{id}/shard-{}/attempt-{}/stdout.log",
-        s.index,
-        s.attempt_id.unwrap_or(0)
-    ));
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
 /// Checkpoints in a real S3 API (moto's server): the agent copies each one from the shard's
 /// local directory and reports it only once it is in the bucket; a spot notice's checkpoint is
 /// in the bucket before the deadline; a host that dies with its disk takes nothing with it,
@@ -731,7 +721,7 @@ async fn checkpoints_in_s3_outlive_their_host_and_a_spot_notice() {
         j.shards[0].node_name == "gpu-b" && j.shards[0].state == v1::ShardState::Running as i32
     })
     .await;
-    let out = attempt_stdout(&c, "gpu-spot", id, &first.shards[0]);
+    let out = attempt_log(&c, &first.shards[0], id);
     assert!(out.contains("checkpoint requested"), "the shard was not asked to checkpoint at the notice:\n{out}");
     let margin = plain(&spot.log())
         .lines()
@@ -746,7 +736,7 @@ async fn checkpoints_in_s3_outlive_their_host_and_a_spot_notice() {
         j.shards[0].last_checkpoint.as_ref().is_some_and(|ck| ck.uri.contains(&format!("-{attempt}/")))
     })
     .await;
-    let out = attempt_stdout(&c, "gpu-b", id, &moved.shards[0]);
+    let out = attempt_log(&c, &moved.shards[0], id);
     let local = c
         .dir
         .path()
@@ -774,7 +764,7 @@ async fn checkpoints_in_s3_outlive_their_host_and_a_spot_notice() {
     })
     .await;
     let done = succeeded_within(&addrs, id, Duration::from_secs(120)).await;
-    let out = attempt_stdout(&c, "gpu-c", id, &third.shards[0]);
+    let out = attempt_log(&c, &third.shards[0], id);
     let resumed_at: u64 = out
         .lines()
         .find_map(|l| l.strip_prefix("resuming from step ")?.split_whitespace().next()?.parse().ok())

@@ -184,7 +184,7 @@ pub struct Protocol {
 pub const MAX_MESSAGE: usize = 1024;
 
 /// `text` cut to at most `max` bytes at a character boundary, marked when cut.
-pub fn bounded(mut text: String, max: usize) -> String {
+fn bounded(mut text: String, max: usize) -> String {
     if text.len() > max {
         let mut end = max.saturating_sub(3);
         while !text.is_char_boundary(end) {

@@ -46,7 +46,8 @@ pub(crate) fn record(job: &mut Job, mut event: JobEvent) {
     }
 }
 
-fn truncate(s: &mut String, max: usize) {
+/// Cut `s` to at most `max` bytes, at a character boundary.
+pub fn truncate(s: &mut String, max: usize) {
     if s.len() > max {
         let mut end = max;
         while !s.is_char_boundary(end) {

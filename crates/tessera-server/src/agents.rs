@@ -648,20 +648,6 @@ async fn log_chunk(shared: &Shared, c: v1::LogChunk) -> Result<(), Status> {
     Ok(())
 }
 
-/// An agent's exit message cut to what the state keeps (4 KiB), at a character boundary.
-fn bounded_message(mut m: String) -> String {
-    const MAX: usize = 4096;
-    if m.len() > MAX {
-        let mut end = MAX - 3;
-        while !m.is_char_boundary(end) {
-            end -= 1;
-        }
-        m.truncate(end);
-        m.push_str("...");
-    }
-    m
-}
-
 /// The command an agent's report of `node` becomes in the log: a shard started or exited, a
 /// checkpoint, a GPU's health, a spot notice. None for what the session handles itself
 /// (heartbeats, log chunks, a second Register).
@@ -677,7 +663,11 @@ pub fn report_command(node: NodeId, report: In) -> Option<Command> {
             },
             node_fault: e.node_fault,
             // Cut, not refused: a refused exit would leave its attempt live forever.
-            message: (!e.message.is_empty()).then(|| bounded_message(e.message)),
+            message: (!e.message.is_empty()).then(|| {
+                let mut m = e.message;
+                tessera_core::timeline::truncate(&mut m, 4096);
+                m
+            }),
         },
         In::CheckpointReport(c) => {
             Command::RecordCheckpoint { attempt: AttemptId(c.attempt_id), step: c.step, uri: c.uri }
@@ -789,6 +779,6 @@ mod tests {
         let Some(Command::ShardExited { message: Some(m), .. }) = report_command(NodeId(1), report) else {
             panic!("expected an exit")
         };
-        assert!(m.len() <= 4096 && m.ends_with("..."), "{}", m.len());
+        assert_eq!(m.len(), 4096);
     }
 }
